@@ -1,0 +1,185 @@
+"""params.yaml: the one config file, read by DVC (`params:`) and by the flows.
+
+Every section is a pydantic model that forbids unknown keys, so a typo stops the
+run before any work, with a message naming the key and what is allowed:
+
+    >>> from edgeship.config import load_params
+    >>> params = load_params("params.yaml")
+    >>> params.train.epochs
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edgeship.errors import ConfigError
+from edgeship.targets import KNOWN_TARGETS
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProjectParams(Section):
+    name: str = Field(default="digits-classifier", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="registered model name in MLflow")
+
+
+class DataParams(Section):
+    raw_dir: Path = Path("data/raw")
+    prepared_dir: Path = Path("data/prepared")
+    input_size: int = Field(default=32, ge=8, le=1024)
+    channels: Literal[1, 3] = 1
+    val_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+    calibration_size: int = Field(default=128, ge=1, description="images taken from train for calibration")
+    seed: int = 0
+
+
+class ModelParams(Section):
+    factory: str = Field(default="edgeship.models.zoo:mobilenet_v2",
+                         description="import path 'package.module:function' returning a torch.nn.Module")
+    kwargs: dict = Field(default_factory=dict)
+
+    @field_validator("factory")
+    @classmethod
+    def _import_path(cls, value: str) -> str:
+        module, sep, attr = value.partition(":")
+        if not sep or not module or not attr:
+            raise ValueError(f"'{value}' is not an import path; write it as 'package.module:function'")
+        return value
+
+
+class TrainParams(Section):
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=0.05, gt=0)
+    weight_decay: float = Field(default=4e-5, ge=0)
+    seed: int = 0
+
+
+class QatParams(Section):
+    epochs: int = Field(default=3, ge=1)
+    lr: float = Field(default=0.005, gt=0)
+    backend: Literal["x86", "qnnpack", "fbgemm"] = "x86"
+    freeze_bn_after_epoch: int = Field(default=1, ge=0)
+    freeze_observers_after_epoch: int = Field(default=2, ge=0)
+
+
+class BenchmarkParams(Section):
+    warmup: int = Field(default=20, ge=0)
+    iterations: int = Field(default=200, ge=1)
+    threads: int = Field(default=1, ge=0, description="0: the runtime's default")
+    timeout_s: float = Field(default=300, gt=0)
+
+
+class DeviceParams(Section):
+    name: str
+    url: str | None = Field(default=None, description="agent URL; empty: the flow starts one on 127.0.0.1")
+    token_env: str = Field(default="EDGESHIP_AGENT_TOKEN",
+                           description="environment variable holding this device's bearer token")
+    tags: list[str] = Field(default_factory=list)
+
+
+class GatePolicy(Section):
+    required: bool = True
+    max_accuracy_drop: float | None = Field(default=1.0, ge=0, description="points below the fp32 torch model")
+    p99_latency_ms: float | None = Field(default=None, gt=0)
+    max_size_mb: float | None = Field(default=None, gt=0)
+
+
+class RegistryParams(Section):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_location: str | None = Field(default="mlartifacts",
+                                          description="artifact root for a new experiment (local path or URI)")
+    experiment: str = "edgeship-release"
+    candidate_alias: str = "candidate"
+
+
+class OtaParams(Section):
+    repository: str = Field(default="ota-repo", description="local directory or s3://bucket/prefix")
+    keystore: Path = Path(".edgeship/keys")
+    channel: str = "stable"
+    s3_endpoint_url: str | None = None
+    metadata_expiry_days: int = Field(default=30, ge=1)
+
+
+class Params(Section):
+    """The whole of params.yaml."""
+
+    project: ProjectParams = ProjectParams()
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    qat: QatParams = QatParams()
+    targets: list[str] = Field(default_factory=lambda: ["onnx-fp32", "onnx-int8"], min_length=1)
+    benchmark: BenchmarkParams = BenchmarkParams()
+    devices: list[DeviceParams] = Field(default_factory=lambda: [DeviceParams(name="local")])
+    gate: dict[str, GatePolicy] = Field(default_factory=dict)
+    registry: RegistryParams = RegistryParams()
+    ota: OtaParams = OtaParams()
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, targets: list[str]) -> list[str]:
+        unknown = [t for t in targets if t not in KNOWN_TARGETS]
+        if unknown:
+            raise ValueError(f"unknown target(s) {unknown}; known targets: {sorted(KNOWN_TARGETS)}")
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"targets are listed twice: {targets}")
+        return targets
+
+    @model_validator(mode="after")
+    def _gates_name_selected_targets(self) -> "Params":
+        stray = sorted(set(self.gate) - set(self.targets))
+        if stray:
+            raise ValueError(f"gate names target(s) {stray} that are not in 'targets' {self.targets}")
+        names = [d.name for d in self.devices]
+        if len(set(names)) != len(names):
+            raise ValueError(f"device names must be unique: {names}")
+        return self
+
+    def gate_for(self, target: str) -> GatePolicy:
+        """The gate policy of a target (the default policy when params.yaml sets none)."""
+        return self.gate.get(target, GatePolicy())
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"{source} is not valid:"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  - '{key}': unknown key; remove it or fix its spelling")
+        else:
+            given = item.get("input")
+            shown = "" if isinstance(given, dict) else f" (given: {given!r})"
+            lines.append(f"  - '{key}': {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict | None, source: str = "params") -> Params:
+    """Validate a mapping as params; raise ConfigError naming each bad key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must be a mapping of sections (project, data, train, ...), got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; run from the project root or pass --params PATH")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    return parse_params(raw, source=str(path))

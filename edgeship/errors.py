@@ -1,0 +1,51 @@
+"""Error types. Each message says what went wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class EdgeshipError(Exception):
+    """Base class: every error edgeship raises on purpose."""
+
+
+class ConfigError(EdgeshipError):
+    """params.yaml is missing, malformed, or holds a value that is not allowed."""
+
+
+class DataError(EdgeshipError):
+    """The image folder cannot be turned into splits (empty, one class, unreadable file)."""
+
+
+class ModelLoadError(EdgeshipError):
+    """A model factory or a model file cannot be loaded."""
+
+
+class CompileError(EdgeshipError):
+    """A target's converter failed; the message carries the converter's own words."""
+
+
+class UnknownTarget(ConfigError):
+    """A target name that no compile module registers."""
+
+
+class DeviceUnreachable(EdgeshipError):
+    """A device agent did not answer (connection refused, timeout)."""
+
+
+class DeviceJobFailed(EdgeshipError):
+    """A device agent answered, but the job failed (bad artifact, runtime error)."""
+
+
+class GateFailed(EdgeshipError):
+    """A required gate check failed or could not be measured."""
+
+
+class RegistryError(EdgeshipError):
+    """MLflow does not hold what was asked for (no such alias, missing artifact tags)."""
+
+
+class SignatureError(EdgeshipError):
+    """OTA metadata or a model file failed verification."""
+
+
+class SmokeTestFailed(EdgeshipError):
+    """A downloaded model verified but did not run correctly on the device runtime."""
