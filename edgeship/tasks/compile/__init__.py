@@ -10,13 +10,13 @@ artifact for one runtime. Adding a target means one module here, one row in
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from edgeship.errors import UnknownTarget
+from edgeship.files import sha256_of  # noqa: F401  (re-exported for targets)
 from edgeship.records import PreparedData, QuantizedModel, TrainedModel
 from edgeship.targets import KNOWN_TARGETS
 
@@ -50,11 +50,3 @@ def get_target(name: str) -> Target:
     module_name, _, cls_name = KNOWN_TARGETS[name].module.partition(":")
     return getattr(importlib.import_module(module_name), cls_name)()
 
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
