@@ -51,6 +51,7 @@ class TrainedModel(Record):
     val_accuracy: float
     test_accuracy: float
     mlflow_run_id: str | None = None
+    model_uri: str | None = None  # the logged fp32 model in MLflow (models:/...)
 
 
 class QuantizedModel(Record):
@@ -61,6 +62,7 @@ class QuantizedModel(Record):
     test_accuracy: float
     plan: dict[str, str] = Field(default_factory=dict)  # layer name -> precision
     float_layers: list[str] = Field(default_factory=list)
+    integer_ops: dict[str, int] = Field(default_factory=dict)  # op type -> count in ONNX Runtime's optimized graph
 
 
 class CompiledArtifact(Record):
@@ -126,6 +128,7 @@ class BenchmarkResult(Record):
     load_ms: float | None = None
     first_inference_ms: float | None = None
     peak_rss_mb: float | None = None
+    accuracy: float | None = None  # on the device's own runtime, when the flow sent a validation batch
     emulated: bool = False
 
 
@@ -156,13 +159,21 @@ class GateReport(Record):
         return bool(self.checks) and all(c.passed for c in self.checks)
 
 
+class CompileOutcome(Record):
+    """A target's compile step: the artifact, or the converter's error (one target failing stops no other)."""
+
+    target: str
+    artifact: CompiledArtifact | None = None
+    error: str | None = None
+
+
 class TargetSummary(Record):
     """Everything a release knows about one target."""
 
     target: str
     artifact: CompiledArtifact | None
     host_check: HostCheck | None
-    benchmark: BenchmarkResult | None
+    benchmarks: list[BenchmarkResult]
     gate: GateReport
     error: str | None = None
 
@@ -178,3 +189,37 @@ class ReleaseSummary(Record):
     targets: list[TargetSummary]
     passed: bool
     aliases: list[str] = Field(default_factory=list)
+
+
+class DeviceInfo(Record):
+    """What a device agent reports about itself (`GET /info`)."""
+
+    name: str  # the agent's --name: how the inventory in params.yaml calls this device
+    hostname: str
+    os: str  # platform.system(): Linux, Darwin, Windows
+    platform: str  # platform.platform(): kernel and libc in one line
+    machine: str  # CPU architecture: x86_64, aarch64, arm64
+    cpu_model: str
+    cpu_count: int
+    memory_total_mb: float
+    runtimes: dict[str, str] = Field(default_factory=dict)  # runtime name -> version
+    python_version: str
+    agent_version: str
+    max_upload_mb: int | None = None  # largest artifact the agent accepts
+    emulated: bool = False  # the agent stands in for the device (QEMU, container, host)
+
+
+UpdateStatus = Literal["updated", "up_to_date", "refused", "not_in_cohort", "error"]
+
+
+class UpdateReport(Record):
+    """What one OTA check on a device did (`edgeship-device update` prints it as JSON)."""
+
+    status: UpdateStatus
+    installed_version: str | None = None  # running after this check
+    previous_version: str | None = None  # the last-known-good kept for rollback
+    model_path: Path | None = None
+    reason: str = ""
+    channel: str | None = None
+    target: str | None = None
+    offered_version: str | None = None  # what the channel's signed descriptor offers this device

@@ -1,0 +1,267 @@
+"""The signed OTA repository (TUF), as the pipeline writes it.
+
+Devices trust a model file only when TUF metadata signed by the keystore's keys
+vouches for its length and hash. `OtaRepository` keeps the four top-level roles
+in a `Storage` (local directory or S3) in the layout python-tuf's ngclient
+fetches with consistent snapshots on:
+
+    metadata/1.root.json, 2.root.json, ...   every root version (devices walk the chain)
+    metadata/root.json                       the newest root (what a device is provisioned with)
+    metadata/<V>.targets.json                every targets version: target paths -> length, sha256
+    metadata/<V>.snapshot.json               every snapshot version: the current targets version
+    metadata/timestamp.json                  the one mutable file: the current snapshot version
+    targets/<dir>/<sha256>.<name>            each target file under a hash-prefixed name
+
+Every file but timestamp.json (and the root.json copy) is written once under a
+new name, and timestamp.json is written last, so a device that reads the
+repository mid-publish sees the old release or the new one, never a mix.
+
+Workflow: opening a repository creates and signs version 1 of every role when
+the storage is empty, otherwise loads the current metadata and checks that the
+keystore holds the keys its root trusts. `add_target` uploads files and stages
+them; `commit` signs a new targets, snapshot and timestamp version.
+
+    >>> repository = OtaRepository(open_storage("ota-repo"), Keystore(".edgeship/keys"))
+    >>> repository.add_target("models/digits/7/onnx-int8/model.onnx", Path("model.onnx"))
+    >>> repository.commit()
+    >>> Path("root.json").write_bytes(repository.trusted_root())   # provision devices with this
+
+Only one publisher may write a repository at a time (run the publish flow with
+a concurrency limit of 1). Timestamp and snapshot metadata expire after
+`expiry_days`: commit at least that often (a scheduled `commit()` with nothing
+staged just re-signs), or devices refuse the repository as expired.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import posixpath
+from datetime import datetime, timedelta, timezone
+from os import PathLike
+from pathlib import Path
+
+from tuf.api.exceptions import LengthOrHashMismatchError, RepositoryError
+from tuf.api.metadata import Metadata, MetaFile, Root, Signed, Snapshot, TargetFile, Targets, Timestamp
+from tuf.api.serialization.json import JSONSerializer
+from tuf.repository import Repository
+
+from edgeship.errors import ConfigError, SignatureError
+from edgeship.ota.keys import ROLES, Keystore
+from edgeship.ota.storage import Storage, StorageError
+
+logger = logging.getLogger(__name__)
+
+ROOT_EXPIRY = timedelta(days=365)
+_NEW_SIGNED: dict[str, type[Signed]] = {
+    Root.type: Root, Targets.type: Targets, Snapshot.type: Snapshot, Timestamp.type: Timestamp,
+}
+
+
+class KeystoreMismatch(ConfigError):
+    """The keystore does not hold the keys that the repository's root metadata trusts."""
+
+
+class OtaRepository(Repository):
+    """A TUF repository of model files and channel descriptors, kept in a `Storage`.
+
+    Args:
+        storage: Where the metadata and target files live.
+        keystore: The signing keys; on a new repository they become the trusted keys.
+        expiry_days: Lifetime of targets, snapshot and timestamp metadata.
+
+    Raises:
+        KeystoreMismatch: The repository exists and was signed with other keys.
+        SignatureError: The stored metadata does not verify against its own root.
+        StorageError: The storage cannot be read or written, or holds an incomplete repository.
+    """
+
+    def __init__(self, storage: Storage, keystore: Keystore, expiry_days: int = 30):
+        self.storage = storage
+        self.keystore = keystore
+        self.expiry = timedelta(days=expiry_days)
+        self._metadata: dict[str, Metadata] = {}
+        self._staged: dict[str, TargetFile] = {}
+        # timestamp.json is written last, so it marks a complete repository.
+        if storage.exists("metadata/timestamp.json"):
+            self._load()
+        else:
+            self._initialise()
+
+    # --- the steps a publisher takes -------------------------------------------------
+
+    def add_target(self, target_path: str, content: bytes | PathLike) -> TargetFile:
+        """Upload a file as a target and stage it for the next `commit`.
+
+        Args:
+            target_path: Its path in the repository, e.g. "models/digits/7/onnx-int8/model.onnx".
+            content: The file's bytes, or the path of a local file.
+
+        Returns:
+            The staged ``TargetFile`` (length and sha256).
+        """
+        _check_target_path(target_path)
+        data = Path(content).read_bytes() if isinstance(content, PathLike) else bytes(content)
+        info = TargetFile.from_data(target_path, data, ["sha256"])
+        # Hash-prefixed names never collide, so uploading before signing is safe:
+        # no device looks for this file until committed metadata names it.
+        self.storage.put(_stored_path(info), data)
+        self._staged[target_path] = info
+        return info
+
+    def get_target(self, target_path: str) -> bytes | None:
+        """The content of a target (staged or committed), checked against its metadata; None if unknown.
+
+        Raises:
+            SignatureError: The stored file does not match the length and hash the metadata records.
+            StorageError: The metadata names the file but storage no longer holds it.
+        """
+        info = self._staged.get(target_path) or self._targets.targets.get(target_path)
+        if info is None:
+            return None
+        data = self.storage.get(_stored_path(info))
+        if data is None:
+            raise StorageError(f"{self.storage} lists target '{target_path}' but holds no {_stored_path(info)}; "
+                               f"publish that release again")
+        try:
+            info.verify_length_and_hashes(data)
+        except LengthOrHashMismatchError as error:
+            raise SignatureError(f"{_stored_path(info)} in {self.storage} does not match its signed metadata "
+                                 f"({error}); the file was changed after publishing: publish that release again") from None
+        return data
+
+    def commit(self) -> int:
+        """Sign and store a new targets, snapshot and timestamp version holding the staged targets.
+
+        Also re-signs root when less than half of its lifetime is left.
+
+        Returns:
+            The new targets metadata version.
+        """
+        if self._root.expires < _now() + ROOT_EXPIRY / 2:
+            with self.edit_root():
+                pass  # same keys, fresh expiry and version: devices walk N.root.json -> N+1.root.json
+        with self.edit_targets() as targets:
+            targets.targets.update(self._staged)
+        self._staged.clear()
+        self.do_snapshot(force=True)
+        self.do_timestamp(force=True)
+        logger.info("committed %s: targets v%d, %d target(s)", self.storage, targets.version, len(targets.targets))
+        return targets.version
+
+    def trusted_root(self) -> bytes:
+        """The current root metadata: the file a device is provisioned with as its trust anchor."""
+        data = self.storage.get("metadata/root.json")
+        if data is None:
+            raise StorageError(f"{self.storage} holds no metadata/root.json; open the repository again to repair it")
+        return data
+
+    @property
+    def target_paths(self) -> list[str]:
+        """Every target path the committed and staged metadata lists."""
+        return sorted(set(self._targets.targets) | set(self._staged))
+
+    # --- tuf.repository.Repository: where metadata comes from and goes to ------------
+
+    def open(self, role: str) -> Metadata:
+        if role not in self._metadata:
+            signed = _NEW_SIGNED[role]()
+            signed.version = 0  # close() bumps it to 1
+            return Metadata(signed)
+        return copy.deepcopy(self._metadata[role])
+
+    def close(self, role: str, md: Metadata) -> None:
+        md.signed.version += 1
+        md.signed.expires = _now() + (ROOT_EXPIRY if role == Root.type else self.expiry)
+        md.signatures.clear()
+        md.sign(self.keystore.signer(role))
+        data = md.to_bytes(JSONSerializer(compact=False))
+        version = md.signed.version
+        if role == Timestamp.type:
+            names = ["timestamp.json"]
+        elif role == Root.type:
+            names = [f"{version}.root.json", "root.json"]
+        else:
+            names = [f"{version}.{role}.json"]
+        for name in names:
+            self.storage.put(f"metadata/{name}", data)
+        self._metadata[role] = md
+
+    @property
+    def targets_infos(self) -> dict[str, MetaFile]:
+        return {"targets.json": MetaFile(self._targets.version)}
+
+    @property
+    def snapshot_info(self) -> MetaFile:
+        return MetaFile(self._metadata[Snapshot.type].signed.version)
+
+    # --- private helpers ---------------------------------------------------------------
+
+    @property
+    def _root(self) -> Root:
+        return self._metadata[Root.type].signed  # type: ignore[return-value]
+
+    @property
+    def _targets(self) -> Targets:
+        return self._metadata[Targets.type].signed  # type: ignore[return-value]
+
+    def _initialise(self) -> None:
+        """Create version 1 of every role, trusting the keystore's keys."""
+        logger.info("creating a new OTA repository in %s (keys in %s)", self.storage, self.keystore.directory)
+        with self.edit_root() as root:
+            root.consistent_snapshot = True
+            for role in ROLES:
+                root.add_key(self.keystore.public_key(role), role)
+        with self.edit_targets():
+            pass
+        self.do_snapshot(force=True)
+        self.do_timestamp(force=True)
+
+    def _load(self) -> None:
+        """Load the current version of each role and check it against root and the keystore."""
+        root = self._read("root.json")
+        while (newer := self.storage.get(f"metadata/{root.signed.version + 1}.root.json")) is not None:
+            root = Metadata.from_bytes(newer)  # a newer root whose root.json copy was not written
+        timestamp = self._read("timestamp.json")
+        snapshot = self._read(f"{timestamp.signed.snapshot_meta.version}.snapshot.json")
+        targets = self._read(f"{snapshot.signed.meta['targets.json'].version}.targets.json")
+        self._metadata = {Root.type: root, Timestamp.type: timestamp, Snapshot.type: snapshot, Targets.type: targets}
+        for role, md in self._metadata.items():
+            try:
+                root.signed.verify_delegate(role, md.signed_bytes, md.signatures)
+            except RepositoryError as error:
+                raise SignatureError(f"{role} metadata in {self.storage} does not verify against its root "
+                                     f"({error}); someone changed the repository without the keys: restore it "
+                                     f"from a backup before publishing") from None
+        self._check_keystore()
+
+    def _read(self, name: str) -> Metadata:
+        data = self.storage.get(f"metadata/{name}")
+        if data is None:
+            raise StorageError(f"{self.storage} is an incomplete OTA repository: metadata/{name} is missing; "
+                               f"restore it from a backup, or point ota.repository at an empty location to start anew")
+        return Metadata.from_bytes(data)
+
+    def _check_keystore(self) -> None:
+        for role in ROLES:
+            trusted = self._root.roles[role].keyids
+            if not self.keystore.has(role) or self.keystore.public_key(role).keyid not in trusted:
+                raise KeystoreMismatch(
+                    f"the {role} key in {self.keystore.directory} is not the one {self.storage} trusts; "
+                    f"point ota.keystore at the keystore this repository was created with")
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _check_target_path(target_path: str) -> None:
+    if (not target_path or target_path.startswith("/") or target_path.endswith("/")
+            or posixpath.normpath(target_path) != target_path or target_path.startswith("..")):
+        raise ValueError(f"target path '{target_path}' must be relative and normalised, like 'models/name/1/file.onnx'")
+
+
+def _stored_path(info: TargetFile) -> str:
+    """Where a target's bytes live: the name ngclient asks for with consistent snapshots."""
+    directory, sep, name = info.path.rpartition("/")
+    return f"targets/{directory}{sep}{info.hashes['sha256']}.{name}"

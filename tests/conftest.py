@@ -1,0 +1,50 @@
+"""Test session set-up: every test runs against its own state, never the developer's.
+
+Prefect runs in its ephemeral mode with a throw-away PREFECT_HOME, MLflow never
+falls back to a server named in the environment, and threads are capped so the
+suite behaves the same on a 2-core CI machine.
+"""
+
+import functools
+import http.server
+import os
+import shutil
+import tempfile
+import threading
+
+import pytest
+
+_HOME = tempfile.mkdtemp(prefix="edgeship-test-home-")
+os.environ["PREFECT_HOME"] = os.path.join(_HOME, "prefect")
+os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+for variable in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "EDGESHIP_AGENT_TOKEN"):
+    os.environ.pop(variable, None)
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_HOME, ignore_errors=True)
+
+
+@pytest.fixture
+def static_server():
+    """Serve directories over real HTTP on 127.0.0.1 (like a CDN in front of the OTA bucket); stopped after."""
+    servers = []
+
+    def serve(directory) -> str:
+        handler = functools.partial(_QuietHandler, directory=str(directory))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - the stdlib's signature
+        pass
