@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from edgeship.errors import ConfigError
 from edgeship.targets import KNOWN_TARGETS
@@ -65,6 +65,7 @@ class TrainParams(Section):
 class QatParams(Section):
     epochs: int = Field(default=3, ge=1)
     lr: float = Field(default=0.005, gt=0)
+    batch_size: int = Field(default=64, ge=2)
     backend: Literal["x86", "qnnpack", "fbgemm"] = "x86"
     freeze_bn_after_epoch: int = Field(default=1, ge=0)
     freeze_observers_after_epoch: int = Field(default=2, ge=0)
@@ -90,6 +91,12 @@ class GatePolicy(Section):
     max_accuracy_drop: float | None = Field(default=1.0, ge=0, description="points below the fp32 torch model")
     p99_latency_ms: float | None = Field(default=None, gt=0)
     max_size_mb: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _sets_a_limit(self) -> "GatePolicy":
+        if self.max_accuracy_drop is None and self.p99_latency_ms is None and self.max_size_mb is None:
+            raise ValueError("a gate must set at least one of max_accuracy_drop, p99_latency_ms, max_size_mb")
+        return self
 
 
 class RegistryParams(Section):
@@ -133,15 +140,23 @@ class Params(Section):
             raise ValueError(f"targets are listed twice: {targets}")
         return targets
 
-    @model_validator(mode="after")
-    def _gates_name_selected_targets(self) -> "Params":
-        stray = sorted(set(self.gate) - set(self.targets))
-        if stray:
-            raise ValueError(f"gate names target(s) {stray} that are not in 'targets' {self.targets}")
-        names = [d.name for d in self.devices]
+    @field_validator("devices")
+    @classmethod
+    def _unique_devices(cls, devices: list[DeviceParams]) -> list[DeviceParams]:
+        names = [d.name for d in devices]
         if len(set(names)) != len(names):
             raise ValueError(f"device names must be unique: {names}")
-        return self
+        return devices
+
+    @field_validator("gate")
+    @classmethod
+    def _gates_name_selected_targets(cls, gate: dict[str, GatePolicy], info: ValidationInfo
+                                     ) -> dict[str, GatePolicy]:
+        targets = info.data.get("targets") or []
+        stray = sorted(set(gate) - set(targets))
+        if stray:
+            raise ValueError(f"names target(s) {stray} that are not in 'targets' {targets}")
+        return gate
 
     def gate_for(self, target: str) -> GatePolicy:
         """The gate policy of a target (the default policy when params.yaml sets none)."""

@@ -1,0 +1,81 @@
+"""The gate: each target's measurements against its policy in params.yaml.
+
+A gate fails closed: a limit whose measurement is missing (the target did not
+compile, the device was unreachable, the runtime could not load the model) is a
+failed check that says why, never a pass.
+
+    >>> report = evaluate_gate("onnx-int8", policy, fp32_accuracy=0.97, artifact=a, host=h, benchmarks=[b])
+    >>> report.passed
+"""
+
+from __future__ import annotations
+
+from edgeship.config import GatePolicy
+from edgeship.records import BenchmarkResult, CompiledArtifact, GateCheck, GateReport, HostCheck
+
+
+def _check(name: str, measured: float | None, limit: float, comparator: str, unit: str,
+           missing_reason: str) -> GateCheck:
+    if measured is None:
+        return GateCheck(name=name, measured=None, limit=limit, comparator=comparator, unit=unit,
+                         passed=False, reason=f"not measured: {missing_reason}")
+    passed = measured <= limit if comparator == "<=" else measured >= limit
+    return GateCheck(name=name, measured=measured, limit=limit, comparator=comparator, unit=unit, passed=passed)
+
+
+def _why_missing(artifact: CompiledArtifact | None, error: str | None, *details: str | None) -> str:
+    if artifact is None:
+        return f"target did not compile ({error or 'no artifact'})"
+    return next((d for d in details if d), "no measurement was returned")
+
+
+def evaluate_gate(target: str, policy: GatePolicy, fp32_accuracy: float, artifact: CompiledArtifact | None,
+                  host: HostCheck | None, benchmarks: list[BenchmarkResult], device_accuracy: float | None = None,
+                  compile_error: str | None = None) -> GateReport:
+    """Check one target against its policy.
+
+    Accuracy is the device's own measurement when one exists, else the host
+    check on the target's runtime. The drop is in points (percent) below the
+    fp32 PyTorch model on the test split. Latency is the worst p99 over the
+    devices that ran the target; one device that could not measure it fails the check.
+    """
+    checks: list[GateCheck] = []
+    if artifact is None:
+        checks.append(GateCheck(name="compiled", measured=None, limit=1, comparator=">=", passed=False,
+                                reason=f"not measured: target did not compile ({compile_error or 'no artifact'})"))
+    if policy.max_accuracy_drop is not None:
+        accuracy = device_accuracy if device_accuracy is not None else (host.accuracy if host else None)
+        drop = None if accuracy is None else round((fp32_accuracy - accuracy) * 100, 4)
+        why = _why_missing(artifact, compile_error, host.error if host else "no host check ran")
+        checks.append(_check("accuracy_drop", drop, policy.max_accuracy_drop, "<=", "points", why))
+    if policy.p99_latency_ms is not None:
+        failed = [b for b in benchmarks if b.status != "ok" or b.latency_ms is None]
+        p99 = None if failed or not benchmarks else max(b.latency_ms.p99 for b in benchmarks)
+        reasons = "; ".join(f"{b.device}: {b.error or b.status}" for b in failed) or "no device benchmarked it"
+        checks.append(_check("p99_latency", p99, policy.p99_latency_ms, "<=", "ms",
+                             _why_missing(artifact, compile_error, reasons)))
+    if policy.max_size_mb is not None:
+        size = None if artifact is None else round(artifact.bytes / 1e6, 4)
+        checks.append(_check("size", size, policy.max_size_mb, "<=", "MB", _why_missing(artifact, compile_error)))
+    return GateReport(target=target, required=policy.required, checks=checks)
+
+
+def release_passes(reports: list[GateReport]) -> bool:
+    """Whether every required gate passed (and at least one gate was required)."""
+    required = [r for r in reports if r.required]
+    return bool(required) and all(r.passed for r in required)
+
+
+def render_markdown(reports: list[GateReport]) -> str:
+    """The gate report as a markdown table: target, check, measured, limit, verdict."""
+    lines = ["| target | check | measured | limit | verdict |", "| --- | --- | --- | --- | --- |"]
+    for report in reports:
+        for check in report.checks:
+            measured = "—" if check.measured is None else f"{check.measured:g} {check.unit}".strip()
+            verdict = "pass" if check.passed else f"**FAIL** {check.reason}".strip()
+            lines.append(f"| {report.target} | {check.name} | {measured} | "
+                         f"{check.comparator} {check.limit:g} {check.unit} | {verdict} |")
+    overall = "PASS" if release_passes(reports) else "FAIL"
+    optional = [r.target for r in reports if not r.required]
+    note = f" (optional targets, not required: {', '.join(optional)})" if optional else ""
+    return "\n".join([f"## Gate: {overall}{note}", "", *lines, ""])
