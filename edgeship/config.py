@@ -59,6 +59,7 @@ class TrainParams(Section):
     batch_size: int = Field(default=64, ge=1)
     lr: float = Field(default=0.05, gt=0)
     weight_decay: float = Field(default=4e-5, ge=0)
+    augment: bool = Field(default=False, description="random shifts of up to 1/8 of the image (no flips)")
     seed: int = 0
 
 
@@ -72,10 +73,32 @@ class QatParams(Section):
 
 
 class BenchmarkParams(Section):
-    warmup: int = Field(default=20, ge=0)
+    warmup: int = Field(default=20, ge=0, description="warm-up runs (the fewest, with warmup_until_stable)")
     iterations: int = Field(default=200, ge=1)
     threads: int = Field(default=1, ge=0, description="0: the runtime's default")
-    timeout_s: float = Field(default=300, gt=0)
+    timeout_s: float = Field(default=300, gt=0, description="one job on one device, upload to answer")
+    warmup_until_stable: bool = Field(default=True,
+                                      description="warm up until the median latency stops moving (else a fixed count)")
+    warmup_max: int = Field(default=1000, ge=0, description="most warm-up runs when warming up until stable")
+    cpus: list[int] | None = Field(default=None, description="CPU affinity of every job; None: the agent's")
+    sustained_s: float | None = Field(
+        default=120, ge=0, description="on devices with a URL, time a sustained run this long instead of "
+                                       "`iterations` (throttling shows after 90-120 s); 0 or null: off")
+    sustained_windows: int = Field(default=10, ge=2, le=1000,
+                                   description="slices of a sustained run: drift is the last one's p50 over the first's")
+    sensor_interval_s: float = Field(default=1.0, ge=0.05, le=60, description="sensor sampling period")
+    evaluate: bool = Field(default=True, description="send the test split; the device's own accuracy gates")
+    evaluate_max_samples: int | None = Field(default=None, ge=1, description="cap on the validation batch")
+    retries: int = Field(default=2, ge=0, description="retries of a job after a transient failure")
+    retry_backoff_s: float = Field(default=2.0, ge=0, description="first retry delay; doubles each retry")
+    probe_timeout_s: float = Field(default=10, gt=0, description="GET /info of each device before sending work")
+
+
+class EmulationProfile(Section):
+    """A host-emulated device: the loopback agent pins its jobs to these CPUs and thread count."""
+
+    threads: int | None = Field(default=None, ge=1)
+    cpus: list[int] | None = Field(default=None, min_length=1)
 
 
 class DeviceParams(Section):
@@ -83,7 +106,23 @@ class DeviceParams(Section):
     url: str | None = Field(default=None, description="agent URL; empty: the flow starts one on 127.0.0.1")
     token_env: str = Field(default="EDGESHIP_AGENT_TOKEN",
                            description="environment variable holding this device's bearer token")
-    tags: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list,
+                            description="a job lost with this device is retried on one with the same tags")
+    runtimes: list[str] | None = Field(
+        default=None, description="runtimes this device must serve; /info lacking one is reported, not skipped")
+    emulate: EmulationProfile | None = Field(
+        default=None, description="no url: a loopback agent pinned to this profile, its results marked emulated")
+    ca_file: Path | None = Field(default=None, description="CA certificate that signed an https agent's certificate")
+    sustained_s: float | None = Field(default=None, ge=0,
+                                      description="this device's sustained run; null: benchmark.sustained_s "
+                                                  "with a URL, off on loopback")
+
+    @model_validator(mode="after")
+    def _emulated_devices_are_local(self) -> "DeviceParams":
+        if self.emulate is not None and self.url:
+            raise ValueError(f"device '{self.name}' has both a url and 'emulate': an emulated profile is a "
+                             "loopback agent the flow starts itself; remove one of them")
+        return self
 
 
 class GatePolicy(Section):

@@ -23,6 +23,7 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; these files are meant to be served and shared
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -77,6 +77,8 @@ class CompiledArtifact(Record):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     converter: dict[str, str] = Field(default_factory=dict)  # tool -> version
+    # What the target's converter did and checked: route, which weights, op census, a proxy's metrics, ...
+    notes: dict = Field(default_factory=dict)
 
 
 class HostCheck(Record):
@@ -88,6 +90,8 @@ class HostCheck(Record):
     max_abs_logit_diff: float | None = None
     runtime: str
     error: str | None = None
+    proxy: bool = False  # measured on a stand-in (e.g. torch fake-quant) because the runtime does not run here
+    note: str = ""  # what the proxy is, or why the target was not measured here
 
 
 class LatencyStats(Record):
@@ -100,15 +104,105 @@ class LatencyStats(Record):
     max: float
     mean: float
     std: float = 0.0
+    p999: float | None = None  # p99.9: with fewer than 1,000 samples it is close to the max
+    min: float | None = None
+
+
+class LatencyHistogram(Record):
+    """Every timed latency, binned on the device (log-spaced bins), so the pipeline can draw it."""
+
+    edges_ms: list[float]  # len(counts) + 1 edges, ascending
+    counts: list[int]
+
+
+class LatencyWindow(Record):
+    """One slice of a timed run, in order: how latency moved over the run (thermal drift)."""
+
+    start_s: float  # since the timed run began
+    end_s: float
+    iterations: int
+    p50: float  # ms
+    p99: float  # ms
+
+
+class SensorInfo(Record):
+    """One sensor plug-in on a device: what it reads, or why it is absent."""
+
+    name: str  # thermal, cpufreq, rapl, ina3221, rpi-pmic, rpi-throttle, tegrastats, ...
+    kind: Literal["temperature", "clock", "throttle", "power"]
+    available: bool
+    detail: str = ""  # where it reads from, or why it is absent or unreadable
+    channels: list[str] = Field(default_factory=list)  # "<sensor>/<channel>" keys it reports
+
+
+class ChannelStats(Record):
+    """One sensor channel over a timed run."""
+
+    unit: str  # C, MHz, W, flag, count, state
+    min: float
+    mean: float
+    max: float
+    first: float
+    last: float
+
+
+class SensorReport(Record):
+    """What the device's sensors saw while a benchmark ran."""
+
+    interval_s: float
+    samples: int  # readings taken during the whole job (load and warm-up included)
+    sensors: list[SensorInfo] = Field(default_factory=list)  # available and absent alike
+    channels: dict[str, ChannelStats] = Field(default_factory=dict)  # over the timed run only
+    timeline_s: list[float] = Field(default_factory=list)  # sample times, seconds since the timed run began
+    timeline: dict[str, list[float | None]] = Field(default_factory=dict)  # channel -> value at each time
+    power_source: str | None = None  # the channel the power figures come from
+    power_w: float | None = None  # mean over the timed run
+    energy_j: float | None = None  # over the timed run
+    energy_per_inference_mj: float | None = None
+    throttled: bool | None = None  # None: this device exposes no throttling sensor
+    throttle_detail: str = ""
 
 
 class BenchmarkRequest(Record):
     """What a benchmark job asks a device to do."""
 
     runtime: str = "onnxruntime"
-    warmup: int = Field(default=20, ge=0)
-    iterations: int = Field(default=200, ge=1)
+    warmup: int = Field(default=20, ge=0)  # warm-up runs; with warmup_until_stable, the fewest
+    warmup_until_stable: bool = False  # go on warming up until the median latency stops moving
+    warmup_max: int = Field(default=1000, ge=0)  # most warm-up runs when warming up until stable
+    warmup_max_s: float = Field(default=30, gt=0)  # most warm-up time when warming up until stable
+    iterations: int = Field(default=200, ge=1)  # timed runs (when duration_s is not set)
+    duration_s: float | None = Field(default=None, gt=0)  # sustained mode: time for this long instead
+    windows: int = Field(default=10, ge=1, le=1000)  # slices of the timed run for drift and the timeline
     threads: int = Field(default=1, ge=0)  # 0: the runtime's default
+    cpus: list[int] | None = None  # CPU affinity of the benchmark process; None: as the agent runs
+    sensors: bool = True  # sample the device's sensors during the job
+    sensor_interval_s: float = Field(default=1.0, ge=0.05, le=60)
+    histogram_bins: int = Field(default=40, ge=1, le=1000)
+
+
+class EvaluationRequest(Record):
+    """What an evaluate job asks: the runtime and how to run the validation batch through it."""
+
+    runtime: str = "onnxruntime"
+    threads: int = Field(default=0, ge=0)
+    cpus: list[int] | None = None
+    batch_size: int = Field(default=64, ge=1)
+
+
+class EvaluationResult(Record):
+    """A device's predictions on a validation batch the pipeline sent (`POST /jobs/evaluate`)."""
+
+    target: str
+    device: str
+    runtime: str
+    sha256: str
+    batch_sha256: str
+    samples: int
+    predictions: list[int]  # top-1 class per sample, in the batch's order
+    accuracy: float | None = None  # against the batch's labels, when it carried them
+    load_ms: float | None = None
+    emulated: bool = False
 
 
 class BenchmarkResult(Record):
@@ -130,6 +224,22 @@ class BenchmarkResult(Record):
     peak_rss_mb: float | None = None
     accuracy: float | None = None  # on the device's own runtime, when the flow sent a validation batch
     emulated: bool = False
+    mode: Literal["iterations", "duration"] = "iterations"  # duration: a sustained run of duration_s
+    duration_s: float | None = None  # how long the timed run took
+    cpus: list[int] | None = None  # the CPU affinity the job ran with (None: the OS cannot say)
+    warmup_stable: bool | None = None  # warm-up reached a stable latency (None: a fixed count was asked)
+    load_rss_delta_mb: float | None = None  # resident memory the model added by loading
+    histogram: LatencyHistogram | None = None
+    windows: list[LatencyWindow] = Field(default_factory=list)
+    drift_ratio: float | None = None  # p50 of the last window over p50 of the first (> 1: slowed down)
+    sensors: SensorReport | None = None
+    accuracy_samples: int | None = None  # size of the validation batch behind `accuracy`
+    runtime_version: str | None = None
+    started_at: float | None = None  # unix time the timed run began
+    finished_at: float | None = None
+    attempts: int = 1  # requests it took, retries included
+    substitute_for: str | None = None  # measured here in place of this lost device (same tags)
+    notes: list[str] = Field(default_factory=list)  # what a reader should know (warm-up not stable, ...)
 
 
 GateComparator = Literal["<=", ">="]
@@ -207,6 +317,10 @@ class DeviceInfo(Record):
     agent_version: str
     max_upload_mb: int | None = None  # largest artifact the agent accepts
     emulated: bool = False  # the agent stands in for the device (QEMU, container, host)
+    cpus: list[int] | None = None  # CPUs the agent's jobs may run on (an emulated profile pins them)
+    threads: int | None = None  # thread count the agent imposes on every job (an emulated profile)
+    sensors: list[SensorInfo] = Field(default_factory=list)  # available and absent sensor plug-ins
+    tls: bool = False  # the agent serves HTTPS
 
 
 UpdateStatus = Literal["updated", "up_to_date", "refused", "not_in_cohort", "error"]
