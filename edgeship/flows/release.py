@@ -1,0 +1,80 @@
+"""The release flow: data -> train -> QAT -> compile per target -> host check -> device benchmark -> gate -> register.
+
+Reads like the pipeline it runs; each step is a task in `release_tasks`, each task
+a thin wrapper over a plain stage function. Started by `edgeship run`, by a
+Prefect deployment on a schedule, or from the Prefect UI with parameters.
+
+    >>> summary = release(params_path="params.yaml", workdir=".")
+    >>> summary.passed, summary.model_version
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from edgeship.config import load_params
+from edgeship.flows import release_tasks as t
+from edgeship.records import ReleaseSummary, TargetSummary
+from edgeship.registry.tracking import ReleaseRun
+from edgeship.tasks.gate import evaluate_gate, release_passes
+
+
+@flow(name="release", log_prints=True)
+def release(params_path: str = "params.yaml", workdir: str = ".", summary_path: str | None = None
+            ) -> ReleaseSummary:
+    """Run the whole release on the project in `workdir`; register a version, alias it when the gates pass."""
+    root = Path(workdir).resolve()
+    params = load_params(root / params_path)
+    run = ReleaseRun.start(params.registry, root, run_name=f"release-{params.project.name}",
+                           tags={"edgeship.flow": "release"})
+    out_dir = root / ".edgeship" / "runs" / run.run_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run.log_params(params.model_dump(mode="json"))
+    try:
+        summary = _release(root, params, run, out_dir)
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    run.log_json(summary.model_dump(mode="json"), "release_summary.json")
+    run.finish()
+    if summary_path:
+        (root / summary_path).write_text(summary.model_dump_json(indent=2))
+    get_run_logger().info("release %s v%s: %s", summary.model_name, summary.model_version,
+                          "PASSED" if summary.passed else "FAILED GATE")
+    return summary
+
+
+def _release(root: Path, params, run: ReleaseRun, out_dir: Path) -> ReleaseSummary:
+    data = t.prepare_data(root, params, run)
+    trained = t.train_model(params, data, out_dir, run)
+    quantized = t.quantize(params, trained, data, out_dir, run) if t.needs_quantized_model(params.targets) else None
+
+    compiled = [t.compile_target.submit(target, trained, quantized, data, out_dir, run) for target in params.targets]
+    outcomes = {o.target: o for o in (future.result() for future in compiled)}
+    artifacts = [o.artifact for o in outcomes.values() if o.artifact]
+
+    reference = t.reference_logits(trained, data, out_dir)
+    host_checks = {a.target: t.check_on_host(a, data, reference, run) for a in artifacts}
+
+    benchmarks = t.benchmark_on_fleet(artifacts, data, params, run)
+
+    summaries = []
+    for target in params.targets:
+        outcome = outcomes[target]
+        measured = benchmarks.get(target, [])
+        on_device = [b.accuracy for b in measured if b.accuracy is not None]
+        gate = evaluate_gate(target, params.gate_for(target), trained.test_accuracy, outcome.artifact,
+                             host_checks.get(target), measured, device_accuracy=min(on_device, default=None),
+                             compile_error=outcome.error)
+        summaries.append(TargetSummary(target=target, artifact=outcome.artifact, host_check=host_checks.get(target),
+                                       benchmarks=benchmarks.get(target, []), gate=gate, error=outcome.error))
+    gates = [s.gate for s in summaries]
+    t.publish_reports(gates, summaries, trained.test_accuracy, run)
+
+    version = t.register(params, trained, artifacts, gates, run)
+    passed = release_passes(gates)
+    return ReleaseSummary(model_name=params.project.name, model_version=version, run_id=run.run_id,
+                          fp32_test_accuracy=trained.test_accuracy, data_hash=data.dvc_hash, targets=summaries,
+                          passed=passed, aliases=[params.registry.candidate_alias] if passed else [])

@@ -1,0 +1,244 @@
+"""The release flow's Prefect tasks: thin wrappers that run a stage and log it to MLflow.
+
+Each task calls a plain, typed stage function (edgeship.tasks.*), reports progress,
+and logs metrics and artifacts to the release's MLflow run. Tasks take and
+return small records and paths, never tensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from edgeship.config import Params
+from edgeship.progress import progress
+from edgeship.records import (BenchmarkResult, CompileOutcome, CompiledArtifact, GateReport, HostCheck, PreparedData,
+                              QuantizedModel, TrainedModel)
+from edgeship.registry.tracking import ReleaseRun
+from edgeship.targets import KNOWN_TARGETS
+
+
+def _epoch_logger(run: ReleaseRun, stage: str, total: int):
+    progress().start(stage, total=total)
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        run.log_metrics({f"{stage}/{k}": v for k, v in metrics.items()}, step=epoch)
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "acc" in k or "loss" in k)
+        progress().advance(stage, note=shown)
+
+    return on_epoch
+
+
+@task(name="prepare-data", cache_policy=NO_CACHE)
+def prepare_data(workdir: Path, params: Params, run: ReleaseRun) -> PreparedData:
+    """Reproduce the DVC `prepare` stage when stale; record the data hash as lineage."""
+    from edgeship.tasks import data_version
+    from edgeship.tasks.data import read_prepared
+
+    progress().start("data", total=1)
+    data_hash = data_version.reproduce(workdir)
+    data = read_prepared(workdir / params.data.prepared_dir).model_copy(update={"dvc_hash": data_hash})
+    run.set_tags({"edgeship.data_hash": data_hash or "unlocked", "edgeship.data_classes": len(data.classes)})
+    run.log_params({"data.counts": data.counts})
+    lock = workdir / "dvc.lock"
+    if lock.is_file():
+        run.log_artifact(lock, "lineage")
+    progress().finish("data", note=f"{sum(data.counts.values())} images, md5 {str(data_hash)[:8]}")
+    return data
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_model(params: Params, data: PreparedData, out_dir: Path, run: ReleaseRun) -> TrainedModel:
+    """Train the fp32 model; log per-epoch metrics and the model itself (with signature) to MLflow."""
+    from edgeship.registry.model_registry import log_torch_model
+    from edgeship.tasks.data import load_split
+    from edgeship.tasks.train import load_model, train
+
+    trained = train(data, params.model, params.train, out_dir,
+                    on_epoch=_epoch_logger(run, "train", params.train.epochs))
+    run.log_metrics({"fp32/val_accuracy": trained.val_accuracy, "fp32/test_accuracy": trained.test_accuracy})
+    example, _ = load_split(data, "test")
+    model_uri = log_torch_model(run, load_model(trained), example[:1])
+    progress().finish("train", note=f"test acc {trained.test_accuracy:.4f}")
+    return trained.model_copy(update={"mlflow_run_id": run.run_id, "model_uri": model_uri})
+
+
+@task(name="quantization-aware-training", cache_policy=NO_CACHE)
+def quantize(params: Params, trained: TrainedModel, data: PreparedData, out_dir: Path, run: ReleaseRun
+             ) -> QuantizedModel:
+    """QAT fine-tuning from the trained weights, converted and exported as QDQ ONNX."""
+    from edgeship.tasks.qat import quantization_aware_train
+
+    quantized = quantization_aware_train(trained, data, params.qat, out_dir,
+                                         on_epoch=_epoch_logger(run, "qat", params.qat.epochs))
+    run.log_metrics({"qat/val_accuracy": quantized.val_accuracy, "qat/test_accuracy": quantized.test_accuracy,
+                     "qat/integer_ops": float(sum(quantized.integer_ops.values()))})
+    run.log_json(quantized.integer_ops, "qat/integer_ops.json")
+    progress().finish("qat", note=f"test acc {quantized.test_accuracy:.4f}")
+    return quantized
+
+
+@task(name="compile", task_run_name="compile-{target}", cache_policy=NO_CACHE)
+def compile_target(target: str, trained: TrainedModel, quantized: QuantizedModel | None, data: PreparedData,
+                   out_dir: Path, run: ReleaseRun) -> CompileOutcome:
+    """Compile one target; a converter failure is recorded, not raised, so other targets go on."""
+    from edgeship.errors import EdgeshipError
+    from edgeship.registry.model_registry import log_compiled
+    from edgeship.tasks.compile import CompileInputs, get_target
+
+    progress().start(f"compile {target}", total=1)
+    try:
+        artifact = get_target(target).compile(
+            CompileInputs(trained=trained, data=data, output_dir=out_dir / target, quantized=quantized))
+    except (EdgeshipError, RuntimeError, ValueError, OSError) as error:
+        progress().finish(f"compile {target}", note=f"[red]failed: {error}")
+        run.set_tags({f"edgeship.compile.{target}": f"failed: {str(error)[:4000]}"})
+        return CompileOutcome(target=target, error=f"{type(error).__name__}: {error}")
+    log_compiled(run, artifact)
+    run.log_metrics({f"{target}/bytes": float(artifact.bytes)})
+    progress().finish(f"compile {target}", note=f"{artifact.bytes / 1e3:.0f} kB")
+    return CompileOutcome(target=target, artifact=artifact)
+
+
+@task(name="reference-logits", cache_policy=NO_CACHE)
+def reference_logits(trained: TrainedModel, data: PreparedData, out_dir: Path) -> Path:
+    """The fp32 PyTorch logits on the test split, the yardstick for every target's host check."""
+    from edgeship.tasks.host_check import reference_logits as compute
+
+    path = out_dir / "reference_logits.npy"
+    np.save(path, compute(trained, data))
+    return path
+
+
+@task(name="host-check", task_run_name="host-check-{artifact.target}", cache_policy=NO_CACHE)
+def check_on_host(artifact: CompiledArtifact, data: PreparedData, reference: Path, run: ReleaseRun) -> HostCheck:
+    """Load the artifact in its own runtime here and measure accuracy and agreement with fp32."""
+    from edgeship.tasks.host_check import host_check
+
+    result = host_check(artifact, data, np.load(reference))
+    run.log_metrics({f"{artifact.target}/host_accuracy": result.accuracy,
+                     f"{artifact.target}/top1_agreement": result.top1_agreement,
+                     f"{artifact.target}/max_abs_logit_diff": result.max_abs_logit_diff})
+    return result
+
+
+@task(name="benchmark", task_run_name="benchmark-{artifact.target}-on-{device}", cache_policy=NO_CACHE,
+      tags=["device-benchmark"])
+def benchmark_on_device(artifact: CompiledArtifact, device: str, fleet, params: Params, run: ReleaseRun,
+                        batch=None) -> BenchmarkResult:
+    """One benchmark job (and on-device evaluation, given a batch) for one device of the inventory.
+
+    `fleet` (edgeship.tasks.benchmark.Fleet) runs it: one job at a time per device, retries, and a
+    same-tag device in place of a lost one.
+    """
+    from edgeship.tasks.benchmark import FleetJob
+
+    stage = f"bench {artifact.target} @ {device}"
+    progress().start(stage, total=1)
+    result = fleet.run(FleetJob(artifact, device), batch)
+    log_benchmark(run, result)
+    if result.status == "ok" and result.latency_ms:
+        where = result.device + (f" for {result.substitute_for}" if result.substitute_for else "")
+        accuracy = f", acc {result.accuracy:.4f}" if result.accuracy is not None else ""
+        progress().finish(stage, note=f"{where}: p50 {result.latency_ms.p50:.3f} ms, "
+                                      f"p99 {result.latency_ms.p99:.3f} ms{accuracy}")
+    else:
+        progress().finish(stage, note=f"[red]{result.device}: {result.status}: {result.error}")
+    return result
+
+
+def log_benchmark(run: ReleaseRun, result: BenchmarkResult) -> None:
+    """A device's measurement as metrics (`<target>/<device>/p99_ms`, ...), figures and JSON.
+
+    Figures: the latency histogram, and latency per window over the run with the device's sensors.
+    """
+    from edgeship.tasks.benchmark import latency_histogram_figure, timeline_figure
+
+    base = f"benchmarks/{result.target}/{result.device}"
+    if result.status == "ok" and result.latency_ms:
+        prefix = f"{result.target}/{result.device}"
+        latency, sensors = result.latency_ms, result.sensors
+        run.log_metrics({
+            f"{prefix}/p50_ms": latency.p50, f"{prefix}/p90_ms": latency.p90, f"{prefix}/p95_ms": latency.p95,
+            f"{prefix}/p99_ms": latency.p99, f"{prefix}/p999_ms": latency.p999, f"{prefix}/max_ms": latency.max,
+            f"{prefix}/mean_ms": latency.mean, f"{prefix}/std_ms": latency.std,
+            f"{prefix}/throughput_ips": result.throughput_ips, f"{prefix}/load_ms": result.load_ms,
+            f"{prefix}/first_inference_ms": result.first_inference_ms, f"{prefix}/peak_rss_mb": result.peak_rss_mb,
+            f"{prefix}/load_rss_delta_mb": result.load_rss_delta_mb, f"{prefix}/accuracy": result.accuracy,
+            f"{prefix}/drift_ratio": result.drift_ratio,
+            f"{prefix}/power_w": sensors.power_w if sensors else None,
+            f"{prefix}/energy_per_inference_mj": sensors.energy_per_inference_mj if sensors else None,
+            f"{prefix}/throttled": float(sensors.throttled) if sensors and sensors.throttled is not None else None,
+        })
+        for name, draw in (("latency_histogram", latency_histogram_figure), ("timeline", timeline_figure)):
+            figure = draw(result)
+            if figure is not None:
+                run.log_figure(figure, f"{base}/{name}.png")
+    run.log_json(result.model_dump(mode="json"), f"{base}.json")
+
+
+def benchmark_on_fleet(artifacts: list[CompiledArtifact], data: PreparedData, params: Params, run: ReleaseRun
+                       ) -> dict[str, list[BenchmarkResult]]:
+    """Every artifact on every device that serves it: one Prefect task per (artifact, device), all submitted
+    at once; the fleet keeps each device to one job at a time. On-device accuracy on the test split."""
+    import tempfile
+
+    from edgeship.tasks.benchmark import Fleet, collect_results, connected_devices, validation_batch
+
+    with tempfile.TemporaryDirectory(prefix="edgeship-batch-") as scratch, \
+            connected_devices(params.devices, params.benchmark) as devices:
+        batch = validation_batch(data, Path(scratch), params.benchmark) if params.benchmark.evaluate else None
+        fleet = Fleet(devices, params.benchmark)
+        fleet.probe()
+        jobs, unserved = fleet.plan(artifacts)
+        for result in unserved:
+            log_benchmark(run, result)
+        futures = [benchmark_on_device.submit(job.artifact, job.device, fleet, params, run, batch) for job in jobs]
+        measured = []
+        for job, future in zip(jobs, futures):
+            try:
+                measured.append(future.result())
+            except Exception as error:  # a bug, not a device: still a result, so the gate fails closed
+                measured.append(BenchmarkResult(target=job.artifact.target, device=job.device,
+                                                runtime=job.artifact.runtime, sha256=job.artifact.sha256,
+                                                status="failed", error=f"{type(error).__name__}: {error}"))
+        return collect_results(artifacts, unserved, measured, list(fleet.devices))
+
+
+def needs_quantized_model(targets: list[str]) -> bool:
+    return any(KNOWN_TARGETS[t].precision in ("int8", "mixed") for t in targets)
+
+
+@task(name="publish-reports", cache_policy=NO_CACHE)
+def publish_reports(gates: list[GateReport], summaries, fp32_accuracy: float, run: ReleaseRun) -> str:
+    """The gate table and accuracy/latency plot, as Prefect artifacts and MLflow artifacts."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from edgeship.reports import accuracy_latency_figure, target_rows
+    from edgeship.tasks.gate import render_markdown
+
+    markdown = render_markdown(gates)
+    run.log_text(markdown, "gate/gate_report.md")
+    run.log_json([g.model_dump(mode="json") for g in gates], "gate/gate_report.json")
+    figure = accuracy_latency_figure(summaries, fp32_accuracy)
+    run.log_figure(figure, "reports/accuracy_vs_latency.png")
+    create_markdown_artifact(markdown, key="gate-report", description="Gate verdict per target and check")
+    create_table_artifact(target_rows(summaries), key="release-targets",
+                          description="Per target and device: size, accuracy, latency")
+    return markdown
+
+
+@task(name="register", cache_policy=NO_CACHE)
+def register(params: Params, trained: TrainedModel, artifacts: list[CompiledArtifact], gates: list[GateReport],
+             run: ReleaseRun) -> str:
+    """Register the model version with its artifacts and verdicts; alias it `candidate` when the gates pass."""
+    from edgeship.registry.model_registry import register_release
+
+    version = register_release(run, params.project.name, trained.model_uri, artifacts, gates,
+                               alias=params.registry.candidate_alias,
+                               metrics={"fp32_test_accuracy": trained.test_accuracy})
+    progress().finish("register", note=f"{params.project.name} v{version}")
+    return version

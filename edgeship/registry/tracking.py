@@ -1,0 +1,152 @@
+"""MLflow tracking for one release: one run that every stage logs into.
+
+Prefect runs tasks in worker threads and MLflow's fluent API keeps its active
+run per thread, so stages log through `ReleaseRun` (an `MlflowClient` bound to a
+run id) instead of `mlflow.log_*`; the run id is a small string that travels
+between tasks.
+
+    >>> run = ReleaseRun.start(params.registry, workdir, run_name="release")
+    >>> run.log_metrics({"train/val_accuracy": 0.97}, step=3)
+    >>> run.finish()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from edgeship.config import RegistryParams
+
+
+def resolve_tracking_uri(uri: str, workdir: Path) -> str:
+    """Make a relative SQLite or file store path absolute against the project directory."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{(workdir / uri.removeprefix('sqlite:///')).resolve()}"
+    if "://" not in uri:
+        return (workdir / uri).resolve().as_uri()
+    return uri
+
+
+def resolve_artifact_location(location: str | None, workdir: Path) -> str | None:
+    if location is None or "://" in location:
+        return location
+    return (workdir / location).resolve().as_uri()
+
+
+def tracking_uri_for(settings: RegistryParams, workdir: Path) -> str:
+    """MLFLOW_TRACKING_URI when set (MLflow's own convention), else registry.tracking_uri from params.yaml."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or resolve_tracking_uri(settings.tracking_uri, workdir)
+
+
+def use_tracking(settings: RegistryParams, workdir: Path) -> str:
+    """Point this process's MLflow at the configured tracking store; return the resolved URI."""
+    import mlflow
+
+    uri = tracking_uri_for(settings, workdir)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def git_commit(workdir: Path) -> str | None:
+    """The commit of the project directory, if it is a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workdir, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict[str, str]:
+    """{'train': {'lr': 0.1}} -> {'train.lr': '0.1'} (MLflow params are flat strings)."""
+    flat: dict[str, str] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
+    return flat
+
+
+class ReleaseRun:
+    """An MLflow run bound by id, safe to use from any thread."""
+
+    def __init__(self, run_id: str, tracking_uri: str):
+        from mlflow import MlflowClient
+
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    @classmethod
+    def start(cls, settings: RegistryParams, workdir: Path, run_name: str, tags: dict[str, str] | None = None
+              ) -> "ReleaseRun":
+        """Create the experiment if needed and start a run in it."""
+        from mlflow import MlflowClient
+
+        uri = use_tracking(settings, workdir)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        experiment = client.get_experiment_by_name(settings.experiment)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+            settings.experiment, artifact_location=resolve_artifact_location(settings.artifact_location, workdir))
+        all_tags = {"mlflow.runName": run_name, **(tags or {})}
+        commit = git_commit(workdir)
+        if commit:
+            all_tags["mlflow.source.git.commit"] = commit
+        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        return cls(run.info.run_id, uri)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def log_metrics(self, metrics: dict[str, float | None], step: int | None = None) -> None:
+        """Log numeric metrics; None values (not measured) are skipped, never logged as zero."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(_metric_key(k), float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_json(self, data: Any, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, json.dumps(data, indent=2, default=str), artifact_file)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+    def download(self, artifact_path: str, dst: Path | None = None) -> Path:
+        """Download a run artifact (file or directory) and return its local path."""
+        import mlflow.artifacts
+
+        dst = dst or Path(tempfile.mkdtemp(prefix="edgeship-"))
+        return Path(mlflow.artifacts.download_artifacts(run_id=self.run_id, artifact_path=artifact_path,
+                                                        dst_path=str(dst), tracking_uri=self.tracking_uri))
+
+
+def _metric_key(key: str) -> str:
+    # MLflow allows alphanumerics, _ - . space : / in metric names.
+    return "".join(ch if ch.isalnum() or ch in "_-. :/" else "_" for ch in key)

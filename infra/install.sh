@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install edgeship (pipeline + device + test tools) into ./.venv from nothing.
+# Pinned by requirements/constraints.txt so pip never backtracks (shared/notes/environment.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade "pip>=25"
+.venv/bin/python -m pip install -q -c requirements/constraints.txt -e ".[pipeline,dev]"
+.venv/bin/python -m pip check

@@ -1,0 +1,162 @@
+"""The whole release on real parts: DVC data -> train -> QAT -> ONNX -> loopback device agent -> gate ->
+MLflow registry (SQLite) -> publish to a signed TUF repository -> device updater over HTTP.
+
+Tiny epochs keep it to a few minutes on 2 cores; accuracy thresholds are therefore not
+asserted here (the gate's own verdicts are, against their measured values and limits).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from edgeship.records import ReleaseSummary
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e
+
+
+def make_project(directory: Path, **overrides) -> Path:
+    """A fresh edgeship project: params.yaml (tiny epochs), dvc.yaml, a DVC repo, digits as an image folder."""
+    from edgeship.tasks.data import export_digits
+
+    directory.mkdir(parents=True, exist_ok=True)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"]["epochs"] = 3
+    params["qat"].update(epochs=1, freeze_bn_after_epoch=0, freeze_observers_after_epoch=1)
+    params["benchmark"].update(warmup=5, iterations=50)
+    for section, values in overrides.items():
+        params[section] = values if not isinstance(params.get(section), dict) else {**params[section], **values}
+    (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(REPO / "dvc.yaml", directory / "dvc.yaml")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=directory, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=directory, check=True)
+    export_digits(directory / "data" / "raw")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """Run `edgeship run --summary` exactly as a newcomer would, in a fresh project."""
+    project = make_project(tmp_path_factory.mktemp("project"))
+    edgeship = Path(sys.executable).parent / "edgeship"
+    result = subprocess.run([str(edgeship), "run", "--summary", "release.json"], cwd=project,
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode in (0, 3), result.stderr[-4000:]  # 3 = ran fine, a gate failed
+    summary = ReleaseSummary.model_validate_json((project / "release.json").read_text())
+    assert (result.returncode == 0) == summary.passed
+    return project, summary
+
+
+def mlflow_client(project: Path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+def test_release_registers_a_version_with_both_artifacts_and_metrics(released):
+    project, summary = released
+    client, _ = mlflow_client(project)
+    version = client.get_model_version(summary.model_name, summary.model_version)
+    assert version.run_id == summary.run_id
+    run = client.get_run(summary.run_id)
+    assert run.data.tags["edgeship.data_hash"] == summary.data_hash and summary.data_hash
+    assert "fp32/test_accuracy" in run.data.metrics and "train/loss" in run.data.metrics
+    assert {t.target for t in summary.targets} == {"onnx-fp32", "onnx-int8"}
+    logged = {f.path for f in client.list_artifacts(summary.run_id, "compiled/onnx-int8")}
+    assert "compiled/onnx-int8/artifact.json" in logged
+    for target in summary.targets:
+        assert target.artifact is not None, target.error
+        assert version.tags[f"edgeship.artifact.{target.target}.sha256"] == target.artifact.sha256
+        assert target.host_check.accuracy is not None
+        assert f"{target.target}/host_accuracy" in run.data.metrics
+        assert f"{target.target}/local/p99_ms" in run.data.metrics
+        bench = target.benchmarks[0]
+        assert bench.status == "ok" and bench.latency_ms.p50 <= bench.latency_ms.p99 <= bench.latency_ms.max
+        assert version.tags[f"edgeship.gate.{target.target}"] == ("pass" if target.gate.passed else "fail")
+    gate_files = {f.path for f in client.list_artifacts(summary.run_id, "gate")}
+    assert {"gate/gate_report.md", "gate/gate_report.json"} <= gate_files
+
+
+def test_every_gate_verdict_agrees_with_its_measurement_and_candidate_follows_the_gates(released):
+    project, summary = released
+    for target in summary.targets:
+        for check in target.gate.checks:
+            assert check.measured is not None
+            expected = check.measured <= check.limit if check.comparator == "<=" else check.measured >= check.limit
+            assert check.passed == expected, check
+    client, _ = mlflow_client(project)
+    aliases = client.get_registered_model(summary.model_name).aliases
+    assert summary.passed == all(t.gate.passed for t in summary.targets if t.gate.required)
+    assert (aliases.get("candidate") == summary.model_version) == summary.passed
+
+
+def test_a_failing_gate_leaves_candidate_alone(released, tmp_path):
+    """A second release whose latency budget cannot be met registers a version but does not alias it."""
+    from edgeship.flows.release import release
+
+    project, first = released
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["targets"] = ["onnx-fp32"]
+    params["gate"] = {"onnx-fp32": {"p99_latency_ms": 0.000001}}
+    (project / "strict.yaml").write_text(yaml.safe_dump(params))
+    summary = release(params_path="strict.yaml", workdir=str(project))
+    assert not summary.passed and int(summary.model_version) == int(first.model_version) + 1
+    [check] = summary.targets[0].gate.checks
+    assert check.name == "p99_latency" and not check.passed and check.measured > check.limit
+    client, _ = mlflow_client(project)
+    aliases = client.get_registered_model(summary.model_name).aliases
+    assert aliases.get("candidate") != summary.model_version
+    if first.passed:
+        assert aliases["candidate"] == first.model_version
+
+
+def test_promote_publish_and_device_update(released, tmp_path, static_server):
+    """Reviewer sets `production`; publish signs it into the OTA repo; a device installs and runs it."""
+    import onnxruntime as ort
+
+    from edgeship.device.updater import DeviceUpdater, UpdaterConfig
+    from edgeship.flows.publish import publish
+
+    project, summary = released
+    client, uri = mlflow_client(project)
+    client.set_registered_model_alias(summary.model_name, "production", summary.model_version)
+    descriptor = publish(alias="production", workdir=str(project))
+    assert descriptor.targets["onnx-int8"].version == summary.model_version
+    int8 = next(t for t in summary.targets if t.target == "onnx-int8")
+    assert descriptor.targets["onnx-int8"].sha256 == int8.artifact.sha256
+
+    repo = project / "ota-repo"
+    url = static_server(repo)
+    state = tmp_path / "device"
+    config = UpdaterConfig(repository_url=url, trusted_root=repo / "metadata" / "1.root.json", state_dir=state,
+                           channel="stable", target="onnx-int8", device_id="device-0001")
+    report = DeviceUpdater(config).update()
+    assert report.status == "updated", report
+    assert report.installed_version == summary.model_version
+
+    registered = Path(client.download_artifacts(summary.run_id, "compiled/onnx-int8", str(tmp_path / "reg")))
+    registered_model = next(registered.glob("*.onnx"))
+    images = np.load(project / "data" / "prepared" / "test.npz")["x"][:8]
+    installed = ort.InferenceSession(str(report.model_path), providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(str(registered_model), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(installed.run(None, {"input": images})[0],
+                               reference.run(None, {"input": images})[0], rtol=0, atol=0)
+    assert json.loads((state / "state.json").read_text())
+
+
+def test_cli_rejects_a_broken_config_before_any_work(tmp_path):
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: -3\n  learning_rate: 1\n")
+    edgeship = Path(sys.executable).parent / "edgeship"
+    result = subprocess.run([str(edgeship), "run"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "'train.epochs'" in result.stderr and "'train.learning_rate': unknown key" in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()

@@ -1,0 +1,155 @@
+"""Promotion webhook: a real MLflow server (SQL backend) delivers a signed alias event over loopback HTTP."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from edgeship.errors import SignatureError
+from edgeship.registry.webhook import WatchedAlias, create_app, register_webhook, verify_delivery
+
+SECRET = "test-secret-7f3a"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, process: subprocess.Popen | None = None, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{url} exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(url)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on SQLite with webhooks allowed to call loopback over plain HTTP."""
+    from cryptography.fernet import Fernet
+
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+           "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode()}
+    log = open(root / "server.log", "w")
+    process = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                                "--port", str(port), "--workers", "1",
+                                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                                "--default-artifact-root", str(root / "artifacts")],
+                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health", process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait()
+        log.close()
+
+
+@pytest.fixture
+def receiver():
+    """The webhook receiver on a loopback port; promotions land in a queue."""
+    promoted: queue.Queue = queue.Queue()
+    app = create_app(WatchedAlias("digits-classifier", "production", SECRET),
+                     lambda name, version: promoted.put((name, version)))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_healthy(f"http://127.0.0.1:{port}/health")
+    yield f"http://127.0.0.1:{port}/webhooks/mlflow", promoted
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def signed(body: bytes, secret: str = SECRET, delivery: str = "d-1", timestamp: int | None = None) -> dict:
+    timestamp = str(int(time.time()) if timestamp is None else timestamp)
+    digest = hmac.new(secret.encode(), f"{delivery}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return {"X-MLflow-Delivery-Id": delivery, "X-MLflow-Timestamp": timestamp,
+            "X-MLflow-Signature": "v1," + base64.b64encode(digest).decode(), "Content-Type": "application/json"}
+
+
+def alias_event(alias: str = "production", name: str = "digits-classifier", version: str = "3") -> bytes:
+    return json.dumps({"entity": "model_version_alias", "action": "created", "timestamp": "now",
+                       "data": {"name": name, "alias": alias, "version": version}}).encode()
+
+
+def test_mlflow_alias_delivery_triggers_publication(mlflow_server, receiver):
+    from mlflow import MlflowClient
+
+    url, promoted = receiver
+    register_webhook(mlflow_server, url, SECRET)
+    client = MlflowClient(tracking_uri=mlflow_server)
+    client.create_registered_model("digits-classifier")
+    run = client.create_run(client.create_experiment("webhook-test"))
+    version = client.create_model_version("digits-classifier", source=f"runs:/{run.info.run_id}/model",
+                                          run_id=run.info.run_id)
+    client.set_registered_model_alias("digits-classifier", "candidate", version.version)
+    client.set_registered_model_alias("digits-classifier", "production", version.version)
+    assert promoted.get(timeout=30) == ("digits-classifier", str(version.version))
+    time.sleep(1)
+    assert promoted.empty(), "the candidate alias must not publish"
+
+
+def test_unsigned_forged_and_replayed_deliveries_are_refused(receiver):
+    url, promoted = receiver
+    body = alias_event()
+    assert httpx.post(url, content=body, headers={"Content-Type": "application/json"}).status_code == 401
+    forged = httpx.post(url, content=body, headers=signed(body, secret="not-the-secret"))
+    assert forged.status_code == 401 and "different secrets" in forged.json()["detail"]
+    replay = httpx.post(url, content=body, headers=signed(body, timestamp=int(time.time()) - 3600))
+    assert replay.status_code == 401 and "replay" in replay.json()["detail"]
+    tampered = httpx.post(url, content=alias_event(version="99"), headers=signed(body))
+    assert tampered.status_code == 401
+    assert promoted.empty()
+
+
+def test_other_aliases_models_and_duplicate_deliveries_are_ignored(receiver):
+    url, promoted = receiver
+    for body in (alias_event(alias="staging"), alias_event(name="other-model")):
+        answer = httpx.post(url, content=body, headers=signed(body))
+        assert answer.status_code == 200 and "ignored" in answer.json()
+    body = alias_event(version="5")
+    assert httpx.post(url, content=body, headers=signed(body, delivery="same")).json()["publishing"]["version"] == "5"
+    assert "ignored" in httpx.post(url, content=body, headers=signed(body, delivery="same")).json()
+    assert promoted.get(timeout=5) == ("digits-classifier", "5")
+    time.sleep(0.5)
+    assert promoted.empty()
+
+
+def test_verify_delivery_checks_every_part():
+    body = alias_event()
+    headers = {k.lower(): v for k, v in signed(body, timestamp=1_000_000).items()}
+    assert verify_delivery(SECRET, headers, body, now=1_000_010)["data"]["version"] == "3"
+    with pytest.raises(SignatureError, match="old"):
+        verify_delivery(SECRET, headers, body, now=1_000_000 + 301)
+    with pytest.raises(SignatureError, match="not signed"):
+        verify_delivery(SECRET, {}, body)
