@@ -8,3 +8,9 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade "pip>=25"
 .venv/bin/python -m pip install -q -c requirements/constraints.txt -e ".[pipeline,dev]"
 .venv/bin/python -m pip check
+# The LiteRT converter (litert-torch) pins packages that conflict with the pipeline's (see
+# requirements/litert-converter.txt), so it gets its own environment; the tflite targets call it.
+[ -x .venv/litert-converter/bin/python ] || .venv/bin/python -m venv .venv/litert-converter
+.venv/litert-converter/bin/python -m pip install -q --upgrade "pip>=25"
+.venv/litert-converter/bin/python -m pip install -q -r requirements/litert-converter.txt
+.venv/litert-converter/bin/python -m pip check

@@ -91,3 +91,14 @@ def test_release_passes_only_when_every_required_gate_passes():
     assert not release_passes([optional_bad])  # nothing required: nothing vouches for the release
     table = render_markdown([good, bad])
     assert "| onnx-fp32 | compiled |" in table and "**FAIL**" in table and "## Gate: FAIL" in table
+
+
+def test_a_proxy_accuracy_counts_only_when_the_policy_accepts_it():
+    proxy = HostCheck(target="coreml-w8a8", accuracy=0.98, runtime="coreml", proxy=True,
+                      note="proxy (Core ML prediction needs macOS): torch fake-quant")
+    strict = evaluate_gate("coreml-w8a8", GatePolicy(max_accuracy_drop=1.0), 0.98, artifact(), proxy, [])
+    [check] = strict.checks
+    assert not check.passed and check.measured is None and "only a proxy" in check.reason
+    lenient = evaluate_gate("coreml-w8a8", GatePolicy(max_accuracy_drop=1.0, accept_proxy_accuracy=True), 0.98,
+                            artifact(), proxy, [])
+    assert lenient.passed

@@ -45,8 +45,10 @@ def evaluate_gate(target: str, policy: GatePolicy, fp32_accuracy: float, artifac
                                 reason=f"not measured: target did not compile ({compile_error or 'no artifact'})"))
     if policy.max_accuracy_drop is not None:
         accuracy = device_accuracy if device_accuracy is not None else (host.accuracy if host else None)
-        drop = None if accuracy is None else round((fp32_accuracy - accuracy) * 100, 4)
         why = _why_missing(artifact, compile_error, host.error if host else "no host check ran")
+        if device_accuracy is None and host is not None and host.proxy and not policy.accept_proxy_accuracy:
+            accuracy, why = None, f"only a proxy was measured ({host.note}); accept_proxy_accuracy is off"
+        drop = None if accuracy is None else round((fp32_accuracy - accuracy) * 100, 4)
         checks.append(_check("accuracy_drop", drop, policy.max_accuracy_drop, "<=", "points", why))
     if policy.p99_latency_ms is not None:
         failed = [b for b in benchmarks if b.status != "ok" or b.latency_ms is None]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeship.device.runtimes import Session, open_session
+from edgeship.device.runtimes import Session, open_session, unavailable_reason
 from edgeship.records import CompiledArtifact, HostCheck, PreparedData, TrainedModel
 from edgeship.tasks.data import load_split
 
@@ -35,6 +35,9 @@ def host_check(artifact: CompiledArtifact, data: PreparedData, reference: np.nda
     Never raises for a broken artifact or a missing runtime: the returned HostCheck carries
     the error instead, so one target failing does not stop the others.
     """
+    reason = unavailable_reason(artifact.runtime)
+    if reason:
+        return proxy_or_not_measured(artifact, reason)
     x, y = load_split(data, "test")
     try:
         session = open_session(artifact.runtime, artifact.path, threads=threads)
@@ -54,6 +57,17 @@ def host_check(artifact: CompiledArtifact, data: PreparedData, reference: np.nda
         max_diff = float(np.abs(logits.astype(np.float64) - reference).max())
     return HostCheck(target=artifact.target, accuracy=float((predictions == y).mean()), top1_agreement=agreement,
                      max_abs_logit_diff=max_diff, runtime=artifact.runtime)
+
+
+def proxy_or_not_measured(artifact: CompiledArtifact, reason: str) -> HostCheck:
+    """Where the target's runtime cannot run here: the proxy its compiler measured (labelled), or nothing."""
+    proxy = artifact.notes.get("proxy")
+    if not proxy:
+        return HostCheck(target=artifact.target, accuracy=None, runtime=artifact.runtime,
+                         error=f"not measured: {reason}", note=reason)
+    return HostCheck(target=artifact.target, accuracy=proxy["accuracy"], top1_agreement=proxy.get("top1_agreement"),
+                     max_abs_logit_diff=proxy.get("max_abs_logit_diff"), runtime=artifact.runtime, proxy=True,
+                     note=f"proxy ({reason}): {proxy.get('description', '')}")
 
 
 def run_batches(session: Session, images: np.ndarray, batch_size: int = 64) -> np.ndarray:

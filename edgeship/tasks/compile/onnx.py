@@ -18,6 +18,7 @@ from edgeship.errors import CompileError
 from edgeship.files import sha256_of
 from edgeship.records import CompiledArtifact, TensorSpec
 from edgeship.tasks.compile import CompileInputs
+from edgeship.tasks.compile.tracing import TORCH_CAPTURE
 
 if TYPE_CHECKING:
     from torch import nn
@@ -40,9 +41,10 @@ def export_onnx(model: "nn.Module", input_shape: tuple[int, int, int], path: Pat
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        torch.onnx.export(model, (torch.zeros(1, *input_shape),), str(path), input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], opset_version=opset, dynamo=False,
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        with TORCH_CAPTURE:  # torch's tracing is process-wide; other targets compile in parallel threads
+            torch.onnx.export(model, (torch.zeros(1, *input_shape),), str(path), input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], opset_version=opset, dynamo=False,
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     finally:
         model.train(was_training)
     return path
