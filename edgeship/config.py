@@ -68,15 +68,102 @@ class QatParams(Section):
     lr: float = Field(default=0.005, gt=0)
     batch_size: int = Field(default=64, ge=2)
     backend: Literal["x86", "qnnpack", "fbgemm"] = "x86"
-    freeze_bn_after_epoch: int = Field(default=1, ge=0)
-    freeze_observers_after_epoch: int = Field(default=2, ge=0)
+    freeze_bn_after_epoch: int = Field(default=1, ge=0, description="BatchNorm statistics freeze from this epoch "
+                                                                     "(0-based); the folded BN then uses them")
+    freeze_observers_after_epoch: int = Field(default=2, ge=0, description="quantizer ranges freeze from this epoch")
+    lr_schedule: Literal["cosine", "step", "constant"] = Field(
+        default="cosine", description="per epoch: cosine to zero, step (x0.1 at half way), or constant")
+    early_stop_patience: int | None = Field(default=None, ge=1,
+                                            description="stop after this many epochs without a better val accuracy")
+    calibrate: bool = Field(default=True, description="set quantizer ranges on the calibration split before "
+                                                      "the first epoch")
+    reduce_range: bool = Field(default=False, description="7-bit activations: only for x86 CPUs without VNNI, "
+                                                          "where u8*s8 products can saturate")
+    fold_relu6: bool = Field(default=True, description="fold a ReLU6 after an int8 conv into its output quantizer "
+                                                       "(one QLinearConv in ONNX Runtime instead of a float Clip)")
+    distill_alpha: float = Field(default=0.0, ge=0, le=1, description="weight of distillation from the float "
+                                                                      "model's logits during QAT; 0: off")
+    distill_temperature: float = Field(default=4.0, gt=0)
+
+
+class SensitivityParams(Section):
+    """Per-layer sensitivity analysis: each layer quantized alone, and everything but it."""
+
+    enabled: bool = Field(default=True, description="run the analysis and plan a mixed precision before QAT")
+    max_samples: int | None = Field(default=None, ge=1, description="validation images per evaluation; "
+                                                                    "null: the whole split")
+    converse: bool = Field(default=True, description="also measure all layers int8 except one")
+    latency: bool = Field(default=True, description="measure each layer's int8 and float cost on ONNX Runtime")
+    latency_runs: int = Field(default=40, ge=5, description="profiled runs per model when measuring costs")
+
+
+class PrecisionParams(Section):
+    """The accuracy budget of the mixed-precision plan, and layers the user fixes."""
+
+    max_drop_points: float | None = Field(default=None, ge=0, description="largest val accuracy drop vs fp32, in "
+                                                                          "percentage points (0.5 when neither "
+                                                                          "budget is set)")
+    max_drop_relative: float | None = Field(default=None, ge=0, le=1, description="or the largest drop as a "
+                                                                                  "fraction of the fp32 accuracy")
+    pinned: dict[str, Literal["int8", "float"]] = Field(default_factory=dict,
+                                                        description="module name -> precision the plan must keep")
+    strategy: Literal["latency_aware", "accuracy_only"] = Field(
+        default="latency_aware", description="latency_aware: revert the layer that buys the most accuracy per ms; "
+                                             "accuracy_only: the most harmful layer first (as NNCF does)")
+    rerank_after: int = Field(default=2, ge=1, description="re-rank after this many reverts that did not help")
+    revert_faster_in_float: bool = Field(default=True, description="keep float the layers that run faster in "
+                                                                   "float than in int8 on the runtime")
+    measure_candidates: bool = Field(default=True, description="measure every candidate plan's latency on ONNX "
+                                                               "Runtime, not only predict it")
+    compare_strategies: bool = Field(default=True, description="also walk the other strategy, for the frontier plot "
+                                                               "and the comparison (does not change the plan)")
+    frontier_steps: int = Field(default=6, ge=0, description="reverts past the chosen plan, to draw the "
+                                                             "accuracy/latency frontier (does not change the plan)")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "PrecisionParams":
+        if self.max_drop_points is not None and self.max_drop_relative is not None:
+            raise ValueError("set one of max_drop_points and max_drop_relative, not both")
+        return self
+
+    def allowed_drop(self, fp32_accuracy: float) -> float:
+        """The budget as an accuracy fraction (0.005 for half a point)."""
+        if self.max_drop_relative is not None:
+            return self.max_drop_relative * fp32_accuracy
+        return (0.5 if self.max_drop_points is None else self.max_drop_points) / 100.0
+
+
+class DistillationParams(Section):
+    """Train the model from a teacher's softened logits plus the labels (an optional stage)."""
+
+    enabled: bool = False
+    teacher: ModelParams | None = Field(default=None, description="a model trained first in the same run")
+    teacher_uri: str | None = Field(default=None, description="or an MLflow model URI (models:/name/1, runs:/...)")
+    teacher_epochs: int | None = Field(default=None, ge=1, description="teacher training epochs; null: train.epochs")
+    temperature: float = Field(default=4.0, gt=0)
+    alpha: float = Field(default=0.7, ge=0, le=1, description="weight of the KL term; 1 - alpha weighs the labels")
+
+    @model_validator(mode="after")
+    def _one_teacher(self) -> "DistillationParams":
+        if self.enabled and (self.teacher is None) == (self.teacher_uri is None):
+            raise ValueError("distillation needs exactly one of 'teacher' (a model to train) and 'teacher_uri'")
+        return self
+
+
+class PtqParams(Section):
+    """The post-training-quantization baseline: ONNX Runtime static QDQ quantization of the fp32 model."""
+
+    enabled: bool = True
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    per_channel: bool = True
 
 
 class BenchmarkParams(Section):
     warmup: int = Field(default=20, ge=0, description="warm-up runs (the fewest, with warmup_until_stable)")
     iterations: int = Field(default=200, ge=1)
     threads: int = Field(default=1, ge=0, description="0: the runtime's default")
-    timeout_s: float = Field(default=300, gt=0, description="one job on one device, upload to answer")
+    timeout_s: float = Field(default=300, gt=0, description="one job on one device, upload to answer; "
+                                                           "a sustained run's length is added")
     warmup_until_stable: bool = Field(default=True,
                                       description="warm up until the median latency stops moving (else a fixed count)")
     warmup_max: int = Field(default=1000, ge=0, description="most warm-up runs when warming up until stable")
@@ -130,6 +217,8 @@ class GatePolicy(Section):
     max_accuracy_drop: float | None = Field(default=1.0, ge=0, description="points below the fp32 torch model")
     p99_latency_ms: float | None = Field(default=None, gt=0)
     max_size_mb: float | None = Field(default=None, gt=0)
+    accept_proxy_accuracy: bool = Field(default=False, description="let a proxy's accuracy (e.g. Core ML's torch "
+                                        "stand-in on Linux) count; off: only the target's own runtime counts")
 
     @model_validator(mode="after")
     def _sets_a_limit(self) -> "GatePolicy":
@@ -162,6 +251,10 @@ class Params(Section):
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     qat: QatParams = QatParams()
+    sensitivity: SensitivityParams = SensitivityParams()
+    precision: PrecisionParams = PrecisionParams()
+    distillation: DistillationParams = DistillationParams()
+    ptq: PtqParams = PtqParams()
     targets: list[str] = Field(default_factory=lambda: ["onnx-fp32", "onnx-int8"], min_length=1)
     benchmark: BenchmarkParams = BenchmarkParams()
     devices: list[DeviceParams] = Field(default_factory=lambda: [DeviceParams(name="local")])

@@ -1,10 +1,15 @@
 """The device agent, its client and `edgeship-device`: a real agent process on 127.0.0.1, real HTTP,
-real ONNX Runtime. One agent serves the whole module (1 MB upload limit, so the limit is cheap to hit)."""
+real ONNX Runtime. One agent serves the whole module (1 MB upload limit, so the limit is cheap to hit;
+a 3 s upload timeout, so a stalled client is cheap to show); TLS gets an agent of its own."""
 
 from __future__ import annotations
 
 import ast
+import concurrent.futures
+import datetime
+import ipaddress
 import json
+import os
 import platform
 import socket
 import stat
@@ -15,17 +20,20 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+import onnx
 import onnxruntime
 import pytest
 
 from edgeship.device.benchmark import run_benchmark_job
 from edgeship.device.cli import main as device_cli
 from edgeship.device.client import AgentClient, local_agent
+from edgeship.device.runtimes import open_session, predict_classes
 from edgeship.errors import DeviceJobFailed, DeviceUnreachable
 from edgeship.files import sha256_of
-from edgeship.records import BenchmarkRequest, DeviceInfo
+from edgeship.records import BenchmarkRequest, DeviceInfo, EvaluationRequest
 
-from onnx_models import write_tiny_classifier
+from onnx_models import tiny_classifier, write_tiny_classifier
 
 DEVICE_DIR = Path(__file__).resolve().parents[1] / "edgeship" / "device"
 FORBIDDEN = {"torch", "tensorflow", "mlflow", "prefect"}
@@ -44,7 +52,8 @@ def work_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def agent(work_dir):
-    with local_agent(name="test-device", max_upload_mb=1, job_timeout_s=60, work_dir=work_dir) as running:
+    with local_agent(name="test-device", max_upload_mb=1, job_timeout_s=60, work_dir=work_dir,
+                     upload_timeout_s=3) as running:
         yield running
     assert running.process.poll() is not None, "the agent process outlived its context"
 
@@ -87,11 +96,15 @@ def test_info_describes_the_device(client):
     info = client.info()
     assert isinstance(info, DeviceInfo)
     assert info.name == "test-device"
-    assert info.runtimes == {"onnxruntime": onnxruntime.__version__}
+    assert info.runtimes["onnxruntime"] == onnxruntime.__version__
     assert info.machine == platform.machine() and info.os == platform.system()
     assert info.cpu_count >= 1 and info.memory_total_mb > 0 and info.cpu_model
     assert info.python_version == platform.python_version()
-    assert info.max_upload_mb == 1 and info.emulated is False
+    assert info.max_upload_mb == 1 and info.emulated is False and info.tls is False
+    assert info.cpus == sorted(os.sched_getaffinity(0)) and info.threads is None
+    sensors = {sensor.name: sensor for sensor in info.sensors}
+    assert {"thermal", "cpufreq", "rapl", "rpi-throttle", "tegrastats", "meter"} <= set(sensors)
+    assert all(s.available or s.detail for s in sensors.values()), "an absent sensor must say why"
 
 
 def test_benchmark_measures_the_model(client, tiny_model, work_dir):
@@ -204,7 +217,9 @@ def test_cli_refuses_a_public_host_without_a_token(monkeypatch, capsys):
 
 def test_device_modules_import_no_heavy_frameworks():
     modules = ["edgeship.device.agent", "edgeship.device.client", "edgeship.device.benchmark",
-               "edgeship.device.cli", "edgeship.device.runtimes"]
+               "edgeship.device.cli", "edgeship.device.runtimes", "edgeship.device.sensors",
+               "edgeship.device.sensors.sysfs", "edgeship.device.sensors.raspberrypi",
+               "edgeship.device.sensors.jetson", "edgeship.device.sensors.meter"]
     if (DEVICE_DIR / "updater.py").exists():
         modules.append("edgeship.device.updater")
     script = (f"import importlib, json, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
@@ -213,7 +228,7 @@ def test_device_modules_import_no_heavy_frameworks():
                                        text=True, timeout=60).stdout)
     assert FORBIDDEN.isdisjoint(loaded), FORBIDDEN & set(loaded)
 
-    for source in sorted(DEVICE_DIR.glob("*.py")):
+    for source in sorted(DEVICE_DIR.rglob("*.py")):
         for node in ast.walk(ast.parse(source.read_text(), filename=str(source))):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
@@ -223,3 +238,247 @@ def test_device_modules_import_no_heavy_frameworks():
                 continue
             heavy = {name.split(".")[0] for name in names} & FORBIDDEN
             assert not heavy, f"{source.name}:{node.lineno} imports {heavy}"
+
+
+# --- measurement method ------------------------------------------------------------------------------
+
+
+def test_benchmark_reports_tails_memory_histogram_and_windows(client, tiny_model):
+    result = client.benchmark(tiny_model, "onnx-fp32", BenchmarkRequest(warmup=5, iterations=400, windows=4))
+    latency = result.latency_ms
+    assert latency.min <= latency.p50 <= latency.p99 <= latency.p999 <= latency.max
+    assert result.mode == "iterations" and result.warmup_stable is None and result.runtime_version
+    assert result.load_rss_delta_mb > 0 and result.peak_rss_mb > result.load_rss_delta_mb
+    assert sum(result.histogram.counts) == 400 and len(result.histogram.edges_ms) == 41
+    assert result.histogram.edges_ms[0] == pytest.approx(latency.min)
+    assert result.histogram.edges_ms[-1] == pytest.approx(latency.max)
+    assert sum(w.iterations for w in result.windows) == 400 and result.drift_ratio is None  # not sustained
+    assert result.started_at <= result.finished_at <= time.time()
+    assert result.cpus == sorted(os.sched_getaffinity(0))
+    assert result.sensors is not None and {s.name for s in result.sensors.sensors} >= {"thermal", "rapl"}
+
+
+def test_warm_up_until_stable_and_a_sustained_run(client, tiny_model):
+    request = BenchmarkRequest(warmup=5, warmup_until_stable=True, warmup_max=3000, duration_s=0.6, windows=3,
+                               cpus=[0])
+    result = client.benchmark(tiny_model, "onnx-fp32", request)
+    assert result.mode == "duration" and result.duration_s >= 0.6
+    assert result.warmup >= 5 and result.warmup_stable is not None
+    assert result.warmup_stable or any("did not stabilise" in note for note in result.notes)
+    assert result.iterations > 100 and 1 <= len(result.windows) <= 3 and result.cpus == [0]
+    assert result.windows[-1].end_s == pytest.approx(result.duration_s, rel=0.01)
+    assert result.throughput_ips > 0 and result.drift_ratio > 0
+
+
+def test_a_cpu_the_agent_may_not_use_is_refused(client, tiny_model):
+    with pytest.raises(DeviceJobFailed, match=r"422.*CPU\(s\) \[4096\]"):
+        client.benchmark(tiny_model, "onnx-fp32", QUICK.model_copy(update={"cpus": [4096]}))
+
+
+def test_jobs_queue_one_at_a_time(agent, client, tiny_model):
+    """Three clients at once: the agent measures one job after the other, never two together."""
+    request = BenchmarkRequest(warmup=0, duration_s=0.3, sensors=False)
+    queued = []
+
+    def watch(stop: threading.Event) -> None:
+        while not stop.is_set():
+            queued.append(httpx.get(f"{agent.url}/health", timeout=5).json()["queued"])
+            time.sleep(0.05)
+
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch, args=(stop,))
+    watcher.start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(lambda _: agent.client(timeout_s=60).benchmark(tiny_model, "t", request),
+                                    range(3)))
+    finally:
+        stop.set()
+        watcher.join()
+    spans = sorted((r.started_at, r.finished_at) for r in results)
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:])), spans
+    assert max(queued) >= 1
+
+
+# --- on-device accuracy ------------------------------------------------------------------------------
+
+
+def _batch(path: Path, count: int = 30, **arrays) -> Path:
+    rng = np.random.default_rng(7)
+    arrays.setdefault("x", rng.standard_normal((count, 1, 8, 8)).astype(np.float32))
+    arrays.setdefault("y", rng.integers(0, 10, len(arrays["x"])).astype(np.int64))
+    np.savez(path, **arrays)
+    return path
+
+
+def test_evaluate_returns_the_runtimes_predictions(client, tiny_model, tmp_path):
+    batch = _batch(tmp_path / "val.npz")
+    result = client.evaluate(tiny_model, "onnx-fp32", batch, EvaluationRequest(batch_size=8))
+    with np.load(batch) as arrays:
+        expected = predict_classes(open_session("onnxruntime", tiny_model), arrays["x"])
+        labels = arrays["y"]
+    assert result.predictions == expected.tolist() and result.samples == 30
+    assert result.accuracy == pytest.approx(float(np.mean(expected == labels)))
+    assert (result.sha256, result.batch_sha256) == (sha256_of(tiny_model), sha256_of(batch))
+
+
+def test_hostile_batches_are_refused_and_the_agent_stays_up(agent, client, tiny_model, tmp_path, work_dir):
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, x=np.array([{"__reduce__": "os.system"}], dtype=object), y=np.zeros(1, dtype=np.int64))
+    bomb = tmp_path / "bomb.npz"  # 8 KB on the wire, 8 MB once inflated: over 4x the 1 MB upload limit
+    np.savez_compressed(bomb, x=np.zeros((2_000_000, 1), dtype=np.float32))
+    cases = {
+        pickled: "cannot be read as plain arrays",
+        bomb: "inflates to",
+        _batch(tmp_path / "shape.npz", x=np.zeros((4, 3, 8, 8), dtype=np.float32)): r"shape \(4, 3, 8, 8\)",
+        _batch(tmp_path / "labels.npz", y=np.zeros(2, dtype=np.float32)): "one integer label per sample",
+        tmp_path / "junk.npz": "not an .npz archive",
+    }
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    for batch, message in cases.items():
+        with pytest.raises(DeviceJobFailed, match=message):
+            client.evaluate(tiny_model, "onnx-fp32", batch)
+
+    answer = httpx.post(f"{agent.url}/jobs/evaluate", headers=_auth(agent), **_form(tiny_model, sha256_of(tiny_model)))
+    assert answer.status_code == 422 and "'batch'" in answer.json()["detail"]
+    assert client.evaluate(tiny_model, "onnx-fp32", _batch(tmp_path / "ok.npz")).samples == 30
+    assert list(work_dir.iterdir()) == []
+
+
+def test_a_model_reaching_outside_its_directory_is_refused(client, tiny_model, tmp_path):
+    model = tiny_classifier()
+    weight = model.graph.initializer[0]
+    weight.ClearField("raw_data")
+    weight.ClearField("float_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    location = weight.external_data.add()
+    location.key, location.value = "location", "../../../../../../etc/hostname"
+    hostile = tmp_path / "hostile.onnx"
+    hostile.write_bytes(model.SerializeToString())
+    with pytest.raises(DeviceJobFailed, match="422.*(escapes|outside|external)"):
+        client.benchmark(hostile, "onnx-fp32", QUICK)
+    assert client.benchmark(tiny_model, "onnx-fp32", QUICK).status == "ok"
+
+
+# --- robustness and security -------------------------------------------------------------------------
+
+
+def test_a_stalled_upload_does_not_hold_the_queue(agent, client, tiny_model):
+    """A client that sends half a job and stops gets 408 after the upload timeout; the next job runs."""
+    boundary = "stall"
+    head = (f"POST /jobs/benchmark HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {agent.token}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: 100000\r\n\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"artifact\"; filename=\"a\"\r\n\r\n")
+    port = int(agent.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as stalled:
+        stalled.sendall(head.encode() + b"\0" * 1000)
+        time.sleep(0.2)  # the stalled job takes its turn first
+        started = time.monotonic()
+        assert client.benchmark(tiny_model, "onnx-fp32", QUICK).status == "ok"
+        waited = time.monotonic() - started
+        reply = stalled.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 408") and b"upload-timeout" in reply
+    assert 1.5 < waited < 30
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA), made with `cryptography`."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgeship test agent")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+    folder = tmp_path_factory.mktemp("tls")
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                       serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    (folder / "key.pem").chmod(0o600)
+    return folder / "cert.pem", folder / "key.pem"
+
+
+def test_tls_agent_serves_clients_that_trust_its_certificate(certificate, tiny_model):
+    cert, key = certificate
+    with local_agent(name="tls-device", tls_cert=cert, tls_key=key) as secure:
+        assert secure.url.startswith("https://127.0.0.1:")
+        with secure.client(timeout_s=60) as trusting:
+            assert trusting.info().tls is True
+            assert trusting.benchmark(tiny_model, "onnx-fp32", QUICK).status == "ok"
+        with AgentClient(secure.url, secure.token, timeout_s=10) as untrusting, \
+                pytest.raises(DeviceUnreachable, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            untrusting.info()
+        plain = secure.url.replace("https://", "http://")
+        with AgentClient(plain, secure.token, timeout_s=10) as cleartext, pytest.raises(DeviceUnreachable):
+            cleartext.info()
+
+
+def test_cli_wants_both_halves_of_a_tls_pair(certificate, capsys):
+    assert device_cli(["agent", "--port", "1", "--tls-cert", str(certificate[0])]) == 2
+    assert "both --tls-cert and --tls-key" in capsys.readouterr().err
+
+
+def test_a_job_process_killed_mid_run_is_an_error_and_the_agent_goes_on(agent, client, tiny_model):
+    """A runtime that crashes (here: SIGKILL from outside) ends only the job's own process."""
+    import psutil
+
+    outcome = {}
+    job = threading.Thread(target=lambda: outcome.setdefault("error", _expect_failure(
+        client, tiny_model, BenchmarkRequest(warmup=0, duration_s=20, sensors=False))))
+    job.start()
+    try:
+        deadline, victim = time.monotonic() + 20, None
+        while victim is None and time.monotonic() < deadline:
+            # The job's process: forked by the agent's fork-server helper (or, without one, the agent's child).
+            running = [p for p in psutil.Process(agent.process.pid).children(recursive=True)
+                       if p.ppid() != agent.process.pid or "--fork-server" not in p.cmdline()]
+            victim = running[0] if running else None
+            time.sleep(0.05)
+        assert victim is not None, "no job process appeared"
+        time.sleep(0.3)  # well into the timed run
+        victim.kill()
+    finally:
+        job.join(timeout=60)
+    assert "killed by SIGKILL" in str(outcome["error"])
+    assert client.benchmark(tiny_model, "onnx-fp32", QUICK).status == "ok"
+
+
+def _expect_failure(client, model, request):
+    try:
+        client.benchmark(model, "onnx-fp32", request)
+    except DeviceJobFailed as error:
+        return error
+    return "no error"
+
+
+def test_fork_server_runs_jobs_and_recovers_when_its_helper_dies(tiny_model):
+    from edgeship.device import benchmark
+
+    assert benchmark.start_fork_server()
+    try:
+        server = benchmark._fork_server
+        first = run_benchmark_job(tiny_model, "onnxruntime", QUICK, timeout_s=60)
+        helper = server._process
+        helper.kill()
+        helper.wait()
+        second = run_benchmark_job(tiny_model, "onnxruntime", QUICK, timeout_s=60)  # restarted for this job
+        assert server._process is not helper and server._process.poll() is None
+        with pytest.raises(DeviceJobFailed, match="timeout"):
+            run_benchmark_job(tiny_model, "onnxruntime", BenchmarkRequest(duration_s=30), timeout_s=1.5)
+        third = run_benchmark_job(tiny_model, "onnxruntime", QUICK, timeout_s=60)
+    finally:
+        benchmark.stop_fork_server()
+    for result in (first, second, third):
+        assert result["iterations"] == 37 and result["peak_rss_mb"] > result["load_rss_delta_mb"] > 0
+    assert benchmark._fork_server is None

@@ -1,15 +1,19 @@
 """The device agent: an HTTP service on an edge device that says what it is and benchmarks models.
 
 A pipeline talks to it through `edgeship.device.client.AgentClient`:
-1. `GET /health` (no token): is it up, is it busy, how many jobs it has started.
-2. `GET /info`: a DeviceInfo record (CPU, memory, runtimes and their versions).
+1. `GET /health` (no token): is it up, is it busy, how many jobs wait, started, failed.
+2. `GET /info`: a DeviceInfo record (CPU, memory, runtimes and their versions, sensors).
 3. `POST /jobs/benchmark`: a multipart form with the file `artifact` and the fields `sha256`,
    `target` and `request` (a BenchmarkRequest as JSON). The agent streams the upload into a private
    directory (size-capped, hashed on the way), checks the hash, then measures the model in a child
-   process (`edgeship.device.benchmark`), one job at a time, and answers a BenchmarkResult.
+   process (`edgeship.device.benchmark`) while it samples the device's sensors, and answers a BenchmarkResult.
+4. `POST /jobs/evaluate`: the same form plus the file `batch` (an .npz of x and y) and the field
+   `batch_sha256`, with `request` an EvaluationRequest; answers an EvaluationResult (the predictions).
 
-Every endpoint but /health wants `Authorization: Bearer <token>` when the agent has a token.
-Start it with the CLI (`edgeship-device agent --name pi4`), or in-process:
+Jobs queue: one runs at a time, and the next upload is not even read while one is measured, so
+nothing a second client does disturbs the timing. Every endpoint but /health wants
+`Authorization: Bearer <token>` when the agent has a token. Start it with the CLI
+(`edgeship-device agent --name pi4`, `--tls-cert/--tls-key` for HTTPS), or in-process:
 
     >>> import uvicorn
     >>> uvicorn.run(create_app(AgentSettings(name="pi4", token="...")), host="127.0.0.1", port=8765)
@@ -18,6 +22,7 @@ Start it with the CLI (`edgeship-device agent --name pi4`), or in-process:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import importlib.metadata
@@ -37,11 +42,14 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
-from edgeship.device.benchmark import run_benchmark_job
+from edgeship.device.benchmark import (run_benchmark_job, run_evaluation_job, start_fork_server, stop_fork_server,
+                                       stop_running_jobs)
 from edgeship.device.runtimes import available_runtimes
+from edgeship.device.sensors import Sensor, discover_sensors
 from edgeship.errors import DeviceJobFailed
-from edgeship.records import BenchmarkRequest, BenchmarkResult, DeviceInfo
+from edgeship.records import BenchmarkRequest, BenchmarkResult, DeviceInfo, EvaluationRequest, EvaluationResult
 
 _FIELD_LIMIT = 64 * 1024  # bytes of one non-file form field (sha256, target, request JSON)
 _FORM_SLACK = 1 << 20  # bytes of form framing and fields allowed on top of the artifact
@@ -58,54 +66,136 @@ class AgentSettings(BaseModel):
     job_timeout_s: float = Field(default=600, gt=0)
     work_dir: Path | None = None  # where per-job directories go; None: the system temporary directory
     emulated: bool = False  # this agent stands in for the device (QEMU, a container, the host)
+    cpus: list[int] | None = None  # emulated profile: every job runs on these CPUs, whatever it asks
+    threads: int | None = Field(default=None, ge=1)  # emulated profile: every job uses this many threads
+    upload_timeout_s: float = Field(default=300, gt=0)  # a job's upload must arrive within this (it holds the queue)
+    sensors: bool = True  # sample temperature, clock, throttling and power during jobs
+    sysfs_root: Path = Path("/")  # where the sensors read /sys from (a fake tree in tests)
+    power_meter_command: list[str] | None = None  # an external meter: a command printing watts
+    tls: bool = False  # served over HTTPS (reported in /info; uvicorn holds the certificate)
+    fork_server: bool = True  # start jobs by forking a warm helper (Linux), not by starting Python each time
 
 
-def create_app(settings: AgentSettings) -> FastAPI:
-    """Build the agent's FastAPI app for `settings`."""
-    app = FastAPI(title=f"edgeship device agent ({settings.name})", version=_agent_version())
+def create_app(settings: AgentSettings, sensors: list[Sensor] | None = None) -> FastAPI:
+    """Build the agent's FastAPI app for `settings`; `sensors` default to those found on this device."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        if settings.fork_server:
+            start_fork_server()
+        try:
+            yield
+        finally:
+            stop_running_jobs()  # a job must not outlive its agent (uvicorn cancels requests still in flight)
+            stop_fork_server()
+
+    app = FastAPI(title=f"edgeship device agent ({settings.name})", version=_agent_version(), lifespan=lifespan)
     if settings.work_dir is not None:
         settings.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if sensors is None:
+        sensors = discover_sensors(settings.sysfs_root, meter_command=settings.power_meter_command) \
+            if settings.sensors else []
     jobs = _JobQueue()
     authorized = Depends(_bearer_check(settings.token))
 
     @app.get("/health")
     async def health() -> dict:
         """Liveness, without a token: the pipeline polls it before sending work."""
-        return {"status": "ok", "name": settings.name, "busy": jobs.lock.locked(), "jobs_started": jobs.started}
+        return {"status": "ok", "name": settings.name, "busy": jobs.lock.locked(), "queued": jobs.waiting,
+                "jobs_started": jobs.started, "jobs_failed": jobs.failed}
 
     @app.get("/info", dependencies=[authorized], response_model=DeviceInfo)
     async def info() -> DeviceInfo:
-        """What this device is: CPU, memory, runtimes."""
-        return describe_device(settings)
+        """What this device is: CPU, memory, runtimes, sensors."""
+        return describe_device(settings, sensors)
 
     @app.post("/jobs/benchmark", dependencies=[authorized], response_model=BenchmarkResult)
     async def benchmark(request: Request) -> BenchmarkResult:
         """Receive an artifact, check its sha256, and measure it with the runtime the request names."""
-        job_dir = Path(tempfile.mkdtemp(prefix="edgeship-job-", dir=settings.work_dir))  # mode 0700
-        try:
-            upload = await _receive_upload(request, job_dir, settings.max_upload_mb)
-            job = _check_upload(upload)
-            async with jobs.lock:
-                jobs.started += 1
-                try:
-                    measured = await asyncio.to_thread(
-                        run_benchmark_job, upload.path, job.runtime, job, settings.job_timeout_s)
-                except DeviceJobFailed as error:
-                    raise HTTPException(422, detail=str(error)) from None
-            return BenchmarkResult(target=upload.fields["target"], device=settings.name, sha256=upload.sha256,
-                                   emulated=settings.emulated, **measured)
-        finally:
-            shutil.rmtree(job_dir, ignore_errors=True)
+        async with jobs.take(request, settings) as turn:
+            upload = await _receive_upload(request, turn.directory, settings, files=("artifact",))
+            job = _apply_profile(_check_upload(upload, BenchmarkRequest), settings)
+            measured = await turn.run(run_benchmark_job, upload.paths["artifact"], job.runtime, job,
+                                      settings.job_timeout_s, sensors)
+            return BenchmarkResult(target=upload.fields["target"], device=settings.name,
+                                   sha256=upload.sha256["artifact"], emulated=settings.emulated, **measured)
+
+    @app.post("/jobs/evaluate", dependencies=[authorized], response_model=EvaluationResult)
+    async def evaluate(request: Request) -> EvaluationResult:
+        """Receive an artifact and a validation batch (.npz of x, y); answer the model's predictions on it."""
+        async with jobs.take(request, settings) as turn:
+            upload = await _receive_upload(request, turn.directory, settings, files=("artifact", "batch"))
+            job = _apply_profile(_check_upload(upload, EvaluationRequest), settings)
+            max_batch_bytes = 4 * (settings.max_upload_mb << 20)
+            answer = await turn.run(run_evaluation_job, upload.paths["artifact"], upload.paths["batch"], job,
+                                    settings.job_timeout_s, max_batch_bytes)
+            return EvaluationResult(target=upload.fields["target"], device=settings.name,
+                                    sha256=upload.sha256["artifact"], batch_sha256=upload.sha256["batch"],
+                                    emulated=settings.emulated, **answer)
 
     return app
 
 
 @dataclass
 class _JobQueue:
-    """One job at a time: requests wait on the lock while the server keeps answering others."""
+    """One job at a time, in arrival order: a job's upload is read only once the job before it is done,
+    while the server keeps answering /health and /info."""
 
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    waiting: int = 0
     started: int = 0
+    failed: int = 0
+
+    @contextlib.asynccontextmanager
+    async def take(self, request: Request, settings: AgentSettings):
+        """Wait for this job's turn; give it a private directory (mode 0700), removed afterwards.
+
+        Until the job starts running, its upload must arrive within the upload timeout: a stalled
+        client cannot hold the queue.
+        """
+        _check_headers(request, settings.max_upload_mb)  # refused at once, without queueing
+        self.waiting += 1
+        try:
+            await self.lock.acquire()
+        finally:
+            self.waiting -= 1
+        job_dir = Path(tempfile.mkdtemp(prefix="edgeship-job-", dir=settings.work_dir))
+        try:
+            async with asyncio.timeout(settings.upload_timeout_s) as deadline:
+                yield _Turn(self, job_dir, deadline)
+        except TimeoutError:
+            raise HTTPException(408, detail=f"the job's upload did not arrive within {settings.upload_timeout_s:g} s; "
+                                            "send it again (a slow link: raise the agent's --upload-timeout-s)"
+                                ) from None
+        finally:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            self.lock.release()
+
+
+@dataclass
+class _Turn:
+    """The job whose turn it is."""
+
+    queue: _JobQueue
+    directory: Path
+    deadline: asyncio.Timeout
+
+    async def run(self, job, *args):
+        """Run a blocking job function in a thread (no upload deadline now); its failure is a 422 with its words."""
+        self.deadline.reschedule(None)
+        self.queue.started += 1
+        try:
+            return await asyncio.to_thread(job, *args)
+        except DeviceJobFailed as error:
+            self.queue.failed += 1
+            raise HTTPException(422, detail=str(error)) from None
+
+
+def _apply_profile(job, settings: AgentSettings):
+    """An emulated profile's CPUs and threads replace whatever the job asked for."""
+    update = {key: value for key, value in (("cpus", settings.cpus), ("threads", settings.threads))
+              if value is not None}
+    return job.model_copy(update=update) if update else job
 
 
 def _bearer_check(token: str | None):
@@ -130,9 +220,9 @@ def _bearer_check(token: str | None):
 
 @dataclass
 class _Upload:
-    path: Path
-    sha256: str
-    bytes: int
+    paths: dict[str, Path]  # file part name -> where it was written
+    sha256: dict[str, str]
+    bytes: dict[str, int]
     fields: dict[str, str]
 
 
@@ -144,46 +234,59 @@ class _BadForm(Exception):
     pass
 
 
-async def _receive_upload(request: Request, job_dir: Path, max_upload_mb: int) -> _Upload:
-    """Stream a multipart form into `job_dir`: the `artifact` part to a file (hashed as it arrives), the rest to memory."""
-    limit = max_upload_mb << 20
-    too_large = HTTPException(413, detail=f"the artifact is larger than this agent accepts ({max_upload_mb} MB); "
-                                          "restart the agent with a larger --max-upload-mb")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit + _FORM_SLACK:
-        raise too_large
+def _too_large(max_upload_mb: int) -> HTTPException:
+    return HTTPException(413, detail=f"the upload is larger than this agent accepts ({max_upload_mb} MB); "
+                                     "restart the agent with a larger --max-upload-mb")
 
+
+def _check_headers(request: Request, max_upload_mb: int) -> None:
+    """What the headers alone settle: a declared size over the limit (413), a body that is not a form (415)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > (max_upload_mb << 20) + _FORM_SLACK:
+        raise _too_large(max_upload_mb)
     content_type, options = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data" or not options.get(b"boundary"):
         raise HTTPException(415, detail="send the job as multipart/form-data with the file 'artifact' "
                                         "and the fields 'sha256', 'target' and 'request'")
-    path = job_dir / "artifact"  # never a client-supplied name
+
+
+async def _receive_upload(request: Request, job_dir: Path, settings: AgentSettings,
+                          files: tuple[str, ...]) -> _Upload:
+    """Stream a multipart form into `job_dir`: the parts named in `files` to files (hashed as they arrive),
+    the rest to memory. Files are named after the part (`artifact`, `batch`), never by the client."""
+    limit = settings.max_upload_mb << 20
+    _, options = parse_options_header(request.headers.get("content-type"))
     received = 0
-    with open(path, "wb") as artifact:
-        form = _FormReader(options[b"boundary"], artifact, limit)
-        try:
-            async for chunk in request.stream():
-                received += len(chunk)
-                if received > limit + _FORM_SLACK:  # Content-Length can be absent (chunked) or wrong
-                    raise _UploadTooLarge
-                form.feed(chunk)
-            form.finish()
-        except _UploadTooLarge:
-            raise too_large from None
-        except _BadForm as error:
-            raise HTTPException(422, detail=f"the job form is malformed: {error}") from None
-    return _Upload(path=path, sha256=form.digest.hexdigest(), bytes=form.artifact_bytes, fields=form.fields)
+    form = _FormReader(options[b"boundary"], {name: job_dir / name for name in files}, limit)
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit + _FORM_SLACK:  # Content-Length can be absent (chunked) or wrong
+                raise _UploadTooLarge
+            form.feed(chunk)
+        form.finish()
+    except ClientDisconnect:
+        raise HTTPException(400, detail="the client went away before its upload was complete") from None
+    except _UploadTooLarge:
+        raise _too_large(settings.max_upload_mb) from None
+    except _BadForm as error:
+        raise HTTPException(422, detail=f"the job form is malformed: {error}") from None
+    finally:
+        form.close()
+    return _Upload(paths=form.paths, sha256={n: d.hexdigest() for n, d in form.digests.items()},
+                   bytes=form.sizes, fields=form.fields)
 
 
 class _FormReader:
     """Feeds a multipart/form-data body through python-multipart's streaming parser."""
 
-    def __init__(self, boundary: bytes, artifact: BinaryIO, limit: int):
+    def __init__(self, boundary: bytes, paths: dict[str, Path], limit: int):
         self.fields: dict[str, str] = {}
-        self.digest = hashlib.sha256()
-        self.artifact_bytes = 0
-        self._artifact, self._limit = artifact, limit
-        self._seen_artifact = False
+        self.paths = paths
+        self.digests = {name: hashlib.sha256() for name in paths}
+        self.sizes = {name: 0 for name in paths}
+        self._files: dict[str, BinaryIO] = {}
+        self._limit = limit
         self._header_name, self._header_value = bytearray(), bytearray()
         self._headers: dict[bytes, bytes] = {}
         self._part: str | None = None
@@ -209,8 +312,13 @@ class _FormReader:
             self._parser.finalize()
         except MultipartParseError as error:
             raise _BadForm(str(error)) from None
-        if not self._seen_artifact:
-            raise _BadForm("it has no file part named 'artifact'")
+        missing = [name for name in self.paths if name not in self._files]
+        if missing:
+            raise _BadForm(f"it has no file part named {' or '.join(repr(m) for m in missing)}")
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
 
     def _part_begin(self) -> None:
         self._headers, self._part, self._value = {}, None, bytearray()
@@ -225,54 +333,62 @@ class _FormReader:
         name = options.get(b"name", b"").decode(errors="replace")
         if not name:
             raise _BadForm("a part has no name in its Content-Disposition header")
-        if name in self.fields or (name == "artifact" and self._seen_artifact):
+        if name in self.fields or name in self._files:
             raise _BadForm(f"the field '{name}' is sent twice")
         self._part = name
-        self._seen_artifact |= name == "artifact"
+        if name in self.paths:
+            self._files[name] = open(self.paths[name], "xb")
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._part == "artifact":
-            self.artifact_bytes += end - start
-            if self.artifact_bytes > self._limit:
+        if self._part in self._files:
+            self.sizes[self._part] += end - start
+            if sum(self.sizes.values()) > self._limit:
                 raise _UploadTooLarge
-            self._artifact.write(data[start:end])
-            self.digest.update(data[start:end])
+            self._files[self._part].write(data[start:end])
+            self.digests[self._part].update(data[start:end])
         else:
             self._value.extend(data[start:end])
             if len(self._value) > _FIELD_LIMIT:
                 raise _BadForm(f"the field '{self._part}' is longer than {_FIELD_LIMIT} bytes")
 
     def _part_end(self) -> None:
-        if self._part and self._part != "artifact":
+        if self._part in self._files:
+            self._files[self._part].flush()
+        elif self._part:
             self.fields[self._part] = self._value.decode(errors="replace")
 
 
-def _check_upload(upload: _Upload) -> BenchmarkRequest:
+def _check_upload(upload: _Upload, kind: type[BenchmarkRequest] | type[EvaluationRequest]):
     """Validate the form's fields against the upload; nothing runs unless all of it holds."""
-    missing = [name for name in ("sha256", "target", "request") if name not in upload.fields]
+    hashes = {"artifact": "sha256", "batch": "batch_sha256"}
+    required = ["target", "request", *(hashes[name] for name in upload.paths)]
+    missing = [name for name in required if name not in upload.fields]
     if missing:
         raise HTTPException(422, detail=f"the job form lacks the field(s) {missing}")
     try:
-        job = BenchmarkRequest.model_validate_json(upload.fields["request"])
+        job = kind.model_validate_json(upload.fields["request"])
     except ValidationError as error:
-        raise HTTPException(422, detail=f"the field 'request' is not a valid BenchmarkRequest: {error}") from None
+        raise HTTPException(422, detail=f"the field 'request' is not a valid {kind.__name__}: {error}") from None
     installed = available_runtimes()
     if job.runtime not in installed:
         raise HTTPException(400, detail=f"runtime '{job.runtime}' is not available on this device; "
                                         f"it has {sorted(installed) or 'none'}: pick a device that serves this target")
-    expected = upload.fields["sha256"].strip().lower()
-    if expected != upload.sha256:
-        raise HTTPException(400, detail=f"sha256 mismatch: expected {expected} (the 'sha256' field), got "
-                                        f"{upload.sha256} from the {upload.bytes} bytes received; "
-                                        "the upload was cut or the wrong file was sent; send it again")
+    for name in upload.paths:
+        expected = upload.fields[hashes[name]].strip().lower()
+        if expected != upload.sha256[name]:
+            raise HTTPException(400, detail=f"sha256 mismatch for '{name}': expected {expected} (the "
+                                            f"'{hashes[name]}' field), got {upload.sha256[name]} from the "
+                                            f"{upload.bytes[name]} bytes received; the upload was cut or the "
+                                            "wrong file was sent; send it again")
     return job
 
 
 # --- /info ------------------------------------------------------------------------------------------
 
 
-def describe_device(settings: AgentSettings) -> DeviceInfo:
+def describe_device(settings: AgentSettings, sensors: list[Sensor] | None = None) -> DeviceInfo:
     """What this machine is, as `GET /info` reports it."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else settings.cpus
     return DeviceInfo(
         name=settings.name,
         hostname=socket.gethostname(),
@@ -287,6 +403,10 @@ def describe_device(settings: AgentSettings) -> DeviceInfo:
         agent_version=_agent_version(),
         max_upload_mb=settings.max_upload_mb,
         emulated=settings.emulated,
+        cpus=settings.cpus or cpus,
+        threads=settings.threads,
+        sensors=[sensor.info() for sensor in sensors or []],
+        tls=settings.tls,
     )
 
 

@@ -2,7 +2,11 @@
 
     edgeship-device agent --name pi4                     # serve benchmark jobs on 127.0.0.1:8765
     EDGESHIP_AGENT_TOKEN=... edgeship-device agent --host 0.0.0.0 --name pi4   # on the network: token required
+    edgeship-device agent --name pi4 --tls-cert cert.pem --tls-key key.pem   # HTTPS
+    edgeship-device agent --name emu --emulated --cpus 0 --threads 1   # a host-emulated one-core device
     edgeship-device benchmark model.onnx --iterations 200   # measure a model here, print JSON
+    edgeship-device benchmark model.onnx --duration-s 120   # a sustained run: thermal drift, sensors
+    edgeship-device sensors                              # which temperature/clock/throttle/power sensors exist
     edgeship-device update ...                           # the OTA updater (edgeship.device.updater)
 
 Also runnable as `python -m edgeship.device.cli`.
@@ -59,6 +63,20 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help="where per-job directories go (default: the system temporary directory)")
     agent.add_argument("--emulated", action="store_true",
                        help="this agent stands in for the device (QEMU, a container): results say so")
+    agent.add_argument("--cpus", type=_cpu_list, default=None, metavar="LIST",
+                       help="pin the agent and every job to these CPUs, e.g. 0 or 0,2-3 (an emulated profile)")
+    agent.add_argument("--threads", type=int, default=None,
+                       help="every job uses this many runtime threads, whatever it asks (an emulated profile)")
+    agent.add_argument("--tls-cert", type=Path, default=None, help="serve HTTPS with this certificate (PEM)")
+    agent.add_argument("--tls-key", type=Path, default=None, help="the certificate's private key (PEM)")
+    agent.add_argument("--upload-timeout-s", type=float, default=300,
+                       help="a job's upload must arrive within this once its turn comes (default: 300)")
+    agent.add_argument("--power-meter-cmd", default=None, metavar="COMMAND",
+                       help="an external power meter: a command that prints the device's power in watts")
+    agent.add_argument("--no-sensors", action="store_true", help="do not sample sensors during jobs")
+    agent.add_argument("--no-fork-server", action="store_true",
+                       help="start a fresh Python for every job instead of forking a warm helper (Linux)")
+    agent.add_argument("--sysfs-root", type=Path, default=Path("/"), help=argparse.SUPPRESS)  # tests: a fake /sys
     agent.set_defaults(run=_run_agent)
 
     bench = commands.add_parser("benchmark", help="measure a model on this machine and print JSON",
@@ -68,8 +86,21 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     bench.add_argument("--warmup", type=int, default=20)
     bench.add_argument("--iterations", type=int, default=200)
     bench.add_argument("--threads", type=int, default=1, help="0: the runtime's default")
+    bench.add_argument("--cpus", type=_cpu_list, default=None, metavar="LIST", help="CPU affinity, e.g. 0,1")
+    bench.add_argument("--warmup-until-stable", action="store_true",
+                       help="after --warmup runs, go on until the median latency stops moving")
+    bench.add_argument("--duration-s", type=float, default=None,
+                       help="sustained mode: time every run for this long instead of --iterations")
+    bench.add_argument("--sensor-interval-s", type=float, default=1.0)
+    bench.add_argument("--no-sensors", action="store_true")
     bench.add_argument("--timeout-s", type=float, default=600)
     bench.set_defaults(run=_run_benchmark)
+
+    sensors = commands.add_parser("sensors", help="list the sensors this device exposes, as JSON",
+                                  description="Probe every sensor plug-in and print what it found.")
+    sensors.add_argument("--power-meter-cmd", default=None, metavar="COMMAND")
+    sensors.add_argument("--sysfs-root", type=Path, default=Path("/"), help=argparse.SUPPRESS)
+    sensors.set_defaults(run=_run_sensors)
 
     # Its arguments and action come from edgeship.device.updater, wired by main() when asked for.
     update = commands.add_parser("update", help="check for, verify and install a new model (OTA)")
@@ -86,6 +117,26 @@ def _wire_updater(update_parser: argparse.ArgumentParser) -> bool:
     updater.add_update_arguments(update_parser)
     update_parser.set_defaults(run=updater.run_update)
     return True
+
+
+def _cpu_list(text: str) -> list[int]:
+    """"0,2-3" -> [0, 2, 3]."""
+    cpus: set[int] = set()
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            low, _, high = part.partition("-")
+            cpus.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a CPU list such as 0 or 0,2-3") from None
+    if not cpus or min(cpus) < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a CPU list such as 0 or 0,2-3")
+    return sorted(cpus)
+
+
+def _meter_command(text: str | None) -> list[str] | None:
+    import shlex
+
+    return shlex.split(text) if text else None
 
 
 def _is_loopback(host: str) -> bool:
@@ -106,14 +157,33 @@ def _run_agent(args: argparse.Namespace) -> int:
         return 2
     if token is None:
         print(f"edgeship-device: no token in ${args.token_env}; any local user can run jobs", file=sys.stderr)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("edgeship-device: give both --tls-cert and --tls-key, or neither", file=sys.stderr)
+        return 2
+    if args.cpus:
+        if not hasattr(os, "sched_setaffinity"):
+            print(f"edgeship-device: --cpus needs CPU affinity, which {sys.platform} does not offer", file=sys.stderr)
+            return 2
+        try:
+            os.sched_setaffinity(0, args.cpus)  # the agent too, so its own work stays off other CPUs
+        except OSError as error:
+            print(f"edgeship-device: cannot pin to CPUs {args.cpus}: {error}", file=sys.stderr)
+            return 2
 
     import uvicorn  # here, not at the top: `update` and `benchmark` need no web server
 
     from edgeship.device.agent import AgentSettings, create_app
 
     settings = AgentSettings(name=args.name, token=token, max_upload_mb=args.max_upload_mb,
-                             job_timeout_s=args.job_timeout_s, work_dir=args.work_dir, emulated=args.emulated)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+                             job_timeout_s=args.job_timeout_s, work_dir=args.work_dir, emulated=args.emulated,
+                             cpus=args.cpus, threads=args.threads, upload_timeout_s=args.upload_timeout_s,
+                             sensors=not args.no_sensors, sysfs_root=args.sysfs_root,
+                             power_meter_command=_meter_command(args.power_meter_cmd),
+                             tls=args.tls_cert is not None, fork_server=not args.no_fork_server)
+    tls = {"ssl_certfile": str(args.tls_cert), "ssl_keyfile": str(args.tls_key)} if args.tls_cert else {}
+    # On SIGTERM, requests still running after 3 s are cancelled, so the app's shutdown can end their jobs.
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info",
+                timeout_graceful_shutdown=3, **tls)
     return 0
 
 
@@ -123,13 +193,26 @@ def _run_benchmark(args: argparse.Namespace) -> int:
     from edgeship.device.benchmark import run_benchmark_job
     from edgeship.records import BenchmarkRequest
 
+    from edgeship.device.sensors import discover_sensors
+
     try:
         request = BenchmarkRequest(runtime=args.runtime, warmup=args.warmup, iterations=args.iterations,
-                                   threads=args.threads)
+                                   threads=args.threads, cpus=args.cpus, warmup_until_stable=args.warmup_until_stable,
+                                   duration_s=args.duration_s, sensors=not args.no_sensors,
+                                   sensor_interval_s=args.sensor_interval_s)
     except ValidationError as error:
         print(f"edgeship-device: {error}", file=sys.stderr)
         return 2
-    print(json.dumps(run_benchmark_job(args.model, args.runtime, request, args.timeout_s), indent=2))
+    sensors = None if args.no_sensors else discover_sensors()
+    print(json.dumps(run_benchmark_job(args.model, args.runtime, request, args.timeout_s, sensors), indent=2))
+    return 0
+
+
+def _run_sensors(args: argparse.Namespace) -> int:
+    from edgeship.device.sensors import discover_sensors
+
+    sensors = discover_sensors(args.sysfs_root, meter_command=_meter_command(args.power_meter_cmd))
+    print(json.dumps([s.info().model_dump() for s in sensors], indent=2))
     return 0
 
 

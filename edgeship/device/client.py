@@ -9,8 +9,11 @@ With no device at hand, `local_agent()` starts a real agent on 127.0.0.1 for as 
     >>> with local_agent(name="local") as agent:
     ...     agent.client().benchmark("build/model.onnx", "onnx-fp32")
 
-An agent that does not answer raises DeviceUnreachable; one that answers with an error raises
-DeviceJobFailed carrying the agent's own explanation.
+An agent that does not answer (or answers something that is not an agent's answer) raises
+DeviceUnreachable; one that answers with an error raises DeviceJobFailed carrying the agent's own
+explanation. Both carry `transient`: whether sending the same job again may succeed (a connection
+that broke, a 5xx, a timeout) or not (a wrong token, a model the runtime refuses); the pipeline
+retries only transient failures.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import contextlib
 import os
 import secrets
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -28,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
 from edgeship.errors import DeviceJobFailed, DeviceUnreachable
 from edgeship.files import sha256_of
-from edgeship.records import BenchmarkRequest, BenchmarkResult, DeviceInfo
+from edgeship.records import BenchmarkRequest, BenchmarkResult, DeviceInfo, EvaluationRequest, EvaluationResult
 
 TOKEN_ENV = "EDGESHIP_AGENT_TOKEN"
 _CONNECT_TIMEOUT_S = 10.0
@@ -39,17 +44,24 @@ _HINTS = {
     401: "give the client the token the agent was started with (the agent's --token-env variable)",
     413: "the artifact is over the agent's --max-upload-mb",
 }
+_TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 
 
 class AgentClient:
     """An HTTP client for one device agent."""
 
-    def __init__(self, url: str, token: str | None = None, timeout_s: float = 600.0):
-        """`timeout_s` bounds each request, a whole benchmark job included; connecting gets at most 10 s."""
+    def __init__(self, url: str, token: str | None = None, timeout_s: float = 600.0,
+                 ca_file: str | Path | None = None):
+        """`timeout_s` bounds each request, a whole benchmark job included; connecting gets at most 10 s.
+
+        `ca_file`: the CA certificate that signed an https agent's certificate (default: the system's CAs).
+        """
         self.url = url.rstrip("/")
+        self.ca_file = str(ca_file) if ca_file else None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, _CONNECT_TIMEOUT_S))
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        verify = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, verify=verify)
 
     def health(self) -> dict:
         """The agent's /health answer: {"status": "ok", "name", "busy", "jobs_started"}."""
@@ -57,7 +69,7 @@ class AgentClient:
 
     def info(self) -> DeviceInfo:
         """What the device is: CPU, memory, runtimes and their versions."""
-        return DeviceInfo.model_validate(self._call("GET", "/info").json())
+        return _parse(DeviceInfo, self._call("GET", "/info"), self.url)
 
     def benchmark(self, path: str | Path, target: str, request: BenchmarkRequest | None = None,
                   runtime: str | None = None) -> BenchmarkResult:
@@ -80,7 +92,26 @@ class AgentClient:
         with open(path, "rb") as artifact:
             answer = self._call("POST", "/jobs/benchmark", data=fields,
                                 files={"artifact": ("artifact", artifact, "application/octet-stream")})
-        return BenchmarkResult.model_validate(answer.json())
+        return _parse(BenchmarkResult, answer, self.url)
+
+    def evaluate(self, path: str | Path, target: str, batch: str | Path, request: EvaluationRequest | None = None,
+                 runtime: str | None = None) -> EvaluationResult:
+        """Send an artifact and a validation batch (.npz of x and y); return the device's predictions.
+
+        Raises:
+            DeviceUnreachable: the agent did not answer, or the connection broke during the job.
+            DeviceJobFailed: the agent refused the job, or the runtime failed on the model or the batch.
+        """
+        request = request or EvaluationRequest()
+        if runtime is not None:
+            request = request.model_copy(update={"runtime": runtime})
+        fields = {"sha256": sha256_of(path), "batch_sha256": sha256_of(batch), "target": target,
+                  "request": request.model_dump_json()}
+        with open(path, "rb") as artifact, open(batch, "rb") as samples:
+            answer = self._call("POST", "/jobs/evaluate", data=fields,
+                                files={"artifact": ("artifact", artifact, "application/octet-stream"),
+                                       "batch": ("batch.npz", samples, "application/octet-stream")})
+        return _parse(EvaluationResult, answer, self.url)
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -96,19 +127,39 @@ class AgentClient:
         try:
             answer = self._http.request(method, endpoint, **kwargs)
         except httpx.TimeoutException as error:
-            raise DeviceUnreachable(
+            raise _mark(DeviceUnreachable(
                 f"device agent at {self.url} did not answer {method} {endpoint} in time ({type(error).__name__}); "
-                "check that the device is on and not overloaded, or raise the client's timeout") from None
+                "check that the device is on and not overloaded, or raise the client's timeout"),
+                transient=True, timed_out=True) from None
         except httpx.TransportError as error:
-            raise DeviceUnreachable(
+            raise _mark(DeviceUnreachable(
                 f"cannot reach the device agent at {self.url} ({error or type(error).__name__}); check that "
-                "`edgeship-device agent` runs there, the host and port in the device inventory, and the network"
-            ) from None
+                "`edgeship-device agent` runs there, the host and port in the device inventory, and the network"),
+                transient=True) from None
         if answer.is_error:
             hint = _HINTS.get(answer.status_code, "")
-            raise DeviceJobFailed(f"device agent at {self.url} answered {method} {endpoint} with "
-                                  f"{answer.status_code}: {_detail(answer)}" + (f" ({hint})" if hint else ""))
+            raise _mark(DeviceJobFailed(f"device agent at {self.url} answered {method} {endpoint} with "
+                                        f"{answer.status_code}: {_detail(answer)}" + (f" ({hint})" if hint else "")),
+                        transient=answer.status_code in _TRANSIENT_STATUS, status_code=answer.status_code)
         return answer
+
+
+def _mark(error: Exception, transient: bool, timed_out: bool = False, status_code: int | None = None):
+    """Tag an error with what the pipeline needs to decide on a retry."""
+    error.transient, error.timed_out, error.status_code = transient, timed_out, status_code
+    return error
+
+
+def _parse(record: type[BaseModel], answer: httpx.Response, url: str):
+    """The answer as `record`; an answer that is not one is a device misbehaving, not a result."""
+    try:
+        return record.model_validate_json(answer.content)
+    except ValidationError as error:
+        raise _mark(DeviceUnreachable(
+            f"the service at {url} answered {answer.request.method} {answer.request.url.path} with something "
+            f"that is not a {record.__name__} ({error.error_count()} problem(s), starting "
+            f"{answer.content[:80]!r}); is an edgeship agent of a matching version listening there?"),
+            transient=True) from None
 
 
 def _detail(answer: httpx.Response) -> str:
@@ -125,31 +176,61 @@ def _detail(answer: httpx.Response) -> str:
 
 @dataclass(frozen=True)
 class LocalAgent:
-    """A running agent on loopback, started by `local_agent`."""
+    """A running agent on loopback, started by `local_agent` or `local_agents`."""
 
     url: str
     token: str
     name: str
     process: subprocess.Popen
+    ca_file: str | None = None  # for an https agent: the certificate clients should trust
 
     def client(self, timeout_s: float = 600.0) -> AgentClient:
         """A client for this agent, holding its token."""
-        return AgentClient(self.url, self.token, timeout_s=timeout_s)
+        return AgentClient(self.url, self.token, timeout_s=timeout_s, ca_file=self.ca_file)
 
 
 @contextlib.contextmanager
 def local_agent(name: str = "local", token: str | None = None, port: int | None = None, *,
                 max_upload_mb: int = 512, job_timeout_s: float = 600, work_dir: str | Path | None = None,
-                startup_timeout_s: float = 30) -> Iterator[LocalAgent]:
+                startup_timeout_s: float = 30, emulated: bool = False, cpus: list[int] | None = None,
+                threads: int | None = None, tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
+                sysfs_root: str | Path | None = None, upload_timeout_s: float | None = None) -> Iterator[LocalAgent]:
     """Start `edgeship-device agent` on 127.0.0.1 in a subprocess; stop it when the `with` ends.
 
     The token (random unless given) reaches the agent through the EDGESHIP_AGENT_TOKEN variable,
-    never the command line, so other users cannot read it from the process list.
+    never the command line, so other users cannot read it from the process list. `emulated`,
+    `cpus` and `threads` make it a host-emulated device profile; `tls_cert`/`tls_key` serve HTTPS
+    (the certificate must name 127.0.0.1; clients trust it as their CA).
 
     Raises:
         DeviceUnreachable: the agent exited or did not answer /health within `startup_timeout_s`
             (the message carries its stderr).
     """
+    options = dict(locals())  # exactly this function's keyword arguments
+    with local_agents([options]) as agents:
+        yield agents[0]
+
+
+@contextlib.contextmanager
+def local_agents(specs: list[dict]) -> Iterator[list[LocalAgent]]:
+    """Start several loopback agents at once (each spec: `local_agent`'s keyword arguments); stop them all after."""
+    with contextlib.ExitStack() as stack:
+        started = []
+        for spec in specs:
+            log = stack.enter_context(tempfile.TemporaryFile())
+            agent = _spawn(log=log, **spec)
+            stack.callback(_stop, agent.process)
+            started.append((agent, log, spec.get("startup_timeout_s", 30)))
+        for agent, log, timeout_s in started:
+            _wait_until_healthy(agent, log, timeout_s)
+        yield [agent for agent, _, _ in started]
+
+
+def _spawn(name: str = "local", token: str | None = None, port: int | None = None, *, log,
+           max_upload_mb: int = 512, job_timeout_s: float = 600, work_dir: str | Path | None = None,
+           startup_timeout_s: float = 30, emulated: bool = False, cpus: list[int] | None = None,
+           threads: int | None = None, tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
+           sysfs_root: str | Path | None = None, upload_timeout_s: float | None = None) -> LocalAgent:
     token = token or secrets.token_urlsafe(32)
     port = port or _free_port()
     command = [sys.executable, "-m", "edgeship.device.cli", "agent", "--host", "127.0.0.1", "--port", str(port),
@@ -157,16 +238,24 @@ def local_agent(name: str = "local", token: str | None = None, port: int | None 
                "--job-timeout-s", str(job_timeout_s)]
     if work_dir is not None:
         command += ["--work-dir", str(work_dir)]
+    if emulated:
+        command += ["--emulated"]
+    if cpus:
+        command += ["--cpus", ",".join(map(str, cpus))]
+    if threads:
+        command += ["--threads", str(threads)]
+    if tls_cert is not None:
+        command += ["--tls-cert", str(tls_cert), "--tls-key", str(tls_key)]
+    if sysfs_root is not None:
+        command += ["--sysfs-root", str(sysfs_root)]
+    if upload_timeout_s is not None:
+        command += ["--upload-timeout-s", str(upload_timeout_s)]
     env = {**os.environ, TOKEN_ENV: token}
     # A file, not a pipe: nobody reads the agent's log while it runs, and a full pipe would block it.
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            agent = LocalAgent(url=f"http://127.0.0.1:{port}", token=token, name=name, process=process)
-            _wait_until_healthy(agent, log, startup_timeout_s)
-            yield agent
-        finally:
-            _stop(process)
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+    scheme = "https" if tls_cert is not None else "http"
+    return LocalAgent(url=f"{scheme}://127.0.0.1:{port}", token=token, name=name, process=process,
+                      ca_file=str(tls_cert) if tls_cert is not None else None)
 
 
 def _free_port() -> int:
@@ -177,12 +266,13 @@ def _free_port() -> int:
 
 def _wait_until_healthy(agent: LocalAgent, log, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
+    verify = ssl.create_default_context(cafile=agent.ca_file) if agent.ca_file else True
     while time.monotonic() < deadline:
         if agent.process.poll() is not None:
             raise DeviceUnreachable(f"the local agent exited with status {agent.process.returncode} while "
                                     f"starting:\n{_read_log(log)}")
         try:
-            if httpx.get(f"{agent.url}/health", timeout=1.0).status_code == 200:
+            if httpx.get(f"{agent.url}/health", timeout=1.0, verify=verify).status_code == 200:
                 return
         except httpx.TransportError:
             pass

@@ -155,7 +155,7 @@ def log_benchmark(run: ReleaseRun, result: BenchmarkResult) -> None:
 
     Figures: the latency histogram, and latency per window over the run with the device's sensors.
     """
-    from edgeship.tasks.benchmark import latency_histogram_figure, timeline_figure
+    from edgeship.tasks.benchmark import FIGURE_LOCK, latency_histogram_figure, timeline_figure
 
     base = f"benchmarks/{result.target}/{result.device}"
     if result.status == "ok" and result.latency_ms:
@@ -174,9 +174,10 @@ def log_benchmark(run: ReleaseRun, result: BenchmarkResult) -> None:
             f"{prefix}/throttled": float(sensors.throttled) if sensors and sensors.throttled is not None else None,
         })
         for name, draw in (("latency_histogram", latency_histogram_figure), ("timeline", timeline_figure)):
-            figure = draw(result)
-            if figure is not None:
-                run.log_figure(figure, f"{base}/{name}.png")
+            with FIGURE_LOCK:
+                figure = draw(result)
+                if figure is not None:
+                    run.log_figure(figure, f"{base}/{name}.png")
     run.log_json(result.model_dump(mode="json"), f"{base}.json")
 
 
