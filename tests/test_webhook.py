@@ -107,7 +107,7 @@ def test_mlflow_alias_delivery_triggers_publication(mlflow_server, receiver):
 
     url, promoted = receiver
     register_webhook(mlflow_server, url, SECRET)
-    client = MlflowClient(tracking_uri=mlflow_server)
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     client.create_registered_model("digits-classifier")
     run = client.create_run(client.create_experiment("webhook-test"))
     version = client.create_model_version("digits-classifier", source=f"runs:/{run.info.run_id}/model",

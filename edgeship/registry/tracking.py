@@ -48,8 +48,7 @@ def use_tracking(settings: RegistryParams, workdir: Path) -> str:
     import mlflow
 
     uri = tracking_uri_for(settings, workdir)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    mlflow.set_tracking_uri(uri)  # the registry follows the tracking URI unless MLFLOW_REGISTRY_URI says otherwise
     return uri
 
 

@@ -138,7 +138,7 @@ def register_webhook(tracking_uri: str, url: str, secret: str, name: str = "edge
     """Create the MLflow webhook that calls this receiver on alias creation; return its id."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     webhook = client.create_webhook(name=name, url=url, events=["model_version_alias.created"], secret=secret,
                                     description="edgeship: publish the release when its production alias is set")
     return webhook.webhook_id
