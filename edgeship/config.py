@@ -179,6 +179,30 @@ class BenchmarkParams(Section):
     retries: int = Field(default=2, ge=0, description="retries of a job after a transient failure")
     retry_backoff_s: float = Field(default=2.0, ge=0, description="first retry delay; doubles each retry")
     probe_timeout_s: float = Field(default=10, gt=0, description="GET /info of each device before sending work")
+    runtime_options: dict[str, dict[str, bool | int | float | str]] = Field(
+        default_factory=dict, description="per runtime, its adapter's options on every device, e.g. "
+                                          "litert: {xnnpack: false}; coreml: {compute_units: CPU_AND_NE}")
+    tensorrt_build: dict[str, bool | int | str] = Field(
+        default_factory=dict, description="how devices build TensorRT engines: workspace_mb, optimization_level, "
+                                          "sparse_weights, timing_cache (the precision is the target's)")
+
+    @field_validator("runtime_options")
+    @classmethod
+    def _options_the_adapters_take(cls, value: dict[str, dict]) -> dict[str, dict]:
+        from edgeship.device.runtimes import check_runtime_options
+
+        return {runtime: check_runtime_options(runtime, options) for runtime, options in value.items()}
+
+    @field_validator("tensorrt_build")
+    @classmethod
+    def _build_options(cls, value: dict) -> dict:
+        from edgeship.records import TensorRTBuildOptions
+
+        if "precision" in value:
+            raise ValueError("the precision of a TensorRT engine is its target's (tensorrt-fp16, tensorrt-int8); "
+                             "remove it here")
+        TensorRTBuildOptions(**value)  # unknown keys and bad values fail here, by name
+        return value
 
 
 class EmulationProfile(Section):

@@ -247,6 +247,41 @@ class SensorReport(Record):
     problems: list[str] = Field(default_factory=list)  # sensors that failed while sampling (and were dropped)
 
 
+RuntimeOption = bool | int | float | str  # one value of a runtime adapter's keyword option
+
+
+class TensorRTBuildOptions(Record):
+    """How a device builds a TensorRT engine from an ONNX file (the `options` of `POST /jobs/tensorrt-build`)."""
+
+    precision: Literal["fp16", "int8", "fp32"] = "fp16"  # int8: explicit, from the ONNX's Q/DQ nodes (FP16 too)
+    workspace_mb: int = Field(default=1024, ge=16, le=1 << 20)  # the builder's scratch memory limit
+    optimization_level: int | None = Field(default=None, ge=0, le=5)  # TensorRT's builder level; None: its default (3)
+    sparse_weights: bool = False  # let the builder pick 2:4 structured-sparse kernels (Ampere and later)
+    timing_cache: bool = True  # reuse and extend this device's kernel timing cache
+
+
+class TensorRTBuild(Record):
+    """An engine a device built (or had built before) from an ONNX file: what `POST /jobs/tensorrt-build` answers.
+
+    The engine stays in the agent's engine cache: a benchmark or evaluate job names it by
+    `engine_sha256`, and `GET /engines/{engine_sha256}` returns its bytes to store as an artifact.
+    """
+
+    target: str
+    device: str
+    onnx_sha256: str  # the ONNX it was built from
+    engine_sha256: str
+    engine_bytes: int
+    precision: str
+    tensorrt_version: str
+    gpu: str  # the GPU (nvidia-smi) or Jetson model it was built on and is tied to
+    build_s: float  # the builder's time (of the original build, for a cached engine)
+    options: TensorRTBuildOptions
+    cached: bool = False  # found in the agent's engine cache, not built by this request
+    log_tail: list[str] = Field(default_factory=list)  # the builder's last log lines ("[W] ...")
+    emulated: bool = False
+
+
 class BenchmarkRequest(Record):
     """What a benchmark job asks a device to do."""
 
@@ -263,6 +298,9 @@ class BenchmarkRequest(Record):
     sensors: bool = True  # sample the device's sensors during the job
     sensor_interval_s: float = Field(default=1.0, ge=0.05, le=60)
     histogram_bins: int = Field(default=40, ge=1, le=1000)
+    # Keyword options of the runtime's adapter (litert: xnnpack; coreml: compute_units); the agent
+    # refuses one the adapter does not take (edgeship.device.runtimes.RUNTIME_OPTIONS).
+    runtime_options: dict[str, RuntimeOption] = Field(default_factory=dict)
 
 
 class EvaluationRequest(Record):
@@ -272,6 +310,7 @@ class EvaluationRequest(Record):
     threads: int = Field(default=0, ge=0)
     cpus: list[int] | None = None
     batch_size: int = Field(default=64, ge=1)
+    runtime_options: dict[str, RuntimeOption] = Field(default_factory=dict)  # as BenchmarkRequest's
 
 
 class EvaluationResult(Record):
@@ -324,6 +363,10 @@ class BenchmarkResult(Record):
     attempts: int = 1  # requests it took, retries included
     substitute_for: str | None = None  # measured here in place of this lost device (same tags)
     notes: list[str] = Field(default_factory=list)  # what a reader should know (warm-up not stable, ...)
+    runtime_options: dict[str, RuntimeOption] = Field(default_factory=dict)  # the adapter's options in effect
+    engine_sha256: str | None = None  # tensorrt: the engine the device built from `sha256` (the ONNX) and measured
+    build: TensorRTBuild | None = None  # tensorrt: the device's build record (flags, versions, log tail)
+    engine_path: str | None = None  # tensorrt: where the pipeline stored the engine it fetched from the device
 
 
 GateComparator = Literal["<=", ">="]

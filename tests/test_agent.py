@@ -28,7 +28,7 @@ import pytest
 from edgeship.device.benchmark import run_benchmark_job
 from edgeship.device.cli import main as device_cli
 from edgeship.device.client import AgentClient, local_agent
-from edgeship.device.runtimes import open_session, predict_classes
+from edgeship.device.runtimes import available_runtimes, open_session, predict_classes
 from edgeship.errors import DeviceJobFailed, DeviceUnreachable
 from edgeship.files import sha256_of
 from edgeship.records import BenchmarkRequest, DeviceInfo, EvaluationRequest
@@ -482,3 +482,86 @@ def test_fork_server_runs_jobs_and_recovers_when_its_helper_dies(tiny_model):
     for result in (first, second, third):
         assert result["iterations"] == 37 and result["peak_rss_mb"] > result["load_rss_delta_mb"] > 0
     assert benchmark._fork_server is None
+
+
+# --- runtime options ---------------------------------------------------------------------------------
+
+
+def _tiny_tflite(path: Path, size: int = 8, classes: int = 10) -> Path:
+    """A one-op LiteRT model ([1, size*size] -> FULLY_CONNECTED -> [1, classes]), written with LiteRT's own
+    flatbuffer schema (no TensorFlow, no converter)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    rng = np.random.default_rng(0)
+    arrays = [None, None, rng.standard_normal((classes, size * size)).astype(np.float32),
+              rng.standard_normal(classes).astype(np.float32), None]
+    model = schema.ModelT()
+    model.version, model.description = 3, "edgeship test"
+    model.buffers = []
+    for array in arrays:
+        buffer = schema.BufferT()
+        buffer.data = None if array is None else list(array.tobytes())
+        model.buffers.append(buffer)
+    graph = schema.SubGraphT()
+    graph.tensors = []
+    for index, (name, shape) in enumerate([("input", [1, size * size]), ("weight", [classes, size * size]),
+                                           ("bias", [classes]), ("logits", [1, classes])], start=1):
+        tensor = schema.TensorT()
+        tensor.name, tensor.shape, tensor.type, tensor.buffer = name, shape, schema.TensorType.FLOAT32, index
+        graph.tensors.append(tensor)
+    graph.inputs, graph.outputs = [0], [3]
+    op = schema.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = 0, [0, 1, 2], [3]
+    op.builtinOptionsType = schema.BuiltinOptions.FullyConnectedOptions
+    op.builtinOptions = schema.FullyConnectedOptionsT()
+    graph.operators = [op]
+    code = schema.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.FULLY_CONNECTED
+    code.version = 1
+    model.operatorCodes, model.subgraphs = [code], [graph]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    path.write_bytes(builder.Output())
+    return path
+
+
+needs_litert = pytest.mark.skipif("litert" not in available_runtimes(),
+                                  reason="LiteRT (the ai-edge-litert package) is not installed here")
+
+
+@needs_litert
+def test_runtime_options_reach_the_adapter_and_come_back(client, tmp_path):
+    model = _tiny_tflite(tmp_path / "tiny.tflite")
+    on, off, default = (client.benchmark(model, "tflite-fp32", QUICK.model_copy(update={
+        "runtime": "litert", "runtime_options": options})) for options in ({"xnnpack": True}, {"xnnpack": False}, {}))
+    assert on.runtime_options == {"xnnpack": True} and off.runtime_options == {"xnnpack": False}
+    assert default.runtime_options == {"xnnpack": True}  # the adapter's default, reported as in effect
+    assert all(r.status == "ok" and r.runtime == "litert" and r.iterations == 37 for r in (on, off, default))
+
+    batch = _batch(tmp_path / "val.npz", x=np.random.default_rng(1).standard_normal((6, 64)).astype(np.float32))
+    without = client.evaluate(model, "tflite-fp32", batch, EvaluationRequest(runtime="litert",
+                                                                            runtime_options={"xnnpack": False}))
+    with np.load(batch) as arrays:
+        expected = predict_classes(open_session("litert", model, xnnpack=False), arrays["x"])
+    assert without.predictions == expected.tolist()
+
+
+@needs_litert
+def test_runtime_options_an_adapter_does_not_take_are_refused_by_name(agent, client, tiny_model, tmp_path):
+    model = _tiny_tflite(tmp_path / "tiny.tflite")
+    before = client.health()["jobs_started"]
+    cases = [(tiny_model, "onnxruntime", {"xnnpack": False}, "runtime 'onnxruntime' takes no option 'xnnpack'; "
+                                                              "it takes: none"),
+             (model, "litert", {"xnnpak": False}, "takes no option 'xnnpak'; it takes: xnnpack (bool)"),
+             (model, "litert", {"xnnpack": 1}, "litert.xnnpack wants a bool, got 1")]
+    for path, runtime, options, message in cases:
+        request = QUICK.model_copy(update={"runtime": runtime, "runtime_options": options})
+        answer = httpx.post(f"{agent.url}/jobs/benchmark", headers=_auth(agent),
+                            **_form(path, sha256_of(path), request))
+        assert answer.status_code == 400 and message in answer.json()["detail"], answer.text
+        assert f"benchmark.runtime_options.{runtime}" in answer.json()["detail"]
+    with pytest.raises(DeviceJobFailed, match="400.*takes no option 'threads'"):
+        client.evaluate(model, "tflite-fp32", _batch(tmp_path / "v.npz"),
+                        EvaluationRequest(runtime="litert", runtime_options={"threads": 2}))
+    assert client.health()["jobs_started"] == before

@@ -360,3 +360,26 @@ def test_inventory_fields_and_what_they_resolve_to():
         parse_params({"devices": [{"name": "x", "url": "http://a:1", "emulate": {"cpus": [0]}}]})
     with pytest.raises(ConfigError, match="cpus"):
         parse_params({"devices": [{"name": "x", "emulate": {"cpus": []}}]})
+
+
+def test_runtime_options_and_build_options_from_params_go_into_each_job():
+    from edgeship.config import parse_params
+    from edgeship.errors import ConfigError
+    from edgeship.tasks.benchmark import benchmark_request, tensorrt_build_options
+
+    params = parse_params({"benchmark": {"runtime_options": {"litert": {"xnnpack": False},
+                                                             "coreml": {"compute_units": "cpu_and_ne"}},
+                                         "tensorrt_build": {"workspace_mb": 256, "optimization_level": 5}}})
+    assert benchmark_request(params.benchmark, "litert").runtime_options == {"xnnpack": False}
+    assert benchmark_request(params.benchmark, "coreml").runtime_options == {"compute_units": "CPU_AND_NE"}
+    assert benchmark_request(params.benchmark, "onnxruntime").runtime_options == {}
+    engine = CompiledArtifact(target="tensorrt-int8", path=Path("m.onnx"), sha256="0" * 64, bytes=1,
+                              precision="int8", runtime="tensorrt", inputs=[], outputs=[])
+    options = tensorrt_build_options(params.benchmark, engine)
+    assert (options.precision, options.workspace_mb, options.optimization_level) == ("int8", 256, 5)
+    for bad, message in [({"runtime_options": {"litert": {"xnnpak": False}}}, "it takes: xnnpack"),
+                         ({"runtime_options": {"onnxruntime": {"threads": 2}}}, "it takes: none"),
+                         ({"tensorrt_build": {"precision": "int8"}}, "its target's"),
+                         ({"tensorrt_build": {"workspace": 1}}, "tensorrt_build.workspace")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_params({"benchmark": bad})

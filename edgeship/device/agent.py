@@ -5,10 +5,17 @@ A pipeline talks to it through `edgeship.device.client.AgentClient`:
 2. `GET /info`: a DeviceInfo record (CPU, memory, runtimes and their versions, sensors).
 3. `POST /jobs/benchmark`: a multipart form with the file `artifact` and the fields `sha256`,
    `target` and `request` (a BenchmarkRequest as JSON). The agent streams the upload into a private
-   directory (size-capped, hashed on the way), checks the hash, then measures the model in a child
-   process (`edgeship.device.benchmark`) while it samples the device's sensors, and answers a BenchmarkResult.
+   directory (size-capped, hashed on the way), checks the hash and the request's `runtime_options`
+   (400 for one the runtime's adapter does not take), then measures the model in a child process
+   (`edgeship.device.benchmark`) while it samples the device's sensors, and answers a BenchmarkResult.
 4. `POST /jobs/evaluate`: the same form plus the file `batch` (an .npz of x and y) and the field
    `batch_sha256`, with `request` an EvaluationRequest; answers an EvaluationResult (the predictions).
+5. `POST /jobs/tensorrt-build`: the file `artifact` (an ONNX file) and the fields `sha256`, `target`
+   and `options` (TensorRTBuildOptions as JSON). The builder runs in a child process; the engine goes
+   to this device's engine cache and the answer is its TensorRTBuild record. 501 with the reason where
+   TensorRT or an NVIDIA GPU is missing (its /info lists no `tensorrt` then).
+   A benchmark or evaluate job then sends the field `engine_sha256` in place of the file `artifact`
+   (with `request.runtime` "tensorrt"), and `GET /engines/{engine_sha256}` returns the engine's bytes.
 
 Jobs queue: one runs at a time, and the next upload is not even read while one is measured, so
 nothing a second client does disturbs the timing. Every endpoint but /health wants
@@ -28,6 +35,7 @@ import hmac
 import importlib.metadata
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -39,20 +47,27 @@ from typing import BinaryIO
 
 import psutil
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
-from edgeship.device.benchmark import (run_benchmark_job, run_evaluation_job, start_fork_server, stop_fork_server,
-                                       stop_running_jobs)
-from edgeship.device.runtimes import available_runtimes
+from edgeship.device.benchmark import (run_benchmark_job, run_evaluation_job, run_tensorrt_build_job,
+                                       start_fork_server, stop_fork_server, stop_running_jobs)
+from edgeship.device.runtimes import RuntimeOptionError, available_runtimes, check_runtime_options, unavailable_reason
 from edgeship.device.sensors import Sensor, discover_sensors
+from edgeship.device.tensorrt_build import EngineCache, cache_root, engine_key, gpu_name
 from edgeship.errors import DeviceJobFailed
-from edgeship.records import BenchmarkRequest, BenchmarkResult, DeviceInfo, EvaluationRequest, EvaluationResult
+from edgeship.files import sha256_of
+from edgeship.records import (BenchmarkRequest, BenchmarkResult, DeviceInfo, EvaluationRequest, EvaluationResult,
+                              TensorRTBuild, TensorRTBuildOptions)
 
 _FIELD_LIMIT = 64 * 1024  # bytes of one non-file form field (sha256, target, request JSON)
 _FORM_SLACK = 1 << 20  # bytes of form framing and fields allowed on top of the artifact
+_BUILD_LOG_TAIL = 60  # builder log lines a build record carries
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_EVICTED = "an engine used least recently is removed once the cache passes the agent's engine_cache_mb"
 
 
 class AgentSettings(BaseModel):
@@ -74,6 +89,8 @@ class AgentSettings(BaseModel):
     power_meter_command: list[str] | None = None  # an external meter: a command printing watts
     tls: bool = False  # served over HTTPS (reported in /info; uvicorn holds the certificate)
     fork_server: bool = True  # start jobs by forking a warm helper (Linux), not by starting Python each time
+    engine_cache_dir: Path | None = None  # built TensorRT engines; None: $EDGESHIP_TRT_CACHE_DIR/engines
+    engine_cache_mb: int = Field(default=4096, ge=1)  # past this, the engines used least recently are removed
 
 
 def create_app(settings: AgentSettings, sensors: list[Sensor] | None = None) -> FastAPI:
@@ -97,6 +114,7 @@ def create_app(settings: AgentSettings, sensors: list[Sensor] | None = None) -> 
             if settings.sensors else []
     jobs = _JobQueue()
     authorized = Depends(_bearer_check(settings.token))
+    engines = EngineCache(settings.engine_cache_dir or cache_root() / "engines", settings.engine_cache_mb << 20)
 
     @app.get("/health")
     async def health() -> dict:
@@ -115,10 +133,11 @@ def create_app(settings: AgentSettings, sensors: list[Sensor] | None = None) -> 
         async with jobs.take(request, settings) as turn:
             upload = await _receive_upload(request, turn.directory, settings, files=("artifact",))
             job = _apply_profile(_check_upload(upload, BenchmarkRequest), settings)
-            measured = await turn.run(run_benchmark_job, upload.paths["artifact"], job.runtime, job,
+            model = await _model_file(upload, job.runtime, engines)
+            measured = await turn.run(run_benchmark_job, model.path, job.runtime, job,
                                       settings.job_timeout_s, sensors)
-            return BenchmarkResult(target=upload.fields["target"], device=settings.name,
-                                   sha256=upload.sha256["artifact"], emulated=settings.emulated, **measured)
+            return BenchmarkResult(target=upload.fields["target"], device=settings.name, sha256=model.sha256,
+                                   engine_sha256=model.engine_sha256, emulated=settings.emulated, **measured)
 
     @app.post("/jobs/evaluate", dependencies=[authorized], response_model=EvaluationResult)
     async def evaluate(request: Request) -> EvaluationResult:
@@ -126,14 +145,64 @@ def create_app(settings: AgentSettings, sensors: list[Sensor] | None = None) -> 
         async with jobs.take(request, settings) as turn:
             upload = await _receive_upload(request, turn.directory, settings, files=("artifact", "batch"))
             job = _apply_profile(_check_upload(upload, EvaluationRequest), settings)
+            model = await _model_file(upload, job.runtime, engines)
             max_batch_bytes = 4 * (settings.max_upload_mb << 20)
-            answer = await turn.run(run_evaluation_job, upload.paths["artifact"], upload.paths["batch"], job,
+            answer = await turn.run(run_evaluation_job, model.path, upload.paths["batch"], job,
                                     settings.job_timeout_s, max_batch_bytes)
-            return EvaluationResult(target=upload.fields["target"], device=settings.name,
-                                    sha256=upload.sha256["artifact"], batch_sha256=upload.sha256["batch"],
-                                    emulated=settings.emulated, **answer)
+            return EvaluationResult(target=upload.fields["target"], device=settings.name, sha256=model.sha256,
+                                    batch_sha256=upload.sha256["batch"], emulated=settings.emulated, **answer)
+
+    @app.post("/jobs/tensorrt-build", dependencies=[authorized], response_model=TensorRTBuild)
+    async def tensorrt_build(request: Request) -> TensorRTBuild:
+        """Receive an ONNX file, check its sha256, and build a TensorRT engine from it (or find the one built before).
+
+        The form is checked first, so a bad one gets its 4xx on any device; then a device without
+        TensorRT or an NVIDIA GPU answers 501 with the reason.
+        """
+        async with jobs.take(request, settings) as turn:
+            upload = await _receive_upload(request, turn.directory, settings, files=("artifact",), optional=())
+            options = _check_build_form(upload)
+            reason = unavailable_reason("tensorrt")
+            if reason is not None:
+                raise HTTPException(501, detail=f"{reason}; this device cannot build TensorRT engines (its /info "
+                                                "lists no 'tensorrt'): send tensorrt targets to a Jetson or GPU agent")
+            onnx_sha256 = upload.sha256["artifact"]
+            # An engine is tied to the ONNX, the options, TensorRT and the GPU: that is its key.
+            key = engine_key(onnx_sha256, options.model_dump(), available_runtimes()["tensorrt"], gpu_name())
+            here = {"target": upload.fields["target"], "device": settings.name, "emulated": settings.emulated}
+            found = engines.find(key)
+            if found is not None:
+                return TensorRTBuild.model_validate({**found, **here, "cached": True})
+            built = await turn.run(run_tensorrt_build_job, upload.paths["artifact"], turn.directory / "model.engine",
+                                   options, settings.job_timeout_s)
+            record = TensorRTBuild(onnx_sha256=onnx_sha256, engine_sha256=built["sha256"],
+                                   engine_bytes=built["bytes"], precision=built["precision"],
+                                   tensorrt_version=built["tensorrt_version"], gpu=built["device"],
+                                   build_s=built["build_s"], options=options, log_tail=built["log"][-_BUILD_LOG_TAIL:],
+                                   **here)
+            # A move across file systems copies: off the event loop, which keeps answering /health.
+            await asyncio.to_thread(engines.put, key, built["engine_path"], record.model_dump(mode="json"))
+            return record
+
+    @app.get("/engines/{engine_sha256}", dependencies=[authorized])
+    async def engine(engine_sha256: str) -> StreamingResponse:
+        """The bytes of an engine this device built (its sha256 names it), for the pipeline to store."""
+        found = engines.get(engine_sha256.lower())
+        if found is None:
+            raise HTTPException(404, detail=f"no engine {engine_sha256} in this agent's engine cache: build it with "
+                                            f"POST /jobs/tensorrt-build ({_EVICTED})")
+        handle = open(found[0], "rb")  # opened now: a later eviction cannot cut the download
+        return StreamingResponse(_chunks(handle), media_type="application/octet-stream",
+                                 headers={"Content-Length": str(os.fstat(handle.fileno()).st_size),
+                                          "X-Engine-Sha256": engine_sha256.lower()})
 
     return app
+
+
+def _chunks(handle: BinaryIO, size: int = 1 << 20):
+    with handle:
+        while chunk := handle.read(size):
+            yield chunk
 
 
 @dataclass
@@ -247,17 +316,20 @@ def _check_headers(request: Request, max_upload_mb: int) -> None:
     content_type, options = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data" or not options.get(b"boundary"):
         raise HTTPException(415, detail="send the job as multipart/form-data with the file 'artifact' "
-                                        "and the fields 'sha256', 'target' and 'request'")
+                                        "and the fields 'sha256', 'target' and 'request' (or 'options')")
 
 
 async def _receive_upload(request: Request, job_dir: Path, settings: AgentSettings,
-                          files: tuple[str, ...]) -> _Upload:
+                          files: tuple[str, ...], optional: tuple[str, ...] = ("artifact",)) -> _Upload:
     """Stream a multipart form into `job_dir`: the parts named in `files` to files (hashed as they arrive),
-    the rest to memory. Files are named after the part (`artifact`, `batch`), never by the client."""
+    the rest to memory. Files are named after the part (`artifact`, `batch`), never by the client.
+
+    A part in `optional` may be missing (an `artifact` a job names by `engine_sha256` instead).
+    """
     limit = settings.max_upload_mb << 20
     _, options = parse_options_header(request.headers.get("content-type"))
     received = 0
-    form = _FormReader(options[b"boundary"], {name: job_dir / name for name in files}, limit)
+    form = _FormReader(options[b"boundary"], {name: job_dir / name for name in files}, limit, optional)
     try:
         async for chunk in request.stream():
             received += len(chunk)
@@ -273,15 +345,18 @@ async def _receive_upload(request: Request, job_dir: Path, settings: AgentSettin
         raise HTTPException(422, detail=f"the job form is malformed: {error}") from None
     finally:
         form.close()
-    return _Upload(paths=form.paths, sha256={n: d.hexdigest() for n, d in form.digests.items()},
-                   bytes=form.sizes, fields=form.fields)
+    arrived = set(form.received)
+    return _Upload(paths={n: p for n, p in form.paths.items() if n in arrived},
+                   sha256={n: d.hexdigest() for n, d in form.digests.items() if n in arrived},
+                   bytes={n: size for n, size in form.sizes.items() if n in arrived}, fields=form.fields)
 
 
 class _FormReader:
     """Feeds a multipart/form-data body through python-multipart's streaming parser."""
 
-    def __init__(self, boundary: bytes, paths: dict[str, Path], limit: int):
+    def __init__(self, boundary: bytes, paths: dict[str, Path], limit: int, optional: tuple[str, ...] = ()):
         self.fields: dict[str, str] = {}
+        self._optional = optional
         self.paths = paths
         self.digests = {name: hashlib.sha256() for name in paths}
         self.sizes = {name: 0 for name in paths}
@@ -312,9 +387,14 @@ class _FormReader:
             self._parser.finalize()
         except MultipartParseError as error:
             raise _BadForm(str(error)) from None
-        missing = [name for name in self.paths if name not in self._files]
+        missing = [name for name in self.paths if name not in self._files and name not in self._optional]
         if missing:
             raise _BadForm(f"it has no file part named {' or '.join(repr(m) for m in missing)}")
+
+    @property
+    def received(self) -> list[str]:
+        """The file parts that arrived."""
+        return list(self._files)
 
     def close(self) -> None:
         for handle in self._files.values():
@@ -358,13 +438,15 @@ class _FormReader:
             self.fields[self._part] = self._value.decode(errors="replace")
 
 
+_HASH_FIELDS = {"artifact": "sha256", "batch": "batch_sha256"}  # file part -> the field holding its sha256
+
+
 def _check_upload(upload: _Upload, kind: type[BenchmarkRequest] | type[EvaluationRequest]):
     """Validate the form's fields against the upload; nothing runs unless all of it holds."""
-    hashes = {"artifact": "sha256", "batch": "batch_sha256"}
-    required = ["target", "request", *(hashes[name] for name in upload.paths)]
-    missing = [name for name in required if name not in upload.fields]
-    if missing:
-        raise HTTPException(422, detail=f"the job form lacks the field(s) {missing}")
+    if "artifact" not in upload.paths and "engine_sha256" not in upload.fields:
+        raise HTTPException(422, detail="the job form has neither the file 'artifact' nor the field "
+                                        "'engine_sha256' (an engine this agent built)")
+    _check_fields(upload, "request")
     try:
         job = kind.model_validate_json(upload.fields["request"])
     except ValidationError as error:
@@ -373,14 +455,72 @@ def _check_upload(upload: _Upload, kind: type[BenchmarkRequest] | type[Evaluatio
     if job.runtime not in installed:
         raise HTTPException(400, detail=f"runtime '{job.runtime}' is not available on this device; "
                                         f"it has {sorted(installed) or 'none'}: pick a device that serves this target")
+    try:
+        options = check_runtime_options(job.runtime, job.runtime_options)
+    except RuntimeOptionError as error:
+        raise HTTPException(400, detail=f"{error}; fix `runtime_options` in the request (params.yaml: "
+                                        f"benchmark.runtime_options.{job.runtime})") from None
+    _check_hashes(upload)
+    return job.model_copy(update={"runtime_options": options})
+
+
+def _check_build_form(upload: _Upload) -> TensorRTBuildOptions:
+    """Validate a build job's form (fields, options, the ONNX's sha256); its build options."""
+    _check_fields(upload, "options")
+    try:
+        options = TensorRTBuildOptions.model_validate_json(upload.fields["options"])
+    except ValidationError as error:
+        allowed = ", ".join(TensorRTBuildOptions.model_fields)
+        raise HTTPException(422, detail=f"the field 'options' is not valid TensorRT build options (it takes "
+                                        f"{allowed}): {error}") from None
+    _check_hashes(upload)
+    return options
+
+
+def _check_fields(upload: _Upload, job_field: str) -> None:
+    required = ["target", job_field, *(_HASH_FIELDS[name] for name in upload.paths)]
+    missing = [name for name in required if name not in upload.fields]
+    if missing:
+        raise HTTPException(422, detail=f"the job form lacks the field(s) {missing}")
+
+
+def _check_hashes(upload: _Upload) -> None:
     for name in upload.paths:
-        expected = upload.fields[hashes[name]].strip().lower()
+        expected = upload.fields[_HASH_FIELDS[name]].strip().lower()
         if expected != upload.sha256[name]:
             raise HTTPException(400, detail=f"sha256 mismatch for '{name}': expected {expected} (the "
-                                            f"'{hashes[name]}' field), got {upload.sha256[name]} from the "
+                                            f"'{_HASH_FIELDS[name]}' field), got {upload.sha256[name]} from the "
                                             f"{upload.bytes[name]} bytes received; the upload was cut or the "
                                             "wrong file was sent; send it again")
-    return job
+
+
+@dataclass(frozen=True)
+class _ModelFile:
+    path: Path
+    sha256: str  # the artifact the pipeline sent (for an engine: the ONNX it was built from)
+    engine_sha256: str | None = None
+
+
+async def _model_file(upload: _Upload, runtime: str, engines: EngineCache) -> _ModelFile:
+    """The file a job runs: its uploaded artifact, or the cached engine its `engine_sha256` names."""
+    if "artifact" in upload.paths:
+        return _ModelFile(upload.paths["artifact"], upload.sha256["artifact"])
+    wanted = upload.fields["engine_sha256"].strip().lower()
+    if not _SHA256.fullmatch(wanted):
+        raise HTTPException(400, detail=f"'engine_sha256' must be 64 hex digits, got {wanted[:80]!r}")
+    if runtime != "tensorrt":
+        raise HTTPException(400, detail=f"'engine_sha256' names a TensorRT engine, but the request's runtime is "
+                                        f"'{runtime}': set it to 'tensorrt', or send the file 'artifact'")
+    found = engines.get(wanted)
+    if found is None:
+        raise HTTPException(404, detail=f"no engine {wanted} in this agent's engine cache: build it first with "
+                                        f"POST /jobs/tensorrt-build ({_EVICTED})")
+    path, build = found
+    if await asyncio.to_thread(sha256_of, path) != wanted:  # a cache file damaged on disk: never measure it
+        engines.remove(wanted)
+        raise HTTPException(404, detail=f"the cached engine {wanted} is damaged on disk and was removed; build it "
+                                        "again with POST /jobs/tensorrt-build")
+    return _ModelFile(path, build["onnx_sha256"], wanted)
 
 
 # --- /info ------------------------------------------------------------------------------------------

@@ -18,8 +18,10 @@ The workflow of one benchmark job:
     {'runtime': 'onnxruntime', 'latency_ms': {'p50': 0.02, ...}, 'peak_rss_mb': 41.2, ...}
 
 `run_evaluation_job` runs a validation batch (an .npz of x and, optionally, y) through the model the
-same way and returns its predictions. The returned dicts' keys are fields of
-`edgeship.records.BenchmarkResult` and `EvaluationResult`.
+same way and returns its predictions; `run_tensorrt_build_job` builds a TensorRT engine from an ONNX
+file (`edgeship.device.tensorrt_build`) the same way, so a builder that crashes ends only its child.
+The returned dicts' keys are fields of `edgeship.records.BenchmarkResult`, `EvaluationResult`, and
+for a build, `build_engine`'s answer. Every job's `runtime_options` go to the runtime's adapter.
 No torch, TensorFlow, MLflow or Prefect here: this runs on the device.
 """
 
@@ -49,10 +51,11 @@ import numpy as np
 
 from edgeship.device.runtimes import available_runtimes, open_session, predict_classes
 from edgeship.errors import DeviceJobFailed, EdgeshipError
-from edgeship.records import BenchmarkRequest, EvaluationRequest, TensorSpec
+from edgeship.records import BenchmarkRequest, EvaluationRequest, TensorRTBuildOptions, TensorSpec
 
 _INPUT_SEED = 0
 _STDERR_TAIL = 2000  # characters of a crashed child's stderr kept in the error message
+_TIMEOUT_HINT = "ask for fewer iterations or a shorter duration, or raise the agent's --job-timeout-s"
 _STABLE_TOLERANCE = 0.03  # warm-up is stable when a window's median latency is within 3% of the one before
 _STABLE_WINDOW_S = 0.25  # a warm-up window lasts at least this long ...
 _STABLE_WINDOW_RUNS = (10, 200)  # ... and holds between this many runs
@@ -73,10 +76,10 @@ class Measurement:
 def measure(path: str | Path, runtime: str, request: BenchmarkRequest) -> Measurement:
     """Load a model with `runtime` and time it in this process, as `request` asks.
 
-    `fields` holds BenchmarkResult fields: runtime, mode, warmup, iterations, duration_s, threads,
-    cpus, latency_ms (p50/p90/p95/p99/p99.9/max/min/mean/std), throughput_ips, load_ms,
-    first_inference_ms, peak_rss_mb (of this whole process: run it in a fresh one),
-    load_rss_delta_mb, histogram, windows, drift_ratio, started_at, finished_at and notes.
+    `fields` holds BenchmarkResult fields: runtime, runtime_options (those in effect), mode, warmup,
+    iterations, duration_s, threads, cpus, latency_ms (p50/p90/p95/p99/p99.9/max/min/mean/std),
+    throughput_ips, load_ms, first_inference_ms, peak_rss_mb (of this whole process: run it in a fresh
+    one), load_rss_delta_mb, histogram, windows, drift_ratio, started_at, finished_at and notes.
 
     Raises:
         ModelLoadError: the runtime cannot load the file.
@@ -86,9 +89,12 @@ def measure(path: str | Path, runtime: str, request: BenchmarkRequest) -> Measur
     cpus = pin_cpus(request.cpus)
     rss_before = _rss_bytes()
     started = time.perf_counter_ns()
-    session = open_session(runtime, path, threads=request.threads)
+    session = open_session(runtime, path, threads=request.threads, **request.runtime_options)
     load_ns = time.perf_counter_ns() - started
     rss_loaded = _rss_bytes()
+    options = dict(getattr(session, "options", request.runtime_options))
+    if request.runtime_options.get("xnnpack") and options.get("xnnpack") is False:
+        notes.append("XNNPACK was asked for but took no node of this model: LiteRT's builtin kernels ran it")
 
     batch = _random_input(session.inputs[0])
     run = session.run
@@ -115,6 +121,7 @@ def measure(path: str | Path, runtime: str, request: BenchmarkRequest) -> Measur
     fields = {
         "runtime": runtime,
         "runtime_version": available_runtimes().get(runtime),
+        "runtime_options": options,
         "mode": "duration" if request.duration_s else "iterations",
         "warmup": warmup,
         "warmup_stable": stable,
@@ -152,7 +159,7 @@ def evaluate(path: str | Path, batch_path: str | Path, request: EvaluationReques
     pin_cpus(request.cpus)
     images, labels = load_batch(batch_path, max_batch_bytes)
     started = time.perf_counter_ns()
-    session = open_session(request.runtime, path, threads=request.threads)
+    session = open_session(request.runtime, path, threads=request.threads, **request.runtime_options)
     load_ns = time.perf_counter_ns() - started
     expected = session.inputs[0].shape
     if images.ndim != len(expected) or tuple(images.shape[1:]) != tuple(expected[1:]):
@@ -400,11 +407,25 @@ def run_evaluation_job(path: str | Path, batch_path: str | Path, request: Evalua
     return _run_child(job, timeout_s, f"evaluation of {Path(path).name}")["result"]
 
 
-def _run_child(job: dict, timeout_s: float, what: str) -> dict:
+def run_tensorrt_build_job(onnx_path: str | Path, engine_path: str | Path, options: TensorRTBuildOptions,
+                           timeout_s: float) -> dict:
+    """Build a TensorRT engine from an ONNX file in a fresh child process; return `build_engine`'s answer.
+
+    Raises:
+        DeviceJobFailed: TensorRT is missing, rejects the model or fails to build (its own words),
+            the builder crashed, or it ran past `timeout_s`.
+    """
+    job = {"kind": "tensorrt-build", "path": str(Path(onnx_path).resolve()),
+           "engine": str(Path(engine_path).resolve()), "options": options.model_dump()}
+    return _run_child(job, timeout_s, f"TensorRT engine build of {Path(onnx_path).name}",
+                      hint="raise the agent's --job-timeout-s (a first build on a Jetson takes minutes)")["result"]
+
+
+def _run_child(job: dict, timeout_s: float, what: str, hint: str = _TIMEOUT_HINT) -> dict:
     server = _fork_server
     if server is not None:
         try:
-            return server.run(job, timeout_s, what)
+            return server.run(job, timeout_s, what, hint)
         except _ForkServerUnavailable:
             pass  # busy with another caller's job, or gone: a fresh process instead
     process = subprocess.Popen(
@@ -419,10 +440,7 @@ def _run_child(job: dict, timeout_s: float, what: str) -> dict:
     except subprocess.TimeoutExpired:
         _kill_group(process)
         process.communicate()
-        raise DeviceJobFailed(
-            f"{what} ran past its {timeout_s:g} s timeout and was stopped; "
-            "ask for fewer iterations or a shorter duration, or raise the agent's --job-timeout-s"
-        ) from None
+        raise DeviceJobFailed(f"{what} ran past its {timeout_s:g} s timeout and was stopped; {hint}") from None
     finally:
         if process.poll() is None:  # interrupted while waiting: leave nothing running
             _kill_group(process)
@@ -497,7 +515,7 @@ class ForkServer:
             os.killpg(pid, signal.SIGKILL)
         return 1
 
-    def run(self, job: dict, timeout_s: float, what: str) -> dict:
+    def run(self, job: dict, timeout_s: float, what: str, hint: str = _TIMEOUT_HINT) -> dict:
         """Run one job in a forked child; what `_run_child` returns or raises.
 
         Raises:
@@ -511,14 +529,14 @@ class ForkServer:
                 self.start()
             scratch = Path(tempfile.mkdtemp(prefix="edgeship-fork-"))  # mode 0700
             try:
-                return self._run(job, timeout_s, what, scratch)
+                return self._run(job, timeout_s, what, scratch, hint)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
         finally:
             self._current = None
             self._lock.release()
 
-    def _run(self, job: dict, timeout_s: float, what: str, scratch: Path) -> dict:
+    def _run(self, job: dict, timeout_s: float, what: str, scratch: Path, hint: str) -> dict:
         answer, stderr = scratch / "answer.json", scratch / "stderr.txt"
         try:
             self._process.stdin.write(json.dumps({"job": job, "answer": str(answer), "stderr": str(stderr)}) + "\n")
@@ -541,9 +559,7 @@ class ForkServer:
             self.kill_current()
             with contextlib.suppress(queue.Empty):
                 self._next(is_exit, 10.0)
-            raise DeviceJobFailed(
-                f"{what} ran past its {timeout_s:g} s timeout and was stopped; "
-                "ask for fewer iterations or a shorter duration, or raise the agent's --job-timeout-s") from None
+            raise DeviceJobFailed(f"{what} ran past its {timeout_s:g} s timeout and was stopped; {hint}") from None
         if not finished:  # the helper died under the job
             self.kill_current()
             self._abandon()
@@ -657,10 +673,10 @@ def _read_answer(returncode: int, stdout: bytes, stderr: bytes) -> dict:
     if returncode < 0:
         name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
         raise DeviceJobFailed(
-            f"the benchmark process was killed by {name}: the runtime crashed on this model "
+            f"the job's process was killed by {name}: the runtime (or builder) crashed on this model "
             f"(or ran out of memory); check the model with the runtime on a host first. stderr: {tail or '(empty)'}"
         )
-    raise DeviceJobFailed(f"the benchmark process exited with status {returncode} without a result. "
+    raise DeviceJobFailed(f"the job's process exited with status {returncode} without a result. "
                           f"stderr: {tail or '(empty)'}")
 
 
@@ -691,6 +707,16 @@ def _answer(job: dict) -> tuple[dict, int]:
             request = EvaluationRequest.model_validate(job["request"])
             runtime = request.runtime
             answer = {"result": evaluate(job["path"], job["batch"], request, int(job["max_batch_bytes"]))}
+        elif job.get("kind") == "tensorrt-build":
+            from edgeship.device.tensorrt_build import build_engine
+
+            runtime = "the TensorRT builder"
+            options = TensorRTBuildOptions.model_validate(job["options"])
+            answer = {"result": build_engine(job["path"], job["engine"], options.precision,
+                                             workspace_mb=options.workspace_mb,
+                                             optimization_level=options.optimization_level,
+                                             sparse_weights=options.sparse_weights,
+                                             use_timing_cache=options.timing_cache)}
         else:
             runtime = job["runtime"]
             measured = measure(job["path"], runtime, BenchmarkRequest.model_validate(job["request"]))

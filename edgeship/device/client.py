@@ -4,6 +4,13 @@
     ...     agent.info().cpu_model
     ...     result = agent.benchmark("build/model.onnx", "onnx-fp32", BenchmarkRequest(iterations=200))
 
+A TensorRT target's ONNX is built into an engine on the device first; later jobs name the engine:
+
+    >>> build = agent.build_tensorrt_engine("build/model_int8_static.onnx", "tensorrt-int8",
+    ...                                     TensorRTBuildOptions(precision="int8"))
+    >>> agent.fetch_engine(build.engine_sha256, Path("build/engines/model.engine"))
+    >>> agent.benchmark(None, "tensorrt-int8", BenchmarkRequest(runtime="tensorrt"), engine_sha256=build.engine_sha256)
+
 With no device at hand, `local_agent()` starts a real agent on 127.0.0.1 for as long as a `with` lasts:
 
     >>> with local_agent(name="local") as agent:
@@ -19,6 +26,7 @@ retries only transient failures.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import socket
@@ -36,13 +44,15 @@ from pydantic import BaseModel, ValidationError
 
 from edgeship.errors import DeviceJobFailed, DeviceUnreachable
 from edgeship.files import sha256_of
-from edgeship.records import BenchmarkRequest, BenchmarkResult, DeviceInfo, EvaluationRequest, EvaluationResult
+from edgeship.records import (BenchmarkRequest, BenchmarkResult, DeviceInfo, EvaluationRequest, EvaluationResult,
+                              TensorRTBuild, TensorRTBuildOptions)
 
 TOKEN_ENV = "EDGESHIP_AGENT_TOKEN"
 _CONNECT_TIMEOUT_S = 10.0
 _HINTS = {
     401: "give the client the token the agent was started with (the agent's --token-env variable)",
     413: "the artifact is over the agent's --max-upload-mb",
+    501: "this device cannot run that job; its /info lists the runtimes it serves",
 }
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -71,47 +81,90 @@ class AgentClient:
         """What the device is: CPU, memory, runtimes and their versions."""
         return _parse(DeviceInfo, self._call("GET", "/info"), self.url)
 
-    def benchmark(self, path: str | Path, target: str, request: BenchmarkRequest | None = None,
-                  runtime: str | None = None) -> BenchmarkResult:
+    def benchmark(self, path: str | Path | None, target: str, request: BenchmarkRequest | None = None,
+                  runtime: str | None = None, *, engine_sha256: str | None = None) -> BenchmarkResult:
         """Send a compiled artifact to the agent and return what it measured.
 
         Args:
             path: the artifact file; its sha256 goes along so the agent can check what arrived.
+                None with `engine_sha256`.
             target: the compile target's name, echoed in the result.
-            request: warm-up, iterations and threads (defaults: BenchmarkRequest()).
+            request: warm-up, iterations, threads and runtime options (defaults: BenchmarkRequest()).
             runtime: overrides `request.runtime` (e.g. the CompiledArtifact's runtime).
+            engine_sha256: measure this TensorRT engine from the agent's engine cache instead of
+                uploading a file (`build_tensorrt_engine` answers it); the runtime becomes "tensorrt".
 
         Raises:
             DeviceUnreachable: the agent did not answer, or the connection broke during the job.
             DeviceJobFailed: the agent refused the job or the runtime failed on the model.
         """
-        request = request or BenchmarkRequest()
-        if runtime is not None:
-            request = request.model_copy(update={"runtime": runtime})
-        fields = {"sha256": sha256_of(path), "target": target, "request": request.model_dump_json()}
-        with open(path, "rb") as artifact:
-            answer = self._call("POST", "/jobs/benchmark", data=fields,
-                                files={"artifact": ("artifact", artifact, "application/octet-stream")})
+        request = _for_runtime(request or BenchmarkRequest(), runtime, engine_sha256)
+        fields = {"target": target, "request": request.model_dump_json()}
+        with _model_part(path, engine_sha256, fields) as files:
+            answer = self._call("POST", "/jobs/benchmark", data=fields, files=files)
         return _parse(BenchmarkResult, answer, self.url)
 
-    def evaluate(self, path: str | Path, target: str, batch: str | Path, request: EvaluationRequest | None = None,
-                 runtime: str | None = None) -> EvaluationResult:
-        """Send an artifact and a validation batch (.npz of x and y); return the device's predictions.
+    def evaluate(self, path: str | Path | None, target: str, batch: str | Path,
+                 request: EvaluationRequest | None = None, runtime: str | None = None, *,
+                 engine_sha256: str | None = None) -> EvaluationResult:
+        """Send an artifact (or name a cached engine) and a validation batch (.npz of x and y); return the predictions.
 
         Raises:
             DeviceUnreachable: the agent did not answer, or the connection broke during the job.
             DeviceJobFailed: the agent refused the job, or the runtime failed on the model or the batch.
         """
-        request = request or EvaluationRequest()
-        if runtime is not None:
-            request = request.model_copy(update={"runtime": runtime})
-        fields = {"sha256": sha256_of(path), "batch_sha256": sha256_of(batch), "target": target,
-                  "request": request.model_dump_json()}
-        with open(path, "rb") as artifact, open(batch, "rb") as samples:
+        request = _for_runtime(request or EvaluationRequest(), runtime, engine_sha256)
+        fields = {"batch_sha256": sha256_of(batch), "target": target, "request": request.model_dump_json()}
+        with _model_part(path, engine_sha256, fields) as files, open(batch, "rb") as samples:
             answer = self._call("POST", "/jobs/evaluate", data=fields,
-                                files={"artifact": ("artifact", artifact, "application/octet-stream"),
-                                       "batch": ("batch.npz", samples, "application/octet-stream")})
+                                files={**files, "batch": ("batch.npz", samples, "application/octet-stream")})
         return _parse(EvaluationResult, answer, self.url)
+
+    def build_tensorrt_engine(self, path: str | Path, target: str,
+                              options: TensorRTBuildOptions | None = None) -> TensorRTBuild:
+        """Have the device build a TensorRT engine from an ONNX file (or find the one it built before).
+
+        The engine stays in the agent's engine cache: pass its `engine_sha256` to `benchmark` and
+        `evaluate`, and fetch its bytes with `fetch_engine`.
+
+        Raises:
+            DeviceUnreachable: the agent did not answer, or the connection broke during the build.
+            DeviceJobFailed: 501 where the device has no TensorRT or NVIDIA GPU; 422 with TensorRT's
+                own words where the parser or the builder failed.
+        """
+        fields = {"sha256": sha256_of(path), "target": target,
+                  "options": (options or TensorRTBuildOptions()).model_dump_json()}
+        with open(path, "rb") as onnx_file:
+            answer = self._call("POST", "/jobs/tensorrt-build", data=fields,
+                                files={"artifact": ("model.onnx", onnx_file, "application/octet-stream")})
+        return _parse(TensorRTBuild, answer, self.url)
+
+    def fetch_engine(self, engine_sha256: str, destination: str | Path) -> Path:
+        """Download an engine the device built to `destination` (checked against its sha256); return the path.
+
+        Raises:
+            DeviceUnreachable: the agent did not answer, or the download broke.
+            DeviceJobFailed: the agent has no such engine (404), or the bytes do not hash to `engine_sha256`.
+        """
+        destination = Path(destination)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        scratch = destination.with_name(f".{destination.name}.part")
+        digest = hashlib.sha256()
+        endpoint = f"/engines/{engine_sha256}"
+        try:
+            with self._stream("GET", endpoint) as answer, open(scratch, "wb") as out:
+                for chunk in answer.iter_bytes(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+        except BaseException:  # a broken download leaves nothing behind
+            scratch.unlink(missing_ok=True)
+            raise
+        if digest.hexdigest() != engine_sha256:
+            scratch.unlink(missing_ok=True)
+            raise _mark(DeviceJobFailed(f"the engine downloaded from {self.url}{endpoint} hashes to "
+                                        f"{digest.hexdigest()}, not {engine_sha256}; fetch it again"), transient=True)
+        os.replace(scratch, destination)
+        return destination
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -123,9 +176,25 @@ class AgentClient:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    @contextlib.contextmanager
+    def _stream(self, method: str, endpoint: str) -> Iterator[httpx.Response]:
+        """A streamed answer (its body not read yet); errors as `_call` raises them."""
+        with self._errors(method, endpoint), self._http.stream(method, endpoint) as answer:
+            if answer.is_error:
+                answer.read()
+                self._check(method, endpoint, answer)
+            yield answer
+
     def _call(self, method: str, endpoint: str, **kwargs) -> httpx.Response:
-        try:
+        with self._errors(method, endpoint):
             answer = self._http.request(method, endpoint, **kwargs)
+        return self._check(method, endpoint, answer)
+
+    @contextlib.contextmanager
+    def _errors(self, method: str, endpoint: str) -> Iterator[None]:
+        """httpx's failures to connect or answer, as DeviceUnreachable."""
+        try:
+            yield
         except httpx.TimeoutException as error:
             raise _mark(DeviceUnreachable(
                 f"device agent at {self.url} did not answer {method} {endpoint} in time ({type(error).__name__}); "
@@ -136,12 +205,34 @@ class AgentClient:
                 f"cannot reach the device agent at {self.url} ({error or type(error).__name__}); check that "
                 "`edgeship-device agent` runs there, the host and port in the device inventory, and the network"),
                 transient=True) from None
+
+    def _check(self, method: str, endpoint: str, answer: httpx.Response) -> httpx.Response:
+        """The answer, or DeviceJobFailed with the agent's explanation for an error status."""
         if answer.is_error:
             hint = _HINTS.get(answer.status_code, "")
             raise _mark(DeviceJobFailed(f"device agent at {self.url} answered {method} {endpoint} with "
                                         f"{answer.status_code}: {_detail(answer)}" + (f" ({hint})" if hint else "")),
                         transient=answer.status_code in _TRANSIENT_STATUS, status_code=answer.status_code)
         return answer
+
+
+def _for_runtime(request, runtime: str | None, engine_sha256: str | None):
+    """The request with its runtime set: as given, or "tensorrt" for a cached engine."""
+    runtime = "tensorrt" if engine_sha256 and runtime is None else runtime
+    return request.model_copy(update={"runtime": runtime}) if runtime is not None else request
+
+
+@contextlib.contextmanager
+def _model_part(path: str | Path | None, engine_sha256: str | None, fields: dict) -> Iterator[dict]:
+    """The job form's model: the file `artifact` (its sha256 added to `fields`), or the field `engine_sha256`."""
+    if (path is None) == (engine_sha256 is None):
+        raise ValueError("give the artifact's path or an engine_sha256, not both nor neither")
+    if engine_sha256 is not None:
+        yield {"engine_sha256": (None, engine_sha256)}  # a part without a filename: a field, still multipart
+        return
+    fields["sha256"] = sha256_of(path)
+    with open(path, "rb") as artifact:
+        yield {"artifact": ("artifact", artifact, "application/octet-stream")}
 
 
 def _mark(error: Exception, transient: bool, timed_out: bool = False, status_code: int | None = None):

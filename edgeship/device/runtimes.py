@@ -16,6 +16,10 @@ host check and the device agent measure the same thing.
 | coreml | .mlpackage.zip | macOS only | compute_units: ALL, CPU_AND_NE, CPU_AND_GPU, CPU_ONLY (EDGESHIP_COREML_COMPUTE_UNITS) |
 | tensorrt | .engine/.plan, or .onnx (built here first) | an NVIDIA GPU with TensorRT | precision for an .onnx: auto, fp16, int8 |
 
+RUNTIME_OPTIONS holds that table's options; `check_runtime_options` refuses any other (a
+benchmark job's `runtime_options`, params.yaml's `benchmark.runtime_options`), and each
+session's `options` says what was in effect (LiteRT: whether XNNPACK really took the graph).
+
     >>> session = open_session("onnxruntime", "model.onnx", threads=1)
     >>> logits = session.run(batch)          # batch: float32 NCHW numpy array
     >>> open_session("coreml", "model.mlpackage.zip", compute_units="CPU_AND_NE")   # on macOS
@@ -27,18 +31,20 @@ import glob
 import importlib.metadata
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import tempfile
 import weakref
 import zipfile
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import numpy as np
 
-from edgeship.errors import ModelLoadError
-from edgeship.records import TensorSpec
+from edgeship.errors import EdgeshipError, ModelLoadError
+from edgeship.records import RuntimeOption, TensorSpec
 
 
 class Session(Protocol):
@@ -47,6 +53,7 @@ class Session(Protocol):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     dynamic_batch: bool  # whether the first input accepts any batch size
+    options: dict[str, RuntimeOption]  # the adapter's options in effect (what a result reports)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Run one batch through the model and return the first output."""
@@ -75,6 +82,7 @@ class OnnxRuntimeSession:
         except Exception as error:  # ORT raises its own Fail/InvalidGraph/... types
             raise ModelLoadError(f"ONNX Runtime cannot load {Path(path).name}: {error}") from None
         self._input_name = self._session.get_inputs()[0].name
+        self.options: dict[str, RuntimeOption] = {}
         self.dynamic_batch = not isinstance(self._session.get_inputs()[0].shape[0], int)
         self.inputs = [TensorSpec(name=i.name, shape=_concrete(i.shape), dtype=_ort_dtype(i.type))
                        for i in self._session.get_inputs()]
@@ -129,6 +137,7 @@ class LiteRTSession:
         # A delegate that took over nodes shows as a DELEGATE node in the graph.
         self.delegate_partitions = sum(1 for op in ops if op["op_name"] == "DELEGATE")
         self.xnnpack = bool(xnnpack and self.delegate_partitions)
+        self.options: dict[str, RuntimeOption] = {"xnnpack": self.xnnpack}  # False: XNNPACK took no node
         self.file_inputs = [TensorSpec(name=self._input["name"], shape=_concrete(self._input["shape"].tolist()),
                                        dtype=np.dtype(self._input["dtype"]).name)]
 
@@ -192,6 +201,7 @@ class CoreMLSession:
         except Exception as error:  # noqa: BLE001  (Core ML raises RuntimeError, Exception from its proxy)
             raise ModelLoadError(f"Core ML cannot load {Path(path).name}: {error}") from None
         self.compute_units = units
+        self.options: dict[str, RuntimeOption] = {"compute_units": units}
         description = self._model.get_spec().description
         self.inputs = [_coreml_spec(feature) for feature in description.input]
         self.outputs = [_coreml_spec(feature) for feature in description.output]
@@ -251,6 +261,7 @@ class TensorRTSession:
             raise ModelLoadError(f"TensorRT needs the tensorrt and polygraphy packages ({error}); on a Jetson "
                                  f"TensorRT comes with JetPack, elsewhere pip install 'edgeship[tensorrt]'") from None
         path = Path(path)
+        self.options: dict[str, RuntimeOption] = {}
         if path.suffix == ".onnx":
             from edgeship.device.tensorrt_build import build_engine
             from edgeship.errors import DeviceJobFailed
@@ -264,6 +275,7 @@ class TensorRTSession:
             except DeviceJobFailed as error:
                 raise ModelLoadError(str(error)) from None
             path = engine_path
+            self.options = {"precision": precision}
         try:
             engine = EngineFromBytes(path.read_bytes())()
             self._runner = TrtRunner(engine)
@@ -311,15 +323,78 @@ _RUNS_ONLY_WHERE: dict[str, tuple[Callable[[], bool], str]] = {
 }
 
 
-def open_session(runtime: str, path: str | Path, threads: int = 0, **options) -> Session:
+@dataclass(frozen=True)
+class RuntimeOptionSpec:
+    """One keyword option a runtime adapter takes."""
+
+    kind: type  # bool, int, float or str
+    choices: tuple[str, ...] = ()  # allowed values of a str option (matched ignoring case)
+    help: str = ""
+
+    def describe(self) -> str:
+        return f"{self.kind.__name__}" + (f" one of {list(self.choices)}" if self.choices else "")
+
+
+# What each adapter's constructor takes besides the path and threads: the one list a job's
+# `runtime_options` is checked against, on the agent and in params.yaml.
+RUNTIME_OPTIONS: dict[str, dict[str, RuntimeOptionSpec]] = {
+    "onnxruntime": {},
+    "litert": {"xnnpack": RuntimeOptionSpec(bool, help="the XNNPACK delegate (default on)")},
+    "coreml": {"compute_units": RuntimeOptionSpec(str, COREML_COMPUTE_UNITS, "where Core ML may run the model")},
+    "tensorrt": {"precision": RuntimeOptionSpec(str, ("auto", "fp16", "int8"),
+                                                "for an .onnx built on load: the engine's precision")},
+}
+
+
+class RuntimeOptionError(EdgeshipError, ValueError):
+    """A runtime option the runtime's adapter does not take, or a value it does not accept."""
+
+
+def check_runtime_options(runtime: str, options: dict[str, RuntimeOption]) -> dict[str, RuntimeOption]:
+    """`options` as `runtime`'s adapter takes them (a str choice in the adapter's own spelling).
+
+    Raises:
+        RuntimeOptionError: an option the adapter does not take (the message names those it does),
+            or a value of the wrong type or outside its choices.
+    """
+    if runtime not in RUNTIME_OPTIONS:
+        raise RuntimeOptionError(f"unknown runtime '{runtime}'; this build knows {sorted(RUNTIME_OPTIONS)}")
+    allowed = RUNTIME_OPTIONS[runtime]
+    accepted = ", ".join(f"{name} ({spec.describe()})" for name, spec in allowed.items()) or "none"
+    checked: dict[str, RuntimeOption] = {}
+    for name, value in options.items():
+        spec = allowed.get(name)
+        if spec is None:
+            raise RuntimeOptionError(f"runtime '{runtime}' takes no option '{name}'; it takes: {accepted}")
+        if not _fits(spec.kind, value):
+            raise RuntimeOptionError(f"runtime option {runtime}.{name} wants a {spec.kind.__name__}, got "
+                                     f"{value!r} ({type(value).__name__})")
+        if spec.choices:
+            value = next((choice for choice in spec.choices if choice.lower() == value.lower()), None)
+            if value is None:
+                raise RuntimeOptionError(f"runtime option {runtime}.{name} must be one of {list(spec.choices)}, "
+                                         f"got {options[name]!r}")
+        checked[name] = value
+    return checked
+
+
+def _fits(kind: type, value: object) -> bool:
+    """Whether `value` is a `kind`; bool is an int to Python, but an int option takes no True, a bool one no 1."""
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return type(value) is kind
+
+
+def open_session(runtime: str, path: str | Path, threads: int = 0, **options: RuntimeOption) -> Session:
     """Load a model file with the named runtime; ModelLoadError if it cannot.
 
-    `options` go to the adapter (litert: xnnpack; coreml: compute_units; tensorrt: precision).
+    `options` go to the adapter (litert: xnnpack; coreml: compute_units; tensorrt: precision),
+    checked first against RUNTIME_OPTIONS (RuntimeOptionError names the ones it takes).
     """
     if runtime not in RUNTIMES:
         raise ModelLoadError(f"unknown runtime '{runtime}'; this build knows {sorted(RUNTIMES)}")
     _, adapter = RUNTIMES[runtime]
-    return adapter(path, threads=threads, **options)
+    return adapter(path, threads=threads, **check_runtime_options(runtime, options))
 
 
 def available_runtimes() -> dict[str, str]:
@@ -357,8 +432,13 @@ def _installed_version(distribution: str) -> str | None:
     except importlib.metadata.PackageNotFoundError:
         pass
     module = distribution.replace("-", "_")
-    if distribution == "tensorrt" and importlib.util.find_spec(module) is not None:
-        return "unknown (installed outside pip)"
+    if distribution == "tensorrt" and (spec := importlib.util.find_spec(module)) is not None:
+        # JetPack's module: read its __version__ without importing it (importing loads CUDA).
+        try:
+            found = re.search(r"""^__version__\s*=\s*["']([^"']+)["']""", Path(spec.origin).read_text(), re.M)
+        except (OSError, TypeError):
+            found = None
+        return found.group(1) if found else "unknown (installed outside pip)"
     return None
 
 

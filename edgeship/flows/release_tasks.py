@@ -178,6 +178,8 @@ def log_benchmark(run: ReleaseRun, result: BenchmarkResult) -> None:
                 figure = draw(result)
                 if figure is not None:
                     run.log_figure(figure, f"{base}/{name}.png")
+    if result.engine_path:  # a TensorRT engine built on the device: an artifact like any other
+        run.log_artifact(Path(result.engine_path), base)
     run.log_json(result.model_dump(mode="json"), f"{base}.json")
 
 

@@ -11,7 +11,10 @@ The workflow:
 4. `Fleet.run(job)` runs one job, never two at once on a device (a lock per device, and the agent
    queues too), retried with backoff after transient failures. A device lost for good hands the job
    to a device with the same tags; with none left, the result is "not measured". With a validation
-   batch, the device also runs it and its accuracy fills the result.
+   batch, the device also runs it and its accuracy fills the result. A TensorRT artifact (an ONNX
+   file) is first built into an engine on the device (`POST /jobs/tensorrt-build`); the engine is
+   fetched to sit beside the artifact (`engines/`, the result's `engine_path`), then measured and
+   evaluated by its sha256. A failed build is a "failed" result with the builder's words.
 5. `benchmark_fleet` fans the jobs out on threads; the release flow submits the same jobs as Prefect
    tasks instead (`edgeship.flows.release_tasks.benchmark_on_fleet`).
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,8 +41,9 @@ import numpy as np
 
 from edgeship.config import BenchmarkParams, DeviceParams
 from edgeship.errors import DeviceJobFailed, DeviceUnreachable
+from edgeship.files import sha256_of
 from edgeship.records import (BenchmarkRequest, BenchmarkResult, CompiledArtifact, DeviceInfo, EvaluationRequest,
-                              PreparedData)
+                              PreparedData, TensorRTBuild, TensorRTBuildOptions)
 
 NO_DEVICE = "no-device"  # the device named by a result for a target that no device in the inventory serves
 
@@ -115,12 +120,18 @@ def benchmark_request(params: BenchmarkParams, runtime: str, sustained_s: float 
     return BenchmarkRequest(runtime=runtime, warmup=params.warmup, warmup_until_stable=params.warmup_until_stable,
                             warmup_max=params.warmup_max, iterations=params.iterations, duration_s=sustained_s,
                             windows=params.sustained_windows, threads=params.threads, cpus=params.cpus,
-                            sensor_interval_s=params.sensor_interval_s)
+                            sensor_interval_s=params.sensor_interval_s,
+                            runtime_options=params.runtime_options.get(runtime, {}))
+
+
+def tensorrt_build_options(params: BenchmarkParams, artifact: CompiledArtifact) -> TensorRTBuildOptions:
+    """How devices build `artifact`'s engine: its target's precision, params.yaml's `benchmark.tensorrt_build`."""
+    precision = {"int8": "int8", "mixed": "int8", "fp32": "fp32"}.get(artifact.precision, "fp16")
+    return TensorRTBuildOptions(precision=precision, **params.tensorrt_build)
 
 
 def validation_batch(data: PreparedData, directory: Path, params: BenchmarkParams | None = None) -> ValidationBatch:
     """Write the test split as the .npz a device evaluates (capped at params.evaluate_max_samples)."""
-    from edgeship.files import sha256_of
     from edgeship.tasks.data import load_split
 
     images, labels = load_split(data, "test")
@@ -142,9 +153,11 @@ class Fleet:
     """
 
     def __init__(self, devices: list[DeviceEndpoint], params: BenchmarkParams, sleep: Callable[[float], None]
-                 = time.sleep):
+                 = time.sleep, engine_dir: Path | None = None):
+        """`engine_dir`: where engines built on devices are stored; None: `engines/` beside each artifact."""
         self.devices = {device.name: device for device in devices}
         self.params = params
+        self.engine_dir = engine_dir
         self.info: dict[str, DeviceInfo] = {}
         self.lost: dict[str, str] = {}  # device -> why it was given up on
         self._locks = {name: threading.Lock() for name in self.devices}
@@ -261,16 +274,28 @@ class Fleet:
             with self._guard:
                 if name in self.lost:  # lost while this job waited for it
                     raise _Lost(self.lost[name])
-            outcome, attempts = self._attempt(
-                client, lambda: client.benchmark(artifact.path, artifact.target, request), name)
+            path, model, engine, attempts = artifact.path, {}, {}, 0
+            if artifact.runtime == "tensorrt":  # build the engine on the device; measure that engine
+                built, attempts = self._attempt(client, lambda: client.build_tensorrt_engine(
+                    artifact.path, artifact.target, tensorrt_build_options(self.params, artifact)), name)
+                if not isinstance(built, TensorRTBuild):
+                    return _unmeasured(artifact, name, f"the TensorRT engine build on {name} failed: {built}",
+                                       status="failed", attempts=attempts)
+                path, model = None, {"engine_sha256": built.engine_sha256}
+                engine = {"build": built, **model, **self._store_engine(client, name, artifact, built)}
+            outcome, more = self._attempt(
+                client, lambda: client.benchmark(path, artifact.target, request, **model), name)
+            attempts += more
             if not isinstance(outcome, BenchmarkResult):
-                return _unmeasured(artifact, name, str(outcome), status="failed", attempts=attempts)
-            result = outcome.model_copy(update={"attempts": attempts})
+                failed = _unmeasured(artifact, name, str(outcome), status="failed", attempts=attempts)
+                return failed.model_copy(update=_with_notes(failed, engine))
+            result = outcome.model_copy(update={"attempts": attempts, **_with_notes(outcome, engine)})
             if batch is None:
                 return result
-            evaluation_request = EvaluationRequest(runtime=artifact.runtime, cpus=self.params.cpus)
+            evaluation_request = EvaluationRequest(runtime=artifact.runtime, cpus=self.params.cpus,
+                                                   runtime_options=request.runtime_options)
             outcome, more = self._attempt(
-                client, lambda: client.evaluate(artifact.path, artifact.target, batch.path, evaluation_request), name)
+                client, lambda: client.evaluate(path, artifact.target, batch.path, evaluation_request, **model), name)
             update = {"attempts": attempts + more}
             if isinstance(outcome, Exception):
                 update.update(status="failed", error=f"on-device evaluation failed: {outcome}")
@@ -283,6 +308,19 @@ class Fleet:
                 else:
                     update.update(accuracy=float(np.mean(predictions == labels)), accuracy_samples=len(labels))
             return result.model_copy(update=update)
+
+    def _store_engine(self, client, name: str, artifact: CompiledArtifact, built: TensorRTBuild) -> dict:
+        """Fetch the engine a device built, to store it like any artifact; result fields (`engine_path`, or a note)."""
+        folder = self.engine_dir or Path(artifact.path).parent / "engines"
+        device = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+        destination = folder / f"{artifact.target}.{device}.{built.engine_sha256[:16]}.engine"
+        if destination.is_file() and sha256_of(destination) == built.engine_sha256:
+            return {"engine_path": str(destination)}
+        fetched, _ = self._attempt(client, lambda: client.fetch_engine(built.engine_sha256, destination))
+        if isinstance(fetched, Exception):
+            return {"notes": [f"the engine {built.engine_sha256[:16]} measured here could not be fetched from "
+                              f"{name}, so it is not stored with the release: {fetched}"]}
+        return {"engine_path": str(fetched)}
 
     def _attempt(self, client, call: Callable, device: str | None = None):
         """Call with retries and doubling backoff after transient failures.
@@ -343,6 +381,11 @@ def collect_results(artifacts: list[CompiledArtifact], unserved: list[BenchmarkR
                          key=lambda r: place.get(r.substitute_for or r.device, len(place))):
         results.setdefault(result.target, []).append(result)
     return results
+
+
+def _with_notes(result: BenchmarkResult, update: dict) -> dict:
+    """`update` for `result`, its notes appended to the result's own."""
+    return {**update, "notes": [*result.notes, *update.get("notes", [])]}
 
 
 def _unmeasured(artifact: CompiledArtifact, device: str, error: str, status: str = "not_measured",
