@@ -119,6 +119,8 @@ class PrecisionParams(Section):
                                                                "and the comparison (does not change the plan)")
     frontier_steps: int = Field(default=6, ge=0, description="reverts past the chosen plan, to draw the "
                                                              "accuracy/latency frontier (does not change the plan)")
+    max_evaluations: int | None = Field(default=None, ge=1, description="stop the search after this many "
+                                                                        "validation passes (large models); null: none")
 
     @model_validator(mode="after")
     def _one_budget(self) -> "PrecisionParams":

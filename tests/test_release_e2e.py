@@ -32,6 +32,10 @@ def make_project(directory: Path, **overrides) -> Path:
     params["train"]["epochs"] = 3
     params["qat"].update(epochs=1, freeze_bn_after_epoch=0, freeze_observers_after_epoch=1)
     params["benchmark"].update(warmup=5, iterations=50)
+    # The whole sensitivity -> plan -> QAT path runs, on a 100-image sample and without the optional extras
+    # (converse view, per-layer latency, strategy comparison): those are covered by their own tests.
+    params["sensitivity"].update(converse=False, latency=False, max_samples=100)
+    params["precision"].update(compare_strategies=False, measure_candidates=False, frontier_steps=0)
     for section, values in overrides.items():
         params[section] = values if not isinstance(params.get(section), dict) else {**params[section], **values}
     (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -1,4 +1,4 @@
-"""The release flow: data -> train -> QAT -> compile per target -> host check -> device benchmark -> gate -> register.
+"""The release flow: data -> train -> sensitivity -> precision plan -> QAT -> compile per target -> host check -> device benchmark -> gate -> register.
 
 Reads like the pipeline it runs; each step is a task in `release_tasks`, each task
 a thin wrapper over a plain stage function. Started by `edgeship run`, by a
@@ -15,6 +15,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from edgeship.config import load_params
+from edgeship.flows import quantization_tasks as q
 from edgeship.flows import release_tasks as t
 from edgeship.records import ReleaseSummary, TargetSummary
 from edgeship.registry.tracking import ReleaseRun
@@ -46,10 +47,25 @@ def release(params_path: str = "params.yaml", workdir: str = ".", summary_path: 
     return summary
 
 
+def _quantize(params, trained, data, out_dir: Path, run: ReleaseRun):
+    """Sensitivity -> mixed-precision plan -> QAT on the plan; PTQ alongside, as the row QAT must beat."""
+    plan = None
+    if params.sensitivity.enabled:
+        report = q.analyze_sensitivity(params, trained, data, out_dir, run)
+        plan = q.plan_precision(params, trained, data, report, run)
+    quantized = q.quantize_on_plan(params, trained, data, plan, out_dir, run)
+    baseline = q.ptq_baseline(params, trained, data, out_dir, run) if params.ptq.enabled else None
+    q.compare_quantization(trained, baseline, quantized, run)
+    return quantized
+
+
 def _release(root: Path, params, run: ReleaseRun, out_dir: Path) -> ReleaseSummary:
     data = t.prepare_data(root, params, run)
-    trained = t.train_model(params, data, out_dir, run)
-    quantized = t.quantize(params, trained, data, out_dir, run) if t.needs_quantized_model(params.targets) else None
+    if params.distillation.enabled:
+        trained = q.distill_model(params, data, out_dir, run)
+    else:
+        trained = t.train_model(params, data, out_dir, run)
+    quantized = _quantize(params, trained, data, out_dir, run) if t.needs_quantized_model(params.targets) else None
 
     compiled = [t.compile_target.submit(target, trained, quantized, data, out_dir, run) for target in params.targets]
     outcomes = {o.target: o for o in (future.result() for future in compiled)}

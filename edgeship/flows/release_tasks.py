@@ -66,21 +66,6 @@ def train_model(params: Params, data: PreparedData, out_dir: Path, run: ReleaseR
     return trained.model_copy(update={"mlflow_run_id": run.run_id, "model_uri": model_uri})
 
 
-@task(name="quantization-aware-training", cache_policy=NO_CACHE)
-def quantize(params: Params, trained: TrainedModel, data: PreparedData, out_dir: Path, run: ReleaseRun
-             ) -> QuantizedModel:
-    """QAT fine-tuning from the trained weights, converted and exported as QDQ ONNX."""
-    from edgeship.tasks.qat import quantization_aware_train
-
-    quantized = quantization_aware_train(trained, data, params.qat, out_dir,
-                                         on_epoch=_epoch_logger(run, "qat", params.qat.epochs))
-    run.log_metrics({"qat/val_accuracy": quantized.val_accuracy, "qat/test_accuracy": quantized.test_accuracy,
-                     "qat/integer_ops": float(sum(quantized.integer_ops.values()))})
-    run.log_json(quantized.integer_ops, "qat/integer_ops.json")
-    progress().finish("qat", note=f"test acc {quantized.test_accuracy:.4f}")
-    return quantized
-
-
 @task(name="compile", task_run_name="compile-{target}", cache_policy=NO_CACHE)
 def compile_target(target: str, trained: TrainedModel, quantized: QuantizedModel | None, data: PreparedData,
                    out_dir: Path, run: ReleaseRun) -> CompileOutcome:
