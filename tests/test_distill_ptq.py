@@ -15,18 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeship.config import DataParams, DistillationParams, ModelParams, PtqParams, TrainParams, parse_params
-from edgeship.records import PreparedData, TrainedModel
+from edgeship.config import DistillationParams, ModelParams, PtqParams, TrainParams, parse_params
 from edgeship.registry.tracking import ReleaseRun
-from edgeship.tasks.data import export_digits, load_split, prepare
+from edgeship.tasks.data import load_split
 from edgeship.tasks.distill import agreement, distill, distillation_loss, load_teacher
 from edgeship.tasks.ptq import post_training_quantize, revert_layers
 from edgeship.tasks.qat import float_ops_of, integer_ops_of, onnx_accuracy, optimized_op_counts, quantizable_layers
-from edgeship.tasks.train import load_model, train
+from edgeship.tasks.train import load_model
+from tiny_quantization import TINY_MOBILENET, digits, trained  # noqa: F401  (fixtures)
 
 torch.set_num_threads(1)  # 2 shared cores: a second intra-op thread made epochs up to 10x slower under load
-
-TINY_MOBILENET = ModelParams(kwargs={"width_mult": 0.35, "stages": 3, "stem_stride": 1, "dropout": 0.0})
 
 
 def small_cnn(num_classes: int, in_channels: int, width: int = 8) -> nn.Module:
@@ -38,18 +36,6 @@ def small_cnn(num_classes: int, in_channels: int, width: int = 8) -> nn.Module:
 
 
 STUDENT = ModelParams(factory=f"{__name__}:small_cnn", kwargs={"width": 8})
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> PreparedData:
-    root = tmp_path_factory.mktemp("digits")
-    export_digits(root / "raw")
-    return prepare(root / "raw", root / "prepared", DataParams(input_size=8, calibration_size=32))
-
-
-@pytest.fixture(scope="module")
-def trained(digits, tmp_path_factory) -> TrainedModel:
-    return train(digits, TINY_MOBILENET, TrainParams(epochs=5, lr=0.05), tmp_path_factory.mktemp("fp32"))
 
 
 @pytest.fixture

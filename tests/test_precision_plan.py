@@ -10,43 +10,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgeship.config import (DataParams, ModelParams, Params, PrecisionParams, QatParams, SensitivityParams,
-                             TrainParams, parse_params)
+from edgeship.config import Params, PrecisionParams, QatParams, SensitivityParams, parse_params
 from edgeship.errors import ConfigError
 from edgeship.records import PrecisionPlan, PreparedData, TrainedModel
-from edgeship.tasks.data import export_digits, load_split, prepare
+from edgeship.tasks.data import load_split
 from edgeship.tasks.precision_plan import pareto_figure, pareto_front, plan_precision, plan_rows
 from edgeship.tasks.sensitivity import QuantSimulator, analyze_sensitivity, compare_logits
-from edgeship.tasks.train import load_model, predict_logits, train
+from edgeship.tasks.train import load_model, predict_logits
+from tiny_quantization import TINY_MOBILENET, make_fragile, digits, trained  # noqa: F401  (fixtures)
 
 torch.set_num_threads(1)  # 2 shared cores: a second intra-op thread made epochs up to 10x slower under load
 
-TINY_MOBILENET = ModelParams(kwargs={"width_mult": 0.35, "stages": 3, "stem_stride": 1, "dropout": 0.0})
 FAST = {"compare_strategies": False, "frontier_steps": 0, "measure_candidates": False}
-
-
-def make_fragile(trained: TrainedModel, path) -> TrainedModel:
-    """features.2.conv.2 gets a 1000x weight on an input channel that is always zero (see test_sensitivity)."""
-    model = load_model(trained)
-    with torch.no_grad():
-        norm = model.get_submodule("features.2.conv.1.1")
-        norm.weight[0], norm.bias[0] = 1e-3, -10.0
-        weight = model.get_submodule("features.2.conv.2").weight
-        weight[:, 0] = 1000 * weight.abs().max()
-    torch.save(model.state_dict(), path)
-    return trained.model_copy(update={"checkpoint": path})
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> PreparedData:
-    root = tmp_path_factory.mktemp("digits")
-    export_digits(root / "raw")
-    return prepare(root / "raw", root / "prepared", DataParams(input_size=8, calibration_size=32))
-
-
-@pytest.fixture(scope="module")
-def trained(digits, tmp_path_factory) -> TrainedModel:
-    return train(digits, TINY_MOBILENET, TrainParams(epochs=5, lr=0.05), tmp_path_factory.mktemp("fp32"))
 
 
 @pytest.fixture(scope="module")

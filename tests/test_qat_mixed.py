@@ -12,34 +12,21 @@ import pytest
 import torch
 from torch import nn
 
-from edgeship.config import DataParams, ModelParams, PrecisionParams, QatParams, SensitivityParams, TrainParams
-from edgeship.records import PreparedData, TrainedModel
-from edgeship.tasks.data import export_digits, load_split, prepare
+from edgeship.config import ModelParams, PrecisionParams, QatParams, SensitivityParams, TrainParams
+from edgeship.tasks.data import load_split
 from edgeship.tasks.precision_plan import plan_precision
 from edgeship.tasks.qat import optimized_op_counts, quantizable_layers, quantization_aware_train
 from edgeship.tasks.sensitivity import analyze_sensitivity
 from edgeship.tasks.train import evaluate, load_model, train
+from tiny_quantization import TINY_MOBILENET, make_fragile, digits, trained, fragile  # noqa: F401  (fixtures)
 
 torch.set_num_threads(1)  # 2 shared cores: a second intra-op thread made epochs up to 10x slower under load
 
-TINY_MOBILENET = ModelParams(kwargs={"width_mult": 0.35, "stages": 3, "stem_stride": 1, "dropout": 0.0})
 QUICK_QAT = QatParams(epochs=1, freeze_bn_after_epoch=1, freeze_observers_after_epoch=1)
 BUDGET_POINTS = 1.0
 # The plan's budget holds on validation for the simulated (pre-QAT) model. On the test split, after one QAT
 # epoch and ONNX Runtime's own rounding, allow the budget plus 3 test images (1.1 points): measured 0.37 points.
 TEST_TOLERANCE = BUDGET_POINTS / 100 + 3 / 269
-
-
-def make_fragile(trained: TrainedModel, path) -> TrainedModel:
-    """features.2.conv.2 gets a 1000x weight on an input channel that is always zero (see test_sensitivity)."""
-    model = load_model(trained)
-    with torch.no_grad():
-        norm = model.get_submodule("features.2.conv.1.1")
-        norm.weight[0], norm.bias[0] = 1e-3, -10.0
-        weight = model.get_submodule("features.2.conv.2").weight
-        weight[:, 0] = 1000 * weight.abs().max()
-    torch.save(model.state_dict(), path)
-    return trained.model_copy(update={"checkpoint": path})
 
 
 class ScaledConv(nn.Conv2d):
@@ -52,23 +39,6 @@ class ScaledConv(nn.Conv2d):
 def net_with_scaled_conv(num_classes: int, in_channels: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), ScaledConv(8, 16, 3, padding=1),
                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> PreparedData:
-    root = tmp_path_factory.mktemp("digits")
-    export_digits(root / "raw")
-    return prepare(root / "raw", root / "prepared", DataParams(input_size=8, calibration_size=32))
-
-
-@pytest.fixture(scope="module")
-def trained(digits, tmp_path_factory) -> TrainedModel:
-    return train(digits, TINY_MOBILENET, TrainParams(epochs=5, lr=0.05), tmp_path_factory.mktemp("fp32"))
-
-
-@pytest.fixture(scope="module")
-def fragile(trained, tmp_path_factory) -> TrainedModel:
-    return make_fragile(trained, tmp_path_factory.mktemp("fragile") / "fragile.pt")
 
 
 def test_qat_on_the_plan_keeps_the_budget_on_onnx_runtime(fragile, digits, tmp_path):

@@ -15,48 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from edgeship.config import DataParams, ModelParams, QatParams, SensitivityParams, TrainParams
-from edgeship.records import PreparedData, SensitivityReport, TrainedModel
-from edgeship.tasks.data import export_digits, load_split, prepare
+from edgeship.config import QatParams, SensitivityParams
+from edgeship.records import SensitivityReport
+from edgeship.tasks.data import load_split
 from edgeship.tasks.qat import quantizable_layers
 from edgeship.tasks.sensitivity import (QuantSimulator, analyze_sensitivity, compare_logits, sensitivity_figure,
                                         sensitivity_rows)
-from edgeship.tasks.train import evaluate, load_model, train
+from edgeship.tasks.train import evaluate, load_model
+from tiny_quantization import (FRAGILE_LAYER, TINY_MOBILENET, digits, fragile, make_fragile,  # noqa: F401 (fixtures)
+                               trained)
 
 torch.set_num_threads(1)  # 2 shared cores: a second intra-op thread made epochs up to 10x slower under load
-
-TINY_MOBILENET = ModelParams(kwargs={"width_mult": 0.35, "stages": 3, "stem_stride": 1, "dropout": 0.0})
-FRAGILE_LAYER = "features.2.conv.2"
-
-
-def make_fragile(trained: TrainedModel, path, layer: str = FRAGILE_LAYER, producer: str = "features.2.conv.1.1",
-                 channel: int = 0) -> TrainedModel:
-    """A copy whose `layer` carries a huge weight on an input channel that is always zero."""
-    model = load_model(trained)
-    with torch.no_grad():
-        norm = model.get_submodule(producer)
-        norm.weight[channel], norm.bias[channel] = 1e-3, -10.0  # BN output < 0 always: ReLU6 gives exactly 0
-        weight = model.get_submodule(layer).weight
-        weight[:, channel] = 1000 * weight.abs().max()
-    torch.save(model.state_dict(), path)
-    return trained.model_copy(update={"checkpoint": path})
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> PreparedData:
-    root = tmp_path_factory.mktemp("digits")
-    export_digits(root / "raw")
-    return prepare(root / "raw", root / "prepared", DataParams(input_size=8, calibration_size=32))
-
-
-@pytest.fixture(scope="module")
-def trained(digits, tmp_path_factory) -> TrainedModel:
-    return train(digits, TINY_MOBILENET, TrainParams(epochs=5, lr=0.05), tmp_path_factory.mktemp("fp32"))
-
-
-@pytest.fixture(scope="module")
-def fragile(trained, tmp_path_factory) -> TrainedModel:
-    return make_fragile(trained, tmp_path_factory.mktemp("fragile") / "fragile.pt")
 
 
 @pytest.fixture(scope="module")
