@@ -50,3 +50,21 @@ def get_target(name: str) -> Target:
     module_name, _, cls_name = KNOWN_TARGETS[name].module.partition(":")
     return getattr(importlib.import_module(module_name), cls_name)()
 
+
+
+def float_model_for(inputs: CompileInputs):
+    """The float model a converter should start from, and which weights it holds.
+
+    The QAT-finetuned float weights when the QAT stage left them (so int8 converters that
+    calibrate themselves still get what QAT learned), else the trained fp32 weights.
+    """
+    import torch
+
+    from edgeship.tasks.train import load_model
+
+    model = load_model(inputs.trained)
+    checkpoint = inputs.quantized.qat_float_checkpoint if inputs.quantized else None
+    if checkpoint is not None and Path(checkpoint).is_file():
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+        return model, "qat-finetuned"
+    return model, "trained-fp32"

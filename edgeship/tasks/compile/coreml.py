@@ -36,6 +36,7 @@ from edgeship.files import sha256_of
 from edgeship.records import CompiledArtifact, TensorSpec
 from edgeship.tasks.compile import CompileInputs
 from edgeship.tasks.compile.tracing import TORCH_CAPTURE
+from edgeship.tasks.compile import float_model_for
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -168,14 +169,8 @@ def calibrated_linear_quantizer(inputs: CompileInputs):
                                                          ModuleLinearQuantizerConfig)
 
     from edgeship.tasks.data import load_split
-    from edgeship.tasks.train import load_model
 
-    model = load_model(inputs.trained)
-    weights = "trained-fp32"
-    qat_checkpoint = getattr(inputs.quantized, "qat_float_checkpoint", None) if inputs.quantized else None
-    if qat_checkpoint is not None and Path(qat_checkpoint).is_file():
-        model.load_state_dict(torch.load(qat_checkpoint, map_location="cpu", weights_only=True))
-        weights = "qat-finetuned"
+    model, weights = float_model_for(inputs)
     calibration, _ = load_split(inputs.data, "calibration")
     if len(calibration) == 0:
         raise CompileError("the calibration split is empty; coreml-w8a8 needs calibration images "

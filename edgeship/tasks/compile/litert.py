@@ -38,6 +38,7 @@ from edgeship.files import sha256_of
 from edgeship.records import CompiledArtifact, TensorSpec
 from edgeship.tasks.compile import CompileInputs
 from edgeship.tasks.compile.tracing import TORCH_CAPTURE
+from edgeship.tasks.compile import float_model_for
 
 CONVERTER_ENV = ".venv/litert-converter"  # the converter's own environment, inside the (git-ignored) .venv
 CONVERTER_REQUIREMENTS = "requirements/litert-converter.txt"
@@ -120,14 +121,7 @@ def export_program(inputs: CompileInputs, path: Path) -> str:
     """Save the model as a batch-1 `torch.export` program for the converter; return which weights it holds."""
     import torch
 
-    from edgeship.tasks.train import load_model
-
-    model = load_model(inputs.trained)
-    weights = "trained-fp32"
-    qat_checkpoint = getattr(inputs.quantized, "qat_float_checkpoint", None) if inputs.quantized else None
-    if qat_checkpoint is not None and Path(qat_checkpoint).is_file():
-        model.load_state_dict(torch.load(qat_checkpoint, map_location="cpu", weights_only=True))
-        weights = "qat-finetuned"
+    model, weights = float_model_for(inputs)
     try:
         with TORCH_CAPTURE:
             program = torch.export.export(model.eval(), (torch.zeros(1, *inputs.trained.input_shape),))
