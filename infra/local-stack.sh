@@ -37,7 +37,7 @@ start)
   cat >.edgeship/stack.env <<ENV
 export AWS_ACCESS_KEY_ID=edgeship AWS_SECRET_ACCESS_KEY=edgeship-secret AWS_DEFAULT_REGION=us-east-1
 export MLFLOW_S3_ENDPOINT_URL=http://127.0.0.1:$S3_PORT
-export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
+export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT EDGESHIP_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
 export PREFECT_API_URL=http://127.0.0.1:$PREFECT_PORT/api
 ENV
   # shellcheck disable=SC1091

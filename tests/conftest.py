@@ -19,7 +19,7 @@ os.environ["PREFECT_HOME"] = os.path.join(_HOME, "prefect")
 os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
-for variable in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "EDGESHIP_AGENT_TOKEN"):
+for variable in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "EDGESHIP_TRACKING_URI", "MLFLOW_REGISTRY_URI", "EDGESHIP_AGENT_TOKEN"):
     os.environ.pop(variable, None)
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 

@@ -8,6 +8,7 @@ asserted here (the gate's own verdicts are, against their measured values and li
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -51,7 +52,9 @@ def released(tmp_path_factory):
     """Run `edgeship run --summary` exactly as a newcomer would, in a fresh project."""
     project = make_project(tmp_path_factory.mktemp("project"))
     edgeship = Path(sys.executable).parent / "edgeship"
-    result = subprocess.run([str(edgeship), "run", "--summary", "release.json"], cwd=project,
+    # As a newcomer's shell would be: no MLflow URI left in the environment by earlier tests in this process.
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    result = subprocess.run([str(edgeship), "run", "--summary", "release.json"], cwd=project, env=env,
                             capture_output=True, text=True, timeout=1200)
     assert result.returncode in (0, 3), result.stderr[-4000:]  # 3 = ran fine, a gate failed
     summary = ReleaseSummary.model_validate_json((project / "release.json").read_text())

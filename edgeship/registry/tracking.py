@@ -39,8 +39,12 @@ def resolve_artifact_location(location: str | None, workdir: Path) -> str | None
 
 
 def tracking_uri_for(settings: RegistryParams, workdir: Path) -> str:
-    """MLFLOW_TRACKING_URI when set (MLflow's own convention), else registry.tracking_uri from params.yaml."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or resolve_tracking_uri(settings.tracking_uri, workdir)
+    """EDGESHIP_TRACKING_URI when set, else registry.tracking_uri from params.yaml.
+
+    Not MLFLOW_TRACKING_URI: `mlflow.set_tracking_uri` writes that variable into the process
+    environment, so a second release in the same process (or a child) would follow the first one's store.
+    """
+    return os.environ.get("EDGESHIP_TRACKING_URI") or resolve_tracking_uri(settings.tracking_uri, workdir)
 
 
 def use_tracking(settings: RegistryParams, workdir: Path) -> str:
