@@ -21,6 +21,7 @@ from edgeship.device.sensors.raspberrypi import (RaspberryPiPmic, RaspberryPiThr
                                                  parse_get_throttled, parse_pmic_read_adc, pmic_power_w)
 from edgeship.device.sensors.sysfs import CoolingDevices, CpuFreq, Ina3221, Rapl, ThermalZones, X86ThrottleCounters
 from edgeship.records import BenchmarkRequest
+from edgeship.files import write_atomic
 
 from onnx_models import write_tiny_classifier
 
@@ -334,8 +335,9 @@ def test_agent_samples_sensors_and_reports_energy_per_inference(tmp_path):
         started, base = time.monotonic(), 98112030411
         while not stop.wait(0.005):
             elapsed = time.monotonic() - started
-            energy.write_text(str(base + int(5e6 * elapsed)))
-            temperature.write_text(str(58000 + int(2000 * elapsed)))
+            # Replace, don't rewrite in place: a reader must never see the empty file a truncating write leaves.
+            write_atomic(energy, str(base + int(5e6 * elapsed)).encode())
+            write_atomic(temperature, str(58000 + int(2000 * elapsed)).encode())
 
     writer = threading.Thread(target=five_watts)
     writer.start()
