@@ -156,9 +156,8 @@ def run_case(case: Case, work: Path, rounds: int, per_round: int) -> dict:
                      "drop_points": round(100 * (accuracy["fp32"] - accuracy[name]), 2),
                      "bytes": Path(path).stat().st_size,
                      **{f"p{q}_ms_{t}t": round(latency[t][name][f"p{q}"], 4) for t in latency for q in (50, 99)},
-                     "speedup_1t": round(latency[1]["fp32"]["p50"] / latency[1][name]["p50"], 2),
-                     f"speedup_{threads_all}t": round(latency[threads_all]["fp32"]["p50"]
-                                                      / latency[threads_all][name]["p50"], 2),
+                     **{f"speedup_{t}t": round(latency[t][name]["speedup"], 2) for t in latency},
+                     **{f"speedup_{t}t_p25": round(latency[t][name]["speedup_p25"], 2) for t in latency},
                      "integer_kernels": sum(v for k, v in census.items() if k.startswith("QLinear") or k == "QGemm"),
                      "float_compute_ops": {k: v for k, v in census.items()
                                            if k in ("Conv", "FusedConv", "Gemm", "MatMul", "FusedGemm")}})
@@ -227,13 +226,21 @@ def interleaved_latency(models: dict[str, Path], sample: np.ndarray, threads: in
         # thousands of samples rather than a few hundred.
         repeats[name] = max(per_round, int(0.02 / max((time.perf_counter() - started) / 10, 1e-6)))
     times: dict[str, list[float]] = {name: [] for name in sessions}
+    round_medians: dict[str, list[float]] = {name: [] for name in sessions}
     for _ in range(rounds):
         for name, session in sessions.items():
+            batch = []
             for _ in range(repeats[name]):
                 started = time.perf_counter()
                 session.run(sample)
-                times[name].append(1000 * (time.perf_counter() - started))
-    return {name: {"p50": float(np.percentile(t, 50)), "p99": float(np.percentile(t, 99)), "n": len(t)}
+                batch.append(1000 * (time.perf_counter() - started))
+            times[name] += batch
+            round_medians[name].append(float(np.median(batch)))
+    reference = np.array(round_medians["fp32"])
+    # Speedup over fp32 per round (neighbours in time share the machine's load), then its median and lower quartile.
+    return {name: {"p50": float(np.percentile(t, 50)), "p99": float(np.percentile(t, 99)), "n": len(t),
+                   "speedup": float(np.median(reference / np.array(round_medians[name]))),
+                   "speedup_p25": float(np.percentile(reference / np.array(round_medians[name]), 25))}
             for name, t in times.items()}
 
 
@@ -256,16 +263,19 @@ def verdicts(results: dict) -> dict:
         kinds = mnv2["sensitivity"]["by_kind"]
         entry = {"fp32_p50_ms_1t": rows["fp32"]["p50_ms_1t"], "qat_uniform_p50_ms_1t": rows["QAT-uniform"]["p50_ms_1t"],
                  "speedup_qat_uniform": speedup, "best": {"model": best, "speedup": rows[best]["speedup_1t"]},
-                 "target": SPEEDUP_TARGET, "met": rows[best]["speedup_1t"] >= SPEEDUP_TARGET}
+                 "target": SPEEDUP_TARGET,
+                 # Met only when it holds in at least 3 of 4 timing rounds (the lower quartile of per-round speedups).
+                 "met": rows[best]["speedup_1t_p25"] >= SPEEDUP_TARGET,
+                 "speedup_lower_quartile": rows[best]["speedup_1t_p25"]}
         if not entry["met"]:
             entry["gap"] = round(SPEEDUP_TARGET - rows[best]["speedup_1t"], 2)
             entry["limited_by"] = (
                 "per layer kind, float vs int8 ms on ONNX Runtime (profiled, 1 thread): "
                 + "; ".join(f"{k}: {v['float_ms']} vs {v['int8_ms']} ({v['speedup']}x, {v['layers']} layers)"
                             for k, v in kinds.items())
-                + ". Pointwise convs speed up ~2.5-3x (MLAS u8s8 GEMM with VNNI), but ONNX Runtime's int8 "
-                  "depthwise kernel is about as fast as its fp32 NCHWc depthwise, and the 3-channel stem falls off "
-                  "the symmetric int8 conv path (input channels not a multiple of 4) and runs slower than fp32. "
+                + ". Pointwise convs gain most (MLAS u8s8 GEMM with VNNI); ONNX Runtime's int8 depthwise kernel "
+                  "gains little over its fp32 NCHWc depthwise, and the 3-channel stem falls off the symmetric int8 "
+                  "conv path (input channels not a multiple of 4), so it gains nothing or runs slower than fp32. "
                   f"No float ops are left in the QAT int8 graph: {rows['QAT-uniform']['float_compute_ops'] or 'none'}.")
         out["mnv2_224_int8_speedup_1_thread"] = entry
     return out
