@@ -53,7 +53,7 @@ def trained(tmp_path_factory):
 def artifacts(trained):
     """The three LiteRT targets, converted side by side (each in its own converter process)."""
     if NO_CONVERTER:
-        pytest.skip("no LiteRT converter environment")
+        pytest.skip(f"LiteRT conversion needs litert-torch's own environment: {NO_CONVERTER[:200]}")
     data, model, _, root = trained
 
     def compile_one(name):

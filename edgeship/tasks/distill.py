@@ -17,7 +17,6 @@ same loss, with the float model as teacher, is what QAT uses when `qat.distill_a
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +26,9 @@ from torch import nn
 
 from edgeship.config import DistillationParams, ModelParams, TrainParams
 from edgeship.errors import ModelLoadError
-from edgeship.models.zoo import build_model
 from edgeship.records import PreparedData, TrainedModel
 from edgeship.tasks.data import load_split
-from edgeship.tasks.train import (CHECKPOINT_NAME, EpochCallback, _batches, _num_batches, evaluate, predict_logits,
-                                  random_shift)
+from edgeship.tasks.train import EpochCallback, _batches, fit, predict_logits, random_shift
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -88,39 +85,16 @@ def distill(data: PreparedData, model_params: ModelParams, train_params: TrainPa
 
     `on_epoch(epoch, metrics)` gets train_loss, train_accuracy, val_accuracy and lr after each epoch.
     """
-    torch.manual_seed(train_params.seed)
-    generator = torch.Generator().manual_seed(train_params.seed)
-    model = build_model(model_params.factory, len(data.classes), data.input_shape[0], model_params.kwargs)
     teacher = teacher.eval()
-    x_train, y_train = (torch.from_numpy(a) for a in load_split(data, "train"))
-    x_val, y_val = load_split(data, "val")
     targets: nn.Module | torch.Tensor = teacher if train_params.augment else torch.from_numpy(
-        predict_logits(teacher, x_train))
+        predict_logits(teacher, load_split(data, "train")[0]))
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=train_params.lr, momentum=0.9, nesterov=True,
-                                weight_decay=train_params.weight_decay)
-    steps_per_epoch = max(1, _num_batches(len(x_train), train_params.batch_size))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train_params.lr, epochs=train_params.epochs,
-                                                    steps_per_epoch=steps_per_epoch, pct_start=0.25)
-    best_accuracy, best_state = -1.0, copy.deepcopy(model.state_dict())
-    for epoch in range(1, train_params.epochs + 1):
-        lr = optimizer.param_groups[0]["lr"]
-        loss, accuracy = train_one_epoch_distilled(model, x_train, y_train, targets, optimizer,
-                                                   train_params.batch_size, generator, params.temperature,
-                                                   params.alpha, scheduler=scheduler, augment=train_params.augment)
-        val_accuracy = evaluate(model, x_val, y_val)
-        if val_accuracy > best_accuracy:
-            best_accuracy, best_state = val_accuracy, copy.deepcopy(model.state_dict())
-        if on_epoch is not None:
-            on_epoch(epoch, {"train_loss": loss, "train_accuracy": accuracy, "val_accuracy": val_accuracy, "lr": lr})
-    model.load_state_dict(best_state)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = out_dir / CHECKPOINT_NAME
-    torch.save(best_state, checkpoint)
-    return TrainedModel(checkpoint=checkpoint, factory=model_params.factory, factory_kwargs=dict(model_params.kwargs),
-                        num_classes=len(data.classes), input_shape=data.input_shape, val_accuracy=best_accuracy,
-                        test_accuracy=evaluate(model, *load_split(data, "test")), teacher=teacher_name)
+    def one_epoch(model, x_train, y_train, optimizer, generator, scheduler):
+        return train_one_epoch_distilled(model, x_train, y_train, targets, optimizer, train_params.batch_size,
+                                         generator, params.temperature, params.alpha, scheduler=scheduler,
+                                         augment=train_params.augment)
+
+    return fit(data, model_params, train_params, out_dir, one_epoch, on_epoch, teacher=teacher_name)
 
 
 def load_teacher(uri: str, tracking_uri: str | None = None) -> nn.Module:

@@ -43,6 +43,20 @@ def train(data: PreparedData, model_params: ModelParams, train_params: TrainPara
     Raises:
         ModelLoadError: the factory cannot be imported or does not build an nn.Module.
     """
+    def one_epoch(model, x_train, y_train, optimizer, generator, scheduler):
+        return train_one_epoch(model, x_train, y_train, optimizer, train_params.batch_size, generator,
+                               scheduler=scheduler, augment=train_params.augment)
+
+    return fit(data, model_params, train_params, out_dir, one_epoch, on_epoch)
+
+
+EpochRunner = Callable[..., tuple[float, float]]  # (model, x, y, optimizer, generator, scheduler) -> (loss, acc)
+
+
+def fit(data: PreparedData, model_params: ModelParams, train_params: TrainParams, out_dir: Path,
+        one_epoch: EpochRunner, on_epoch: EpochCallback | None = None, **record: object) -> TrainedModel:
+    """The training loop shared by plain training and distillation: seeded SGD with a one-cycle LR,
+    `one_epoch` per epoch, the best-validation weights kept and saved; `record` adds fields to the result."""
     torch.manual_seed(train_params.seed)
     generator = torch.Generator().manual_seed(train_params.seed)
     model = build_model(model_params.factory, len(data.classes), data.input_shape[0], model_params.kwargs)
@@ -57,8 +71,7 @@ def train(data: PreparedData, model_params: ModelParams, train_params: TrainPara
     best_accuracy, best_state = -1.0, copy.deepcopy(model.state_dict())
     for epoch in range(1, train_params.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
-        loss, accuracy = train_one_epoch(model, x_train, y_train, optimizer, train_params.batch_size, generator,
-                                         scheduler=scheduler, augment=train_params.augment)
+        loss, accuracy = one_epoch(model, x_train, y_train, optimizer, generator, scheduler)
         val_accuracy = evaluate(model, x_val, y_val)
         if val_accuracy > best_accuracy:
             best_accuracy, best_state = val_accuracy, copy.deepcopy(model.state_dict())
@@ -72,7 +85,7 @@ def train(data: PreparedData, model_params: ModelParams, train_params: TrainPara
     torch.save(best_state, checkpoint)
     return TrainedModel(checkpoint=checkpoint, factory=model_params.factory, factory_kwargs=dict(model_params.kwargs),
                         num_classes=len(data.classes), input_shape=data.input_shape, val_accuracy=best_accuracy,
-                        test_accuracy=evaluate(model, *load_split(data, "test")))
+                        test_accuracy=evaluate(model, *load_split(data, "test")), **record)
 
 
 def load_model(trained: TrainedModel) -> nn.Module:
