@@ -1,0 +1,65 @@
+"""The README's quick start on a fresh `git clone`, as far as it can run without reinstalling the venv.
+
+`.ci/run` runs the quick start verbatim in a fresh clone (its install step included) and then this
+suite; here, in seconds, the part that broke unnoticed once: a git clone, `edgeship data digits`, and
+the release's data stage (`dvc repro prepare`, which DVC refuses while dvc.lock is git-ignored) leave
+the clone clean, with the prepared data's hash exactly the one dvc.lock commits as lineage.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / ".ci"))
+import check_quick_start  # noqa: E402
+import readme_command  # noqa: E402
+
+
+def _git(*args: str, cwd: Path) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def clone(tmp_path) -> Path:
+    if subprocess.run(["git", "rev-parse", "--git-dir"], cwd=REPO, capture_output=True).returncode != 0:
+        pytest.skip(f"{REPO} is not a git checkout: the quick start is about a git clone")
+    subprocess.run(["git", "clone", "-q", str(REPO), str(tmp_path / "clone")], check=True)
+    return tmp_path / "clone"
+
+
+def test_ci_runs_the_readme_commands():
+    readme = (REPO / "README.md").read_text()
+    quick_start = readme_command.command(readme, "Quick start")
+    assert quick_start.startswith("bash infra/install.sh && ") and "edgeship run --summary release.json" in quick_start
+    assert f"```bash\n{quick_start}\n```" in readme
+    assert readme_command.command(readme, "Tests") == ".venv/bin/python -m pytest"
+
+
+def test_fresh_clone_data_stage_matches_the_committed_lineage_and_leaves_git_clean(clone):
+    from edgeship.tasks.data_version import reproduce
+
+    assert "dvc.lock" in _git("ls-files", cwd=clone).split()
+    subprocess.run([sys.executable, "-m", "edgeship.cli", "data", "digits"], cwd=clone, check=True,
+                   capture_output=True)
+    data_hash = reproduce(clone)  # what `edgeship run` does first
+    committed = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]["prepare"]
+    assert data_hash == committed["outs"][0]["md5"]
+    assert (clone / "data" / "prepared" / "train.npz").is_file()
+    status = _git("status", "--porcelain", "--untracked-files=all", cwd=clone)
+    assert status == "", status
+    assert reproduce(clone) == data_hash  # nothing changed: DVC does not run the stage again
+
+
+def test_the_ci_check_names_what_a_user_would_not_expect_in_git_status():
+    passing = {"passed": True, "model_version": "1", "aliases": ["candidate"],
+               "targets": [{"target": "onnx-fp32", "artifact": {"sha256": "0"}, "benchmarks": [{"status": "ok"}],
+                            "gate": {"passed": True}}]}
+    assert check_quick_start.problems(passing, " M dvc.lock\n") == []
+    found = check_quick_start.problems({**passing, "passed": False}, "?? onnxruntime_profile.json\n M params.yaml\n")
+    assert len(found) == 3 and "'?? onnxruntime_profile.json'" in found[1] and "' M params.yaml'" in found[2]
