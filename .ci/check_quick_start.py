@@ -35,7 +35,8 @@ def problems(summary: dict, status: str) -> list[str]:
             found.append(f"{name}: not compiled ({target.get('error')})")
         if not any(bench.get("status") == "ok" for bench in target.get("benchmarks") or []):
             found.append(f"{name}: no benchmark measured it")
-        if not (target.get("gate") or {}).get("passed"):
+        checks = (target.get("gate") or {}).get("checks") or []
+        if not checks or not all(check.get("passed") for check in checks):
             found.append(f"{name}: its gate failed")
     for line in status.splitlines():
         path = line[3:].strip()

@@ -59,7 +59,7 @@ def test_fresh_clone_data_stage_matches_the_committed_lineage_and_leaves_git_cle
 def test_the_ci_check_names_what_a_user_would_not_expect_in_git_status():
     passing = {"passed": True, "model_version": "1", "aliases": ["candidate"],
                "targets": [{"target": "onnx-fp32", "artifact": {"sha256": "0"}, "benchmarks": [{"status": "ok"}],
-                            "gate": {"passed": True}}]}
+                            "gate": {"checks": [{"passed": True}]}}]}
     assert check_quick_start.problems(passing, " M dvc.lock\n") == []
     found = check_quick_start.problems({**passing, "passed": False}, "?? onnxruntime_profile.json\n M params.yaml\n")
     assert len(found) == 3 and "'?? onnxruntime_profile.json'" in found[1] and "' M params.yaml'" in found[2]
