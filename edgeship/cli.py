@@ -1,11 +1,15 @@
-"""`edgeship`: the pipeline side's command line.
+"""`edgeship`: the pipeline side's command line, in the order of a release's journey.
 
     edgeship data digits            # write scikit-learn's digits as an image folder (data/raw)
     edgeship data prepare           # image folder -> train/val/test/calibration splits (DVC's `prepare` stage)
+    edgeship check                  # validate params.yaml only
     edgeship run --summary release.json
+    edgeship status                 # registered versions, gate verdicts, aliases; what each OTA channel ships
+    edgeship promote VERSION --alias production
     edgeship publish --alias production
     edgeship rollback --channel stable
-    edgeship check                  # validate params.yaml only
+    edgeship serve                  # the deployments, on a Prefect server
+    edgeship webhook serve          # publish when MLflow says `production` moved
 """
 
 from __future__ import annotations
@@ -17,11 +21,27 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 from rich.table import Table
 
 from edgeship.errors import EdgeshipError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Release pipeline for edge ML.")
+JOURNEY = ("data", "check", "run", "status", "promote", "publish", "rollback", "serve", "webhook")
+
+
+class JourneyGroup(TyperGroup):
+    """Lists commands in the order a release goes through them (then any others), not alphabetically."""
+
+    def list_commands(self, ctx) -> list[str]:
+        names = list(self.commands)
+        return sorted(names, key=lambda name: JOURNEY.index(name) if name in JOURNEY else len(JOURNEY))
+
+
+app = typer.Typer(cls=JourneyGroup, add_completion=False, no_args_is_help=True,
+                  help="Release pipeline for edge ML, from data to devices: `data digits` (or your own image "
+                       "folder), `check`, `run` (train, quantize, compile, benchmark, gate, register), `status`, "
+                       "`promote`, `publish` (signed OTA), `rollback`; `serve` and `webhook` run the same on a "
+                       "Prefect server and publish on promotion.")
 data_app = typer.Typer(no_args_is_help=True, help="Data: reference data set and split preparation.")
 app.add_typer(data_app, name="data")
 webhook_app = typer.Typer(no_args_is_help=True, help="Publish on promotion: the MLflow webhook receiver.")
@@ -125,6 +145,23 @@ def _print_summary(summary) -> None:
     Console().print(table)
     verdict = "[green]PASSED: alias " + ", ".join(summary.aliases) if summary.passed else "[red]FAILED the gate"
     Console().print(f"release {verdict}[/]  (MLflow run {summary.run_id})")
+
+
+@app.command("status")
+def status(params: Path = ParamsOption, workdir: Path = WorkdirOption,
+           as_json: bool = typer.Option(False, "--json", help="print the status as JSON instead of tables")) -> None:
+    """Registered versions with gate verdicts and aliases; each OTA channel with what it ships per target."""
+    from edgeship.config import load_params
+    from edgeship.status import project_status, render
+
+    try:
+        report = project_status(load_params(workdir / params), workdir.resolve())
+    except EdgeshipError as error:
+        _fail(error)
+    if as_json:
+        print(report.model_dump_json(indent=2))
+    else:
+        render(report, Console())
 
 
 @app.command("publish")
