@@ -32,9 +32,16 @@ def resolve_tracking_uri(uri: str, workdir: Path) -> str:
     return uri
 
 
-def resolve_artifact_location(location: str | None, workdir: Path) -> str | None:
+def resolve_artifact_location(location: str | None, workdir: Path, tracking_uri: str = "") -> str | None:
+    """A new experiment's artifact root: a local path against the project, a URI as given.
+
+    Against a tracking server, a local path would put artifacts on this machine's disk, where nobody
+    else can read them, so the server's own artifact store (e.g. proxied S3) is used instead.
+    """
     if location is None or "://" in location:
         return location
+    if tracking_uri.startswith(("http://", "https://")):
+        return None
     return (workdir / location).resolve().as_uri()
 
 
@@ -97,7 +104,7 @@ class ReleaseRun:
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         experiment = client.get_experiment_by_name(settings.experiment)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-            settings.experiment, artifact_location=resolve_artifact_location(settings.artifact_location, workdir))
+            settings.experiment, artifact_location=resolve_artifact_location(settings.artifact_location, workdir, uri))
         all_tags = {"mlflow.runName": run_name, **(tags or {})}
         commit = git_commit(workdir)
         if commit:

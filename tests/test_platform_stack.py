@@ -1,0 +1,209 @@
+"""The loop a platform team runs, on the real services of `infra/local-stack.sh` (every process on loopback,
+on free ports, with its own PostgreSQL databases, all stopped and dropped at the end):
+
+release started through Prefect's API the way the UI's Run button starts it (a deployment with parameters)
+-> MLflow server (PostgreSQL, artifacts in S3) registers the version -> a reviewer sets `production` on the
+MLflow server -> MLflow delivers its signed webhook -> `edgeship webhook serve` runs the publish deployment
+-> the signed OTA repository lands in the S3 bucket (an endpoint that checks SigV4 signatures) -> a device
+installs it over plain HTTP from the read-only server in front of the bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from test_release_e2e import make_project
+from test_webhook import free_port, wait_healthy
+
+REPO = Path(__file__).resolve().parents[1]
+PG = "postgresql://postgres@127.0.0.1:5432"
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.e2e
+
+
+def _psql(sql: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["psql", f"{PG}/postgres", "-qtAc", sql], capture_output=True, text=True, timeout=60)
+
+
+def _read_env(path: Path) -> dict[str, str]:
+    """The variables `source stack.env` would export."""
+    env = {}
+    for line in path.read_text().splitlines():
+        for word in shlex.split(line.removeprefix("export ")):
+            key, _, value = word.partition("=")
+            env[key] = value
+    return env
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """`infra/local-stack.sh start` on free ports and a unique database prefix; stopped and dropped after."""
+    if _psql("SELECT 1").returncode != 0:
+        pytest.skip(f"PostgreSQL is not reachable at {PG} (trust auth, user postgres): the stack stores MLflow "
+                    f"and Prefect there")
+    root = tmp_path_factory.mktemp("stack")
+    db = f"edgeship_test_{uuid.uuid4().hex[:10]}"
+    ports = {name: str(free_port()) for name in ("S3", "OTA_HTTP", "MLFLOW", "PREFECT")}
+    env = {**os.environ, "EDGESHIP_STACK_DIR": str(root / "stack"), "EDGESHIP_STACK_DB": db,
+           "PREFECT_HOME": str(root / "prefect-home"), **{f"EDGESHIP_{k}_PORT": v for k, v in ports.items()}}
+    script = [str(REPO / "infra" / "local-stack.sh")]
+    try:
+        started = subprocess.run(["bash", *script, "start"], env=env, capture_output=True, text=True, timeout=300)
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield {**env, **_read_env(root / "stack.env")}, root
+    finally:
+        subprocess.run(["bash", *script, "stop"], env=env, capture_output=True, timeout=120)
+        for name in (f"{db}_mlflow", f"{db}_prefect"):
+            _psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class Processes:
+    """Long-running CLI processes of the test (each in its own session), stopped in reverse order."""
+
+    def __init__(self, logs: Path):
+        self.logs, self.running = logs, []
+
+    def start(self, name: str, argv: list[str], cwd: Path, env: dict) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "w")
+        process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        self.running.append((name, process, log))
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text()[-3000:]
+
+    def stop(self) -> None:
+        for _, process, log in reversed(self.running):
+            if process.poll() is None:
+                os.killpg(process.pid, 15)
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, 9)
+                    process.wait()
+            log.close()
+
+
+@pytest.fixture
+def processes(tmp_path):
+    started = Processes(tmp_path)
+    yield started
+    started.stop()
+
+
+def _tiny_project(directory: Path, env: dict) -> Path:
+    lenient = {"max_accuracy_drop": 100.0, "p99_latency_ms": 1000, "max_size_mb": 50}
+    project = make_project(directory, targets=["onnx-fp32", "onnx-int8"],
+                           train={"epochs": 1}, sensitivity={"enabled": False}, ptq={"enabled": False},
+                           benchmark={"warmup": 3, "iterations": 20, "warmup_until_stable": False},
+                           ota={"repository": "s3://edgeship-ota/releases",
+                                "s3_endpoint_url": env["EDGESHIP_S3_ENDPOINT_URL"]})
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["gate"] = {"onnx-fp32": lenient, "onnx-int8": lenient}  # the loop is under test here, not the model
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return project
+
+
+def _wait_for(what: str, probe, timeout_s: float, diagnose=lambda: ""):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}\n{diagnose()}")
+
+
+def _deployment_id(api: str, name: str) -> str | None:
+    answer = httpx.get(f"{api}/deployments/name/{name}", timeout=10)
+    return answer.json()["id"] if answer.status_code == 200 else None
+
+
+def _run_from_ui(api: str, deployment_id: str, parameters: dict) -> str:
+    """POST /deployments/{id}/create_flow_run: what the Prefect UI's "Run" -> "Custom run" sends."""
+    answer = httpx.post(f"{api}/deployments/{deployment_id}/create_flow_run", timeout=10,
+                        json={"parameters": parameters, "state": {"type": "SCHEDULED",
+                                                                  "message": "Run from the Prefect UI"}})
+    assert answer.status_code == 201, answer.text
+    return answer.json()["id"]
+
+
+def _final_state(api: str, flow_run_id: str) -> str | None:
+    state = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=10).json()["state"]["type"]
+    return state if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+
+def test_release_promote_publish_and_install_on_the_real_stack(stack, processes, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from edgeship.ota.storage import S3Storage, StorageError
+
+    env, root = stack
+    api, tracking, ota_url = env["PREFECT_API_URL"], env["MLFLOW_TRACKING_URI"], env["EDGESHIP_OTA_URL"]
+    project = _tiny_project(tmp_path / "project", env)
+    secret = secrets.token_hex(16)
+    env = {**env, "EDGESHIP_WEBHOOK_SECRET": secret, "PREFECT_RUNNER_POLL_FREQUENCY": "1", "OMP_NUM_THREADS": "1"}
+
+    serve = processes.start("serve", [str(BIN / "edgeship"), "serve", "--cron", ""], project, env)
+    release_id = _wait_for("the deployments to register", lambda: _deployment_id(api, "release/scheduled-retraining"),
+                           120, lambda: processes.log("serve"))
+    run_id = _run_from_ui(api, release_id, {"params_path": "params.yaml", "workdir": str(project),
+                                            "summary_path": "release.json"})
+    state = _wait_for("the release run", lambda: _final_state(api, run_id), 900, lambda: processes.log("serve"))
+    assert state == "COMPLETED", processes.log("serve")
+    summary = json.loads((project / "release.json").read_text())
+    assert summary["passed"] and summary["model_version"] == "1"
+
+    client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+    version = client.get_model_version(summary["model_name"], "1")
+    assert version.tags["edgeship.gate"] == "pass"
+    assert client.get_registered_model(summary["model_name"]).aliases == {"candidate": "1"}
+    stored = list((root / "stack" / "s3" / "edgeship-mlflow").rglob("compiled/onnx-int8/*.onnx"))
+    assert stored, "the compiled artifacts are in the MLflow bucket"
+
+    port = free_port()
+    receiver = f"http://127.0.0.1:{port}/webhooks/mlflow"
+    processes.start("webhook", [str(BIN / "edgeship"), "webhook", "serve", "--port", str(port),
+                                "--deployment", "publish/publish"], project, env)
+    wait_healthy(f"http://127.0.0.1:{port}/health", timeout_s=60)
+    registered = subprocess.run([str(BIN / "edgeship"), "webhook", "register", "--url", receiver], cwd=project,
+                                env=env, capture_output=True, text=True, timeout=120)
+    assert registered.returncode == 0, registered.stderr
+
+    client.set_registered_model_alias(summary["model_name"], "production", "1")  # the reviewer, in MLflow's UI
+    channel = f"{ota_url}/releases/metadata/timestamp.json"
+    _wait_for("the publish deployment to sign the release into the bucket",
+              lambda: httpx.get(channel, timeout=5).status_code == 200, 300,
+              lambda: processes.log("webhook") + processes.log("serve"))
+
+    root_json = tmp_path / "root.json"  # what the device was provisioned with
+    root_json.write_bytes(httpx.get(f"{ota_url}/releases/metadata/1.root.json", timeout=5).content)
+    device = subprocess.run([str(BIN / "edgeship-device"), "update", "--repo-url", f"{ota_url}/releases",
+                             "--root", str(root_json), "--state-dir", str(tmp_path / "device"),
+                             "--target", "onnx-int8", "--device-id", "device-0001"],
+                            capture_output=True, text=True, timeout=300)
+    assert device.returncode == 0, device.stdout + device.stderr
+    report = json.loads(device.stdout.strip().splitlines()[-1])
+    assert report["status"] == "updated" and report["installed_version"] == "1", report
+    int8 = next(t for t in summary["targets"] if t["target"] == "onnx-int8")
+    assert Path(report["model_path"]).read_bytes() == Path(int8["artifact"]["path"]).read_bytes()
+    assert serve.poll() is None
+
+    # The bucket checks signatures as AWS does: a wrong secret is refused, with the fix named.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", env["AWS_ACCESS_KEY_ID"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    forged = S3Storage("edgeship-ota", "releases", endpoint_url=env["EDGESHIP_S3_ENDPOINT_URL"])
+    with pytest.raises(StorageError, match="access denied"):
+        forged.put("metadata/timestamp.json", b"{}")
