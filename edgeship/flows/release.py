@@ -17,24 +17,30 @@ from prefect import flow, get_run_logger
 from edgeship.config import load_params
 from edgeship.flows import quantization_tasks as q
 from edgeship.flows import release_tasks as t
+from edgeship.flows.caching import ProjectCache
 from edgeship.records import ReleaseSummary, TargetSummary
 from edgeship.registry.tracking import ReleaseRun
 from edgeship.tasks.gate import evaluate_gate, release_passes
 
 
 @flow(name="release", log_prints=True)
-def release(params_path: str = "params.yaml", workdir: str = ".", summary_path: str | None = None
-            ) -> ReleaseSummary:
-    """Run the whole release on the project in `workdir`; register a version, alias it when the gates pass."""
+def release(params_path: str = "params.yaml", workdir: str = ".", summary_path: str | None = None,
+            fresh: bool = False) -> ReleaseSummary:
+    """Run the whole release on the project in `workdir`; register a version, alias it when the gates pass.
+
+    Stages whose inputs did not change since an earlier run are reused from the project's cache
+    (edgeship.flows.caching); `fresh=True` recomputes every stage.
+    """
     root = Path(workdir).resolve()
     params = load_params(root / params_path)
+    cache = ProjectCache.open(root, fresh)
     run = ReleaseRun.start(params.registry, root, run_name=f"release-{params.project.name}",
                            tags={"edgeship.flow": "release"})
     out_dir = root / ".edgeship" / "runs" / run.run_id
     out_dir.mkdir(parents=True, exist_ok=True)
     run.log_params(params.model_dump(mode="json"))
     try:
-        summary = _release(root, params, run, out_dir)
+        summary = _release(root, params, run, out_dir, cache)
     except BaseException:
         run.finish("FAILED")
         raise
@@ -47,34 +53,43 @@ def release(params_path: str = "params.yaml", workdir: str = ".", summary_path: 
     return summary
 
 
-def _quantize(params, trained, data, out_dir: Path, run: ReleaseRun):
+def _quantize(params, trained, data, out_dir: Path, run: ReleaseRun, cache: ProjectCache):
     """Sensitivity -> mixed-precision plan -> QAT on the plan; PTQ alongside, as the row QAT must beat."""
     plan = None
     if params.sensitivity.enabled:
-        report = q.analyze_sensitivity(params, trained, data, out_dir, run)
-        plan = q.plan_precision(params, trained, data, report, run)
-    quantized = q.quantize_on_plan(params, trained, data, plan, out_dir, run)
-    baseline = q.ptq_baseline(params, trained, data, out_dir, run) if params.ptq.enabled else None
+        report = cache.call(q.analyze_sensitivity, params, trained, data, out_dir, run,
+                            on_reuse=lambda _: t.reused("sensitivity", run))
+        plan = cache.call(q.plan_precision, params, trained, data, report, run,
+                          on_reuse=lambda _: t.reused("precision plan", run))
+    quantized = cache.call(q.quantize_on_plan, params, trained, data, plan, out_dir, run,
+                           on_reuse=lambda _: t.reused("qat", run))
+    baseline = cache.call(q.ptq_baseline, params, trained, data, out_dir, run,
+                          on_reuse=lambda _: t.reused("ptq", run)) if params.ptq.enabled else None
     q.compare_quantization(trained, baseline, quantized, run)
     return quantized
 
 
-def _release(root: Path, params, run: ReleaseRun, out_dir: Path) -> ReleaseSummary:
+def _release(root: Path, params, run: ReleaseRun, out_dir: Path, cache: ProjectCache) -> ReleaseSummary:
     data = t.prepare_data(root, params, run)
     if params.distillation.enabled:
-        trained = q.distill_model(params, data, out_dir, run)
+        trained = cache.call(q.distill_model, params, data, out_dir, run,
+                             on_reuse=lambda m: t.reused_model(run, m, "student"))
     else:
-        trained = t.train_model(params, data, out_dir, run)
-    quantized = _quantize(params, trained, data, out_dir, run) if t.needs_quantized_model(params.targets) else None
+        trained = cache.call(t.train_model, params, data, out_dir, run, on_reuse=lambda m: t.reused_model(run, m))
+    quantized = (_quantize(params, trained, data, out_dir, run, cache) if t.needs_quantized_model(params.targets)
+                 else None)
 
-    compiled = [t.compile_target.submit(target, trained, quantized, data, out_dir, run) for target in params.targets]
-    outcomes = {o.target: o for o in (future.result() for future in compiled)}
+    compiled = [cache.submit(t.compile_target, target, trained, quantized, data, out_dir, run)
+                for target in params.targets]
+    outcomes = {o.target: o for o in (cache.reused(f, lambda o: t.reused_compile(run, o)) for f in compiled)}
     artifacts = [o.artifact for o in outcomes.values() if o.artifact]
 
-    reference = t.reference_logits(trained, data, out_dir)
-    host_checks = {a.target: t.check_on_host(a, data, reference, run) for a in artifacts}
+    reference = cache.call(t.reference_logits, trained, data, out_dir)
+    host_checks = {a.target: cache.call(t.check_on_host, a, data, reference, run,
+                                        on_reuse=lambda result, a=a: t.log_host_check(run, a.target, result))
+                   for a in artifacts}
 
-    benchmarks = t.benchmark_on_fleet(artifacts, data, params, run)
+    benchmarks = t.benchmark_on_fleet(artifacts, data, params, run, cache)
 
     summaries = []
     for target in params.targets:

@@ -7,6 +7,7 @@ return small records and paths, never tensors.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -104,10 +105,13 @@ def check_on_host(artifact: CompiledArtifact, data: PreparedData, reference: Pat
     from edgeship.tasks.host_check import host_check
 
     result = host_check(artifact, data, np.load(reference))
-    run.log_metrics({f"{artifact.target}/host_accuracy": result.accuracy,
-                     f"{artifact.target}/top1_agreement": result.top1_agreement,
-                     f"{artifact.target}/max_abs_logit_diff": result.max_abs_logit_diff})
+    log_host_check(run, artifact.target, result)
     return result
+
+
+def log_host_check(run: ReleaseRun, target: str, result: HostCheck) -> None:
+    run.log_metrics({f"{target}/host_accuracy": result.accuracy, f"{target}/top1_agreement": result.top1_agreement,
+                     f"{target}/max_abs_logit_diff": result.max_abs_logit_diff})
 
 
 @task(name="benchmark", task_run_name="benchmark-{artifact.target}-on-{device}", cache_policy=NO_CACHE,
@@ -135,10 +139,11 @@ def benchmark_on_device(artifact: CompiledArtifact, device: str, fleet, params: 
     return result
 
 
-def log_benchmark(run: ReleaseRun, result: BenchmarkResult) -> None:
+def log_benchmark(run: ReleaseRun, result: BenchmarkResult, figures: bool = True) -> None:
     """A device's measurement as metrics (`<target>/<device>/p99_ms`, ...), figures and JSON.
 
-    Figures: the latency histogram, and latency per window over the run with the device's sensors.
+    Figures: the latency histogram, and latency per window over the run with the device's sensors
+    (a measurement reused from the cache has its figures in the run that measured it).
     """
     from edgeship.tasks.benchmark import FIGURE_LOCK, latency_histogram_figure, timeline_figure
 
@@ -158,7 +163,8 @@ def log_benchmark(run: ReleaseRun, result: BenchmarkResult) -> None:
             f"{prefix}/energy_per_inference_mj": sensors.energy_per_inference_mj if sensors else None,
             f"{prefix}/throttled": float(sensors.throttled) if sensors and sensors.throttled is not None else None,
         })
-        for name, draw in (("latency_histogram", latency_histogram_figure), ("timeline", timeline_figure)):
+        for name, draw in (("latency_histogram", latency_histogram_figure), ("timeline", timeline_figure)
+                           ) if figures else ():
             with FIGURE_LOCK:
                 figure = draw(result)
                 if figure is not None:
@@ -168,10 +174,12 @@ def log_benchmark(run: ReleaseRun, result: BenchmarkResult) -> None:
     run.log_json(result.model_dump(mode="json"), f"{base}.json")
 
 
-def benchmark_on_fleet(artifacts: list[CompiledArtifact], data: PreparedData, params: Params, run: ReleaseRun
-                       ) -> dict[str, list[BenchmarkResult]]:
+def benchmark_on_fleet(artifacts: list[CompiledArtifact], data: PreparedData, params: Params, run: ReleaseRun,
+                       cache=None) -> dict[str, list[BenchmarkResult]]:
     """Every artifact on every device that serves it: one Prefect task per (artifact, device), all submitted
-    at once; the fleet keeps each device to one job at a time. On-device accuracy on the test split."""
+    at once; the fleet keeps each device to one job at a time. On-device accuracy on the test split.
+    With a `cache` (edgeship.flows.caching.ProjectCache), a measurement of the same artifact on the same
+    device with the same benchmark params is reused."""
     import tempfile
 
     from edgeship.tasks.benchmark import Fleet, collect_results, connected_devices, validation_batch
@@ -184,16 +192,51 @@ def benchmark_on_fleet(artifacts: list[CompiledArtifact], data: PreparedData, pa
         jobs, unserved = fleet.plan(artifacts)
         for result in unserved:
             log_benchmark(run, result)
-        futures = [benchmark_on_device.submit(job.artifact, job.device, fleet, params, run, batch) for job in jobs]
+        task = cache.task(benchmark_on_device) if cache else benchmark_on_device
+        futures = [task.submit(job.artifact, job.device, fleet, params, run, batch) for job in jobs]
         measured = []
         for job, future in zip(jobs, futures):
             try:
-                measured.append(future.result())
+                measured.append(cache.reused(future, lambda result: reused_benchmark(run, result)) if cache
+                                else future.result())
             except Exception as error:  # a bug, not a device: still a result, so the gate fails closed
                 measured.append(BenchmarkResult(target=job.artifact.target, device=job.device,
                                                 runtime=job.artifact.runtime, sha256=job.artifact.sha256,
                                                 status="failed", error=f"{type(error).__name__}: {error}"))
         return collect_results(artifacts, unserved, measured, list(fleet.devices))
+
+
+# --- a stage's result reused from the cache: what this run's MLflow run and progress display still need --
+
+
+def reused(stage: str, run: ReleaseRun, note: str = "") -> None:
+    """Show the stage as done from the cache, and say so in the run's tags."""
+    progress().finish(stage, note=f"[dim]cached[/]{'  ' + note if note else ''}")
+    run.set_tags({"edgeship.cached." + re.sub(r"[^A-Za-z0-9_.-]+", "_", stage): "true"})  # bench_onnx-int8_local
+
+
+def reused_model(run: ReleaseRun, trained: TrainedModel, stage: str = "train") -> None:
+    """The fp32 model comes from an earlier run (its model URI, checkpoint and epoch history are there)."""
+    run.log_metrics({"fp32/val_accuracy": trained.val_accuracy, "fp32/test_accuracy": trained.test_accuracy})
+    run.set_tags({"edgeship.model_from_run": trained.mlflow_run_id or "unknown"})
+    reused(stage, run, f"test acc {trained.test_accuracy:.4f} (run {str(trained.mlflow_run_id)[:8]})")
+
+
+def reused_compile(run: ReleaseRun, outcome: CompileOutcome) -> None:
+    """A reused artifact is logged into this run too: publishing downloads it from the version's own run."""
+    from edgeship.registry.model_registry import log_compiled
+
+    if outcome.artifact:
+        log_compiled(run, outcome.artifact)
+        run.log_metrics({f"{outcome.target}/bytes": float(outcome.artifact.bytes)})
+    reused(f"compile {outcome.target}", run, f"{outcome.artifact.bytes / 1e3:.0f} kB" if outcome.artifact
+           else f"[red]failed: {outcome.error}")
+
+
+def reused_benchmark(run: ReleaseRun, result: BenchmarkResult) -> None:
+    log_benchmark(run, result, figures=False)
+    note = f"p99 {result.latency_ms.p99:.3f} ms" if result.status == "ok" and result.latency_ms else result.status
+    reused(f"bench {result.target} @ {result.substitute_for or result.device}", run, note)
 
 
 def needs_quantized_model(targets: list[str]) -> bool:
