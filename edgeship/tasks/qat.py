@@ -9,7 +9,7 @@ distillation from the float model, early stop on validation accuracy), BatchNorm
 statistics and then observers freeze after configurable epochs, and the best
 validation state is converted (`convert_fx`), evaluated, and exported to ONNX, where
 ONNX Runtime fuses the QuantizeLinear / DequantizeLinear pairs into integer kernels
-(QLinearConv, QGemm, QLinearAdd, ...); `count_integer_ops` checks it did.
+(QLinearConv, QGemm, QLinearAdd, ...); `edgeship.tasks.qdq_onnx.count_integer_ops` checks it did.
 
 A mixed-precision `plan` maps module names (as in `model.named_modules()`) to
 "int8" or "float". The unit a plan names is a *layer* (`quantizable_layers`): a
@@ -37,9 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import tempfile
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -60,16 +58,13 @@ from edgeship.errors import CompileError, ConfigError
 from edgeship.records import PreparedData, QuantizedModel, TrainedModel
 from edgeship.tasks.compile.onnx import export_onnx
 from edgeship.tasks.data import load_split
+from edgeship.tasks.qdq_onnx import float_ops_of, integer_ops_of, keep_float_islands, onnx_accuracy, optimized_op_counts
 from edgeship.tasks.train import EpochCallback, evaluate, load_model, predict_logits, train_one_epoch
 
 ONNX_NAME = "model_int8.onnx"
 CHECKPOINT_NAME = "model_qat_float.pt"
 PRECISIONS = ("int8", "float")
 SEED = 0
-_INTEGER_OPS = {"ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "QGemm", "QAttention",
-                "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QEmbedLayerNormalization", "QOrderedMatMul"}
-# Ops that do a layer's arithmetic in float after ONNX Runtime's optimization (NCHWc convs show as Conv).
-FLOAT_COMPUTE_OPS = {"Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Identity)
@@ -340,51 +335,6 @@ def quantization_aware_train(trained: TrainedModel, data: PreparedData, qat_para
                           qat_float_checkpoint=checkpoint, method="qat")
 
 
-def optimized_op_counts(onnx_path: Path) -> dict[str, int]:
-    """Op types and counts of the graph ONNX Runtime actually runs (after its extended graph optimizations)."""
-    import onnx
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        optimized = Path(tmp) / "optimized.onnx"
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        options.optimized_model_filepath = str(optimized)
-        options.log_severity_level = 3
-        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        graph = onnx.load(str(optimized), load_external_data=False).graph
-    return dict(sorted(Counter(node.op_type for node in graph.node).items()))
-
-
-def integer_ops_of(op_counts: Mapping[str, int]) -> dict[str, int]:
-    return {op: n for op, n in op_counts.items() if op.startswith("QLinear") or op in _INTEGER_OPS}
-
-
-def float_ops_of(op_counts: Mapping[str, int]) -> dict[str, int]:
-    return {op: n for op, n in op_counts.items() if op in FLOAT_COMPUTE_OPS}
-
-
-def count_integer_ops(onnx_path: Path) -> dict[str, int]:
-    """Integer kernels (QLinearConv, QGemm, ConvInteger, ...) in the graph ONNX Runtime actually runs.
-
-    ONNX Runtime fuses DequantizeLinear -> op -> QuantizeLinear into integer kernels
-    when it optimizes the graph; this saves its optimized graph and counts them, so
-    a QDQ model that would silently run in float shows zero.
-    """
-    return integer_ops_of(optimized_op_counts(onnx_path))
-
-
-def onnx_accuracy(onnx_path: Path, x: np.ndarray, y: np.ndarray, threads: int = 1) -> float:
-    """Top-1 accuracy of an ONNX model on ONNX Runtime (CPU, all graph optimizations)."""
-    from edgeship.device.runtimes import open_session
-    from edgeship.tasks.host_check import run_batches
-
-    if len(y) == 0:
-        return float("nan")
-    logits = run_batches(open_session("onnxruntime", onnx_path, threads=threads), x)
-    return float((logits.argmax(axis=1) == np.asarray(y)).mean())
-
-
 def find_untraceable_modules(model: nn.Module) -> list[str]:
     """Names of the modules torch.fx cannot trace (data-dependent control flow).
 
@@ -618,10 +568,8 @@ def _export(converted: nn.Module | None, prepared: nn.Module, input_shape: tuple
 
 
 def _protect_float_islands(path: Path) -> None:
-    """Keep the plan's float layers float on ONNX Runtime (see `edgeship.tasks.ptq.keep_float_islands`)."""
+    """Keep the plan's float layers float on ONNX Runtime (see `edgeship.tasks.qdq_onnx.keep_float_islands`)."""
     import onnx
-
-    from edgeship.tasks.ptq import keep_float_islands
 
     model = onnx.load(str(path))
     if keep_float_islands(model):
