@@ -1,7 +1,7 @@
 """The `sensitivity` stage: how much each layer suffers from int8, and what keeping it float costs.
 
 Accuracy side (PyTorch): the model is prepared for int8 once, exactly as QAT will
-prepare it (`edgeship.tasks.qat.prepare_model`: fused Conv-BN-activation layers,
+prepare it (`edgeship.tasks.qat_prepare.prepare_model`: fused Conv-BN-activation layers,
 per-channel int8 weights, uint8 activations), its quantizers are calibrated on the
 calibration split, and each layer's quantizers are then switched on and off
 (`QuantSimulator`). For every layer: only that layer int8 (its weights and the
@@ -41,7 +41,8 @@ from edgeship.config import QatParams, SensitivityParams
 from edgeship.records import LayerSensitivity, PreparedData, SensitivityReport, TrainedModel
 from edgeship.tasks.data import load_split
 from edgeship.tasks.ptq import export_fp32, quantize_onnx
-from edgeship.tasks.qat import Layer, calibrate, prepare_model, quantized_engine
+from edgeship.tasks.qat_plan import Layer
+from edgeship.tasks.qat_prepare import calibrate, prepare_model, quantized_engine
 from edgeship.tasks.qdq_onnx import layer_of_module, node_module, revert_layers
 from edgeship.tasks.train import load_model, predict_logits
 
