@@ -1,8 +1,8 @@
-"""Typed records passed between stages.
+"""The device wire protocol: what the pipeline and a device agent send each other over HTTP.
 
-Stages hand each other small records and file paths, never large blobs: a record
-names where an artifact lives and what it is (hash, size, precision, input spec).
-This module imports pydantic only, so the device side can use it too.
+A benchmark or evaluate job's request, what the device measured (latency, sensors,
+TensorRT builds), and what the agent says about itself (`GET /info`). Both sides of the
+wire import these, the device side included, so this module imports pydantic only.
 """
 
 from __future__ import annotations
@@ -10,13 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-
-class Record(BaseModel):
-    """Base for records: immutable, and strict about unknown fields."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
+from edgeship.records.base import Record
 
 
 class TensorSpec(Record):
@@ -25,156 +21,6 @@ class TensorSpec(Record):
     name: str
     shape: tuple[int, ...]
     dtype: str = "float32"
-
-
-class PreparedData(Record):
-    """The train/val/test/calibration splits written by the `prepare` stage."""
-
-    directory: Path
-    classes: list[str]
-    input_shape: tuple[int, int, int]  # (channels, height, width)
-    counts: dict[str, int]
-    dvc_hash: str | None = None  # md5 of the prepared directory from dvc.lock (lineage)
-
-    def split_path(self, split: str) -> Path:
-        return self.directory / f"{split}.npz"
-
-
-class TrainedModel(Record):
-    """A trained float model: its state dict and how to rebuild the module."""
-
-    checkpoint: Path
-    factory: str
-    factory_kwargs: dict = Field(default_factory=dict)
-    num_classes: int
-    input_shape: tuple[int, int, int]
-    val_accuracy: float
-    test_accuracy: float
-    mlflow_run_id: str | None = None
-    model_uri: str | None = None  # the logged fp32 model in MLflow (models:/...)
-    teacher: str | None = None  # what it was distilled from (a factory or an MLflow URI), when it was
-
-
-class QuantizedModel(Record):
-    """A quantized model exported as QDQ ONNX: quantization-aware trained (method "qat"), or the
-    post-training-quantization baseline (method "ptq", ONNX Runtime's static quantization)."""
-
-    onnx_path: Path
-    val_accuracy: float  # of the converted torch model (qat), of ONNX Runtime (ptq)
-    test_accuracy: float
-    plan: dict[str, str] = Field(default_factory=dict)  # layer name -> precision
-    float_layers: list[str] = Field(default_factory=list)
-    integer_ops: dict[str, int] = Field(default_factory=dict)  # op type -> count in ONNX Runtime's optimized graph
-    float_ops: dict[str, int] = Field(default_factory=dict)  # Conv/Gemm/... still computing in float there
-    layer_precisions: dict[str, str] = Field(default_factory=dict)  # every quantizable layer -> int8/float, as built
-    onnx_val_accuracy: float | None = None  # of the exported ONNX model on ONNX Runtime
-    onnx_test_accuracy: float | None = None
-    epochs_run: int | None = None  # QAT epochs before early stop
-    qat_float_checkpoint: Path | None = None  # fine-tuned weights as a state dict of the float model
-    method: Literal["qat", "ptq"] = "qat"
-
-
-class LayerSensitivity(Record):
-    """How much one layer suffers from int8, and what it costs in float."""
-
-    layer: str  # as the user's model names it (features.3.conv.1)
-    kind: str  # conv, depthwise, linear
-    rank: int  # 1: the most sensitive
-    accuracy_drop: float  # val accuracy points lost with only this layer int8
-    sqnr_db: float  # of the logits with only this layer int8, against fp32 (higher: less error)
-    kl: float  # mean KL(fp32 || quantized) of the softmax outputs, only this layer int8
-    converse_accuracy_gain: float | None = None  # points recovered by keeping only this layer float
-    converse_sqnr_gain_db: float | None = None
-    int8_ms: float | None = None  # this layer's nodes on ONNX Runtime, all-int8 model (profiled)
-    float_ms: float | None = None  # this layer's nodes on ONNX Runtime, fp32 model (profiled)
-    revert_cost_ms: float | None = None  # latency added by keeping only this layer float in the int8 model
-
-
-class SensitivityReport(Record):
-    """The per-layer sensitivity analysis of one trained model."""
-
-    fp32_val_accuracy: float
-    int8_val_accuracy: float  # every layer int8 (fake-quant simulation, calibrated on the calibration split)
-    int8_sqnr_db: float
-    samples: int  # validation images each evaluation used
-    layers: list[LayerSensitivity]  # in model order
-    int8_latency_ms: float | None = None  # all-int8 model on ONNX Runtime (sum of per-node medians, 1 thread)
-    fp32_latency_ms: float | None = None
-    runtime: str = "onnxruntime"
-    int8_onnx: Path | None = None  # the all-int8 QDQ model the costs were measured on (the plan measures on it too)
-
-    def ranking(self) -> list[str]:
-        """Layer names, the most sensitive first."""
-        return [s.layer for s in sorted(self.layers, key=lambda s: s.rank)]
-
-
-class PlanCandidate(Record):
-    """One plan the search evaluated: its float layers, predicted accuracy and latency."""
-
-    step: int
-    strategy: str
-    float_layers: list[str]
-    reverted: str | None = None  # the layer this step turned float
-    val_accuracy: float
-    sqnr_db: float
-    predicted_latency_ms: float | None = None
-    measured_latency_ms: float | None = None
-    meets_budget: bool = False
-
-
-class PrecisionPlan(Record):
-    """A mixed-precision plan: each layer's precision, with the accuracy and latency it is predicted to have."""
-
-    layers: dict[str, Literal["int8", "float"]]  # every quantizable layer
-    fp32_val_accuracy: float
-    allowed_drop: float  # accuracy fraction (0.005: half a point)
-    predicted_val_accuracy: float  # fake-quant simulation before QAT (QAT usually recovers more)
-    predicted_latency_ms: float | None = None
-    measured_latency_ms: float | None = None  # the plan's QDQ model on ONNX Runtime
-    int8_latency_ms: float | None = None
-    fp32_latency_ms: float | None = None
-    meets_budget: bool
-    strategy: str
-    pinned: dict[str, str] = Field(default_factory=dict)
-    candidates: list[PlanCandidate] = Field(default_factory=list)  # every plan evaluated, both strategies
-    evaluations: int = 0  # validation passes the search took
-
-    @property
-    def float_layers(self) -> list[str]:
-        return [name for name, precision in self.layers.items() if precision == "float"]
-
-    @property
-    def int8_layers(self) -> list[str]:
-        return [name for name, precision in self.layers.items() if precision == "int8"]
-
-
-class CompiledArtifact(Record):
-    """One compiled model for one target."""
-
-    target: str
-    path: Path
-    sha256: str
-    bytes: int
-    precision: str  # fp32, fp16, int8, mixed
-    runtime: str  # onnxruntime, litert, coreml, tensorrt
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    converter: dict[str, str] = Field(default_factory=dict)  # tool -> version
-    # What the target's converter did and checked: route, which weights, op census, a proxy's metrics, ...
-    notes: dict = Field(default_factory=dict)
-
-
-class HostCheck(Record):
-    """A compiled artifact loaded on its own runtime on this host and evaluated."""
-
-    target: str
-    accuracy: float | None
-    top1_agreement: float | None = None  # vs the fp32 torch model
-    max_abs_logit_diff: float | None = None
-    runtime: str
-    error: str | None = None
-    proxy: bool = False  # measured on a stand-in (e.g. torch fake-quant) because the runtime does not run here
-    note: str = ""  # what the proxy is, or why the target was not measured here
 
 
 class LatencyStats(Record):
@@ -367,65 +213,6 @@ class BenchmarkResult(Record):
     engine_sha256: str | None = None  # tensorrt: the engine the device built from `sha256` (the ONNX) and measured
     build: TensorRTBuild | None = None  # tensorrt: the device's build record (flags, versions, log tail)
     engine_path: str | None = None  # tensorrt: where the pipeline stored the engine it fetched from the device
-
-
-GateComparator = Literal["<=", ">="]
-
-
-class GateCheck(Record):
-    """One check of a gate: measured value against its limit."""
-
-    name: str
-    measured: float | None
-    limit: float
-    comparator: GateComparator
-    unit: str = ""
-    passed: bool
-    reason: str = ""
-
-
-class GateReport(Record):
-    """All checks of one target's gate."""
-
-    target: str
-    required: bool
-    checks: list[GateCheck]
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.checks) and all(c.passed for c in self.checks)
-
-
-class CompileOutcome(Record):
-    """A target's compile step: the artifact, or the converter's error (one target failing stops no other)."""
-
-    target: str
-    artifact: CompiledArtifact | None = None
-    error: str | None = None
-
-
-class TargetSummary(Record):
-    """Everything a release knows about one target."""
-
-    target: str
-    artifact: CompiledArtifact | None
-    host_check: HostCheck | None
-    benchmarks: list[BenchmarkResult]
-    gate: GateReport
-    error: str | None = None
-
-
-class ReleaseSummary(Record):
-    """The machine-readable result of one release run (`edgeship run --summary`)."""
-
-    model_name: str
-    model_version: str | None
-    run_id: str | None
-    fp32_test_accuracy: float
-    data_hash: str | None
-    targets: list[TargetSummary]
-    passed: bool
-    aliases: list[str] = Field(default_factory=list)
 
 
 class DeviceInfo(Record):
