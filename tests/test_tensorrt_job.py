@@ -206,7 +206,7 @@ def _artifact(path: Path, target: str = "tensorrt-int8") -> CompiledArtifact:
 
 def test_a_builder_that_crashes_ends_only_its_own_process(tmp_path, onnx_model, monkeypatch):
     """TensorRT's lean runtime segfaults on import without a GPU: that must end the job, not the caller."""
-    from edgeship.device.benchmark import run_tensorrt_build_job
+    from edgeship.device.jobs import run_tensorrt_build_job
 
     fake = tmp_path / "fake-tensorrt"
     fake.mkdir()
