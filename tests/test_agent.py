@@ -25,9 +25,9 @@ import onnx
 import onnxruntime
 import pytest
 
-from edgeship.device.jobs import run_benchmark_job
 from edgeship.device.cli import main as device_cli
 from edgeship.device.client import AgentClient, local_agent
+from edgeship.device.jobs import run_benchmark_job
 from edgeship.device.runtimes import available_runtimes, open_session, predict_classes
 from edgeship.errors import DeviceJobFailed, DeviceUnreachable
 from edgeship.files import sha256_of

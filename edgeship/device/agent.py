@@ -57,8 +57,8 @@ from edgeship.device.tensorrt_build import EngineCache, cache_root, engine_key, 
 from edgeship.device.upload import Upload, check_fields, check_hashes, check_headers, receive_upload
 from edgeship.errors import DeviceJobFailed
 from edgeship.files import sha256_of
-from edgeship.records import (BenchmarkRequest, BenchmarkResult, DeviceInfo, EvaluationRequest, EvaluationResult,
-                              TensorRTBuild, TensorRTBuildOptions)
+from edgeship.records import (PROTOCOL, BenchmarkRequest, BenchmarkResult, DeviceInfo, EvaluationRequest,
+                              EvaluationResult, TensorRTBuild, TensorRTBuildOptions)
 
 _BUILD_LOG_TAIL = 60  # builder log lines a build record carries
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -368,6 +368,7 @@ def describe_device(settings: AgentSettings, sensors: list[Sensor] | None = None
         threads=settings.threads,
         sensors=[sensor.info() for sensor in sensors or []],
         tls=settings.tls,
+        protocol=PROTOCOL,
     )
 
 

@@ -7,18 +7,19 @@
 Import from here (`from edgeship.records import BenchmarkResult`); the submodules say where a record belongs.
 """
 
-from edgeship.records.base import Record
+from edgeship.records.base import Record, WireRecord
 from edgeship.records.pipeline import (CompiledArtifact, CompileOutcome, GateCheck, GateComparator, GateReport, HostCheck,
                                        PreparedData, ReleaseSummary, TargetSummary, TrainedModel)
 from edgeship.records.quantization import (LayerSensitivity, PlanCandidate, PrecisionPlan, QuantizedModel,
                                            SensitivityReport)
 from edgeship.records.wire import (BenchmarkRequest, BenchmarkResult, ChannelStats, DeviceInfo, EvaluationRequest,
-                                   EvaluationResult, LatencyHistogram, LatencyStats, LatencyWindow, RuntimeOption,
+                                   EvaluationResult, LatencyHistogram, LatencyStats, LatencyWindow, MIN_AGENT_PROTOCOL,
+                                   PROTOCOL, RuntimeOption,
                                    SensorInfo, SensorReport, TensorRTBuild, TensorRTBuildOptions, TensorSpec,
                                    UpdateReport, UpdateStatus)
 
 __all__ = [
-    "BenchmarkRequest", "BenchmarkResult", "ChannelStats", "CompileOutcome", "CompiledArtifact", "DeviceInfo",
+    "MIN_AGENT_PROTOCOL", "PROTOCOL", "WireRecord", "BenchmarkRequest", "BenchmarkResult", "ChannelStats", "CompileOutcome", "CompiledArtifact", "DeviceInfo",
     "EvaluationRequest", "EvaluationResult", "GateCheck", "GateComparator", "GateReport", "HostCheck",
     "LatencyHistogram", "LatencyStats", "LatencyWindow", "LayerSensitivity", "PlanCandidate", "PrecisionPlan",
     "PreparedData", "QuantizedModel", "Record", "ReleaseSummary", "RuntimeOption", "SensitivityReport",

@@ -3,6 +3,12 @@
 A benchmark or evaluate job's request, what the device measured (latency, sensors,
 TensorRT builds), and what the agent says about itself (`GET /info`). Both sides of the
 wire import these, the device side included, so this module imports pydantic only.
+
+Version skew: every record here ignores fields it does not know and defaults the optional
+ones it is not sent (`WireRecord`), so a field added on one side breaks no older peer. A
+change an older peer cannot read bumps `PROTOCOL`; `/info` states the agent's
+(`DeviceInfo.protocol`), and the pipeline's client refuses an agent outside
+[`MIN_AGENT_PROTOCOL`, `PROTOCOL`] with AgentProtocolMismatch, naming the side to upgrade.
 """
 
 from __future__ import annotations
@@ -12,10 +18,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from edgeship.records.base import Record
+from edgeship.records.base import Record, WireRecord
+
+PROTOCOL = 1  # the wire protocol this release speaks (agent and pipeline alike)
+MIN_AGENT_PROTOCOL = 1  # the oldest agent protocol this pipeline can use
 
 
-class TensorSpec(Record):
+class TensorSpec(WireRecord):
     """Name, shape and dtype of one model input or output."""
 
     name: str
@@ -23,7 +32,7 @@ class TensorSpec(Record):
     dtype: str = "float32"
 
 
-class LatencyStats(Record):
+class LatencyStats(WireRecord):
     """Latency percentiles in milliseconds."""
 
     p50: float
@@ -37,14 +46,14 @@ class LatencyStats(Record):
     min: float | None = None
 
 
-class LatencyHistogram(Record):
+class LatencyHistogram(WireRecord):
     """Every timed latency, binned on the device (log-spaced bins), so the pipeline can draw it."""
 
     edges_ms: list[float]  # len(counts) + 1 edges, ascending
     counts: list[int]
 
 
-class LatencyWindow(Record):
+class LatencyWindow(WireRecord):
     """One slice of a timed run, in order: how latency moved over the run (thermal drift)."""
 
     start_s: float  # since the timed run began
@@ -54,7 +63,7 @@ class LatencyWindow(Record):
     p99: float  # ms
 
 
-class SensorInfo(Record):
+class SensorInfo(WireRecord):
     """One sensor plug-in on a device: what it reads, or why it is absent."""
 
     name: str  # thermal, cpufreq, rapl, ina3221, rpi-pmic, rpi-throttle, tegrastats, ...
@@ -64,7 +73,7 @@ class SensorInfo(Record):
     channels: list[str] = Field(default_factory=list)  # "<sensor>/<channel>" keys it reports
 
 
-class ChannelStats(Record):
+class ChannelStats(WireRecord):
     """One sensor channel over a timed run."""
 
     unit: str  # C, MHz, W, flag, count, state
@@ -75,7 +84,7 @@ class ChannelStats(Record):
     last: float
 
 
-class SensorReport(Record):
+class SensorReport(WireRecord):
     """What the device's sensors saw while a benchmark ran."""
 
     interval_s: float
@@ -97,7 +106,11 @@ RuntimeOption = bool | int | float | str  # one value of a runtime adapter's key
 
 
 class TensorRTBuildOptions(Record):
-    """How a device builds a TensorRT engine from an ONNX file (the `options` of `POST /jobs/tensorrt-build`)."""
+    """How a device builds a TensorRT engine from an ONNX file (the `options` of `POST /jobs/tensorrt-build`).
+
+    Strict on purpose, unlike the other wire records: the options are the engine's cache key, and a
+    misspelled option silently ignored would build (and cache) a different engine than was asked for.
+    """
 
     precision: Literal["fp16", "int8", "fp32"] = "fp16"  # int8: explicit, from the ONNX's Q/DQ nodes (FP16 too)
     workspace_mb: int = Field(default=1024, ge=16, le=1 << 20)  # the builder's scratch memory limit
@@ -106,7 +119,7 @@ class TensorRTBuildOptions(Record):
     timing_cache: bool = True  # reuse and extend this device's kernel timing cache
 
 
-class TensorRTBuild(Record):
+class TensorRTBuild(WireRecord):
     """An engine a device built (or had built before) from an ONNX file: what `POST /jobs/tensorrt-build` answers.
 
     The engine stays in the agent's engine cache: a benchmark or evaluate job names it by
@@ -128,7 +141,7 @@ class TensorRTBuild(Record):
     emulated: bool = False
 
 
-class BenchmarkRequest(Record):
+class BenchmarkRequest(WireRecord):
     """What a benchmark job asks a device to do."""
 
     runtime: str = "onnxruntime"
@@ -149,7 +162,7 @@ class BenchmarkRequest(Record):
     runtime_options: dict[str, RuntimeOption] = Field(default_factory=dict)
 
 
-class EvaluationRequest(Record):
+class EvaluationRequest(WireRecord):
     """What an evaluate job asks: the runtime and how to run the validation batch through it."""
 
     runtime: str = "onnxruntime"
@@ -159,7 +172,7 @@ class EvaluationRequest(Record):
     runtime_options: dict[str, RuntimeOption] = Field(default_factory=dict)  # as BenchmarkRequest's
 
 
-class EvaluationResult(Record):
+class EvaluationResult(WireRecord):
     """A device's predictions on a validation batch the pipeline sent (`POST /jobs/evaluate`)."""
 
     target: str
@@ -174,7 +187,7 @@ class EvaluationResult(Record):
     emulated: bool = False
 
 
-class BenchmarkResult(Record):
+class BenchmarkResult(WireRecord):
     """What a device measured for one artifact (or why it could not)."""
 
     target: str
@@ -215,7 +228,7 @@ class BenchmarkResult(Record):
     engine_path: str | None = None  # tensorrt: where the pipeline stored the engine it fetched from the device
 
 
-class DeviceInfo(Record):
+class DeviceInfo(WireRecord):
     """What a device agent reports about itself (`GET /info`)."""
 
     name: str  # the agent's --name: how the inventory in params.yaml calls this device
@@ -235,12 +248,13 @@ class DeviceInfo(Record):
     threads: int | None = None  # thread count the agent imposes on every job (an emulated profile)
     sensors: list[SensorInfo] = Field(default_factory=list)  # available and absent sensor plug-ins
     tls: bool = False  # the agent serves HTTPS
+    protocol: int = 1  # the wire protocol the agent speaks (absent: an agent from before it said, protocol 1)
 
 
 UpdateStatus = Literal["updated", "up_to_date", "refused", "not_in_cohort", "error"]
 
 
-class UpdateReport(Record):
+class UpdateReport(WireRecord):
     """What one OTA check on a device did (`edgeship-device update` prints it as JSON)."""
 
     status: UpdateStatus
