@@ -21,7 +21,8 @@ from edgeship.registry.tracking import ReleaseRun
 from edgeship.targets import KNOWN_TARGETS
 
 
-def _epoch_logger(run: ReleaseRun, stage: str, total: int):
+def epoch_logger(run: ReleaseRun, stage: str, total: int):
+    """An on_epoch callback that logs `<stage>/<metric>` per epoch and advances the stage's progress row."""
     progress().start(stage, total=total)
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
@@ -58,7 +59,7 @@ def train_model(params: Params, data: PreparedData, out_dir: Path, run: ReleaseR
     from edgeship.tasks.train import load_model, train
 
     trained = train(data, params.model, params.train, out_dir,
-                    on_epoch=_epoch_logger(run, "train", params.train.epochs))
+                    on_epoch=epoch_logger(run, "train", params.train.epochs))
     run.log_metrics({"fp32/val_accuracy": trained.val_accuracy, "fp32/test_accuracy": trained.test_accuracy})
     example, _ = load_split(data, "test")
     model_uri = log_torch_model(run, load_model(trained), example[:1])
