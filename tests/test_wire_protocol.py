@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import threading
 
 import httpx
 import pytest
@@ -50,15 +49,13 @@ def answers(agent, tiny_model) -> dict[str, dict]:
 
 
 @pytest.fixture
-def replay():
-    """Serve fixed JSON answers per path on 127.0.0.1 (any method); stopped after the test."""
-    servers = []
+def replay(http_server):
+    """Serve fixed JSON answers per path on 127.0.0.1 (any method), as an agent of another release would."""
 
     def serve(by_path: dict[str, dict]) -> str:
         class Handler(http.server.BaseHTTPRequestHandler):
             def _answer(self):
-                length = int(self.headers.get("content-length") or 0)
-                self.rfile.read(length)
+                self.rfile.read(int(self.headers.get("content-length") or 0))
                 body = json.dumps(by_path[self.path]).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -71,15 +68,9 @@ def replay():
             def log_message(self, format, *args):  # noqa: A002 - the stdlib's signature
                 pass
 
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
+        return http_server(Handler)
 
-    yield serve
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    return serve
 
 
 def _without_optional(answer: dict, record) -> dict:
