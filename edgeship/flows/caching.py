@@ -106,7 +106,7 @@ def _trained(p: dict) -> dict:
 def sensitivity_key(context, p: dict) -> str:
     params = p["params"]
     return digest(stage="sensitivity", **_trained(p), sensitivity=params.sensitivity, qat=params.qat,
-                  code=source_hash("edgeship.tasks.sensitivity"), task=_task_source(context))
+                  code=source_hash("edgeship.tasks.sensitivity", "edgeship.tasks.qdq_onnx"), task=_task_source(context))
 
 
 def plan_key(context, p: dict) -> str:
@@ -119,12 +119,13 @@ def plan_key(context, p: dict) -> str:
 def qat_key(context, p: dict) -> str:
     params, plan = p["params"], p["plan"]
     layers = dict(plan.layers) if plan else dict(params.precision.pinned)
-    return digest(stage="qat", **_trained(p), plan=layers, qat=params.qat, code=source_hash("edgeship.tasks.qat"),
-                  task=_task_source(context))
+    return digest(stage="qat", **_trained(p), plan=layers, qat=params.qat, task=_task_source(context),
+                  code=source_hash("edgeship.tasks.qat", "edgeship.tasks.qat_plan", "edgeship.tasks.qat_prepare",
+                                   "edgeship.tasks.qat_export", "edgeship.tasks.qdq_onnx"))
 
 
 def ptq_key(context, p: dict) -> str:
-    return digest(stage="ptq", **_trained(p), ptq=p["params"].ptq, code=source_hash("edgeship.tasks.ptq"),
+    return digest(stage="ptq", **_trained(p), ptq=p["params"].ptq, code=source_hash("edgeship.tasks.ptq", "edgeship.tasks.qdq_onnx"),
                   task=_task_source(context))
 
 
@@ -154,12 +155,12 @@ def host_check_key(context, p: dict) -> str:
 def benchmark_key(context, p: dict) -> str:
     """The artifact, the device as it reported itself (a replaced or upgraded device is measured again),
     its inventory entry (not a loopback agent's port), `benchmark:` and the evaluation batch's content."""
-    fleet, device, batch = p["fleet"], p["device"], p["batch"]
-    info = fleet.info.get(device)
+    pool, device, batch = p["pool"], p["device"], p["batch"]
+    info = pool.info.get(device)
     identity = None if info is None else info.model_dump(
         mode="json", include={"name", "hostname", "os", "platform", "machine", "cpu_model", "cpu_count", "runtimes",
                               "agent_version", "emulated", "cpus", "threads"})
-    endpoint = fleet.devices[device]
+    endpoint = pool.devices[device]
     inventory = {"tags": list(endpoint.tags), "runtimes": endpoint.runtimes, "sustained_s": endpoint.sustained_s}
     return digest(stage="benchmark", artifact=p["artifact"].sha256, target=p["artifact"].target, device=device,
                   identity=identity, inventory=inventory, benchmark=p["params"].benchmark,

@@ -15,8 +15,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from edgeship.config import load_params
-from edgeship.flows import quantization_tasks as q
-from edgeship.flows import release_tasks as t
+from edgeship.flows import quantization_tasks, release_tasks
 from edgeship.flows.caching import ProjectCache
 from edgeship.records import ReleaseSummary, TargetSummary
 from edgeship.registry.tracking import ReleaseRun
@@ -57,39 +56,45 @@ def _quantize(params, trained, data, out_dir: Path, run: ReleaseRun, cache: Proj
     """Sensitivity -> mixed-precision plan -> QAT on the plan; PTQ alongside, as the row QAT must beat."""
     plan = None
     if params.sensitivity.enabled:
-        report = cache.call(q.analyze_sensitivity, params, trained, data, out_dir, run,
-                            on_reuse=lambda _: t.reused("sensitivity", run))
-        plan = cache.call(q.plan_precision, params, trained, data, report, run,
-                          on_reuse=lambda _: t.reused("precision plan", run))
-    quantized = cache.call(q.quantize_on_plan, params, trained, data, plan, out_dir, run,
-                           on_reuse=lambda _: t.reused("qat", run))
-    baseline = cache.call(q.ptq_baseline, params, trained, data, out_dir, run,
-                          on_reuse=lambda _: t.reused("ptq", run)) if params.ptq.enabled else None
-    q.compare_quantization(trained, baseline, quantized, run)
+        report = cache.call(quantization_tasks.analyze_sensitivity, params, trained, data, out_dir, run,
+                            on_reuse=lambda _: release_tasks.reused("sensitivity", run))
+        plan = cache.call(quantization_tasks.plan_precision, params, trained, data, report, run,
+                          on_reuse=lambda _: release_tasks.reused("precision plan", run))
+    quantized = cache.call(quantization_tasks.quantize_on_plan, params, trained, data, plan, out_dir, run,
+                           on_reuse=lambda _: release_tasks.reused("qat", run))
+    baseline = None
+    if params.ptq.enabled:
+        baseline = cache.call(quantization_tasks.ptq_baseline, params, trained, data, out_dir, run,
+                              on_reuse=lambda _: release_tasks.reused("ptq", run))
+    quantization_tasks.compare_quantization(trained, baseline, quantized, run)
     return quantized
 
 
 def _release(root: Path, params, run: ReleaseRun, out_dir: Path, cache: ProjectCache) -> ReleaseSummary:
-    data = t.prepare_data(root, params, run)
+    data = release_tasks.prepare_data(root, params, run)
     if params.distillation.enabled:
-        trained = cache.call(q.distill_model, params, data, out_dir, run,
-                             on_reuse=lambda m: t.reused_model(run, m, "student"))
+        trained = cache.call(quantization_tasks.distill_model, params, data, out_dir, run,
+                             on_reuse=lambda model: release_tasks.reused_model(run, model, "student"))
     else:
-        trained = cache.call(t.train_model, params, data, out_dir, run, on_reuse=lambda m: t.reused_model(run, m))
-    quantized = (_quantize(params, trained, data, out_dir, run, cache) if t.needs_quantized_model(params.targets)
-                 else None)
+        trained = cache.call(release_tasks.train_model, params, data, out_dir, run,
+                             on_reuse=lambda model: release_tasks.reused_model(run, model))
+    quantized = None
+    if release_tasks.needs_quantized_model(params.targets):
+        quantized = _quantize(params, trained, data, out_dir, run, cache)
 
-    compiled = [cache.submit(t.compile_target, target, trained, quantized, data, out_dir, run)
+    compiled = [cache.submit(release_tasks.compile_target, target, trained, quantized, data, out_dir, run)
                 for target in params.targets]
-    outcomes = {o.target: o for o in (cache.reused(f, lambda o: t.reused_compile(run, o)) for f in compiled)}
+    outcomes = {o.target: o for o in (cache.reused(future, lambda o: release_tasks.reused_compile(run, o))
+                                      for future in compiled)}
     artifacts = [o.artifact for o in outcomes.values() if o.artifact]
 
-    reference = cache.call(t.reference_logits, trained, data, out_dir)
-    host_checks = {a.target: cache.call(t.check_on_host, a, data, reference, run,
-                                        on_reuse=lambda result, a=a: t.log_host_check(run, a.target, result))
+    reference = cache.call(release_tasks.reference_logits, trained, data, out_dir)
+    host_checks = {a.target: cache.call(release_tasks.check_on_host, a, data, reference, run,
+                                        on_reuse=lambda result, a=a: release_tasks.log_host_check(run, a.target,
+                                                                                                  result))
                    for a in artifacts}
 
-    benchmarks = t.benchmark_on_fleet(artifacts, data, params, run, cache)
+    benchmarks = release_tasks.benchmark_on_devices(artifacts, data, params, run, cache)
 
     summaries = []
     for target in params.targets:
@@ -102,9 +107,9 @@ def _release(root: Path, params, run: ReleaseRun, out_dir: Path, cache: ProjectC
         summaries.append(TargetSummary(target=target, artifact=outcome.artifact, host_check=host_checks.get(target),
                                        benchmarks=benchmarks.get(target, []), gate=gate, error=outcome.error))
     gates = [s.gate for s in summaries]
-    t.publish_reports(gates, summaries, trained.test_accuracy, run)
+    release_tasks.publish_reports(gates, summaries, trained.test_accuracy, run)
 
-    version = t.register(params, trained, artifacts, gates, run)
+    version = release_tasks.register(params, trained, artifacts, gates, run)
     passed = release_passes(gates)
     return ReleaseSummary(model_name=params.project.name, model_version=version, run_id=run.run_id,
                           fp32_test_accuracy=trained.test_accuracy, data_hash=data.dvc_hash, targets=summaries,
