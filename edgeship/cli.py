@@ -97,37 +97,88 @@ def check(params: Path = ParamsOption) -> None:
 
 def _quiet_prefect() -> None:
     # The rich display is the CLI's output; Prefect's own log lines would interleave with it.
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home from the ephemeral API
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    from edgeship.console import quiet_libraries
+
+    quiet_libraries()
 
 
 @app.command("run")
 def run(params: Path = ParamsOption, workdir: Path = WorkdirOption,
-        summary: Optional[Path] = typer.Option(None, help="also write the release summary as JSON here")) -> None:
-    """Run the whole release: data, train, QAT, compile, host check, benchmark, gate, register."""
+        summary: Optional[Path] = typer.Option(None, help="also write the release summary as JSON here"),
+        fresh: bool = typer.Option(False, "--fresh", help="recompute every stage, reusing nothing from earlier "
+                                                         "runs (.edgeship/cache)")) -> None:
+    """Run the whole release: data, train, QAT, compile, host check, benchmark, gate, register.
+
+    Progress per stage and the final table go to the terminal; library warnings and runtime logs go to
+    the run's log file (.edgeship/runs/<run id>/release.log, also in MLflow). Unchanged stages are reused.
+    """
     from edgeship.config import load_params
 
     try:
-        load_params(workdir / params)  # fail on a bad config before anything starts
+        settings = load_params(workdir / params)  # fail on a bad config before anything starts
     except EdgeshipError as error:
         _fail(error)
     _quiet_prefect()
-    from edgeship.flows.release import release
-    from edgeship.progress import RichProgress, reporting
+    import time
 
-    try:
-        with RichProgress(console) as display, reporting(display):
-            result = release(params_path=str(params), workdir=str(workdir),
-                             summary_path=str(summary.resolve()) if summary else None)
-    except EdgeshipError as error:
-        _fail(error)
-    _print_summary(result)
+    from edgeship.console import library_output_to
+
+    log_path = workdir.resolve() / ".edgeship" / "logs" / f"release-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    crash = None
+    with library_output_to(log_path, console):
+        try:
+            result = _release_with_progress(params, workdir, summary, fresh)
+        except EdgeshipError as error:
+            crash = error
+        except Exception as error:  # a bug: its traceback is in the log, the terminal gets one line
+            import traceback
+
+            traceback.print_exc()
+            crash = error
+    if crash is not None:
+        _fail_with_log(crash, log_path)
+    log_path = _file_log_with_run(log_path, settings, workdir, result.run_id)
+    _print_summary(result, Console())
+    console.print(f"[dim]log: {log_path}[/]")
     raise typer.Exit(code=0 if result.passed else GATE_FAILED)
 
 
-def _print_summary(summary) -> None:
+def _release_with_progress(params: Path, workdir: Path, summary: Optional[Path], fresh: bool):
+    from edgeship.flows.release import release
+    from edgeship.progress import RichProgress, reporting
+
+    with RichProgress(console) as display, reporting(display):
+        return release(params_path=str(params), workdir=str(workdir),
+                       summary_path=str(summary.resolve()) if summary else None, fresh=fresh)
+
+
+def _fail_with_log(error: Exception, log_path: Path) -> None:
+    """The error once, with its fix (EdgeshipError) or as a crash (anything else); details are in the log."""
+    if isinstance(error, EdgeshipError):
+        console.print(f"[bold red]error:[/] {error}")
+        console.print(f"[dim]log: {log_path}[/]")
+        raise typer.Exit(code=2)
+    console.print(f"[bold red]crashed:[/] {type(error).__name__}: {error}\n[dim]traceback: {log_path}[/]")
+    raise typer.Exit(code=1)
+
+
+def _file_log_with_run(log_path: Path, settings, workdir: Path, run_id: str | None) -> Path:
+    """Move the log into the run's directory and attach it to the MLflow run; return where it is now."""
+    if not run_id:
+        return log_path
+    target = workdir.resolve() / ".edgeship" / "runs" / run_id / "release.log"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log_path.replace(target)
+    try:
+        from edgeship.registry.tracking import ReleaseRun, tracking_uri_for
+
+        ReleaseRun(run_id, tracking_uri_for(settings.registry, workdir.resolve())).log_artifact(target, "logs")
+    except Exception as error:  # the release is done; a log that did not upload is only mentioned
+        console.print(f"[yellow]the log stays local ({error})[/]")
+    return target
+
+
+def _print_summary(summary, out: Console) -> None:
     table = Table(title=f"{summary.model_name} v{summary.model_version}  (fp32 test accuracy "
                         f"{summary.fp32_test_accuracy:.4f})")
     for column in ("target", "size", "accuracy", "device", "p50 ms", "p99 ms", "gate"):
@@ -142,9 +193,9 @@ def _print_summary(summary) -> None:
                           bench.device if bench else "—", f"{latency.p50:.3f}" if latency else "—",
                           f"{latency.p99:.3f}" if latency else "—",
                           "[green]pass" if target.gate.passed else "[red]FAIL " + "; ".join(failed))
-    Console().print(table)
+    out.print(table)
     verdict = "[green]PASSED: alias " + ", ".join(summary.aliases) if summary.passed else "[red]FAILED the gate"
-    Console().print(f"release {verdict}[/]  (MLflow run {summary.run_id})")
+    out.print(f"release {verdict}[/]  (MLflow run {summary.run_id})")
 
 
 @app.command("status")

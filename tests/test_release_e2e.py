@@ -59,6 +59,8 @@ def released(tmp_path_factory):
     assert result.returncode in (0, 3), result.stderr[-4000:]  # 3 = ran fine, a gate failed
     summary = ReleaseSummary.model_validate_json((project / "release.json").read_text())
     assert (result.returncode == 0) == summary.passed
+    (project / "terminal.out").write_text(result.stdout)  # what the user saw, for the console test
+    (project / "terminal.err").write_text(result.stderr)
     return project, summary
 
 
@@ -170,3 +172,19 @@ def test_cli_rejects_a_broken_config_before_any_work(tmp_path):
     assert result.returncode == 2
     assert "'train.epochs'" in result.stderr and "'train.learning_rate': unknown key" in result.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_terminal_shows_stages_and_the_table_and_the_run_log_keeps_library_noise(released):
+    """Progress per stage and the final table on the terminal; warnings and native runtime logs in the log file
+    of the run's directory, which is in MLflow too."""
+    project, summary = released
+    shown = (project / "terminal.err").read_text() + (project / "terminal.out").read_text()
+    for stage in ("data", "train", "qat", "compile onnx-int8", "bench onnx-int8 @ local", "register"):
+        assert stage in shown, stage
+    assert "onnx-int8" in (project / "terminal.out").read_text() and "fp32 test accuracy" in shown
+    for noise in ("Warning", "CleanUnusedInitializers", "INFO: ", "W1201", "Traceback"):
+        assert noise not in shown, noise
+    log = project / ".edgeship" / "runs" / summary.run_id / "release.log"
+    assert "UserWarning" in log.read_text()  # torch's quantized-tensor deprecation, raised during QAT
+    client, _ = mlflow_client(project)
+    assert "logs/release.log" in {f.path for f in client.list_artifacts(summary.run_id, "logs")}
