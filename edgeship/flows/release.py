@@ -10,6 +10,7 @@ Prefect deployment on a schedule, or from the Prefect UI with parameters.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -32,6 +33,8 @@ def release(params_path: str = "params.yaml", workdir: str = ".", summary_path: 
     """
     root = Path(workdir).resolve()
     params = load_params(root / params_path)
+    if str(root) not in sys.path:  # the project's own modules (a model factory) import as they do from a script
+        sys.path.insert(0, str(root))
     cache = ProjectCache.open(root, fresh)
     run = ReleaseRun.start(params.registry, root, run_name=f"release-{params.project.name}",
                            tags={"edgeship.flow": "release"})

@@ -10,6 +10,7 @@ quantization-aware training can rewrite them, and layer names follow torchvision
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Callable
 
 from torch import nn
@@ -152,28 +153,80 @@ def small_resnet(num_classes: int, in_channels: int, **kwargs) -> nn.Module:
 
 
 def resolve_factory(path: str) -> Callable[..., nn.Module]:
-    """Import `package.module:function` and return the factory."""
+    """Import `package.module:function` (or `package.module:Class`) and return the factory."""
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise ModelLoadError(f"cannot import model factory module '{module_name}' ({error}); "
-                             f"check model.factory in params.yaml and that the module is on PYTHONPATH") from None
+                             f"check model.factory in params.yaml and that the module is on PYTHONPATH "
+                             f"(or in the project directory)") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ModelLoadError(f"'{attr}' in '{module_name}' is not a callable factory; "
-                             f"model.factory must name a function returning a torch.nn.Module")
+                             f"model.factory must name a function or class returning a torch.nn.Module")
     return factory
 
 
-def build_model(path: str, num_classes: int, in_channels: int, kwargs: dict | None = None) -> nn.Module:
-    """Build a model from its factory's import path and check it is an nn.Module."""
-    factory = resolve_factory(path)
+def factory_arguments(factory: Callable, offered: dict, kwargs: dict) -> dict:
+    """What to call the factory with: the offered arguments its signature names, and all of model.kwargs.
+
+    `offered` is what edgeship knows about the data (num_classes, in_channels, input_size). A factory
+    that only takes **kwargs (and often forwards them to a class) gets num_classes and in_channels, the
+    classic pair, but input_size only by naming it. An unknown key in model.kwargs is the user's to fix,
+    so it is passed and the factory's own TypeError names it.
+    """
     try:
-        model = factory(num_classes=num_classes, in_channels=in_channels, **(kwargs or {}))
+        parameters = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C extension: no signature to read
+        parameters = [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+    names = {p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                         inspect.Parameter.KEYWORD_ONLY)}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        names |= {"num_classes", "in_channels"}
+    return {**{k: v for k, v in offered.items() if k in names}, **kwargs}
+
+
+def build_model(path: str, num_classes: int, in_channels: int, kwargs: dict | None = None,
+                input_size: int | None = None, check: bool = True) -> nn.Module:
+    """Build a model from its factory's import path, check it is an nn.Module and (`check`, given the input
+    size) that it takes a (2, in_channels, input_size, input_size) batch and returns (2, num_classes) logits."""
+    factory = resolve_factory(path)
+    offered = {"num_classes": num_classes, "in_channels": in_channels}
+    if input_size is not None:
+        offered["input_size"] = input_size
+    arguments = factory_arguments(factory, offered, dict(kwargs or {}))
+    try:
+        model = factory(**arguments)
     except TypeError as error:
-        raise ModelLoadError(f"model factory '{path}' rejected its arguments ({error}); a factory takes "
-                             f"num_classes, in_channels and the keyword arguments in model.kwargs") from None
+        raise ModelLoadError(f"model factory '{path}' rejected its arguments {sorted(arguments)} ({error}); it is "
+                             f"given the ones of num_classes, in_channels, input_size its signature names, "
+                             f"and every key of model.kwargs: fix model.kwargs or the factory") from None
     if not isinstance(model, nn.Module):
-        raise ModelLoadError(f"model factory '{path}' returned {type(model).__name__}, not a torch.nn.Module")
+        raise ModelLoadError(f"model factory '{path}' returned {type(model).__name__}, not a torch.nn.Module; "
+                             f"return the model itself (an instance of a torch.nn.Module subclass)")
+    if check and input_size is not None:
+        check_input(model, path, num_classes, (in_channels, input_size, input_size))
     return model
+
+
+def check_input(model: nn.Module, path: str, num_classes: int, shape: tuple[int, int, int]) -> None:
+    """One forward pass on zeros: the model takes `shape` and returns one logit per class."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(torch.zeros(2, *shape))
+    except Exception as error:  # any layer can refuse a shape, each in its own words
+        raise ModelLoadError(f"model '{path}' cannot take images of shape {shape} (channels, height, width): "
+                             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}; set "
+                             f"data.input_size / data.channels to what the model expects, or make the model "
+                             f"take this size (e.g. an adaptive pooling layer before the classifier)") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(output, torch.Tensor) or tuple(output.shape) != (2, num_classes):
+        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ModelLoadError(f"model '{path}' returns {got} for a batch of 2, not (2, {num_classes}) logits (one "
+                             f"per class of the data); give its last layer num_classes outputs")

@@ -54,6 +54,7 @@ def prepare(raw_dir: Path, out_dir: Path, params: DataParams) -> PreparedData:
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     files = _list_images(raw_dir)
+    _check_one_mode(files)
     classes = sorted(files)
     x = np.stack([_read_image(path, params.channels, params.input_size)
                   for name in classes for path in files[name]])
@@ -111,6 +112,25 @@ def _list_images(raw_dir: Path) -> dict[str, list[Path]]:
         raise DataError(f"image folder {raw_dir} has only one class ('{only}'); a classifier needs at least two "
                         f"class subfolders with images")
     return files
+
+
+def _check_one_mode(files: dict[str, list[Path]]) -> None:
+    """Every image in one Pillow mode (all L, all RGB, ...): a folder mixing them is usually two data sets."""
+    from PIL import Image
+
+    modes: dict[str, list[Path]] = {}
+    for path in (p for paths in files.values() for p in paths):
+        try:
+            with Image.open(path) as image:
+                modes.setdefault(image.mode, []).append(path)
+        except Exception as error:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, ...
+            raise DataError(f"cannot read image {path}: {error}; delete or replace the file") from None
+    if len(modes) > 1:
+        counts = ", ".join(f"{len(paths)} {mode} (e.g. {paths[0]})" for mode, paths in
+                           sorted(modes.items(), key=lambda item: -len(item[1])))
+        raise DataError(f"the image folder mixes image modes: {counts}; convert them to one mode (for example "
+                        f"all RGB, with data.channels: 3, or all grayscale L with data.channels: 1) before "
+                        f"preparing")
 
 
 def _read_image(path: Path, channels: int, size: int) -> np.ndarray:

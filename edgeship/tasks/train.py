@@ -59,7 +59,8 @@ def fit(data: PreparedData, model_params: ModelParams, train_params: TrainParams
     `one_epoch` per epoch, the best-validation weights kept and saved; `record` adds fields to the result."""
     torch.manual_seed(train_params.seed)
     generator = torch.Generator().manual_seed(train_params.seed)
-    model = build_model(model_params.factory, len(data.classes), data.input_shape[0], model_params.kwargs)
+    model = build_model(model_params.factory, len(data.classes), data.input_shape[0], model_params.kwargs,
+                        input_size=data.input_shape[1])
     x_train, y_train = (torch.from_numpy(a) for a in load_split(data, "train"))
     x_val, y_val = load_split(data, "val")
 
@@ -90,7 +91,8 @@ def fit(data: PreparedData, model_params: ModelParams, train_params: TrainParams
 
 def load_model(trained: TrainedModel) -> nn.Module:
     """Rebuild the trained float model from its factory and checkpoint, in eval mode."""
-    model = build_model(trained.factory, trained.num_classes, trained.input_shape[0], trained.factory_kwargs)
+    model = build_model(trained.factory, trained.num_classes, trained.input_shape[0], trained.factory_kwargs,
+                        input_size=trained.input_shape[1], check=False)
     try:
         state = torch.load(trained.checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
