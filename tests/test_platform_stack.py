@@ -24,7 +24,7 @@ import httpx
 import pytest
 import yaml
 from test_release_e2e import make_project
-from test_webhook import free_port, wait_healthy
+from test_webhook import free_port, stop_session, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 PG = "postgresql://postgres@127.0.0.1:5432"
@@ -86,13 +86,7 @@ class Processes:
 
     def stop(self) -> None:
         for _, process, log in reversed(self.running):
-            if process.poll() is None:
-                os.killpg(process.pid, 15)
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, 9)
-                    process.wait()
+            stop_session(process)
             log.close()
 
 

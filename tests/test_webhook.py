@@ -45,6 +45,17 @@ def wait_healthy(url: str, process: subprocess.Popen | None = None, timeout_s: f
     raise TimeoutError(url)
 
 
+def stop_session(process: subprocess.Popen, timeout_s: float = 20) -> None:
+    """Stop a process started with start_new_session=True, and whatever it forked: TERM, then KILL."""
+    if process.poll() is None:
+        os.killpg(process.pid, 15)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait()
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """`mlflow server` on SQLite with webhooks allowed to call loopback over plain HTTP."""
@@ -65,12 +76,7 @@ def mlflow_server(tmp_path_factory):
         wait_healthy(f"http://127.0.0.1:{port}/health", process)
         yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
+        stop_session(process)
         log.close()
 
 
