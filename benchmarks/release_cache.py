@@ -123,9 +123,14 @@ def main() -> None:
         "gate_only_s": gate_only_s, "warm_cli_s": warm_cli_s, "warm_cli_exit": cli.returncode,
         "stages": {name: {"cold_s": cold.get(name), "warm_s": warm.get(name), "gate_only_s": gate_only.get(name)}
                    for name in names},
-        "targets": {"warm_over_cold": {"limit": WARM_LIMIT, "measured": round(ratio, 4), "met": ratio <= WARM_LIMIT}},
+        "targets": {
+            "warm_over_cold": {"limit": WARM_LIMIT, "measured": round(ratio, 4), "met": ratio <= WARM_LIMIT},
+            # what a user waits for: `edgeship run` again, its process start (imports, Prefect's API) included
+            "warm_cli_over_cold": {"limit": WARM_LIMIT, "measured": round(warm_cli_s / cold_s, 4),
+                                   "met": warm_cli_s / cold_s <= WARM_LIMIT}},
     }
-    print(f"target: warm / cold = {ratio:.3f} (limit {WARM_LIMIT}): {'met' if ratio <= WARM_LIMIT else 'NOT met'}")
+    for name, entry in result["targets"].items():
+        print(f"target {name}: {entry['measured']:.3f} (limit {WARM_LIMIT}): {'met' if entry['met'] else 'NOT met'}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
