@@ -80,6 +80,7 @@ class OtaRepository(Repository):
         expiry_days: Lifetime of targets metadata.
         timestamp_expiry_hours: Lifetime of timestamp metadata (the freeze window).
         snapshot_expiry_days: Lifetime of snapshot metadata.
+        root_keys, root_threshold: For a new repository only: how many root keys, and how many must sign.
 
     Raises:
         KeystoreMismatch: The repository exists and was signed with other keys.
@@ -88,7 +89,8 @@ class OtaRepository(Repository):
     """
 
     def __init__(self, storage: Storage, keystore: Keystore, expiry_days: int = 30,
-                 timestamp_expiry_hours: float = 24, snapshot_expiry_days: float = 7):
+                 timestamp_expiry_hours: float = 24, snapshot_expiry_days: float = 7,
+                 root_keys: int = 1, root_threshold: int = 1):
         self.storage = storage
         self.keystore = keystore
         self.expiry = {Root.type: ROOT_EXPIRY, Targets.type: timedelta(days=expiry_days),
@@ -100,7 +102,7 @@ class OtaRepository(Repository):
         if self._is_empty():
             with writer_lock(storage, "create the repository"):
                 if self._is_empty():
-                    self._initialise()
+                    self._initialise(root_keys, root_threshold)
                     return
         self._load()
 
