@@ -332,7 +332,7 @@ def test_publish_into_s3_and_update_straight_from_the_endpoint(tmp_path, monkeyp
 def test_the_updater_imports_nothing_heavy():
     heavy = ["torch", "tensorflow", "mlflow", "prefect", "edgeship.ota.repository", "edgeship.ota.storage",
              "edgeship.ota.keys"]
-    code = ("import sys, edgeship.device.updater; "
+    code = ("import sys, edgeship.device.updater, edgeship.device.runtime, edgeship.device.updater_cli; "
             f"print([m for m in {heavy!r} if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).parent.parent)
