@@ -179,11 +179,22 @@ def register(app: typer.Typer, fail, quiet) -> None:
         Console(stderr=True).print(f"new {role} key {guarded(rotate, _keys_repository(params, workdir), role)}")
 
     @keys_app.command("add")
-    def keys_add(role: str, params: Path = ParamsOption, workdir: Path = WorkdirOption) -> None:
-        """Trust one more new key for a role (e.g. a third root key for 2-of-3)."""
+    def keys_add(role: str, params: Path = ParamsOption, workdir: Path = WorkdirOption,
+                 signer_uri: Optional[str] = typer.Option(None, help="a key held by a KMS/HSM (securesystemslib URI)"),
+                 public_key: Optional[Path] = typer.Option(None, help="that key's public key (PEM)")) -> None:
+        """Trust one more key for a role (e.g. a third root key for 2-of-3), new here or behind a signer URI."""
         from edgeship.ota.root import add
 
-        Console(stderr=True).print(f"added {role} key {guarded(add, _keys_repository(params, workdir), role)}")
+        key = None
+        if signer_uri is not None:
+            if public_key is None:
+                fail(EdgeshipError("--signer-uri needs --public-key PEM (the key the KMS/HSM signs with)"))
+            from cryptography.hazmat.primitives.serialization import load_pem_public_key
+            from securesystemslib.signer import SSlibKey
+
+            key = SSlibKey.from_crypto(load_pem_public_key(public_key.read_bytes()))
+        keyid = guarded(add, _keys_repository(params, workdir), role, signer_uri, key)
+        Console(stderr=True).print(f"added {role} key {keyid}")
 
     @keys_app.command("revoke")
     def keys_revoke(role: str, keyid: str, params: Path = ParamsOption, workdir: Path = WorkdirOption) -> None:

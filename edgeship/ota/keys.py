@@ -137,6 +137,15 @@ class Keystore:
         logger.info("created %s key %s in %s", role, public_key.keyid[:12], directory)
         return public_key
 
+    def add_signer_uri(self, role: str, uri: str, public_key: SSlibKey) -> SSlibKey:
+        """Hold a role's key behind a signer URI (a KMS, an HSM, `file2:` for a file elsewhere); no private bytes here."""
+        _check_role(role)
+        _private_dir(self.directory)
+        _private_dir(self._role_dir(role))
+        record = {"uri": uri, "public_key": public_key.to_dict()}
+        (self._role_dir(role) / f"{public_key.keyid}.uri").write_text(json.dumps(record, indent=2))
+        return public_key
+
     def retire(self, role: str, keyid: str) -> None:
         """Move a key out of use (into retired/<role>/) once root no longer trusts it."""
         source = self._role_dir(role)
