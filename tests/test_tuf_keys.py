@@ -134,3 +134,16 @@ def test_keys_cli_lists_who_is_trusted(world, tmp_path):
                             env={"COLUMNS": "200"})
     assert listing.exit_code == 0, listing.output
     assert listing.stdout.count("yes") == 4 and "timestamp" in listing.stdout
+
+
+def test_a_scheduled_resign_deployment_renews_metadata_before_it_expires(tmp_path):
+    import yaml
+
+    from edgeship.flows.deployments import deployments
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"ota": {"resign_every_hours": 4}}))
+    resign = next(d for d in deployments(tmp_path, None) if d.name == "resign")
+    assert resign.schedules[0].schedule.interval.total_seconds() == 4 * 3600
+    declared = yaml.safe_load((__import__("ota_world").ROOT_DIR / "prefect.yaml").read_text())["deployments"]
+    entry = next(d for d in declared if d["name"] == "resign")
+    assert entry["entrypoint"] == "edgeship/flows/publish.py:resign" and entry["schedules"][0]["interval"] < 24 * 3600
