@@ -158,3 +158,30 @@ def test_the_runtime_answers_from_the_fallback_when_the_primary_does_not_load(wo
     runtime = DeviceRuntime(world.tmp_path / "device-1")
     prediction = runtime.predict(golden_inputs(1))
     assert prediction.slot == "fallback" and "does not load" in runtime.reason
+
+
+def test_device_cli_status_and_rollback_as_real_processes(world):
+    import subprocess
+    import sys
+
+    from ota_world import ROOT_DIR
+
+    world.publish("1")
+    device = world.device(probation=QUICK_PROBATION)
+    device.update()
+    world.publish("2")
+    device.update()
+    state_dir = str(world.tmp_path / "device-1")
+
+    def device_cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edgeship.device.cli", *args, "--state-dir", state_dir],
+                              capture_output=True, text=True, cwd=ROOT_DIR, timeout=60)
+
+    status = json.loads(device_cli("status").stdout)
+    assert status["state"]["active"]["version"] == "2" and status["state"]["last_known_good"]["version"] == "1"
+    assert [e["kind"] for e in status["last_events"]][-2:] == ["installed", "confirmed"]
+    rolled = device_cli("rollback", "--reason", "operator: wrong labels in the field")
+    assert rolled.returncode == 0 and json.loads(rolled.stdout)["installed_version"] == "1", rolled.stderr
+    world.assert_runs("device-1", "1")
+    assert device.update().status == "refused"  # v2 is marked bad here now
+    assert device_cli("rollback").returncode == 1  # nothing left to roll back to

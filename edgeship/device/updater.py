@@ -48,7 +48,7 @@ from edgeship.device.probation import ProbationPolicy
 from edgeship.device.runtimes import open_session
 from edgeship.device.state import (BadRelease, DeviceState, UpdateReport, changing_state, device_identity,
                                    installed_model, is_intact, log_event, slot_path)
-from edgeship.errors import EdgeshipError, SignatureError, SmokeTestFailed
+from edgeship.errors import NothingToRollBack, SignatureError, SmokeTestFailed
 from edgeship.files import sha256_of
 from edgeship.ota.channel import ChannelDescriptor, ChannelEntry, ReleasedModel
 
@@ -57,10 +57,6 @@ logger = logging.getLogger(__name__)
 SUCCESS = ("updated", "up_to_date", "not_in_cohort")
 # Failures that mean "the repository served something we must not trust or run".
 _REFUSALS = (RepositoryError, DownloadLengthMismatchError, SignatureError, SmokeTestFailed, ValidationError)
-
-
-class NothingToRollBack(EdgeshipError):
-    """A local rollback was asked for, but the device keeps no last-known-good model."""
 
 
 @dataclass(frozen=True)

@@ -40,16 +40,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner, Signer, SSlibKey
 
-from edgeship.errors import ConfigError
+from edgeship.errors import ConfigError, KeyPassphraseError
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 PASSPHRASE_ENV = "EDGESHIP_KEY_PASSPHRASE"
-
-
-class KeyPassphraseError(ConfigError):
-    """An encrypted key cannot be opened: the passphrase is missing or wrong."""
 
 
 def passphrase_for(role: str) -> bytes | None:

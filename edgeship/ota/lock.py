@@ -29,16 +29,12 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
-from edgeship.errors import EdgeshipError
+from edgeship.errors import RepositoryBusy
 from edgeship.ota.storage import Storage
 
 logger = logging.getLogger(__name__)
 
 LOCK_PATH = "locks/writer.json"
-
-
-class RepositoryBusy(EdgeshipError):
-    """Another writer holds the OTA repository's lock."""
 
 
 @contextlib.contextmanager

@@ -26,14 +26,10 @@ import logging
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from edgeship.errors import EdgeshipError
+from edgeship.errors import ReleaseError
 from edgeship.ota.channel import ChannelDescriptor, ChannelEntry, ReleasedModel
 
 logger = logging.getLogger(__name__)
-
-
-class ReleaseError(EdgeshipError):
-    """A release cannot be published, rolled out or rolled back as asked (nothing to roll back to, wrong channel)."""
 
 
 # --- transitions of one entry (pure) -----------------------------------------------------
