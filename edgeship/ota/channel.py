@@ -29,7 +29,7 @@ import hashlib
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializationInfo, model_serializer
 
 from edgeship.records import TensorSpec
 
@@ -38,6 +38,7 @@ from edgeship.records import TensorSpec
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
 
 RolloutState = Literal["in_progress", "completed", "paused", "aborted"]
+_LEGACY_FIELDS = {"version", "target_path", "sha256", "bytes", "runtime", "inputs"}
 
 
 class _Wire(BaseModel):
@@ -102,6 +103,17 @@ class ChannelEntry(_Wire):
     fallback: ReleasedModel | None = None
     drift_reference: dict | None = None
     allow_failed_gate: str | None = None  # the override reason when published with --allow-failed-gate
+
+    @model_serializer(mode="wrap")
+    def _with_legacy_fields(self, handler, info: SerializationInfo):
+        # Updaters from before per-target rollouts read an entry as one released model
+        # (version, target_path, ...) at the descriptor's rollout_fraction (default 1.0):
+        # the base's fields at the top level make them follow the base, never a candidate.
+        data = handler(self)
+        if self.base is not None and isinstance(data, dict):
+            legacy = self.base.model_dump(mode=info.mode, include=_LEGACY_FIELDS)
+            data = {**legacy, **data}
+        return data
 
     @property
     def golden(self) -> GoldenVectors | None:

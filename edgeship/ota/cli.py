@@ -9,7 +9,7 @@
     edgeship channels
     edgeship resign                                        # renew timestamp/snapshot/targets before expiry
     edgeship keys init --root-keys 3 --root-threshold 2
-    edgeship keys rotate timestamp | add root | revoke root KEYID | threshold root 2 | list
+    edgeship keys rotate timestamp | add root | revoke root KEYID | threshold root 2 | resign-root | list
 """
 
 from __future__ import annotations
@@ -209,6 +209,13 @@ def register(app: typer.Typer, fail, quiet) -> None:
         from edgeship.ota.root import set_threshold
 
         guarded(set_threshold, _keys_repository(params, workdir), role, threshold)
+
+    @keys_app.command("resign-root")
+    def keys_resign_root(params: Path = ParamsOption, workdir: Path = WorkdirOption) -> None:
+        """Renew root's expiry (a year) with the same keys; needs the root threshold of keys."""
+        from edgeship.ota.root import resign_root
+
+        Console(stderr=True).print(f"root is now v{guarded(resign_root, _keys_repository(params, workdir))}")
 
     @keys_app.command("list")
     def keys_list(params: Path = ParamsOption, workdir: Path = WorkdirOption) -> None:

@@ -103,6 +103,14 @@ def set_threshold(repository, role: str, threshold: int) -> None:
         _resign_roles(repository, role)
 
 
+def resign_root(repository) -> int:
+    """Sign a new root version with the same keys (a fresh expiry); returns the new root version."""
+    with repository.writing("re-sign root"):
+        with repository.edit_root():
+            pass
+        return repository._root.version
+
+
 def _resign_roles(repository, role: str) -> None:
     """After root changed, the other roles' metadata must carry signatures root now trusts."""
     if role != Root.type:
