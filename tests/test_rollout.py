@@ -149,3 +149,11 @@ def test_updaters_from_before_per_target_rollouts_read_new_descriptors_and_stay_
     old = OldDescriptor.model_validate_json(data)
     assert (old.rollout_fraction, old.targets[TARGET].version) == (1.0, "1")  # the base, for everyone
     assert old.targets[TARGET].sha256 == read_channel(world.repository, "stable").targets[TARGET].base.sha256
+
+
+def test_publishing_the_base_again_withdraws_the_candidate(world):
+    world.publish("1")
+    world.publish("2", rollout_fraction=0.2)
+    entry = world.publish("1").targets[TARGET]
+    assert (entry.base.version, entry.candidate, entry.rollout_state) == ("1", None, "aborted")
+    assert "published again" in entry.state_reason
