@@ -131,7 +131,8 @@ def publish(alias: str | None = "production", params_path: str = "params.yaml", 
             descriptor = publish_release(
                 open_repository(params.ota, root), release.model_name, release.version, release.artifacts,
                 channel=channel, rollout_fraction=rollout_fraction, latency_budgets=budgets, golden=golden,
-                fallbacks=fallbacks, allow_failed_gate=release.allow_failed_gate, source=release.source)
+                fallbacks=fallbacks, allow_failed_gate=release.allow_failed_gate, source=release.source,
+                golden_tolerance=(params.ota.golden_atol, params.ota.golden_rtol))
     record_publish(tracking_uri, release.model_name, release.version, channel,
                    f"{release.source} at {rollout_fraction:g}" + (f"; skipped {release.skipped}" if release.skipped
                                                                    else ""))
