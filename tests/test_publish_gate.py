@@ -125,3 +125,18 @@ def test_the_fallback_model_named_in_config_ships_with_every_release(project):
     fallback = descriptor.targets["onnx-int8"].fallback
     assert (fallback.model_name, fallback.version) == ("digits-tiny", "1")
     assert fallback.target_path == "models/digits-tiny/1/onnx-int8/model.onnx"
+
+
+def test_the_webhook_handler_publishes_the_events_version_not_the_alias(project):
+    from edgeship.flows.webhook import publish_in_process
+
+    root, tracking = project
+    promote(tracking, MODEL, "1", "production")
+    handler = publish_in_process(root, "params.yaml")
+    with pytest.raises(GateFailed):  # the event names v2, whose gate failed: refused (the receiver does not retry)
+        handler(MODEL, "2")
+    handler(MODEL, "1")
+    from edgeship.config import load_params
+    from edgeship.flows.publish import open_repository
+    descriptor = read_channel(open_repository(load_params(root / "params.yaml").ota, Path(root)), "stable")
+    assert descriptor.source == "version 1" and descriptor.targets["onnx-int8"].base.version == "1"
