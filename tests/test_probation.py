@@ -6,6 +6,7 @@ Every test runs the real updater against a real signed repository served on loop
 
 from __future__ import annotations
 
+import argparse
 import json
 import socket
 import time
@@ -13,10 +14,10 @@ import time
 import numpy as np
 import pytest
 
-from edgeship.device import probation, updater_cli
+from edgeship.device import updater_cli
 from edgeship.device.probation import ProbationPolicy
 from edgeship.device.runtime import DeviceRuntime
-from edgeship.device.state import DeviceState, active_model, device_identity, fallback_model, provision, read_events
+from edgeship.device.state import DeviceState, active_model, device_identity, fallback_model, read_events
 from ota_world import QUICK_PROBATION, TARGET, OtaWorld, golden_inputs
 from onnx_models import tiny_classifier
 
@@ -39,12 +40,12 @@ def test_a_device_id_is_generated_once_and_kept_never_the_hostname(tmp_path, wor
     assert device_identity(tmp_path / "b").device_id != first.device_id  # two cloned images differ
 
     world.publish("1")
-    parser = __import__("argparse").ArgumentParser()
+    parser = argparse.ArgumentParser()
     updater_cli.wire("provision", parser)
     args = parser.parse_args(["--state-dir", str(tmp_path / "p"), "--repo-url", world.url, "--root", str(world.root),
                               "--target", TARGET, "--device-id", "pi4-0017"])
     assert args.run(args) == 0
-    update = __import__("argparse").ArgumentParser()
+    update = argparse.ArgumentParser()
     updater_cli.wire("update", update)
     args = update.parse_args(["--state-dir", str(tmp_path / "p")])  # everything else from device.json
     assert args.run(args) == 0
@@ -117,7 +118,7 @@ def test_an_unconfirmed_model_is_rolled_back_at_its_deadline_and_confirm_works_f
 
     world.publish("3")
     assert short.update().on_probation
-    parser = __import__("argparse").ArgumentParser()
+    parser = argparse.ArgumentParser()
     updater_cli.wire("confirm", parser)
     args = parser.parse_args(["--state-dir", str(world.tmp_path / "device-1")])
     assert args.run(args) == 0 and json.loads(capsys.readouterr().out)["kind"] == "confirmed"

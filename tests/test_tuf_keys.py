@@ -11,12 +11,13 @@ from securesystemslib.signer import SSlibKey
 from tuf.api.metadata import Metadata
 from typer.testing import CliRunner
 
+from edgeship.cli import app
 from edgeship.errors import ConfigError
 from edgeship.ota.keys import KeyPassphraseError, Keystore
 from edgeship.ota.repository import OtaRepository
 from edgeship.ota.root import add, init_repository, revoke, rotate, set_threshold
 from edgeship.ota.storage import open_storage
-from ota_world import QUICK_PROBATION, OtaWorld
+from ota_world import QUICK_PROBATION, ROOT_DIR, OtaWorld
 
 
 @pytest.fixture
@@ -130,7 +131,7 @@ def test_keys_cli_lists_who_is_trusted(world, tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"ota": {"repository": str(world.directory),
                                                                   "keystore": str(world.keystore.directory)}}))
     runner = CliRunner()
-    listing = runner.invoke(__import__("edgeship.cli", fromlist=["app"]).app, ["keys", "list", "-C", str(tmp_path)],
+    listing = runner.invoke(app, ["keys", "list", "-C", str(tmp_path)],
                             env={"COLUMNS": "200"})
     assert listing.exit_code == 0, listing.output
     assert listing.stdout.count("yes") == 4 and "timestamp" in listing.stdout
@@ -144,6 +145,6 @@ def test_a_scheduled_resign_deployment_renews_metadata_before_it_expires(tmp_pat
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"ota": {"resign_every_hours": 4}}))
     resign = next(d for d in deployments(tmp_path, None) if d.name == "resign")
     assert resign.schedules[0].schedule.interval.total_seconds() == 4 * 3600
-    declared = yaml.safe_load((__import__("ota_world").ROOT_DIR / "prefect.yaml").read_text())["deployments"]
+    declared = yaml.safe_load((ROOT_DIR / "prefect.yaml").read_text())["deployments"]
     entry = next(d for d in declared if d["name"] == "resign")
     assert entry["entrypoint"] == "edgeship/flows/publish.py:resign" and entry["schedules"][0]["interval"] < 24 * 3600
