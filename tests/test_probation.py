@@ -186,3 +186,28 @@ def test_device_cli_status_and_rollback_as_real_processes(world):
     world.assert_runs("device-1", "1")
     assert device.update().status == "refused"  # v2 is marked bad here now
     assert device_cli("rollback").returncode == 1  # nothing left to roll back to
+
+
+def test_devices_in_the_shadow_cohort_install_the_shadow_beside_the_active_model(world):
+    from edgeship.device.state import shadow_model
+    from edgeship.ota.publish import publish_shadow, read_channel, remove_shadow
+    from ota_world import MODEL, make_artifact
+
+    world.publish("1")
+    shadow = make_artifact(world.tmp_path / "shadow", "7", seed=7)
+    publish_shadow(world.repository, "tiny-next", "7", shadow, shadow_fraction=0.5, sample_rate=0.2)
+    entry = read_channel(world.repository, "stable").targets[TARGET]
+    assert (entry.shadow.model_name, entry.shadow_sample_rate, entry.base.version) == ("tiny-next", 0.2, "1")
+    names = [f"dev-{i}" for i in range(12)]
+    inside = [n for n in names if entry.runs_shadow(n, MODEL)]
+    assert 0 < len(inside) < len(names)
+    for name in names:
+        world.device(name, probation=QUICK_PROBATION).update()
+        installed = shadow_model(world.tmp_path / name)
+        assert (installed is not None) == (name in inside), name
+        world.assert_runs(name, "1")  # the active model is untouched by the shadow
+    assert ("shadow_installed", "7") in kinds(world, inside[0])
+
+    remove_shadow(world.repository, "stable", TARGET)
+    world.device(inside[0], probation=QUICK_PROBATION).update()
+    assert shadow_model(world.tmp_path / inside[0]) is None

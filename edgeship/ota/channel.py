@@ -138,6 +138,12 @@ class ChannelEntry(_Wire):
         return self.base, False
 
 
+    def runs_shadow(self, device_id: str, model_name: str) -> bool:
+        """Whether a device is in the shadow's cohort (a slice of its own, apart from the candidate's)."""
+        return self.shadow is not None and \
+            cohort_position(device_id, f"{model_name}/shadow", self.shadow.version) < self.shadow_fraction
+
+
 class ChannelDescriptor(_Wire):
     """A release channel: per target a base, a candidate in staged rollout, and a fallback."""
 

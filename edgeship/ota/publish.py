@@ -31,10 +31,12 @@ from edgeship.errors import SignatureError
 from edgeship.files import sha256_of
 from edgeship.ota.channel import SAFE_NAME, ChannelDescriptor, GoldenVectors, ReleasedModel
 from edgeship.ota.repository import OtaRepository
-from edgeship.ota.rollout import ReleaseError, change_channel, describe, read_channel, rollback_entry, stage
+from edgeship.ota.rollout import (ReleaseError, change_channel, change_entry, describe, read_channel,
+                                  rollback_entry, stage)
 from edgeship.records import CompiledArtifact
 
-__all__ = ["ReleaseError", "publish_release", "read_channel", "rollback_release", "upload_model"]
+__all__ = ["ReleaseError", "publish_release", "publish_shadow", "read_channel", "remove_shadow", "rollback_release",
+           "upload_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +145,31 @@ def publish_release(
                 ", ".join(targets), rollout_fraction * 100,
                 f" OVER A FAILED GATE: {allow_failed_gate}" if allow_failed_gate else "")
     return descriptor
+
+
+def publish_shadow(repository: OtaRepository, model_name: str, version: str | int, artifact: CompiledArtifact,
+                   channel: str = "stable", shadow_fraction: float = 0.1, sample_rate: float = 0.1,
+                   latency_budget_ms: float | None = None) -> ChannelDescriptor:
+    """Offer a model as one target's shadow: devices in `shadow_fraction` install it beside the active model
+    and run it on `sample_rate` of their inputs, off the answer path. `remove_shadow` takes it away."""
+    if not (0.0 <= shadow_fraction <= 1.0 and 0.0 <= sample_rate <= 1.0):
+        raise ReleaseError(f"shadow_fraction and sample_rate lie in [0, 1]; got {shadow_fraction}, {sample_rate}")
+
+    def apply(current: ChannelDescriptor | None) -> ChannelDescriptor:
+        if current is None or artifact.target not in current.targets:
+            raise ReleaseError(f"channel '{channel}' has no target '{artifact.target}'; publish a release first")
+        shadow = upload_model(repository, model_name, version, artifact, latency_budget_ms)
+        entry = current.targets[artifact.target].model_copy(
+            update={"shadow": shadow, "shadow_fraction": shadow_fraction, "shadow_sample_rate": sample_rate})
+        return current.model_copy(update={"targets": {**current.targets, artifact.target: entry}})
+
+    return change_channel(repository, channel, f"shadow {model_name} v{version} on {artifact.target}", apply)
+
+
+def remove_shadow(repository: OtaRepository, channel: str, target: str) -> ChannelDescriptor:
+    """Stop shadowing on a target; devices drop the shadow model on their next check."""
+    return change_entry(repository, channel, target, f"remove the shadow on {target}",
+                        lambda entry: entry.model_copy(update={"shadow": None, "shadow_fraction": 0.0}))
 
 
 def rollback_release(repository: OtaRepository, channel: str, targets: list[str] | None = None) -> ChannelDescriptor:
