@@ -8,9 +8,11 @@ strictly increasing sequence numbers.
 
 from __future__ import annotations
 
+import json
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -234,3 +236,15 @@ def test_kill_9_of_the_application_runtime_during_probation(world):
     assert runtime.predict(golden_inputs(1)).version == "1"
     state = settled(world, "device-1", "1")
     assert [(b.version, b.reason) for b in state.bad] == [("2", "probation: interrupted")]
+
+
+def test_a_publisher_killed_holding_the_lock_does_not_block_the_next_one(world):
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()
+    killed.wait()
+    lock = {"token": "t", "purpose": "publish v5", "host": socket.gethostname(), "pid": killed.pid,
+            "acquired_at": "2026-01-01T00:00:00+00:00", "expires_at": "2999-01-01T00:00:00+00:00"}
+    assert open_storage(str(world.directory)).create("locks/writer.json", json.dumps(lock).encode())
+    started = time.monotonic()
+    world.publish("1")
+    assert time.monotonic() - started < 10 and not (world.directory / "locks/writer.json").exists()

@@ -112,8 +112,11 @@ def _fallbacks(params: Params, tracking_uri: str, dst: Path, targets: list[str])
 @flow(name="publish", log_prints=True)
 def publish(alias: str | None = "production", params_path: str = "params.yaml", workdir: str = ".",
             channel: str | None = None, rollout_fraction: float = 1.0, targets: list[str] | None = None,
-            version: str | None = None, allow_failed_gate: str | None = None) -> ChannelDescriptor:
-    """Publish a version (given, or the one `alias` points to now) into the signed OTA repository's channel."""
+            version: str | None = None, allow_failed_gate: str | None = None,
+            drift_reference: dict | None = None) -> ChannelDescriptor:
+    """Publish a version (given, or the one `alias` points to now) into the signed OTA repository's channel.
+
+    `drift_reference` (the fleet's drift baseline) is carried into every entry as given."""
     from edgeship.ota.publish import publish_release
 
     root = Path(workdir).resolve()
@@ -132,7 +135,7 @@ def publish(alias: str | None = "production", params_path: str = "params.yaml", 
                 open_repository(params.ota, root), release.model_name, release.version, release.artifacts,
                 channel=channel, rollout_fraction=rollout_fraction, latency_budgets=budgets, golden=golden,
                 fallbacks=fallbacks, allow_failed_gate=release.allow_failed_gate, source=release.source,
-                golden_tolerance=(params.ota.golden_atol, params.ota.golden_rtol))
+                golden_tolerance=(params.ota.golden_atol, params.ota.golden_rtol), drift_reference=drift_reference)
     record_publish(tracking_uri, release.model_name, release.version, channel,
                    f"{release.source} at {rollout_fraction:g}" + (f"; skipped {release.skipped}" if release.skipped
                                                                    else ""))
