@@ -6,8 +6,8 @@ the webhook receiver with the event's version, or the Prefect UI) resolves the
 version once, refuses it when a required gate failed (unless `allow_failed_gate`
 gives the reason, recorded on the version and in the channel), downloads only the
 targets that passed, checks them against the hashes recorded at registration,
-computes golden vectors on the pipeline's own runtime from the test split, and
-stages them in the channel per target.
+takes the golden vectors the release's host check logged (or computes them the
+same way for an older version), and stages them in the channel per target.
 
 Every writer takes the Prefect global concurrency limit `edgeship-ota-writer`
 (create it once: `prefect gcl create edgeship-ota-writer --limit 1`) and, inside
@@ -83,8 +83,12 @@ def resolve(tracking_uri: str, model_name: str, dst: Path, version: str | None, 
 
 
 def golden_vectors(params: Params, root: Path, release: ResolvedRelease, dst: Path) -> dict[str, Path]:
-    """Per target the golden .npz: the first `ota.golden_count` test images and the artifact's outputs here."""
+    """Per target the golden .npz: the one the release's host check logged, else (a version registered
+    before host checks kept them) the first `ota.golden_count` test images and the artifact's outputs here."""
     from edgeship.ota.golden import write_golden
+
+    if all(a.target in release.golden for a in release.artifacts):
+        return dict(release.golden)
 
     test_split = root / params.data.prepared_dir / "test.npz"
     if params.ota.golden_count == 0 or not test_split.is_file():
@@ -92,8 +96,8 @@ def golden_vectors(params: Params, root: Path, release: ResolvedRelease, dst: Pa
         return {}
     with np.load(test_split) as arrays:
         inputs = arrays["x"][:params.ota.golden_count]
-    found = {}
-    for artifact in release.artifacts:
+    found = dict(release.golden)
+    for artifact in (a for a in release.artifacts if a.target not in found):
         path = write_golden(artifact, inputs, dst / f"golden-{artifact.target}.npz")
         if path is not None:
             found[artifact.target] = path
