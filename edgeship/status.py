@@ -33,19 +33,20 @@ class VersionStatus(BaseModel):
 
 
 class ChannelTarget(BaseModel):
-    """What a channel ships for one target."""
+    """What a channel ships for one target: the base everyone runs, a candidate rolling out to a fraction."""
 
     target: str
-    version: str
+    version: str | None  # the base
+    candidate: str | None = None
+    fraction: float = 0.0  # of devices on the candidate
+    rollout_state: str = "completed"
     previous: str | None = None
-    sha256: str
 
 
 class ChannelStatus(BaseModel):
     channel: str
     model_name: str
     released_at: datetime
-    rollout_fraction: float
     targets: list[ChannelTarget]
 
 
@@ -104,8 +105,9 @@ def published_channels(params: Params, root: Path) -> tuple[str, list[ChannelSta
             continue
         channels.append(ChannelStatus(
             channel=descriptor.channel, model_name=descriptor.model_name, released_at=descriptor.released_at,
-            rollout_fraction=descriptor.rollout_fraction,
-            targets=[ChannelTarget(target=target, version=entry.version, sha256=entry.sha256,
+            targets=[ChannelTarget(target=target, version=entry.base.version if entry.base else None,
+                                   candidate=entry.candidate.version if entry.candidate else None,
+                                   fraction=entry.fraction, rollout_state=entry.rollout_state,
                                    previous=entry.previous.version if entry.previous else None)
                      for target, entry in sorted(descriptor.targets.items())]))
     return location, channels, None if channels else "the repository holds no channel yet"
@@ -138,12 +140,13 @@ def render(status: ProjectStatus, console) -> None:
     console.print(versions)
 
     channels = Table(title=f"OTA channels ({status.repository})")
-    for column in ("channel", "target", "version", "previous", "rollout", "released (UTC)"):
+    for column in ("channel", "target", "version", "candidate", "rollout", "previous", "released (UTC)"):
         channels.add_column(column)
     for channel in status.channels:
         for target in channel.targets:
-            channels.add_row(channel.channel, target.target, target.version, target.previous or "—",
-                             f"{100 * channel.rollout_fraction:.0f}%", channel.released_at.strftime("%Y-%m-%d %H:%M"))
+            rollout = f"{100 * target.fraction:.0f}% {target.rollout_state}" if target.candidate else "—"
+            channels.add_row(channel.channel, target.target, target.version or "—", target.candidate or "—", rollout,
+                             target.previous or "—", channel.released_at.strftime("%Y-%m-%d %H:%M"))
     if status.repository_note:
         channels.caption = status.repository_note
     console.print(channels)

@@ -48,8 +48,8 @@ def test_status_shows_versions_gates_aliases_and_what_each_channel_ships(tmp_pat
 
     repository = OtaRepository(open_storage(str(tmp_path / "ota-repo")), Keystore(tmp_path / ".edgeship" / "keys"))
     publish_release(repository, "tiny", "1", [make_artifact(tmp_path, "1")], channel="stable")
+    publish_release(repository, "tiny", "2", [make_artifact(tmp_path, "2")], channel="stable")
     publish_release(repository, "tiny", "2", [make_artifact(tmp_path, "2")], channel="canary", rollout_fraction=0.1)
-    publish_release(repository, "tiny", "1", [make_artifact(tmp_path, "1")], channel="canary", rollout_fraction=0.5)
 
     shown = edgeship("status", "--json", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
@@ -59,9 +59,10 @@ def test_status_shows_versions_gates_aliases_and_what_each_channel_ships(tmp_pat
     assert status["versions"][0]["target_gates"] == {"onnx-fp32": "pass", "onnx-int8": "fail"}
     channels = {c["channel"]: c for c in status["channels"]}
     assert sorted(channels) == ["canary", "stable"]
-    assert [(t["target"], t["version"], t["previous"]) for t in channels["canary"]["targets"]] == [
-        ("onnx-int8", "1", "2")]
-    assert channels["canary"]["rollout_fraction"] == 0.5 and channels["stable"]["targets"][0]["version"] == "1"
+    assert [(t["target"], t["version"], t["previous"]) for t in channels["stable"]["targets"]] == [
+        ("onnx-int8", "2", "1")]
+    canary = channels["canary"]["targets"][0]
+    assert (canary["candidate"], canary["fraction"]) == ("2", 0.1)
 
     table = edgeship("status", cwd=tmp_path).stdout
     assert "candidate, production" in table and "onnx-int8 FAIL" in table and "canary" in table

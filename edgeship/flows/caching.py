@@ -148,7 +148,7 @@ def reference_key(context, p: dict) -> str:
 
 def host_check_key(context, p: dict) -> str:
     return digest(stage="host-check", artifact=p["artifact"].sha256, target=p["artifact"].target,
-                  data=data_hash(p["data"]), reference=file_hash(p["reference"]),
+                  data=data_hash(p["data"]), reference=file_hash(p["reference"]), golden=p.get("golden_count"),
                   code=source_hash("edgeship.tasks.host_check"), task=_task_source(context))
 
 

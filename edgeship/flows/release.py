@@ -92,9 +92,8 @@ def _release(root: Path, params, run: ReleaseRun, out_dir: Path, cache: ProjectC
     artifacts = [o.artifact for o in outcomes.values() if o.artifact]
 
     reference = cache.call(release_tasks.reference_logits, trained, data, out_dir)
-    host_checks = {a.target: cache.call(release_tasks.check_on_host, a, data, reference, run,
-                                        on_reuse=lambda result, a=a: release_tasks.log_host_check(run, a.target,
-                                                                                                  result))
+    host_checks = {a.target: cache.call(release_tasks.check_on_host, a, data, reference, run, params.ota.golden_count,
+                                        on_reuse=lambda result, a=a: release_tasks.log_host_check(run, a, result))
                    for a in artifacts}
 
     benchmarks = release_tasks.benchmark_on_devices(artifacts, data, params, run, cache)

@@ -104,16 +104,35 @@ def reference_logits(trained: TrainedModel, data: PreparedData, out_dir: Path) -
 
 
 @task(name="host-check", task_run_name="host-check-{artifact.target}", cache_policy=NO_CACHE)
-def check_on_host(artifact: CompiledArtifact, data: PreparedData, reference: Path, run: ReleaseRun) -> HostCheck:
-    """Load the artifact in its own runtime here and measure accuracy and agreement with fp32."""
+def check_on_host(artifact: CompiledArtifact, data: PreparedData, reference: Path, run: ReleaseRun,
+                  golden_count: int = 8) -> HostCheck:
+    """Load the artifact in its own runtime here and measure accuracy and agreement with fp32.
+
+    Also keeps `golden_count` test images and this runtime's outputs for them as the release's
+    golden vectors (compiled/<target>/golden.npz): what a device must reproduce before it installs the file.
+    """
+    from edgeship.tasks.data import load_split
     from edgeship.tasks.host_check import host_check
 
     result = host_check(artifact, data, np.load(reference))
-    log_host_check(run, artifact.target, result)
+    if result.error is None and not result.proxy and golden_count:
+        from edgeship.ota.golden import write_golden
+
+        images, _ = load_split(data, "test")
+        write_golden(artifact, images[:golden_count], artifact.path.parent / "golden.npz")
+    log_host_check(run, artifact, result)
     return result
 
 
-def log_host_check(run: ReleaseRun, target: str, result: HostCheck) -> None:
+def log_host_check(run: ReleaseRun, artifact: CompiledArtifact, result: HostCheck) -> None:
+    """The host check's metrics, and the golden vectors beside the artifact (a reused check logs them again:
+    publishing reads them from the version's own run)."""
+    from edgeship.registry.model_registry import compiled_artifact_dir
+
+    golden = artifact.path.parent / "golden.npz"
+    if golden.is_file():
+        run.log_artifact(golden, compiled_artifact_dir(artifact.target))
+    target = artifact.target
     run.log_metrics({f"{target}/host_accuracy": result.accuracy, f"{target}/top1_agreement": result.top1_agreement,
                      f"{target}/max_abs_logit_diff": result.max_abs_logit_diff})
 
