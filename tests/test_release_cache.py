@@ -56,7 +56,7 @@ def test_reruns_redo_only_what_changed(tmp_path):
 
     uri = f"sqlite:///{project / 'mlflow.db'}"
     MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias(warm.model_name, "production", "2")
-    assert publish(alias="production", workdir=str(project)).targets["onnx-int8"].version == "2"
+    assert publish(alias="production", workdir=str(project)).targets["onnx-int8"].base.version == "2"
 
     params["gate"]["onnx-fp32"] = {"p99_latency_ms": 0.000001}  # only a gate limit changes
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
