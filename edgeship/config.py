@@ -152,6 +152,53 @@ class DistillationParams(Section):
         return self
 
 
+class PruningParams(Section):
+    """Structured channel pruning (Torch-Pruning) after training, before sensitivity and QAT: off by default."""
+
+    enabled: bool = False
+    importance: Literal["l1", "taylor"] = Field(default="l1", description="l1: weight magnitude; taylor: "
+                                                "|weight x gradient| on a few training batches")
+    ratio: float = Field(default=0.3, ge=0, lt=1, description="fraction of channels removed (per layer, or over "
+                                                              "the whole model with scope: global)")
+    search_ratios: list[float] = Field(default_factory=list, description="candidate ratios: each is pruned, "
+                                       "fine-tuned and timed; the fastest within max_drop_points wins (empty: ratio)")
+    max_drop_points: float = Field(default=1.0, ge=0, description="val accuracy budget vs the unpruned model, in "
+                                                                  "points, after fine-tuning")
+    scope: Literal["per_layer", "global"] = Field(default="per_layer", description="per_layer: every layer loses "
+                                                  "`ratio`; global: the least important channels model-wide")
+    max_layer_ratio: float = Field(default=0.8, gt=0, lt=1, description="global scope: no layer loses more")
+    layer_ratios: dict[str, float] = Field(default_factory=dict, description="module name -> its own ratio")
+    pinned: list[str] = Field(default_factory=list, description="modules never pruned (the classifier never is)")
+    round_to: int | None = Field(default=4, ge=1, description="keep channel counts multiples of this (the "
+                                 "nearest, at least one): odd counts run slower on SIMD kernels; null: any count")
+    fine_tune_epochs: int = Field(default=3, ge=1)
+    fine_tune_lr: float = Field(default=0.01, gt=0)
+    distill: bool = Field(default=True, description="fine-tune from the unpruned model's logits as teacher")
+    distill_alpha: float = Field(default=0.5, ge=0, le=1)
+    distill_temperature: float = Field(default=4.0, gt=0)
+    taylor_batches: int = Field(default=4, ge=1, description="training batches whose gradients Taylor uses")
+    latency_runs: int = Field(default=100, ge=5, description="timed runs per candidate on ONNX Runtime (1 thread)")
+
+    @field_validator("search_ratios")
+    @classmethod
+    def _ratios(cls, value: list[float]) -> list[float]:
+        bad = [r for r in value if not 0 <= r < 1]
+        if bad:
+            raise ValueError(f"pruning ratios must be in [0, 1): {bad}")
+        return sorted(set(value))
+
+    @field_validator("layer_ratios")
+    @classmethod
+    def _layer_ratios(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: r for k, r in value.items() if not 0 <= r < 1}
+        if bad:
+            raise ValueError(f"layer ratios must be in [0, 1): {bad}")
+        return value
+
+    def candidates(self) -> list[float]:
+        return self.search_ratios or [self.ratio]
+
+
 class PtqParams(Section):
     """The post-training-quantization baseline: ONNX Runtime static QDQ quantization of the fp32 model."""
 
@@ -280,6 +327,7 @@ class Params(Section):
     sensitivity: SensitivityParams = SensitivityParams()
     precision: PrecisionParams = PrecisionParams()
     distillation: DistillationParams = DistillationParams()
+    pruning: PruningParams = PruningParams()
     ptq: PtqParams = PtqParams()
     targets: list[str] = Field(default_factory=lambda: ["onnx-fp32", "onnx-int8"], min_length=1)
     benchmark: BenchmarkParams = BenchmarkParams()
