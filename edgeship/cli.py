@@ -121,10 +121,19 @@ def _print_summary(summary) -> None:
             table.add_row(target.target, size, f"{accuracy:.4f}" if accuracy is not None else "—",
                           bench.device if bench else "—", f"{latency.p50:.3f}" if latency else "—",
                           f"{latency.p99:.3f}" if latency else "—",
-                          "[green]pass" if target.gate.passed else "[red]FAIL " + "; ".join(failed))
+                          _verdict(target.gate, failed))
     Console().print(table)
     verdict = "[green]PASSED: alias " + ", ".join(summary.aliases) if summary.passed else "[red]FAILED the gate"
     Console().print(f"release {verdict}[/]  (MLflow run {summary.run_id})")
+
+
+def _verdict(gate, failed: list[str]) -> str:
+    from edgeship.tasks.gate import flags
+
+    if not gate.passed:
+        return "[red]FAIL " + "; ".join(failed)
+    notes = flags(gate)  # int8 bigger or slower than its float sibling: passed, but worth saying
+    return "[yellow]pass, flagged: " + "; ".join(notes) if notes else "[green]pass"
 
 
 @app.command("publish")

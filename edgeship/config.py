@@ -292,6 +292,10 @@ class GatePolicy(Section):
     max_size_mb: float | None = Field(default=None, gt=0)
     accept_proxy_accuracy: bool = Field(default=False, description="let a proxy's accuracy (e.g. Core ML's torch "
                                         "stand-in on Linux) count; off: only the target's own runtime counts")
+    fail_if_slower_than_fp32: bool = Field(default=False, description="int8 targets: fail when the p50 on a device "
+                                           "is above the float sibling's there (off: flagged only)")
+    fail_if_bigger_than_fp32: bool = Field(default=False, description="int8 targets: fail when the file is bigger "
+                                           "than the float sibling's (off: flagged only)")
 
     @model_validator(mode="after")
     def _sets_a_limit(self) -> "GatePolicy":
