@@ -68,3 +68,8 @@ def float_model_for(inputs: CompileInputs):
         model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
         return model, "qat-finetuned"
     return model, "trained-fp32"
+
+
+def plan_float_layers(inputs: CompileInputs) -> list[str]:
+    """The layers the precision plan (and QAT) kept float: every int8 target leaves them float too."""
+    return list(inputs.quantized.float_layers) if inputs.quantized and inputs.quantized.method == "qat" else []

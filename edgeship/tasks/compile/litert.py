@@ -38,7 +38,7 @@ from edgeship.files import sha256_of
 from edgeship.records import CompiledArtifact, TensorSpec
 from edgeship.tasks.compile import CompileInputs
 from edgeship.tasks.compile.tracing import TORCH_CAPTURE
-from edgeship.tasks.compile import float_model_for
+from edgeship.tasks.compile import float_model_for, plan_float_layers
 
 CONVERTER_ENV = ".venv/litert-converter"  # the converter's own environment, inside the (git-ignored) .venv
 CONVERTER_REQUIREMENTS = "requirements/litert-converter.txt"
@@ -91,6 +91,7 @@ class _Tflite:
             job = {"program": str(Path(tmp) / "model.pt2"), "output": str(path), "precision": self.precision}
             if self.precision == "int8":
                 job["calibration"] = str(_calibration_file(inputs, Path(tmp) / "calibration.npy"))
+                job["float_layers"] = plan_float_layers(inputs)  # the precision plan's, as onnx-int8 has them
             answer = run_converter(job, Path(tmp) / "job.json")
         notes = {**answer.get("notes", {}), "weights": weights, "layout": "NCHW"}
         return describe(self, path, answer.get("versions", {}), notes)

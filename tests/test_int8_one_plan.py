@@ -1,0 +1,76 @@
+"""One precision plan for every int8 target: tflite-int8 and coreml-w8a8 leave the plan's float layers float,
+as onnx-int8 does. Digits at 8x8, a tiny ResNet, one QAT epoch with the stem kept float by the plan.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgeship.config import DataParams, ModelParams, QatParams, TrainParams
+from edgeship.errors import CompileError
+from edgeship.tasks.compile import CompileInputs, get_target, plan_float_layers
+from edgeship.tasks.compile.litert import converter_python
+
+torch.set_num_threads(1)
+try:
+    converter_python()
+    NO_CONVERTER = ""
+except CompileError as error:
+    NO_CONVERTER = str(error)
+
+PLAN = {"stem.0": "float"}
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    from edgeship.tasks.data import export_digits, prepare
+    from edgeship.tasks.qat import quantization_aware_train
+    from edgeship.tasks.train import train
+
+    root = tmp_path_factory.mktemp("one-plan")
+    export_digits(root / "raw")
+    data = prepare(root / "raw", root / "prepared", DataParams(input_size=8, calibration_size=16))
+    trained = train(data, ModelParams(factory="edgeship.models.zoo:small_resnet", kwargs={"widths": [8, 16]}),
+                    TrainParams(epochs=2), root / "fp32")
+    qat = quantization_aware_train(trained, data, QatParams(epochs=1, freeze_bn_after_epoch=0,
+                                                            freeze_observers_after_epoch=1), root / "qat", plan=PLAN)
+    return CompileInputs(trained=trained, data=data, output_dir=root / "build", quantized=qat)
+
+
+def test_the_plan_float_layers_reach_the_compile_inputs(quantized):
+    assert plan_float_layers(quantized) == ["stem.0"]
+    ptq = quantized.quantized.model_copy(update={"method": "ptq"})
+    assert plan_float_layers(CompileInputs(trained=quantized.trained, data=quantized.data,
+                                           output_dir=quantized.output_dir, quantized=ptq)) == []
+
+
+@pytest.mark.skipif(bool(NO_CONVERTER), reason=f"LiteRT conversion needs litert-torch's own environment "
+                                                f"(.venv/litert-converter): {NO_CONVERTER[:200]}")
+def test_tflite_int8_keeps_the_plan_float_layer_float(quantized):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgeship.tasks.host_check import host_check, reference_logits
+
+    artifact = get_target("tflite-int8").compile(quantized)
+    assert artifact.notes["float_layers"] == ["stem.0"]
+    interpreter = Interpreter(str(artifact.path))
+    tensors = {d["index"]: np.dtype(d["dtype"]).name for d in interpreter.get_tensor_details()}
+    kinds = [(op["op_name"], tensors[op["inputs"][1]]) for op in interpreter._get_ops_details()  # noqa: SLF001
+             if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")]
+    assert kinds[0][1] == "float32"  # the stem: float weights
+    assert all(dtype == "int8" for _, dtype in kinds[1:])  # every other conv and the classifier: int8
+    check = host_check(artifact, quantized.data, reference_logits(quantized.trained, quantized.data))
+    assert check.error is None and check.accuracy >= quantized.trained.test_accuracy - 0.05
+
+
+def test_coreml_w8a8_leaves_the_plan_float_layer_unquantized(quantized):
+    pytest.importorskip("coremltools", reason="coreml-w8a8 needs coremltools (the `coreml` extra)")
+    from edgeship.tasks.compile.coreml import calibrated_linear_quantizer
+
+    model, _ = calibrated_linear_quantizer(quantized)
+    kinds = {name: type(module).__module__ for name, module in model.named_modules()}
+    stem = [k for n, k in kinds.items() if n.startswith("stem.0")]
+    assert stem and all("quantiz" not in k for k in stem), stem
+    assert any("quantiz" in k for n, k in kinds.items() if n.startswith("layers.0.conv1")), kinds
