@@ -26,9 +26,9 @@ import torch
 
 from edgeship.config import ModelParams, PruningParams, TrainParams
 from edgeship.models.pruned import changed_structure
-from edgeship.records import PreparedData, TrainedModel
+from edgeship.records import PreparedData, PruningCandidate, PruningReport, TrainedModel
 from edgeship.tasks.data import load_split
-from edgeship.tasks.prune import PruningCandidate, PruningReport, count_macs_params, prune_model
+from edgeship.tasks.prune import count_macs_params, prune_model
 from edgeship.tasks.train import EpochCallback, fit, load_model, predict_logits, train_one_epoch
 
 CandidateCallback = Callable[[PruningCandidate], None]
@@ -54,7 +54,7 @@ def search_pruning(trained: TrainedModel, data: PreparedData, params: PruningPar
         if ratio == 0:
             continue
         where = out_dir / f"ratio-{ratio:.2f}"
-        pruned = prune_model(copy.deepcopy(original), example, params, ratio, _taylor_batches(data, params))
+        pruned = prune_model(copy.deepcopy(original), example, params, ratio, taylor_batches(data, params))
         tuned = fine_tune(pruned, original, trained, data, params, train_params, where, on_epoch)
         candidate = _measure(load_model(tuned), tuned, ratio, params, where / "model_fp32.onnx", example, timer)
         speedup = baseline.latency_ms / candidate.latency_ms if baseline.latency_ms and candidate.latency_ms else None
@@ -170,7 +170,7 @@ class _Timer:
         return self._probe.compare(path)[0]
 
 
-def _taylor_batches(data: PreparedData, params: PruningParams, batch_size: int = 64):
+def taylor_batches(data: PreparedData, params: PruningParams, batch_size: int = 64):
     if params.importance != "taylor":
         return []
     x, y = (torch.from_numpy(a) for a in load_split(data, "train"))
