@@ -1,4 +1,8 @@
-"""The release flow: data -> train -> sensitivity -> precision plan -> QAT -> compile per target -> host check -> device benchmark -> gate -> register.
+"""The release flow: data -> train (or distill) -> prune (optional) -> sensitivity -> precision plan -> QAT -> compile per
+target -> host check -> device benchmark -> gate -> register.
+
+Each model stage starts from the previous one's model, and the chain is recorded on the model version
+(`edgeship.lineage` and one `edgeship.lineage.<stage>` tag per stage).
 
 Reads like the pipeline it runs; each step is a task in `release_tasks`, each task
 a thin wrapper over a plain stage function. Started by `edgeship run`, by a
@@ -15,10 +19,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from edgeship.config import load_params
-from edgeship.flows import quantization_tasks, release_tasks
+from edgeship.flows import pruning_tasks, quantization_tasks, release_tasks
 from edgeship.records import ReleaseSummary, TargetSummary
 from edgeship.registry.tracking import ReleaseRun
-from edgeship.tasks.gate import evaluate_gate, release_passes
+from edgeship.tasks.gate import earns_its_place, evaluate_gate, float_sibling, release_passes
 
 
 @flow(name="release", log_prints=True)
@@ -46,13 +50,15 @@ def release(params_path: str = "params.yaml", workdir: str = ".", summary_path: 
     return summary
 
 
-def _quantize(params, trained, data, out_dir: Path, run: ReleaseRun):
+def _quantize(params, trained, data, out_dir: Path, run: ReleaseRun, lineage: dict[str, str]):
     """Sensitivity -> mixed-precision plan -> QAT on the plan; PTQ alongside, as the row QAT must beat."""
     plan = None
     if params.sensitivity.enabled:
         report = quantization_tasks.analyze_sensitivity(params, trained, data, out_dir, run)
         plan = quantization_tasks.plan_precision(params, trained, data, report, run)
+        lineage["plan"] = f"{len(plan.float_layers)} float of {len(plan.layers)} layers ({plan.strategy})"
     quantized = quantization_tasks.quantize_on_plan(params, trained, data, plan, out_dir, run)
+    lineage["qat"] = f"{params.qat.epochs} epochs, {len(quantized.float_layers)} float layers"
     baseline = quantization_tasks.ptq_baseline(params, trained, data, out_dir, run) if params.ptq.enabled else None
     quantization_tasks.compare_quantization(trained, baseline, quantized, run)
     return quantized
@@ -60,13 +66,21 @@ def _quantize(params, trained, data, out_dir: Path, run: ReleaseRun):
 
 def _release(root: Path, params, run: ReleaseRun, out_dir: Path) -> ReleaseSummary:
     data = release_tasks.prepare_data(root, params, run)
+    lineage: dict[str, str] = {}
     if params.distillation.enabled:
         trained = quantization_tasks.distill_model(params, data, out_dir, run)
+        lineage["distill"] = f"from {trained.teacher}"
     else:
         trained = release_tasks.train_model(params, data, out_dir, run)
+        lineage["train"] = f"{params.train.epochs} epochs"
+    if params.pruning.enabled:
+        unpruned = trained
+        trained, lineage["prune"] = pruning_tasks.prune(params, trained, data, out_dir, run)
+        if trained.checkpoint != unpruned.checkpoint:
+            lineage["prune.from"] = unpruned.model_uri or str(unpruned.checkpoint)
     quantized = None
     if release_tasks.needs_quantized_model(params.targets):
-        quantized = _quantize(params, trained, data, out_dir, run)
+        quantized = _quantize(params, trained, data, out_dir, run, lineage)
 
     compiled = [release_tasks.compile_target.submit(target, trained, quantized, data, out_dir, run)
                 for target in params.targets]
@@ -86,12 +100,16 @@ def _release(root: Path, params, run: ReleaseRun, out_dir: Path) -> ReleaseSumma
         gate = evaluate_gate(target, params.gate_for(target), trained.test_accuracy, outcome.artifact,
                              host_checks.get(target), measured, device_accuracy=min(on_device, default=None),
                              compile_error=outcome.error)
+        sibling = float_sibling(target, params.targets)
+        if sibling:  # int8 earns its place: smaller and faster than the float target on the same runtime
+            gate = earns_its_place(gate, params.gate_for(target), outcome.artifact, measured, sibling,
+                                   outcomes[sibling].artifact, benchmarks.get(sibling, []))
         summaries.append(TargetSummary(target=target, artifact=outcome.artifact, host_check=host_checks.get(target),
                                        benchmarks=benchmarks.get(target, []), gate=gate, error=outcome.error))
     gates = [s.gate for s in summaries]
     release_tasks.publish_reports(gates, summaries, trained.test_accuracy, run)
 
-    version = release_tasks.register(params, trained, artifacts, gates, run)
+    version = release_tasks.register(params, trained, artifacts, gates, run, lineage=lineage)
     passed = release_passes(gates)
     return ReleaseSummary(model_name=params.project.name, model_version=version, run_id=run.run_id,
                           fp32_test_accuracy=trained.test_accuracy, data_hash=data.dvc_hash, targets=summaries,

@@ -226,12 +226,17 @@ def publish_reports(gates: list[GateReport], summaries, fp32_accuracy: float, ru
 
 @task(name="register", cache_policy=NO_CACHE)
 def register(params: Params, trained: TrainedModel, artifacts: list[CompiledArtifact], gates: list[GateReport],
-             run: ReleaseRun) -> str:
-    """Register the model version with its artifacts and verdicts; alias it `candidate` when the gates pass."""
+             run: ReleaseRun, lineage: dict[str, str] | None = None) -> str:
+    """Register the model version with its artifacts, verdicts and lineage (the stages its model went through,
+    in order); alias it `candidate` when the gates pass."""
     from edgeship.registry.model_registry import register_release
 
+    tags = {}
+    if lineage:
+        tags = {"edgeship.lineage": " -> ".join(k for k in lineage if "." not in k),
+                **{f"edgeship.lineage.{stage}": detail for stage, detail in lineage.items()}}
     version = register_release(run, params.project.name, trained.model_uri, artifacts, gates,
                                alias=params.registry.candidate_alias,
-                               metrics={"fp32_test_accuracy": trained.test_accuracy})
+                               metrics={"fp32_test_accuracy": trained.test_accuracy}, tags=tags)
     progress().finish("register", note=f"{params.project.name} v{version}")
     return version
