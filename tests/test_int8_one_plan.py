@@ -46,14 +46,22 @@ def test_the_plan_float_layers_reach_the_compile_inputs(quantized):
                                            output_dir=quantized.output_dir, quantized=ptq)) == []
 
 
-@pytest.mark.skipif(bool(NO_CONVERTER), reason=f"LiteRT conversion needs litert-torch's own environment "
-                                                f"(.venv/litert-converter): {NO_CONVERTER[:200]}")
-def test_tflite_int8_keeps_the_plan_float_layer_float(quantized):
+needs_converter = pytest.mark.skipif(bool(NO_CONVERTER), reason=f"LiteRT conversion needs litert-torch's own "
+                                     f"environment (.venv/litert-converter): {NO_CONVERTER[:200]}")
+
+
+@pytest.fixture(scope="module")
+def tflite_int8(quantized):
+    return get_target("tflite-int8").compile(quantized)
+
+
+@needs_converter
+def test_tflite_int8_keeps_the_plan_float_layer_float(quantized, tflite_int8):
     from ai_edge_litert.interpreter import Interpreter
 
     from edgeship.tasks.host_check import host_check, reference_logits
 
-    artifact = get_target("tflite-int8").compile(quantized)
+    artifact = tflite_int8
     assert artifact.notes["float_layers"] == ["stem.0"]
     interpreter = Interpreter(str(artifact.path))
     tensors = {d["index"]: np.dtype(d["dtype"]).name for d in interpreter.get_tensor_details()}
@@ -74,3 +82,28 @@ def test_coreml_w8a8_leaves_the_plan_float_layer_unquantized(quantized):
     stem = [k for n, k in kinds.items() if n.startswith("stem.0")]
     assert stem and all("quantiz" not in k for k in stem), stem
     assert any("quantiz" in k for n, k in kinds.items() if n.startswith("layers.0.conv1")), kinds
+
+
+@needs_converter
+def test_litert_latency_is_the_runtimes_and_the_io_conversion_is_reported_beside_it(quantized, tflite_int8,
+                                                                                    tmp_path):
+    from edgeship.device.measure import measure
+    from edgeship.device.runtimes import open_session
+    from edgeship.records import BenchmarkRequest, BenchmarkResult
+
+    request = BenchmarkRequest(warmup=5, iterations=30, threads=1)
+    session = open_session("litert", tflite_int8.path, threads=1)
+    assert session.converts_io  # the output is int8 (the input is float here: the plan keeps the stem float)
+    batch = np.zeros((1, 1, 8, 8), np.float32)
+    np.testing.assert_array_equal(session.run(batch), session.finish(session.invoke(session.prepare(batch))))
+    fields = measure(tflite_int8.path, "litert", request).fields
+    result = BenchmarkResult(target="tflite-int8", device="here", sha256="ab" * 32, **fields)
+    assert result.io_conversion_ms is not None and result.io_conversion_ms > 0
+    assert any("latency is the runtime's" in note for note in result.notes)
+
+    float_model = get_target("onnx-fp32").compile(CompileInputs(trained=quantized.trained, data=quantized.data,
+                                                                output_dir=tmp_path))
+    assert measure(float_model.path, "onnxruntime", request).fields["io_conversion_ms"] is None
+    # an older agent's answer, without the field, still reads (a wire record's optional field has a default)
+    assert BenchmarkResult.model_validate({k: v for k, v in result.model_dump().items()
+                                           if k != "io_conversion_ms"}).io_conversion_ms is None

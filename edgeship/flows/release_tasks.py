@@ -157,7 +157,7 @@ def log_benchmark(run: ReleaseRun, result: BenchmarkResult) -> None:
             f"{prefix}/throughput_ips": result.throughput_ips, f"{prefix}/load_ms": result.load_ms,
             f"{prefix}/first_inference_ms": result.first_inference_ms, f"{prefix}/peak_rss_mb": result.peak_rss_mb,
             f"{prefix}/load_rss_delta_mb": result.load_rss_delta_mb, f"{prefix}/accuracy": result.accuracy,
-            f"{prefix}/drift_ratio": result.drift_ratio,
+            f"{prefix}/drift_ratio": result.drift_ratio, f"{prefix}/io_conversion_ms": result.io_conversion_ms,
             f"{prefix}/power_w": sensors.power_w if sensors else None,
             f"{prefix}/energy_per_inference_mj": sensors.energy_per_inference_mj if sensors else None,
             f"{prefix}/throttled": float(sensors.throttled) if sensors and sensors.throttled is not None else None,
