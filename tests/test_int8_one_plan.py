@@ -39,8 +39,18 @@ def quantized(tmp_path_factory):
     return CompileInputs(trained=trained, data=data, output_dir=root / "build", quantized=qat)
 
 
-def test_the_plan_float_layers_reach_the_compile_inputs(quantized):
+def test_the_plan_float_layers_and_the_qat_weights_reach_the_compile_inputs(quantized):
+    from edgeship.tasks.compile import float_model_for
+    from edgeship.tasks.data import load_split
+    from edgeship.tasks.train import evaluate
+
     assert plan_float_layers(quantized) == ["stem.0"]
+    # The QAT-finetuned float weights, BatchNorms included, map back onto the float model (a float-plan layer's
+    # conv+BN fusion and a ResNet block's conv1/bn1 as well), and score like the QAT model they came from.
+    model, weights = float_model_for(quantized)
+    assert weights == "qat-finetuned"
+    x, y = load_split(quantized.data, "val")
+    assert evaluate(model, x, y) >= quantized.quantized.val_accuracy - 0.05
     ptq = quantized.quantized.model_copy(update={"method": "ptq"})
     assert plan_float_layers(CompileInputs(trained=quantized.trained, data=quantized.data,
                                            output_dir=quantized.output_dir, quantized=ptq)) == []
@@ -62,7 +72,7 @@ def test_tflite_int8_keeps_the_plan_float_layer_float(quantized, tflite_int8):
     from edgeship.tasks.host_check import host_check, reference_logits
 
     artifact = tflite_int8
-    assert artifact.notes["float_layers"] == ["stem.0"]
+    assert artifact.notes["float_layers"] == ["stem.0"] and artifact.notes["weights"] == "qat-finetuned"
     interpreter = Interpreter(str(artifact.path))
     tensors = {d["index"]: np.dtype(d["dtype"]).name for d in interpreter.get_tensor_details()}
     kinds = [(op["op_name"], tensors[op["inputs"][1]]) for op in interpreter._get_ops_details()  # noqa: SLF001
