@@ -123,6 +123,8 @@ def mnv2_latency(work: Path, rounds: int, per_round: int) -> dict[float, dict]:
                       "fp32_speedup": round(fp32["speedup"], 3), "fp32_speedup_p25": round(fp32["speedup_p25"], 3),
                       "int8_speedup": round(timed["int8@0.0"]["p50"] / int8["p50"], 3),
                       "int8_vs_fp32": round(fp32["p50"] / int8["p50"], 3)}
+    # Two sessions of the same unpruned fp32 model, timed in the same rounds: how far apart identical models land.
+    out["control"] = {"same_model_ratio": round(timed["fp32@0.0"]["speedup"], 3)}
     return out
 
 
@@ -173,13 +175,15 @@ def main() -> None:
         info, accuracy = digits_rows(Path(tmp) / "digits", 4 if args.quick else 10, 2 if args.quick else 5)
         print("mnv2-224: prune and time on ONNX Runtime, 1 thread", flush=True)
         speed = mnv2_latency(Path(tmp) / "mnv2", rounds, args.per_round)
+    control = speed.pop("control")
     rows = [{**{k: r[k] for k in ("importance", "ratio", "params", "macs", "bytes", "accuracy_drop_points")},
              "fp32_speedup": speed[r["ratio"]]["fp32_speedup"], "int8_speedup": speed[r["ratio"]]["int8_speedup"],
              **{k: v for k, v in speed[r["ratio"]].items() if k not in ("macs", "params")},
              "test_accuracy": r["test_accuracy"], "mnv2_macs": speed[r["ratio"]]["macs"],
              "mnv2_params": speed[r["ratio"]]["params"]} for r in accuracy]
     report = {"benchmark": "pruning", "quick": args.quick, "environment": environment(),
-              "digits": info, "timing": {"rounds": rounds, "per_round": args.per_round, "threads": 1, "batch": 1},
+              "digits": info, "timing": {"rounds": rounds, "per_round": args.per_round, "threads": 1, "batch": 1,
+                                         "control_same_model_ratio": control["same_model_ratio"]},
               "columns": {"params/macs/bytes/accuracy_drop_points": "digits reference model (fp32 ONNX bytes)",
                           "fp32_speedup": "MobileNetV2-1.0 224: unpruned fp32 p50 over this ratio's fp32 p50",
                           "int8_speedup": "MobileNetV2-1.0 224: unpruned int8 p50 over this ratio's int8 p50",

@@ -199,6 +199,17 @@ class PruningParams(Section):
         return self.search_ratios or [self.ratio]
 
 
+class CompileOptions(Section):
+    """One target's converter choices (`compile: {tflite-int8: {route: tf, io: uint8}}`)."""
+
+    route: Literal["auto", "litert-torch", "tf"] = Field(
+        default="auto", description="LiteRT targets: litert-torch; tf: ONNX -> onnx2tf -> TFLiteConverter "
+                                    "(.venv/tf-converter); auto: litert-torch, TensorFlow's converter when it fails")
+    io: Literal["int8", "uint8", "float32"] | None = Field(
+        default=None, description="tflite-int8 input/output type on the tf route (uint8 for the Coral Edge TPU); "
+                                  "null: int8")
+
+
 class PtqParams(Section):
     """The post-training-quantization baseline: ONNX Runtime static QDQ quantization of the fp32 model."""
 
@@ -337,6 +348,7 @@ class Params(Section):
     benchmark: BenchmarkParams = BenchmarkParams()
     devices: list[DeviceParams] = Field(default_factory=lambda: [DeviceParams(name="local")])
     gate: dict[str, GatePolicy] = Field(default_factory=dict)
+    compile: dict[str, CompileOptions] = Field(default_factory=dict)
     registry: RegistryParams = RegistryParams()
     ota: OtaParams = OtaParams()
 
@@ -367,6 +379,18 @@ class Params(Section):
         if stray:
             raise ValueError(f"names target(s) {stray} that are not in 'targets' {targets}")
         return gate
+
+    @field_validator("compile")
+    @classmethod
+    def _compile_options_name_litert_targets(cls, options: dict[str, CompileOptions], info: ValidationInfo
+                                             ) -> dict[str, CompileOptions]:
+        stray = sorted(t for t in options if not t.startswith("tflite-"))
+        if stray:
+            raise ValueError(f"compile options are for the LiteRT targets (tflite-*) only; remove {stray}")
+        bad_io = sorted(t for t, o in options.items() if o.io and (t != "tflite-int8" or o.route == "litert-torch"))
+        if bad_io:
+            raise ValueError(f"'io' applies to tflite-int8 on the tf (or auto) route only; remove it from {bad_io}")
+        return options
 
     def gate_for(self, target: str) -> GatePolicy:
         """The gate policy of a target (the default policy when params.yaml sets none)."""

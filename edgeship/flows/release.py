@@ -82,7 +82,9 @@ def _release(root: Path, params, run: ReleaseRun, out_dir: Path) -> ReleaseSumma
     if release_tasks.needs_quantized_model(params.targets):
         quantized = _quantize(params, trained, data, out_dir, run, lineage)
 
-    compiled = [release_tasks.compile_target.submit(target, trained, quantized, data, out_dir, run)
+    compiled = [release_tasks.compile_target.submit(target, trained, quantized, data, out_dir, run,
+                                                    params.compile[target].model_dump() if target in params.compile
+                                                    else None)
                 for target in params.targets]
     outcomes = {o.target: o for o in (future.result() for future in compiled)}
     artifacts = [o.artifact for o in outcomes.values() if o.artifact]

@@ -69,7 +69,7 @@ def train_model(params: Params, data: PreparedData, out_dir: Path, run: ReleaseR
 
 @task(name="compile", task_run_name="compile-{target}", cache_policy=NO_CACHE)
 def compile_target(target: str, trained: TrainedModel, quantized: QuantizedModel | None, data: PreparedData,
-                   out_dir: Path, run: ReleaseRun) -> CompileOutcome:
+                   out_dir: Path, run: ReleaseRun, options: dict | None = None) -> CompileOutcome:
     """Compile one target; any converter failure is recorded, not raised, so other targets go on.
 
     Any exception: a converter is third-party code that raises what it likes (TypeError on an
@@ -81,7 +81,8 @@ def compile_target(target: str, trained: TrainedModel, quantized: QuantizedModel
     progress().start(f"compile {target}", total=1)
     try:
         artifact = get_target(target).compile(
-            CompileInputs(trained=trained, data=data, output_dir=out_dir / target, quantized=quantized))
+            CompileInputs(trained=trained, data=data, output_dir=out_dir / target, quantized=quantized,
+                          options=options or {}))
     except Exception as error:  # noqa: BLE001 - see the docstring: one target never stops the others
         progress().finish(f"compile {target}", note=f"[red]failed: {error}")
         run.set_tags({f"edgeship.compile.{target}": f"failed: {str(error)[:4000]}"})

@@ -11,7 +11,7 @@ artifact for one runtime. Adding a target means one module here, one row in
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -29,6 +29,7 @@ class CompileInputs:
     data: PreparedData
     output_dir: Path
     quantized: QuantizedModel | None = None
+    options: dict = field(default_factory=dict)  # this target's `compile:` entry in params.yaml (route, io)
 
 
 class Target(Protocol):

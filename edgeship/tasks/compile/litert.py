@@ -82,15 +82,32 @@ class _Tflite:
     needs_quantized = False  # int8 uses the QAT weights when given, the trained weights otherwise
 
     def compile(self, inputs: CompileInputs) -> CompiledArtifact:
-        """Convert the model with litert-torch to `output_dir/model_<precision>.tflite` and describe it."""
+        """Convert the model to `output_dir/model_<precision>.tflite` by the target's route and describe it.
+
+        Route (`compile.<target>.route`): litert-torch; tf (ONNX -> onnx2tf -> TFLiteConverter, litert_tf.py);
+        auto (default): litert-torch, and TensorFlow's converter when litert-torch fails and its environment exists.
+        """
+        from edgeship.tasks.compile import litert_tf
+
         output_dir = Path(inputs.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         path = output_dir / f"model_{self.precision}.tflite"
+        route = inputs.options.get("route", "auto")
+        if route == "tf":
+            return litert_tf.compile_with_tf(self, inputs, path)
+        try:
+            return self._litert_torch(inputs, path)
+        except CompileError as error:
+            if route == "auto" and litert_tf.available():
+                return litert_tf.compile_with_tf(self, inputs, path, fallback_from=str(error))
+            raise
+
+    def _litert_torch(self, inputs: CompileInputs, path: Path) -> CompiledArtifact:
         with tempfile.TemporaryDirectory(prefix="edgeship-litert-") as tmp:
             weights = export_program(inputs, Path(tmp) / "model.pt2")
             job = {"program": str(Path(tmp) / "model.pt2"), "output": str(path), "precision": self.precision}
             if self.precision == "int8":
-                job["calibration"] = str(_calibration_file(inputs, Path(tmp) / "calibration.npy"))
+                job["calibration"] = str(calibration_file(inputs, Path(tmp) / "calibration.npy"))
                 job["float_layers"] = plan_float_layers(inputs)  # the precision plan's, as onnx-int8 has them
             answer = run_converter(job, Path(tmp) / "job.json")
         notes = {**answer.get("notes", {}), "weights": weights, "layout": "NCHW"}
@@ -133,7 +150,7 @@ def export_program(inputs: CompileInputs, path: Path) -> str:
     return weights
 
 
-def _calibration_file(inputs: CompileInputs, path: Path) -> Path:
+def calibration_file(inputs: CompileInputs, path: Path) -> Path:
     import numpy as np
 
     from edgeship.tasks.data import load_split
@@ -146,12 +163,14 @@ def _calibration_file(inputs: CompileInputs, path: Path) -> Path:
     return path
 
 
-def run_converter(job: dict, job_path: Path) -> dict:
-    """Run `litert_convert.py` on one job with the converter's Python; its answer, or CompileError with its words."""
+def run_converter(job: dict, job_path: Path, python: Path | None = None, worker: Path = _WORKER,
+                  what: str = "litert-torch") -> dict:
+    """Run a converter worker (`litert_convert.py` by default) on one job with its environment's Python; its
+    answer, or CompileError with the converter's words."""
     job_path.write_text(json.dumps(job))
-    python = converter_python()
+    python = python or converter_python()
     # -I: the worker's own directory (which holds onnx.py, tensorrt.py) must not shadow real packages.
-    command = [str(python), "-I", str(_WORKER), str(job_path)]
+    command = [str(python), "-I", str(worker), str(job_path)]
     try:
         process = subprocess.run(command, capture_output=True, text=True, timeout=CONVERT_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -165,7 +184,7 @@ def run_converter(job: dict, job_path: Path) -> dict:
     if process.returncode != 0 or not isinstance(answer, dict) or "error" in answer:
         reason = answer.get("error") if isinstance(answer, dict) else None
         tail = process.stderr.strip()[-2000:]
-        raise CompileError(f"litert-torch failed ({job['precision']}): {reason or f'exit status {process.returncode}'}"
+        raise CompileError(f"{what} failed ({job['precision']}): {reason or f'exit status {process.returncode}'}"
                            + (f"\nconverter stderr (last lines): {tail}" if tail and not reason else ""))
     return answer
 

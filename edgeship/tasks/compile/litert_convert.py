@@ -133,9 +133,9 @@ def _int8(program, sample: tuple, calibration, output: str, float_layers: list[s
             "calibration_images": int(len(calibration)), "float_layers": list(float_layers)}
 
 
-def _versions() -> dict[str, str]:
+def _versions(distributions: tuple[str, ...] = _DISTRIBUTIONS) -> dict[str, str]:
     found = {}
-    for name in _DISTRIBUTIONS:
+    for name in distributions:
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -143,13 +143,14 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def main(argv: list[str]) -> int:
-    """Read the job file named on the command line, convert, answer with one JSON line on stdout."""
+def main(argv: list[str], run=None) -> int:
+    """Read the job file named on the command line, convert (with `run`, default `convert`; tf_convert.py passes
+    its own), answer with one JSON line on stdout."""
     answer_stream = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # converters print; only the answer goes to stdout
     try:
         with open(argv[1]) as handle:
-            answer, status = convert(json.load(handle)), 0
+            answer, status = (run or convert)(json.load(handle)), 0
     except Exception as error:  # noqa: BLE001  (the converter's own message is the news)
         answer, status = {"error": f"{type(error).__name__}: {error}"}, 1
     with answer_stream:
