@@ -26,7 +26,6 @@ Writes benchmarks/results/pruning.json (`rows`, `targets`).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quantization import environment, interleaved_latency  # noqa: E402  (the sibling benchmark's timer)
+from quantization import environment, interleaved_latency, write_report  # noqa: E402  (the sibling benchmark's)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RATIOS = (0.0, 0.2, 0.3, 0.4, 0.5)
@@ -190,10 +189,7 @@ def main() -> None:
                           "int8_vs_fp32": "this ratio's fp32 p50 over its int8 p50"},
               "rows": rows, "targets": targets(rows), "total_seconds": round(time.perf_counter() - started, 1)}
     print_table(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print("\ntargets:", json.dumps(report["targets"], indent=2))
-    print(f"total {report['total_seconds']:.0f} s; wrote {args.out}")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

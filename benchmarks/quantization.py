@@ -361,10 +361,15 @@ def main() -> None:
                          "method": "interleaved rounds over all five models, edgeship.device.runtimes adapter"},
               "cases": results, "targets": verdicts(results),
               "total_seconds": round(time.perf_counter() - started, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_report(report, args.out)
+
+
+def write_report(report: dict, out: Path) -> None:
+    """The JSON (with its `targets` and `total_seconds`) to `out`, and the targets printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print("\ntargets:", json.dumps(report["targets"], indent=2))
-    print(f"total {report['total_seconds']:.0f} s; wrote {args.out}")
+    print(f"total {report['total_seconds']:.0f} s; wrote {out}")
 
 
 if __name__ == "__main__":

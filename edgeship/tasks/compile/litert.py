@@ -55,22 +55,35 @@ def converter_python() -> Path:
     Raises:
         CompileError: none of them exists, with the command that creates one.
     """
-    configured = os.environ.get("EDGESHIP_LITERT_PYTHON")
-    if configured:
-        if not Path(configured).is_file():
-            raise CompileError(f"EDGESHIP_LITERT_PYTHON={configured} does not exist; point it at the Python of an "
-                               f"environment with litert-torch, or unset it")
-        return Path(configured)
-    if importlib.util.find_spec("litert_torch") is not None:
+    if "EDGESHIP_LITERT_PYTHON" not in os.environ and importlib.util.find_spec("litert_torch") is not None:
         return Path(sys.executable)
-    for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
-        candidate = root / CONVERTER_ENV / "bin" / "python"
-        if candidate.is_file():
-            return candidate
+    found = environment_python("EDGESHIP_LITERT_PYTHON", CONVERTER_ENV, "litert-torch")
+    if found:
+        return found
     raise CompileError(
         f"the LiteRT converter (litert-torch) is not installed: it needs its own environment because its pins "
         f"conflict with the pipeline's. Create it with `python3 -m venv {CONVERTER_ENV} && {CONVERTER_ENV}/bin/pip "
         f"install -r {CONVERTER_REQUIREMENTS}` in the project root, or set EDGESHIP_LITERT_PYTHON")
+
+
+def environment_python(variable: str, env_dir: str, holds: str) -> Path | None:
+    """A converter environment's Python: $`variable`, else `env_dir`/bin/python in the working directory or beside
+    the edgeship checkout; None when neither exists.
+
+    Raises:
+        CompileError: $`variable` names a file that does not exist.
+    """
+    configured = os.environ.get(variable)
+    if configured:
+        if not Path(configured).is_file():
+            raise CompileError(f"{variable}={configured} does not exist; point it at the Python of an environment "
+                               f"with {holds}, or unset it")
+        return Path(configured)
+    for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
+        candidate = root / env_dir / "bin" / "python"
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 class _Tflite:

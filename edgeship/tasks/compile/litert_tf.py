@@ -17,7 +17,6 @@ install on the 2-core CI machine, so infra/install.sh builds it only with EDGESH
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -37,16 +36,11 @@ def tf_converter_python() -> Path:
     Raises:
         CompileError: none exists, with the command that creates one.
     """
-    configured = os.environ.get("EDGESHIP_TF_PYTHON")
-    if configured:
-        if not Path(configured).is_file():
-            raise CompileError(f"EDGESHIP_TF_PYTHON={configured} does not exist; point it at the Python of an "
-                               f"environment with tensorflow and onnx2tf, or unset it")
-        return Path(configured)
-    for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
-        candidate = root / TF_ENV / "bin" / "python"
-        if candidate.is_file():
-            return candidate
+    from edgeship.tasks.compile.litert import environment_python
+
+    found = environment_python("EDGESHIP_TF_PYTHON", TF_ENV, "tensorflow and onnx2tf")
+    if found:
+        return found
     raise CompileError(f"TensorFlow's converter (onnx2tf + tensorflow) is not installed: its pins conflict with the "
                        f"pipeline's, so it has its own environment. Create it with `EDGESHIP_TF_CONVERTER=1 bash "
                        f"infra/install.sh`, or `python3 -m venv {TF_ENV} && {TF_ENV}/bin/pip install -r "
