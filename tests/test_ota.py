@@ -25,36 +25,19 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata
 from tuf.api.serialization.json import JSONSerializer
 
-from edgeship.device.runtimes import open_session
-from edgeship.device.updater import (DeviceUpdater, UpdaterConfig, add_update_arguments, installed_model,
-                                     rollback_local, run_update)
+from edgeship.device import updater_cli
+from edgeship.device.state import installed_model
+from edgeship.device.updater import DeviceUpdater, UpdaterConfig, rollback_local
 from edgeship.errors import SignatureError
-from edgeship.files import sha256_of
 from edgeship.ota.keys import Keystore
 from edgeship.ota.publish import ReleaseError, publish_release, read_channel, rollback_release
 from edgeship.ota.repository import KeystoreMismatch, OtaRepository
 from edgeship.ota.storage import StorageError, open_storage, public_read_policy
-from edgeship.records import CompiledArtifact, TensorSpec
-from onnx_models import tiny_classifier
+from edgeship.records import CompiledArtifact
+from ota_world import make_artifact, predict
 
 MODEL = "tiny"
 TARGET = "onnx-int8"
-
-
-def make_artifact(directory: Path, version: str, content: bytes | None = None) -> CompiledArtifact:
-    """A compiled-artifact record for a tiny classifier whose weights differ per version."""
-    path = directory / f"build-{version}" / "model.onnx"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content if content is not None else tiny_classifier(seed=int(version)).SerializeToString())
-    return CompiledArtifact(target=TARGET, path=path, sha256=sha256_of(path), bytes=path.stat().st_size,
-                            precision="fp32", runtime="onnxruntime",
-                            inputs=[TensorSpec(name="input", shape=(1, 1, 8, 8))],
-                            outputs=[TensorSpec(name="logits", shape=(1, 10))])
-
-
-def predict(path: Path) -> np.ndarray:
-    batch = np.random.default_rng(1).standard_normal((4, 1, 8, 8)).astype(np.float32)
-    return open_session("onnxruntime", path, threads=1).run(batch)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -132,14 +115,15 @@ def test_a_new_version_replaces_current_and_keeps_the_old_one_as_previous(fleet)
     device = fleet.device()
     device.update()
     descriptor = fleet.publish("2")
-    assert descriptor.targets[TARGET].previous.version == "1"
+    assert descriptor.targets[TARGET].previous.version == "1" and descriptor.targets[TARGET].base.version == "2"
 
     report = device.update()
     assert (report.status, report.installed_version, report.previous_version) == ("updated", "2", "1")
     assert_runs(device, fleet, "2")
-    assert (device.state_dir / "previous").resolve() == device.state_dir / "versions/1/model.onnx"
+    assert (device.state_dir / "current").resolve() == device.state_dir / "versions/2/model.onnx"
     state = json.loads((device.state_dir / "state.json").read_text())
-    assert (state["current"]["version"], state["previous"]["version"]) == ("2", "1")
+    assert (state["active"]["version"], state["last_known_good"]["version"]) == ("2", "1")
+    assert state["probation"] is None  # the updater's own check confirmed it
     assert device.update().status == "up_to_date"
 
 
@@ -200,7 +184,7 @@ def test_rollback_release_takes_devices_back_to_the_previous_version(fleet):
     device.update()
 
     descriptor = rollback_release(fleet.repository, "stable")
-    assert descriptor.targets[TARGET].version == "1" and descriptor.targets[TARGET].previous is None
+    assert descriptor.targets[TARGET].base.version == "1" and descriptor.targets[TARGET].previous is None
     report = device.update()
     assert (report.status, report.installed_version, report.previous_version) == ("updated", "1", "2")
     assert_runs(device, fleet, "1")
@@ -222,6 +206,7 @@ def test_a_device_outside_the_rollout_cohort_stays_on_the_previous_version(fleet
 
     fleet.publish("2", rollout_fraction=1.0)  # widen the same version to everyone
     assert read_channel(fleet.repository, "stable").targets[TARGET].previous.version == "1"
+    assert read_channel(fleet.repository, "stable").targets[TARGET].base.version == "2"
     assert device.update().installed_version == "2"
 
 
@@ -236,7 +221,7 @@ def test_rollback_local_swaps_back_and_skips_the_bad_version(fleet):
     assert report.installed_version == "1"
     assert_runs(device, fleet, "1")
     again = device.update()
-    assert again.status == "refused" and "rolled back on this device" in again.reason
+    assert again.status == "refused" and "marked bad on this device" in again.reason
     assert_runs(device, fleet, "1")
 
 
@@ -260,7 +245,9 @@ def test_reopened_repository_extends_versions_and_survives_root_re_signing(fleet
 def test_keys_are_private_and_a_foreign_keystore_is_refused(fleet, tmp_path):
     assert stat.S_IMODE(fleet.keystore.directory.stat().st_mode) == 0o700
     for role in ("root", "targets", "snapshot", "timestamp"):
-        assert stat.S_IMODE(fleet.keystore.path(role).stat().st_mode) == 0o600
+        assert stat.S_IMODE(fleet.keystore.path(role).stat().st_mode) == 0o700
+        (key,) = fleet.keystore.path(role).glob("*.pem")
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
     with pytest.raises(KeystoreMismatch, match="point ota.keystore"):
         OtaRepository(open_storage(str(fleet.directory)), Keystore(tmp_path / "other-keys"))
 
@@ -273,17 +260,17 @@ def test_publish_refuses_an_artifact_that_changed_after_compile(fleet):
     assert read_channel(fleet.repository, "stable") is None
 
 
-def test_cli_hooks_check_once_and_print_the_report(fleet, capsys):
+def test_cli_update_checks_once_and_prints_the_report(fleet, capsys):
     fleet.publish("1")
     parser = argparse.ArgumentParser()
-    add_update_arguments(parser)
+    updater_cli.wire("update", parser)
     args = parser.parse_args(["--repo-url", fleet.url, "--root", str(fleet.root), "--state-dir",
                               str(fleet.tmp_path / "cli-device"), "--target", TARGET, "--device-id", "cli"])
-    assert run_update(args) == 0
+    assert args.run(args) == 0
     assert json.loads(capsys.readouterr().out)["installed_version"] == "1"
 
     args.target = "tflite-int8"  # the channel ships no such target
-    assert run_update(args) == 1
+    assert args.run(args) == 1
     assert "ships no model for target" in json.loads(capsys.readouterr().out)["reason"]
 
 
@@ -307,7 +294,10 @@ def test_publish_into_s3_and_update_straight_from_the_endpoint(tmp_path, monkeyp
         s3.create_bucket(Bucket="ota")
         s3.put_bucket_policy(Bucket="ota", Policy=json.dumps(public_read_policy("ota", "fleet")))
 
-        repository = OtaRepository(open_storage("s3://ota/fleet", endpoint), Keystore(tmp_path / "keys"))
+        storage = open_storage("s3://ota/fleet", endpoint)
+        assert storage.create("locks/probe.json", b"1") and not storage.create("locks/probe.json", b"2")  # If-None-Match
+        storage.delete("locks/probe.json")
+        repository = OtaRepository(storage, Keystore(tmp_path / "keys"))
         artifact = make_artifact(tmp_path, "1")
         publish_release(repository, MODEL, "1", [artifact])
         root = tmp_path / "root.json"
@@ -327,7 +317,7 @@ def test_publish_into_s3_and_update_straight_from_the_endpoint(tmp_path, monkeyp
 def test_the_updater_imports_nothing_heavy():
     heavy = ["torch", "tensorflow", "mlflow", "prefect", "edgeship.ota.repository", "edgeship.ota.storage",
              "edgeship.ota.keys"]
-    code = ("import sys, edgeship.device.updater; "
+    code = ("import sys, edgeship.device.updater, edgeship.device.runtime, edgeship.device.updater_cli; "
             f"print([m for m in {heavy!r} if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).parent.parent)

@@ -1,4 +1,4 @@
-"""Prefect deployments: scheduled retraining, and publish/rollback that anyone can start from the Prefect UI.
+"""Prefect deployments: scheduled retraining and re-signing, and publish/rollout/rollback from the Prefect UI.
 
 `edgeship serve` registers them with the Prefect server in PREFECT_API_URL and
 runs them in this process (a Prefect "serve" runner); `prefect.yaml` declares
@@ -11,11 +11,16 @@ from pathlib import Path
 
 
 def deployments(workdir: Path, cron: str | None, params_path: str = "params.yaml") -> list:
-    """The release (on `cron`, when given), publish and rollback deployments for the project in `workdir`."""
-    from edgeship.flows.publish import publish, rollback
+    """The release (on `cron`, when given), publish, rollback, rollout and resign (every
+    `ota.resign_every_hours`) deployments for the project in `workdir`."""
+    from datetime import timedelta
+
+    from edgeship.config import load_params
+    from edgeship.flows.publish import publish, resign, rollback, rollout
     from edgeship.flows.release import release
 
     where = {"workdir": str(workdir.resolve()), "params_path": params_path}
+    every = timedelta(hours=load_params(workdir / params_path).ota.resign_every_hours)
     return [
         release.to_deployment(name="scheduled-retraining", cron=cron, parameters=where,
                               description="Retrain, quantize, compile, benchmark, gate and register.",
@@ -24,6 +29,12 @@ def deployments(workdir: Path, cron: str | None, params_path: str = "params.yaml
                               description="Publish the version an alias points to into the signed OTA channel.",
                               tags=["edgeship", "ota"], concurrency_limit=1),
         rollback.to_deployment(name="rollback", parameters=where,
-                               description="Point the OTA channel back at the previous version.",
+                               description="Roll targets back (abort an unfinished rollout, else the previous base).",
                                tags=["edgeship", "ota"], concurrency_limit=1),
+        rollout.to_deployment(name="rollout", parameters=where,
+                              description="Widen, narrow or complete one target's rollout of the channel's candidate.",
+                              tags=["edgeship", "ota"], concurrency_limit=1),
+        resign.to_deployment(name="resign", parameters=where, interval=every,
+                             description="Renew timestamp/snapshot/targets before they expire (devices go stale).",
+                             tags=["edgeship", "ota"], concurrency_limit=1),
     ]
