@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 def run_model(name: str, model_params, data, work: Path) -> dict:
     from edgeship.config import PrecisionParams, QatParams, SensitivityParams, TrainParams
     from edgeship.tasks.compile import CompileInputs, get_target
-    from edgeship.tasks.compile.litert_tf import available
+    from edgeship.tasks.compile.litert import tf_available as available
     from edgeship.tasks.host_check import host_check, reference_logits
     from edgeship.tasks.precision_plan import plan_precision
     from edgeship.tasks.qat import quantization_aware_train

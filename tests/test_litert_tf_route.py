@@ -10,7 +10,7 @@ import pytest
 from edgeship.config import DataParams, ModelParams, TrainParams, parse_params
 from edgeship.errors import CompileError, ConfigError
 from edgeship.tasks.compile import CompileInputs, get_target
-from edgeship.tasks.compile.litert_tf import available, tf_converter_python
+from edgeship.tasks.compile.litert import tf_available as available, tf_converter_python
 
 needs_tf = pytest.mark.skipif(not available(), reason="TensorFlow's converter route needs .venv/tf-converter "
                                                       "(EDGESHIP_TF_CONVERTER=1 bash infra/install.sh; 2.6 GB, opt-in)")
