@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from edgeship.config import QatParams
-from edgeship.tasks.qat import float_ops_of, integer_ops_of, optimized_op_counts, quantization_aware_train
+from edgeship.tasks.qat import quantization_aware_train
+from edgeship.tasks.qdq_onnx import float_ops_of, integer_ops_of, optimized_op_counts
 from edgeship.tasks.train import load_model
 from tiny_quantization import digits, trained  # noqa: F401  (fixtures)
 
