@@ -1,0 +1,83 @@
+"""A bounded store-and-forward spool on disk: telemetry survives a broker outage and a process restart.
+
+Each record is one file, `<sequence>.json`, written atomically; it is deleted only when the broker
+acknowledged it (MQTT QoS 1 PUBACK). When the spool is over its budget (records or bytes) the oldest
+records are dropped, and the drop is counted in `dropped` (persisted), so the fleet sees what a device
+lost instead of silently missing it.
+
+    >>> spool = Spool(Path("/var/lib/edgeship/telemetry"), max_records=10_000, max_bytes=50_000_000)
+    >>> spool.put(record.to_bytes())
+    >>> for name, payload in spool.pending(): ...   # publish, then spool.ack(name) on PUBACK
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from edgeship.files import write_atomic
+
+
+class Spool:
+    """Records waiting for a broker acknowledgement, oldest first, within a budget."""
+
+    def __init__(self, directory: Path, max_records: int = 10_000, max_bytes: int = 50_000_000):
+        self.directory = Path(directory) / "spool"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_records, self.max_bytes = max_records, max_bytes
+        self._counter = self.directory.parent / "spool-dropped"
+        self._lock = threading.Lock()
+        names = self._names()
+        self._next = int(names[-1].split(".")[0]) + 1 if names else 1
+        self._bytes = sum(self._size(name) for name in names)
+        self.dropped = int(self._counter.read_text() or 0) if self._counter.is_file() else 0
+
+    def _names(self) -> list[str]:
+        return sorted(p.name for p in self.directory.glob("*.json"))
+
+    def _size(self, name: str) -> int:
+        try:
+            return (self.directory / name).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def put(self, payload: bytes) -> str:
+        """Keep a record until it is acknowledged; drop the oldest ones when over budget. Returns its name."""
+        with self._lock:
+            name = f"{self._next:012d}.json"
+            self._next += 1
+            write_atomic(self.directory / name, payload)
+            self._bytes += len(payload)
+            names = self._names()
+            dropped = 0
+            while len(names) > 1 and (len(names) > self.max_records or self._bytes > self.max_bytes):
+                oldest = names.pop(0)
+                self._bytes -= self._size(oldest)
+                (self.directory / oldest).unlink(missing_ok=True)
+                dropped += 1
+            if dropped:
+                self.dropped += dropped
+                write_atomic(self._counter, str(self.dropped).encode())
+            return name
+
+    def pending(self, limit: int | None = None) -> list[tuple[str, bytes]]:
+        """Records not acknowledged yet, oldest first."""
+        out = []
+        for name in self._names()[:limit]:
+            try:
+                out.append((name, (self.directory / name).read_bytes()))
+            except FileNotFoundError:
+                continue
+        return out
+
+    def ack(self, name: str) -> None:
+        """The broker has the record: forget it."""
+        with self._lock:
+            size = self._size(name)
+            path = self.directory / name
+            if path.exists():
+                path.unlink(missing_ok=True)
+                self._bytes -= size
+
+    def __len__(self) -> int:
+        return len(self._names())
