@@ -307,7 +307,7 @@ class WindowAggregator:
             self._inferences += 1
             if not ok:
                 self._errors += 1
-                kind = type(record.error).__name__ if getattr(record, "error", None) is not None else "error"
+                kind = _error_kind(getattr(record, "error", None))
                 self._error_kinds[kind] = self._error_kinds.get(kind, 0) + 1
             if slot == "fallback":
                 self._fallback += 1
@@ -377,6 +377,15 @@ class WindowAggregator:
             return {key: float(value) for key, value in self._sensors().items()}
         except Exception:  # a sensor that fails now must not cost the window
             return {}
+
+
+def _error_kind(error: Any) -> str:
+    # The runtime reports "TypeName: message"; the kind is the type name, so counts stay few and comparable.
+    if error is None:
+        return "non-finite outputs"
+    if isinstance(error, BaseException):
+        return type(error).__name__
+    return str(error).split(":", 1)[0][:60]
 
 
 def sensor_reader(sensors: Iterable[Any]) -> Callable[[], dict[str, float]]:

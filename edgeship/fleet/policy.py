@@ -40,6 +40,16 @@ class BrokerParams(_Section):
     password_env: str | None = Field(default=None, description="environment variable holding the password")
 
 
+def store_url_for(url: str, root) -> str:
+    """The store URL with a relative SQLite path resolved against the project directory."""
+    from pathlib import Path
+
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url[len(prefix):].startswith("/") and url[len(prefix):] != ":memory:":
+        return prefix + str((Path(root) / url[len(prefix):]).resolve())
+    return url
+
+
 class FleetParams(_Section):
     name: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                       description="topic namespace: edgeship/<name>/devices/<id>/...")
@@ -113,6 +123,7 @@ class RetrainingPolicy(_Section):
     max_drift_psi: float = Field(default=0.2, gt=0, description="fleet drift on production past this starts it")
     min_samples: int = Field(default=500, ge=1)
     cooldown_s: float = Field(default=86400.0, ge=0, description="no second start within this")
+    window_s: float = Field(default=3600.0, gt=0, description="production telemetry this recent is what counts")
 
 
 class RolloutParams(_Section):
