@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import uuid
+
+import psutil
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -73,3 +76,54 @@ def test_collector_stores_each_record_once_from_real_devices(tmp_path, store_url
     assert sorted(snapshot.versions) == ["7", "8"] and snapshot.versions["8"].classes["jetson"].devices == 1
     assert set(snapshot.versions["7"].devices) == {"dev-0", "dev-1", "dev-2"}
     store.close()
+
+
+def test_fleet_collect_starts_a_local_broker_and_status_shows_the_table(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from edgeship.fleet.broker import free_port
+
+    (tmp_path / "params.yaml").write_text("fleet: {name: clitest, store: 'sqlite:///fleet.db'}\n")
+    port = free_port()
+    cli = [sys.executable, "-m", "edgeship.cli", "fleet"]
+    collector = subprocess.Popen([*cli, "collect", "-C", str(tmp_path), "--port", str(port), "--for", "60"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        time.sleep(1.0)  # the collector subscribes right after the broker listens
+        broker_pid = next(c.pid for c in psutil.Process(collector.pid).children() if "mosquitto" in c.name())
+        settings = MqttSettings(port=port, fleet="clitest")
+        identity = DeviceIdentity(device_id="cli-dev", model_name="digits", device_class="pi4")
+        aggregator = WindowAggregator(identity, progress_dir=tmp_path / "dev",
+                                      versions=lambda: record("x", "7").versions)
+        from test_telemetry import Inference, one_hot
+
+        for _ in range(50):
+            aggregator.on_inference(Inference(latency_ms=3.0, outputs=one_hot([2])))
+        with TelemetryReporter(aggregator, Spool(tmp_path / "dev"), settings, window_s=3600):
+            pass
+        store = FleetStore(f"sqlite:///{tmp_path}/fleet.db")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and store.count_records() < 1:
+            time.sleep(0.2)
+        assert store.count_records() == 1
+        store.close()
+    finally:
+        collector.terminate()
+        output = collector.communicate(timeout=20)[0]
+    assert "started a local broker" in output and "stored 1 records" in output
+    assert not psutil.pid_exists(broker_pid) or psutil.Process(broker_pid).status() == psutil.STATUS_ZOMBIE
+    shown = subprocess.run([*cli, "status", "-C", str(tmp_path), "--channel", "stable"], capture_output=True,
+                           text=True, timeout=60, env={**os.environ, "COLUMNS": "250"})
+    assert shown.returncode == 0, shown.stderr
+    row = next(line for line in shown.stdout.splitlines() if "pi4" in line)
+    assert "│ 7 " in row and " 50 " in row  # version 7 on pi4, 50 inferences
