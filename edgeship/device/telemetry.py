@@ -329,7 +329,8 @@ class WindowAggregator:
         """Shadow runner observer: one comparison of the shadow with the active model's answer."""
         with self._lock:
             shadow = self._shadow
-            shadow["version"] = version
+            if version is not None or "version" not in shadow:
+                shadow["version"] = version
             shadow["samples"] = shadow.get("samples", 0) + samples
             shadow["agreements"] = shadow.get("agreements", 0) + agreements
             shadow["confidence_diff_sum"] = shadow.get("confidence_diff_sum", 0.0) + confidence_diff_sum
