@@ -3,8 +3,11 @@
     edgeship data digits            # write scikit-learn's digits as an image folder (data/raw)
     edgeship data prepare           # image folder -> train/val/test/calibration splits (DVC's `prepare` stage)
     edgeship run --summary release.json
-    edgeship publish --alias production
+    edgeship promote 7 --alias production
+    edgeship publish --alias production --rollout 0.1
+    edgeship rollout stable --target onnx-int8 --fraction 0.5
     edgeship rollback --channel stable
+    edgeship channels | resign | keys ...    # see edgeship/ota/cli.py
     edgeship check                  # validate params.yaml only
     edgeship fleet collect|status|rollout|pause|resume|abort   # the fleet loop (edgeship/fleet/cli.py)
 """
@@ -131,38 +134,6 @@ def _print_summary(summary) -> None:
     Console().print(f"release {verdict}[/]  (MLflow run {summary.run_id})")
 
 
-@app.command("publish")
-def publish(alias: str = typer.Option("production", help="registry alias whose version to publish"),
-            params: Path = ParamsOption, workdir: Path = WorkdirOption,
-            channel: Optional[str] = typer.Option(None, help="OTA channel (default: params.ota.channel)"),
-            rollout: float = typer.Option(1.0, min=0.0, max=1.0, help="fraction of devices that take it")) -> None:
-    """Publish the version an alias points to into the signed OTA repository."""
-    _quiet_prefect()
-    from edgeship.flows.publish import publish as publish_flow
-
-    try:
-        descriptor = publish_flow(alias=alias, params_path=str(params), workdir=str(workdir), channel=channel,
-                                  rollout_fraction=rollout)
-    except EdgeshipError as error:
-        _fail(error)
-    Console().print_json(descriptor.model_dump_json())
-
-
-@app.command("rollback")
-def rollback(params: Path = ParamsOption, workdir: Path = WorkdirOption,
-             channel: Optional[str] = typer.Option(None, help="OTA channel (default: params.ota.channel)"),
-             target: Optional[list[str]] = typer.Option(None, help="targets to roll back (default: all)")) -> None:
-    """Point a channel back at each target's previous version (a newly signed descriptor)."""
-    _quiet_prefect()
-    from edgeship.flows.publish import rollback as rollback_flow
-
-    try:
-        descriptor = rollback_flow(params_path=str(params), workdir=str(workdir), channel=channel, targets=target)
-    except EdgeshipError as error:
-        _fail(error)
-    Console().print_json(descriptor.model_dump_json())
-
-
 @app.command("serve")
 def serve(workdir: Path = WorkdirOption, params: Path = ParamsOption,
           cron: Optional[str] = typer.Option("0 3 * * 1", help="retraining schedule (cron); '' for none")) -> None:
@@ -197,29 +168,35 @@ def webhook_serve(params: Path = ParamsOption, workdir: Path = WorkdirOption,
     import uvicorn
 
     from edgeship.config import load_params
-    from edgeship.registry.webhook import WatchedAlias, create_app, publish_in_process, publish_via_deployment
+    from edgeship.flows.webhook import (DeliveryStore, WatchedAlias, create_app, publish_in_process,
+                                        publish_via_deployment)
 
     try:
         settings = load_params(workdir / params)
     except EdgeshipError as error:
         _fail(error)
     watched = WatchedAlias(settings.project.name, alias, _webhook_secret(secret_env))
-    handler = publish_via_deployment(deployment, alias) if deployment else publish_in_process(workdir, str(params),
-                                                                                              alias)
-    uvicorn.run(create_app(watched, handler), host=host, port=port, log_level="info")
+    handler = publish_via_deployment(deployment) if deployment else publish_in_process(workdir, str(params))
+    store = DeliveryStore(workdir / ".edgeship" / "webhook-deliveries.sqlite")  # survives restarts
+    uvicorn.run(create_app(watched, handler, store), host=host, port=port, log_level="info")
 
 
 @webhook_app.command("register")
 def webhook_register(url: str = typer.Option(..., help="this receiver's URL, e.g. http://127.0.0.1:8787/webhooks/mlflow"),
                      secret_env: str = typer.Option("EDGESHIP_WEBHOOK_SECRET")) -> None:
     """Create the webhook in the MLflow server named by MLFLOW_TRACKING_URI."""
-    from edgeship.registry.webhook import register_webhook
+    from edgeship.flows.webhook import register_webhook
 
     tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not tracking.startswith("http"):
         _fail(EdgeshipError("webhooks need an MLflow server with a SQL backend; export MLFLOW_TRACKING_URI="
                             "http://HOST:PORT (infra/local-stack.sh start starts one)"))
     console.print(f"webhook {register_webhook(tracking, url, _webhook_secret(secret_env))} -> {url}")
+
+
+from edgeship.ota.cli import register as _register_ota  # noqa: E402  (after _fail/_quiet_prefect exist)
+
+_register_ota(app, _fail, _quiet_prefect)
 
 
 def main() -> None:

@@ -26,8 +26,9 @@ from tuf.api.metadata import Metadata
 from tuf.api.serialization.json import JSONSerializer
 
 from edgeship.device.runtimes import open_session
-from edgeship.device.updater import (DeviceUpdater, UpdaterConfig, add_update_arguments, installed_model,
-                                     rollback_local, run_update)
+from edgeship.device import updater_cli
+from edgeship.device.state import installed_model
+from edgeship.device.updater import DeviceUpdater, UpdaterConfig, rollback_local
 from edgeship.errors import SignatureError
 from edgeship.files import sha256_of
 from edgeship.ota.keys import Keystore
@@ -132,14 +133,15 @@ def test_a_new_version_replaces_current_and_keeps_the_old_one_as_previous(fleet)
     device = fleet.device()
     device.update()
     descriptor = fleet.publish("2")
-    assert descriptor.targets[TARGET].previous.version == "1"
+    assert descriptor.targets[TARGET].previous.version == "1" and descriptor.targets[TARGET].base.version == "2"
 
     report = device.update()
     assert (report.status, report.installed_version, report.previous_version) == ("updated", "2", "1")
     assert_runs(device, fleet, "2")
-    assert (device.state_dir / "previous").resolve() == device.state_dir / "versions/1/model.onnx"
+    assert (device.state_dir / "current").resolve() == device.state_dir / "versions/2/model.onnx"
     state = json.loads((device.state_dir / "state.json").read_text())
-    assert (state["current"]["version"], state["previous"]["version"]) == ("2", "1")
+    assert (state["active"]["version"], state["last_known_good"]["version"]) == ("2", "1")
+    assert state["probation"] is None  # the updater's own check confirmed it
     assert device.update().status == "up_to_date"
 
 
@@ -200,7 +202,7 @@ def test_rollback_release_takes_devices_back_to_the_previous_version(fleet):
     device.update()
 
     descriptor = rollback_release(fleet.repository, "stable")
-    assert descriptor.targets[TARGET].version == "1" and descriptor.targets[TARGET].previous is None
+    assert descriptor.targets[TARGET].base.version == "1" and descriptor.targets[TARGET].previous is None
     report = device.update()
     assert (report.status, report.installed_version, report.previous_version) == ("updated", "1", "2")
     assert_runs(device, fleet, "1")
@@ -222,6 +224,7 @@ def test_a_device_outside_the_rollout_cohort_stays_on_the_previous_version(fleet
 
     fleet.publish("2", rollout_fraction=1.0)  # widen the same version to everyone
     assert read_channel(fleet.repository, "stable").targets[TARGET].previous.version == "1"
+    assert read_channel(fleet.repository, "stable").targets[TARGET].base.version == "2"
     assert device.update().installed_version == "2"
 
 
@@ -236,7 +239,7 @@ def test_rollback_local_swaps_back_and_skips_the_bad_version(fleet):
     assert report.installed_version == "1"
     assert_runs(device, fleet, "1")
     again = device.update()
-    assert again.status == "refused" and "rolled back on this device" in again.reason
+    assert again.status == "refused" and "marked bad on this device" in again.reason
     assert_runs(device, fleet, "1")
 
 
@@ -260,7 +263,9 @@ def test_reopened_repository_extends_versions_and_survives_root_re_signing(fleet
 def test_keys_are_private_and_a_foreign_keystore_is_refused(fleet, tmp_path):
     assert stat.S_IMODE(fleet.keystore.directory.stat().st_mode) == 0o700
     for role in ("root", "targets", "snapshot", "timestamp"):
-        assert stat.S_IMODE(fleet.keystore.path(role).stat().st_mode) == 0o600
+        assert stat.S_IMODE(fleet.keystore.path(role).stat().st_mode) == 0o700
+        (key,) = fleet.keystore.path(role).glob("*.pem")
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
     with pytest.raises(KeystoreMismatch, match="point ota.keystore"):
         OtaRepository(open_storage(str(fleet.directory)), Keystore(tmp_path / "other-keys"))
 
@@ -273,17 +278,17 @@ def test_publish_refuses_an_artifact_that_changed_after_compile(fleet):
     assert read_channel(fleet.repository, "stable") is None
 
 
-def test_cli_hooks_check_once_and_print_the_report(fleet, capsys):
+def test_cli_update_checks_once_and_prints_the_report(fleet, capsys):
     fleet.publish("1")
     parser = argparse.ArgumentParser()
-    add_update_arguments(parser)
+    updater_cli.wire("update", parser)
     args = parser.parse_args(["--repo-url", fleet.url, "--root", str(fleet.root), "--state-dir",
                               str(fleet.tmp_path / "cli-device"), "--target", TARGET, "--device-id", "cli"])
-    assert run_update(args) == 0
+    assert args.run(args) == 0
     assert json.loads(capsys.readouterr().out)["installed_version"] == "1"
 
     args.target = "tflite-int8"  # the channel ships no such target
-    assert run_update(args) == 1
+    assert args.run(args) == 1
     assert "ships no model for target" in json.loads(capsys.readouterr().out)["reason"]
 
 

@@ -20,7 +20,7 @@ import pytest
 import uvicorn
 
 from edgeship.errors import SignatureError
-from edgeship.registry.webhook import WatchedAlias, create_app, register_webhook, verify_delivery
+from edgeship.flows.webhook import WatchedAlias, create_app, register_webhook, verify_delivery
 
 SECRET = "test-secret-7f3a"
 

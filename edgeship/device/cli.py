@@ -7,7 +7,9 @@
     edgeship-device benchmark model.onnx --iterations 200   # measure a model here, print JSON
     edgeship-device benchmark model.onnx --duration-s 120   # a sustained run: thermal drift, sensors
     edgeship-device sensors                              # which temperature/clock/throttle/power sensors exist
-    edgeship-device update ...                           # the OTA updater (edgeship.device.updater)
+    edgeship-device provision --state-dir D --repo-url URL --root root.json --target onnx-int8
+    edgeship-device update --state-dir D                 # the OTA updater (edgeship.device.updater)
+    edgeship-device status|confirm|rollback --state-dir D
 
 Also runnable as `python -m edgeship.device.cli`.
 """
@@ -31,9 +33,9 @@ TOKEN_ENV = "EDGESHIP_AGENT_TOKEN"
 def main(argv: list[str] | None = None) -> int:
     """Run one `edgeship-device` command; return its exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser, update_parser = _build_parser()
+    parser, updater_parsers = _build_parser()
     # The updater is imported only when asked for, so the agent runs on a device without it.
-    if argv[:1] == ["update"] and not _wire_updater(update_parser):
+    if argv[:1] and argv[0] in updater_parsers and not _wire_updater(argv[0], updater_parsers[argv[0]]):
         return 2
     args = parser.parse_args(argv)
     try:
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(prog="edgeship-device", description="Run on an edge device: the benchmark "
                                      "agent, a local measurement, or the OTA updater.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -102,20 +104,24 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     sensors.add_argument("--sysfs-root", type=Path, default=Path("/"), help=argparse.SUPPRESS)
     sensors.set_defaults(run=_run_sensors)
 
-    # Its arguments and action come from edgeship.device.updater, wired by main() when asked for.
-    update = commands.add_parser("update", help="check for, verify and install a new model (OTA)")
-    return parser, update
+    # Their arguments and actions come from edgeship.device.updater_cli, wired by main() when asked for.
+    helps = {"provision": "give this device its identity, channel, target and trusted root",
+             "update": "check for, verify and install a new model (OTA), with probation and rollback",
+             "status": "print the device's identity, installed models, probation and last events",
+             "confirm": "confirm the model on probation (the application found it good)",
+             "rollback": "go back to the last-known-good model and mark the active one bad"}
+    updaters = {name: commands.add_parser(name, help=text) for name, text in helps.items()}
+    return parser, updaters
 
 
-def _wire_updater(update_parser: argparse.ArgumentParser) -> bool:
+def _wire_updater(command: str, parser: argparse.ArgumentParser) -> bool:
     try:
-        from edgeship.device import updater
+        from edgeship.device import updater_cli
     except ImportError as error:
         print(f"edgeship-device: the OTA updater cannot be loaded ({error}); install edgeship[device] "
               "in full, or use `edgeship-device agent` alone", file=sys.stderr)
         return False
-    updater.add_update_arguments(update_parser)
-    update_parser.set_defaults(run=updater.run_update)
+    updater_cli.wire(command, parser)
     return True
 
 

@@ -1,75 +1,66 @@
-"""OTA updater: keeps one model on an edge device current, verified and runnable.
+"""OTA updater: keeps one model on an edge device current, verified, and proven on the device.
 
-Each check (`DeviceUpdater.update()`) takes these steps:
-  * refresh the TUF metadata from the repository, anchored in the root.json the
-    device was provisioned with (python-tuf's ngclient: signatures, versions, expiry);
-  * download and verify the channel descriptor `channels/<channel>.json` and pick
-    its entry for this device's target: the current version when the device is in
-    the rollout cohort, else the previous one;
-  * download and verify the model file (length and sha256 from signed metadata,
-    and the sha256 the descriptor names);
-  * smoke-test it on its runtime with a seeded random batch (finite outputs, right batch);
-  * install it as versions/<version>/<file> and swap the `current` symlink
-    atomically; the model it replaces becomes `previous`, the last-known-good.
+Each check (`DeviceUpdater.update()`) is a sequence of typed steps; any failure
+leaves the active model in place and is reported with a typed reason:
 
-Any verification or smoke-test failure leaves the installed model untouched and
-reports "refused". The state directory holds:
-
-    metadata/       ngclient's trusted metadata cache
-    downloads/      files being verified
-    versions/<version>/<file>
-    current  -> versions/<version>/<file>     the model to run
-    previous -> versions/<version>/<file>     the last-known-good
-    state.json      the installed and previous releases (DeviceState)
+  * recover: a probation whose deadline passed or whose process died is rolled back;
+  * refresh the TUF metadata, anchored in the provisioned root (python-tuf's ngclient:
+    signatures, versions, expiry). Expired metadata: keep the model, report `stale`;
+  * fetch the channel descriptor and this target's entry; make sure the entry's
+    fallback model is installed (always kept, for the runtime to switch to);
+  * choose: the candidate when this device is in its cohort, else the base;
+    a version marked bad on this device is refused until a newer one appears;
+  * download and verify the file (length and sha256 from signed metadata, and the descriptor's);
+  * smoke-test against the release's golden vectors (edgeship.device.install);
+  * swap: one atomic write of state.json, the new model active and on probation,
+    the one it replaced kept as last-known-good;
+  * probation (edgeship.device.probation): the updater runs the golden inputs N times
+    within the latency budget and confirms, or rolls back by itself. With
+    `self_check=False` the application confirms through the runtime or `edgeship-device confirm`.
 
     >>> config = UpdaterConfig(repository_url="http://ota.example/repo", trusted_root=Path("root.json"),
     ...                        state_dir=Path("/var/lib/edgeship"), channel="stable", target="onnx-int8")
     >>> report = DeviceUpdater(config).update()
-    >>> session = open_session("onnxruntime", installed_model(config.state_dir))
+    >>> active_model(config.state_dir).path
 
-When the application finds the running model bad, `rollback_local()` swaps back
-to the previous one and remembers the bad file so that later checks skip it.
 This module imports no torch, TensorFlow, MLflow, Prefect or boto3.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
-import os
-import random
-import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from tuf.api.exceptions import (DownloadHTTPError, DownloadLengthMismatchError, ExpiredMetadataError,
-                                RepositoryError)
+from pydantic import ValidationError
+from tuf.api.exceptions import DownloadHTTPError, DownloadLengthMismatchError, ExpiredMetadataError, RepositoryError
 from tuf.ngclient import Updater as TufUpdater
 from tuf.ngclient import UpdaterConfig as TufUpdaterConfig
 
+from edgeship.device import probation
+from edgeship.device.install import Golden, clear_downloads, pause_point, place, prune, random_batch, smoke_test
+from edgeship.device.probation import ProbationPolicy
 from edgeship.device.runtimes import open_session
+from edgeship.device.state import (BadRelease, DeviceState, UpdateReport, changing_state, device_identity,
+                                   installed_model, is_intact, log_event, slot_path)
 from edgeship.errors import EdgeshipError, SignatureError, SmokeTestFailed
-from edgeship.files import sha256_of, write_atomic
-from edgeship.ota.channel import ChannelDescriptor, ReleasedModel, cohort_position
-from edgeship.records import UpdateReport
+from edgeship.files import sha256_of
+from edgeship.ota.channel import ChannelDescriptor, ChannelEntry, ReleasedModel
 
 logger = logging.getLogger(__name__)
 
-_SUCCESS = ("updated", "up_to_date", "not_in_cohort")
+SUCCESS = ("updated", "up_to_date", "not_in_cohort")
 # Failures that mean "the repository served something we must not trust or run".
 _REFUSALS = (RepositoryError, DownloadLengthMismatchError, SignatureError, SmokeTestFailed, ValidationError)
 
 
 class NothingToRollBack(EdgeshipError):
-    """A local rollback was asked for, but the device keeps no previous model."""
+    """A local rollback was asked for, but the device keeps no last-known-good model."""
 
 
 @dataclass(frozen=True)
@@ -82,8 +73,11 @@ class UpdaterConfig:
         state_dir: Where the updater keeps metadata, installed models and state.json.
         channel: The release channel to follow.
         target: The compile target this device runs, e.g. "onnx-int8".
-        device_id: Stable identity for the rollout cohort (default: the hostname).
+        device_id: Identity for rollout cohorts; None: the provisioned one in device.json (or one generated
+            once and kept there). Never the hostname: devices cloned from one image share it.
         threads: Threads for the smoke test's runtime session (0: the runtime's default).
+        probation: How many good inferences confirm a new model, how many bad ones roll it back, by when.
+        self_check: The updater runs the probation itself on the golden inputs right after the swap.
     """
 
     repository_url: str
@@ -91,38 +85,18 @@ class UpdaterConfig:
     state_dir: Path
     channel: str = "stable"
     target: str = "onnx-int8"
-    device_id: str = field(default_factory=socket.gethostname)
+    device_id: str | None = None
     threads: int = 1
-
-
-class DeviceState(BaseModel):
-    """What is installed on the device (state.json)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    current: ReleasedModel | None = None
-    previous: ReleasedModel | None = None
-    rejected: list[str] = Field(default_factory=list)  # sha256 of files rolled back on this device
-    updated_at: datetime | None = None
-
-    @classmethod
-    def load(cls, state_dir: Path) -> "DeviceState":
-        """The state in state_dir, or an empty state when nothing was installed yet."""
-        path = Path(state_dir) / "state.json"
-        return cls.model_validate_json(path.read_bytes()) if path.exists() else cls()
-
-    def save(self, state_dir: Path) -> None:
-        """Write state.json atomically."""
-        write_atomic(Path(state_dir) / "state.json", self.model_dump_json(indent=2).encode())
+    probation: ProbationPolicy = field(default_factory=ProbationPolicy)
+    self_check: bool = True
 
 
 class _Outcome(Exception):
-    """Ends a check early with a report status that is not a failure of verification."""
+    """Ends a check early with a report status (and the event to log, if any)."""
 
-    def __init__(self, status: str, reason: str):
+    def __init__(self, status: str, reason: str, event: str | None = None):
         super().__init__(reason)
-        self.status = status
-        self.reason = reason
+        self.status, self.reason, self.event = status, reason, event
 
 
 class DeviceUpdater:
@@ -131,43 +105,36 @@ class DeviceUpdater:
     def __init__(self, config: UpdaterConfig):
         self.config = config
         self.state_dir = Path(config.state_dir)
+        self.device_id = config.device_id or device_identity(self.state_dir).device_id
 
     def update(self) -> UpdateReport:
-        """Run one check: refresh, choose, download, verify, smoke-test, install.
-
-        Never raises for repository, network or model problems: the report's
-        status and reason say what happened ("refused" for anything that failed
-        verification or the smoke test; the installed model is then untouched).
-        """
+        """Run one check. Never raises for repository, network or model problems: the report says what happened."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         offered = None
         try:
             with _locked(self.state_dir):
-                state = DeviceState.load(self.state_dir)
-                tuf = self._tuf_updater()
-                tuf.refresh()
-                descriptor = self._fetch_descriptor(tuf)
-                wanted, in_cohort, why = self._choose(descriptor, state)
+                clear_downloads(self.state_dir)
+                recovered = probation.expire(self.state_dir)
+                tuf = self._refresh()
+                entry = self._entry(tuf)
+                self._ensure_fallback(tuf, entry)
+                wanted, in_cohort = entry.choose(self.device_id, self._model_name)
+                if wanted is None:
+                    raise _Outcome("not_in_cohort", "outside the candidate's cohort and the channel names no base; "
+                                                    "keeping what is installed")
                 offered = wanted.version
-                if wanted.sha256 in state.rejected:
-                    raise _Outcome("refused", f"version {wanted.version} was rolled back on this device; "
-                                              f"waiting for a newer release")
-                if _is_installed(self.state_dir, state, wanted):
-                    status = "up_to_date" if in_cohort else "not_in_cohort"
-                    return self._report(status, why, offered, state)
-                downloaded = self._download(tuf, wanted)
-                try:
-                    smoke_test(wanted, downloaded, threads=self.config.threads)
-                    state = _install(self.state_dir, state, wanted, downloaded)
-                finally:
-                    downloaded.unlink(missing_ok=True)
-                logger.info("installed %s version %s", self.config.target, wanted.version)
-                installed = f"installed version {wanted.version}" + (f"; {why}" if why else "")
-                return self._report("updated", installed, offered, state)
+                # "not in cohort": a rollout is under way and this device stays on the base
+                status = self._install(tuf, wanted, in_cohort or entry.candidate is None)
+                if recovered is not None and status != "rolled_back":
+                    return self._report("rolled_back", recovered.reason, offered)
+                return self._report(status, self._why, offered)
         except _Outcome as outcome:
+            if outcome.event:
+                log_event(self.state_dir, outcome.event, offered, self.config.target, outcome.reason)
             return self._report(outcome.status, outcome.reason, offered)
         except _REFUSALS as error:
             logger.warning("refused the update: %s", error)
+            log_event(self.state_dir, "refused", offered, self.config.target, _reason(error))
             return self._report("refused", _describe(error), offered)
         except Exception as error:  # network down, disk full: report, keep polling
             logger.warning("update check failed: %s", error)
@@ -175,73 +142,197 @@ class DeviceUpdater:
 
     # --- one step each --------------------------------------------------------------
 
+    def _refresh(self) -> TufUpdater:
+        tuf = self._tuf_updater()
+        try:
+            tuf.refresh()
+        except ExpiredMetadataError as error:
+            with changing_state(self.state_dir) as state:
+                first = state.stale is None
+                state.stale = str(error)
+                state.save(self.state_dir)
+            raise _Outcome("stale", f"the repository's metadata expired ({error}); keeping the installed model. "
+                                    f"The publisher must re-sign it: edgeship resign",
+                           "stale_repository" if first else None) from None
+        with changing_state(self.state_dir) as state:
+            if state.stale is not None:
+                state.stale = None
+                state.save(self.state_dir)
+        return tuf
+
     def _tuf_updater(self) -> TufUpdater:
         """An ngclient Updater anchored in the provisioned root (its cache walks to newer roots)."""
         try:
             root = Path(self.config.trusted_root).read_bytes()
         except OSError as error:
             raise _Outcome("error", f"cannot read the trusted root {self.config.trusted_root} ({error.strerror}); "
-                                    f"provision the device with the repository's root.json "
-                                    f"(OtaRepository.trusted_root())") from None
+                                    f"provision the device with the repository's metadata/root.json "
+                                    f"(edgeship-device provision --root ...)") from None
         base = self.config.repository_url.rstrip("/")
         metadata_dir = self.state_dir / "metadata"
         metadata_dir.mkdir(parents=True, exist_ok=True)
-        return TufUpdater(
-            metadata_dir=str(metadata_dir),
-            metadata_base_url=f"{base}/metadata/",
-            target_dir=str(self.state_dir / "downloads"),
-            target_base_url=f"{base}/targets/",
-            config=TufUpdaterConfig(app_user_agent="edgeship-updater"),
-            bootstrap=root,
-        )
+        return TufUpdater(metadata_dir=str(metadata_dir), metadata_base_url=f"{base}/metadata/",
+                          target_dir=str(self.state_dir / "downloads"), target_base_url=f"{base}/targets/",
+                          config=TufUpdaterConfig(app_user_agent="edgeship-updater"), bootstrap=root)
 
-    def _fetch_descriptor(self, tuf: TufUpdater) -> ChannelDescriptor:
-        """Download and verify the channel descriptor."""
+    def _entry(self, tuf: TufUpdater) -> ChannelEntry:
+        """Download and verify the channel descriptor; this target's entry."""
         path = ChannelDescriptor.target_path(self.config.channel)
         info = tuf.get_targetinfo(path)
         if info is None:
             raise _Outcome("error", f"channel '{self.config.channel}' is not published in "
                                     f"{self.config.repository_url}; publish a release to it, or fix --channel")
         with self._download_dir() as directory:
-            local = Path(tuf.download_target(info, str(directory / "channel.json")))
-            descriptor = ChannelDescriptor.from_bytes(local.read_bytes())
+            descriptor = ChannelDescriptor.from_bytes(Path(tuf.download_target(info, str(directory / "c"))).read_bytes())
         if descriptor.channel != self.config.channel:
             raise SignatureError(f"{path} holds the descriptor of channel '{descriptor.channel}'")
-        return descriptor
-
-    def _choose(self, descriptor: ChannelDescriptor, state: DeviceState) -> tuple[ReleasedModel, bool, str]:
-        """The release this device should run: the channel's version inside the cohort, else its previous."""
-        target = self.config.target
-        entry = descriptor.targets.get(target)
+        entry = descriptor.targets.get(self.config.target)
         if entry is None:
-            raise _Outcome("error", f"channel '{descriptor.channel}' ships no model for target '{target}' "
+            raise _Outcome("error", f"channel '{descriptor.channel}' ships no model for target '{self.config.target}' "
                                     f"(it has {sorted(descriptor.targets)}); fix --target")
-        position = cohort_position(self.config.device_id, descriptor.model_name, entry.version)
-        if position < descriptor.rollout_fraction:
-            return entry.without_previous(), True, ""
-        why = (f"outside the {descriptor.rollout_fraction:.0%} rollout of version {entry.version} "
-               f"(cohort position {position:.3f})")
-        if entry.previous is None:
-            installed = state.current.version if state.current else "nothing"
-            raise _Outcome("not_in_cohort", f"{why}, and the channel names no previous version; keeping {installed}")
-        return entry.previous, False, f"{why}; following the previous version {entry.previous.version}"
+        self._model_name = descriptor.model_name
+        return entry
 
-    def _download(self, tuf: TufUpdater, wanted: ReleasedModel) -> Path:
-        """Download the model file; ngclient checks length and hashes, then the descriptor's sha256 is checked."""
-        info = tuf.get_targetinfo(wanted.target_path)
+    def _install(self, tuf: TufUpdater, wanted: ReleasedModel, in_cohort: bool) -> str:
+        state = DeviceState.load(self.state_dir)
+        self._why = "" if in_cohort else f"on the base version {wanted.version}"
+        bad = next((b for b in state.bad if b.sha256 == wanted.sha256), None)
+        if bad is not None:
+            raise _Outcome("refused", f"version {wanted.version} was marked bad on this device ({bad.reason}); "
+                                      f"waiting for a newer release")
+        if state.active is not None and state.active.sha256 == wanted.sha256 and is_intact(self.state_dir, wanted):
+            return "up_to_date" if in_cohort else "not_in_cohort"
+        good = state.last_known_good
+        if good is not None and good.sha256 == wanted.sha256 and is_intact(self.state_dir, good):
+            with changing_state(self.state_dir) as state:  # back to the base (the candidate was withdrawn)
+                left = state.active
+                if state.probation is None and is_intact(self.state_dir, left):
+                    state.last_known_good = left  # confirmed here, only withdrawn: keep it as the other version
+                state.active, state.probation = good, None
+                state.save(self.state_dir)
+            log_event(self.state_dir, "installed", good.version, self.config.target,
+                      f"back to the base from v{left.version if left else '?'}")
+            self._why = f"back to version {good.version}"
+            return "updated"
+
+        pause_point(self.state_dir, "download")
+        downloaded = self._download(tuf, wanted, wanted.target_path, wanted.sha256, wanted.bytes)
+        pause_point(self.state_dir, "verify")
+        golden = self._golden(tuf, wanted)
+        pause_point(self.state_dir, "smoke_test")
+        try:
+            smoke_test(wanted, downloaded, golden, threads=self.config.threads)
+        except SmokeTestFailed as error:
+            downloaded.unlink(missing_ok=True)
+            if golden is not None:  # the file verified and computes wrong answers: never try it again
+                self._mark_bad(wanted, "golden vectors")
+            raise error
+        place(self.state_dir, wanted, downloaded)
+        pause_point(self.state_dir, "swap")
+        holder = probation.this_process() if self.config.self_check else None
+        with changing_state(self.state_dir) as state:
+            if state.probation is None and is_intact(self.state_dir, state.active):
+                state.last_known_good = state.active  # a confirmed model: what a failed probation returns to
+            state.active = wanted
+            state.probation = probation.begin(wanted, self.config.probation, holder)
+            state.save(self.state_dir)
+            prune(self.state_dir, state)
+        log_event(self.state_dir, "installed", wanted.version, self.config.target,
+                  "in the candidate's cohort" if in_cohort else "base")
+        logger.info("installed %s version %s, on probation", self.config.target, wanted.version)
+        self._why = f"installed version {wanted.version}" + ("" if in_cohort else " (the base)")
+        if not self.config.self_check:
+            return "updated"
+        pause_point(self.state_dir, "probation")
+        event = self._self_check(wanted, golden)
+        if event is not None and event.kind == "rolled_back":
+            self._why = event.reason
+            return "rolled_back"
+        self._why += "; confirmed" if event is not None else "; on probation until the application confirms"
+        return "updated"
+
+    def _self_check(self, model: ReleasedModel, golden: Golden | None):
+        """Probation run by the updater: the golden inputs, one at a time, timed against the budget."""
+        policy = self.config.probation
+        path = slot_path(self.state_dir, model)
+        try:
+            session = open_session(model.runtime, path, threads=self.config.threads)
+            inputs = [golden.input(i) for i in range(len(golden))] if golden else [random_batch(model, session)]
+            session.run(inputs[0])  # warm-up: the first run pays for allocation, not the model
+        except Exception as error:
+            return probation.fail(self.state_dir, "probation: errors", f"does not load after the swap: {error}")
+        for i in range(policy.required + policy.max_failures + 1):
+            index = i % len(inputs)
+            ok = True
+            start = time.perf_counter()
+            try:
+                output = session.run(inputs[index])
+            except Exception:
+                ok = False
+            latency_ms = (time.perf_counter() - start) * 1000
+            if ok and golden is not None:
+                ok = golden.mismatch(np.asarray(output), index) is None
+            event = probation.record_inference(self.state_dir, latency_ms, ok)
+            if event is not None:
+                return event
+        return None
+
+    def _ensure_fallback(self, tuf: TufUpdater, entry: ChannelEntry) -> None:
+        """Install the entry's fallback model when it is not there yet (no probation: it is the safety net)."""
+        fallback = entry.fallback
+        state = DeviceState.load(self.state_dir)
+        if fallback is None or (state.fallback is not None and state.fallback.sha256 == fallback.sha256
+                                and is_intact(self.state_dir, fallback, "fallback")):
+            return
+        try:
+            downloaded = self._download(tuf, fallback, fallback.target_path, fallback.sha256, fallback.bytes)
+            smoke_test(fallback, downloaded, self._golden(tuf, fallback), threads=self.config.threads)
+        except _REFUSALS as error:
+            log_event(self.state_dir, "refused", fallback.version, self.config.target, _reason(error), "fallback")
+            logger.warning("refused the fallback model: %s", error)
+            return
+        place(self.state_dir, fallback, downloaded, "fallback")
+        with changing_state(self.state_dir) as state:
+            state.fallback = fallback
+            state.save(self.state_dir)
+            prune(self.state_dir, state)
+        log_event(self.state_dir, "fallback_installed", fallback.version, self.config.target, fallback.label,
+                  "fallback")
+
+    def _golden(self, tuf: TufUpdater, model: ReleasedModel) -> Golden | None:
+        if model.golden is None:
+            return None
+        spec = model.golden
+        path = self._download(tuf, model, spec.target_path, spec.sha256, spec.bytes)
+        try:
+            return Golden.load(path, spec)
+        except (OSError, ValueError, KeyError) as error:
+            raise SmokeTestFailed(f"golden vectors of version {model.version} cannot be read: {error}") from None
+
+    def _download(self, tuf: TufUpdater, model: ReleasedModel, target_path: str, sha256: str, length: int) -> Path:
+        """Download a file; ngclient checks length and hashes, then the descriptor's sha256 is checked."""
+        info = tuf.get_targetinfo(target_path)
         if info is None:
-            raise SignatureError(f"the channel names {wanted.target_path}, which the signed targets metadata "
-                                 f"does not list")
-        if info.length != wanted.bytes or info.hashes.get("sha256") != wanted.sha256:
-            raise SignatureError(f"the channel and the signed targets metadata disagree on {wanted.target_path}")
+            raise SignatureError(f"the channel names {target_path}, which the signed targets metadata does not list")
+        if info.length != length or info.hashes.get("sha256") != sha256:
+            raise SignatureError(f"the channel and the signed targets metadata disagree on {target_path}")
         directory = self.state_dir / "downloads"
         directory.mkdir(parents=True, exist_ok=True)
-        local = directory / f"{wanted.sha256}.{wanted.filename}"
+        local = directory / f"{sha256}.{target_path.rpartition('/')[2]}"
         tuf.download_target(info, str(local))
-        if sha256_of(local) != wanted.sha256:
+        if sha256_of(local) != sha256:
             local.unlink(missing_ok=True)
-            raise SignatureError(f"{wanted.target_path} does not have the sha256 the channel names")
+            raise SignatureError(f"{target_path} does not have the sha256 the channel names")
         return local
+
+    def _mark_bad(self, model: ReleasedModel, reason: str) -> None:
+        from datetime import datetime, timezone
+
+        with changing_state(self.state_dir) as state:
+            if not state.is_bad(model.sha256):
+                state.bad.append(BadRelease(sha256=model.sha256, version=model.version, reason=reason,
+                                            at=datetime.now(timezone.utc)))
+                state.save(self.state_dir)
 
     @contextlib.contextmanager
     def _download_dir(self) -> Iterator[Path]:
@@ -250,118 +341,35 @@ class DeviceUpdater:
         with tempfile.TemporaryDirectory(dir=directory) as temporary:
             yield Path(temporary)
 
-    def _report(self, status: str, reason: str, offered: str | None, state: DeviceState | None = None) -> UpdateReport:
-        state = state or _safe_state(self.state_dir)
+    def _report(self, status: str, reason: str, offered: str | None) -> UpdateReport:
+        state = _safe_state(self.state_dir)
         return UpdateReport(
             status=status, reason=reason, channel=self.config.channel, target=self.config.target,
-            offered_version=offered,
-            installed_version=state.current.version if state.current else None,
-            previous_version=state.previous.version if state.previous else None,
-            model_path=installed_model(self.state_dir))
+            offered_version=offered, device_id=self.device_id,
+            installed_version=state.active.version if state.active else None,
+            previous_version=state.last_known_good.version if state.last_known_good else None,
+            fallback_version=state.fallback.version if state.fallback else None,
+            on_probation=state.probation is not None, model_path=installed_model(self.state_dir))
+
+    _why = ""
+    _model_name = ""
 
 
-def smoke_test(model: ReleasedModel, path: Path, threads: int = 1) -> None:
-    """Load a model on its runtime and run one seeded random batch of its input spec.
-
-    Raises:
-        SmokeTestFailed: It does not load or run, or its output has the wrong batch or non-finite values.
-    """
-    try:
-        session = open_session(model.runtime, path, threads=threads)
-        spec = model.inputs[0] if model.inputs else session.inputs[0]
-        shape = tuple(d if d > 0 else 1 for d in spec.shape)
-        rng = np.random.default_rng(0)
-        dtype = np.dtype(spec.dtype)
-        batch = (rng.standard_normal(shape) if dtype.kind == "f" else rng.integers(0, 8, shape)).astype(dtype)
-        output = np.asarray(session.run(batch))
-    except Exception as error:  # each runtime raises its own types
-        raise SmokeTestFailed(f"version {model.version} ({model.filename}) does not run on {model.runtime}: "
-                              f"{error}") from None
-    if output.ndim == 0 or output.shape[0] != shape[0]:
-        raise SmokeTestFailed(f"version {model.version} returned shape {output.shape} for a batch of {shape[0]}")
-    if output.dtype.kind == "f" and not np.all(np.isfinite(output)):
-        raise SmokeTestFailed(f"version {model.version} returned NaN or infinite values")
-
-
-def installed_model(state_dir: str | Path) -> Path | None:
-    """The model file the device should run now (the resolved `current` link), or None."""
-    link = Path(state_dir) / "current"
-    if not link.is_symlink():
-        return None
-    path = link.resolve()
-    return path if path.is_file() else None
-
-
-def rollback_local(state_dir: str | Path) -> UpdateReport:
-    """Swap back to the previous model, and skip the bad one in later checks until a newer release.
+def rollback_local(state_dir: str | Path, reason: str = "rolled back by the operator") -> UpdateReport:
+    """Make the last-known-good active again and mark the active model bad until a newer release.
 
     Raises:
-        NothingToRollBack: No previous model is kept.
+        NothingToRollBack: No last-known-good model is kept.
     """
     state_dir = Path(state_dir)
-    with _locked(state_dir):
-        state = DeviceState.load(state_dir)
-        previous = state.previous
-        if state.current is None or previous is None or not _model_path(state_dir, previous).is_file():
-            raise NothingToRollBack(f"{state_dir} keeps no previous model to roll back to; "
-                                    f"roll the channel back instead (rollback_release)")
-        bad = state.current
-        _point(state_dir / "current", previous)
-        (state_dir / "previous").unlink(missing_ok=True)
-        state = DeviceState(current=previous, previous=None, rejected=[*state.rejected, bad.sha256],
-                            updated_at=datetime.now(timezone.utc))
-        state.save(state_dir)
-    logger.warning("rolled back from version %s to %s", bad.version, previous.version)
-    return UpdateReport(status="updated", installed_version=previous.version, model_path=installed_model(state_dir),
-                        reason=f"rolled back locally from version {bad.version}; it will not be installed again")
-
-
-# --- installing ------------------------------------------------------------------------
-
-def _model_path(state_dir: Path, model: ReleasedModel) -> Path:
-    return state_dir / "versions" / model.version / model.filename
-
-
-def _is_installed(state_dir: Path, state: DeviceState, wanted: ReleasedModel) -> bool:
-    """Whether `current` already holds this exact file, intact."""
-    path = installed_model(state_dir)
-    return (state.current is not None and state.current.sha256 == wanted.sha256
-            and path is not None and sha256_of(path) == wanted.sha256)
-
-
-def _install(state_dir: Path, state: DeviceState, wanted: ReleasedModel, downloaded: Path) -> DeviceState:
-    """Move a verified, smoke-tested file into place and swap the links; returns the new state."""
-    final = _model_path(state_dir, wanted)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(downloaded, final)
-    changed = state.current is not None and state.current.sha256 != wanted.sha256
-    previous = state.current if changed else state.previous
-    if previous is not None and _model_path(state_dir, previous).is_file():
-        _point(state_dir / "previous", previous)
-    else:
-        previous = None
-        (state_dir / "previous").unlink(missing_ok=True)
-    _point(state_dir / "current", wanted)
-    new_state = DeviceState(current=wanted, previous=previous, rejected=state.rejected,
-                            updated_at=datetime.now(timezone.utc))
-    new_state.save(state_dir)
-    _prune(state_dir, keep={wanted.version} | ({previous.version} if previous else set()))
-    return new_state
-
-
-def _point(link: Path, model: ReleasedModel) -> None:
-    """Make `link` point at a model file in one step: a new link renamed over the old one."""
-    temporary = link.with_name(f".{link.name}.{os.getpid()}")
-    temporary.unlink(missing_ok=True)
-    os.symlink(Path("versions") / model.version / model.filename, temporary)
-    os.replace(temporary, link)
-
-
-def _prune(state_dir: Path, keep: set[str]) -> None:
-    """Delete installed versions other than current and previous (devices have little storage)."""
-    for directory in (state_dir / "versions").iterdir():
-        if directory.name not in keep:
-            shutil.rmtree(directory, ignore_errors=True)
+    event = probation.roll_back(state_dir, reason)
+    if event is None:
+        raise NothingToRollBack(f"{state_dir} keeps no last-known-good model to roll back to; "
+                                f"roll the channel back instead (edgeship rollback)")
+    state = DeviceState.load(state_dir)
+    return UpdateReport(status="rolled_back", installed_version=state.active.version if state.active else None,
+                        model_path=installed_model(state_dir),
+                        reason=f"rolled back locally from version {event.version}; it will not be installed again")
 
 
 @contextlib.contextmanager
@@ -372,7 +380,6 @@ def _locked(state_dir: Path) -> Iterator[None]:
     except ImportError:  # not on POSIX: no lock
         yield
         return
-    state_dir.mkdir(parents=True, exist_ok=True)
     with open(state_dir / ".lock", "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -388,54 +395,23 @@ def _safe_state(state_dir: Path) -> DeviceState:
         return DeviceState()
 
 
+def _reason(error: BaseException) -> str:
+    """The typed short reason of a refusal ("signature", "golden vectors", "smoke test", ...)."""
+    text = str(error)
+    if isinstance(error, SmokeTestFailed):
+        return "golden vectors" if text.startswith("golden vectors") else "smoke test"
+    if isinstance(error, (SignatureError, DownloadLengthMismatchError)) or "Mismatch" in type(error).__name__:
+        return "signature"
+    if isinstance(error, RepositoryError):
+        return f"metadata: {type(error).__name__}"
+    return type(error).__name__
+
+
 def _describe(error: BaseException) -> str:
     text = f"{type(error).__name__}: {str(error) or repr(error)}"
     if isinstance(error, DownloadHTTPError) and error.status_code == 403:
         text += ("; the repository refuses anonymous reads: give its S3 prefix a public-read bucket policy "
                  "(edgeship.ota.storage.public_read_policy) or serve it through a CDN")
-    elif isinstance(error, ExpiredMetadataError):
-        text += "; the publisher must re-sign the repository (OtaRepository.commit()) before it expires"
     elif isinstance(error, DownloadHTTPError) and error.status_code == 404:
         text += "; check --repo-url: metadata must be at <url>/metadata/"
     return text
-
-
-# --- command line (edgeship-device update) ------------------------------------------
-
-def add_update_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the flags of `edgeship-device update` to a parser."""
-    parser.add_argument("--repo-url", required=True,
-                        help="HTTP base of the OTA repository (metadata at <url>/metadata/, targets at <url>/targets/)")
-    parser.add_argument("--root", required=True, type=Path,
-                        help="the trusted root.json this device was provisioned with")
-    parser.add_argument("--state-dir", required=True, type=Path,
-                        help="where installed models, metadata and state.json live")
-    parser.add_argument("--channel", default="stable", help="release channel to follow (default: stable)")
-    parser.add_argument("--target", required=True, help="compile target this device runs, e.g. onnx-int8")
-    parser.add_argument("--device-id", default=socket.gethostname(),
-                        help="stable device identity for rollout cohorts (default: hostname)")
-    parser.add_argument("--threads", type=int, default=1, help="runtime threads for the smoke test (0: default)")
-    parser.add_argument("--interval", type=float, default=0, metavar="SECONDS",
-                        help="check again every SECONDS (0: check once and exit)")
-
-
-def run_update(args: argparse.Namespace) -> int:
-    """Run checks as the flags say, printing each UpdateReport as one JSON line.
-
-    Returns:
-        The exit status of the last check: 0 for updated, up_to_date or not_in_cohort, else 1.
-    """
-    updater = DeviceUpdater(UpdaterConfig(
-        repository_url=args.repo_url, trusted_root=args.root, state_dir=args.state_dir, channel=args.channel,
-        target=args.target, device_id=args.device_id, threads=args.threads))
-    while True:
-        report = updater.update()
-        print(report.model_dump_json(), flush=True)
-        code = 0 if report.status in _SUCCESS else 1
-        if args.interval <= 0:
-            return code
-        try:
-            # jitter, so a fleet started together does not poll together
-            time.sleep(args.interval * random.uniform(0.9, 1.1))
-        except KeyboardInterrupt:
-            return code

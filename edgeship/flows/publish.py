@@ -1,26 +1,42 @@
-"""The publish flow: registry alias -> signed OTA channel. And its inverse, rollback.
+"""The OTA writer flows: publish (registry -> signed channel), rollout, rollback and resign.
 
-A reviewer promotes a version by pointing an alias (`production`) at it in the
-MLflow UI; this flow (started by `edgeship publish`, the webhook receiver, or the
-Prefect UI) downloads that version's compiled artifacts, checks them against the
-hashes recorded at registration, and publishes them to the channel.
+A reviewer promotes a version (`edgeship promote 7 --alias production`, refused for
+a version whose required gates failed); this flow (started by `edgeship publish`,
+the webhook receiver with the event's version, or the Prefect UI) resolves the
+version once, refuses it when a required gate failed (unless `allow_failed_gate`
+gives the reason, recorded on the version and in the channel), downloads only the
+targets that passed, checks them against the hashes recorded at registration,
+computes golden vectors on the pipeline's own runtime from the test split, and
+stages them in the channel per target.
+
+Every writer takes the Prefect global concurrency limit `edgeship-ota-writer`
+(create it once: `prefect gcl create edgeship-ota-writer --limit 1`) and, inside
+the repository, the storage's own writer lock (edgeship.ota.lock).
 
     >>> descriptor = publish(alias="production", workdir=".")
+    >>> descriptor = publish(version="7", rollout_fraction=0.1)
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from edgeship.config import OtaParams, load_params
+from edgeship.config import OtaParams, Params, load_params
 from edgeship.ota.channel import ChannelDescriptor
-from edgeship.registry.model_registry import resolve_alias
+from edgeship.ota.rollout import describe
+from edgeship.registry.model_registry import ResolvedRelease, record_publish, resolve_release
 from edgeship.registry.tracking import tracking_uri_for
+
+CONCURRENCY_LIMIT = "edgeship-ota-writer"
+logger = logging.getLogger(__name__)
 
 
 def open_repository(settings: OtaParams, root: Path):
@@ -33,55 +49,136 @@ def open_repository(settings: OtaParams, root: Path):
     if "://" not in location:
         location = str((root / location).resolve())
     return OtaRepository(open_storage(location, settings.s3_endpoint_url), Keystore(root / settings.keystore),
-                         expiry_days=settings.metadata_expiry_days)
+                         expiry_days=settings.metadata_expiry_days,
+                         timestamp_expiry_hours=settings.timestamp_expiry_hours,
+                         snapshot_expiry_days=settings.snapshot_expiry_days)
 
 
-def _describe(descriptor: ChannelDescriptor, action: str) -> str:
+@contextlib.contextmanager
+def one_writer():
+    """Prefect's global concurrency limit for OTA writers (a no-op when no such limit exists)."""
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(CONCURRENCY_LIMIT, occupy=1, strict=False):
+        yield
+
+
+def describe_channel(descriptor: ChannelDescriptor, action: str) -> str:
     lines = [f"## {action}: channel `{descriptor.channel}` of `{descriptor.model_name}`", "",
-             f"rollout fraction: {descriptor.rollout_fraction}", "",
-             "| target | version | sha256 | bytes | previous |", "| --- | --- | --- | --- | --- |"]
-    for target, entry in sorted(descriptor.targets.items()):
-        previous = entry.previous.version if entry.previous else "—"
-        lines.append(f"| {target} | {entry.version} | `{entry.sha256[:16]}` | {entry.bytes} | {previous} |")
+             f"source: {descriptor.source}", "", "| target | rollout |", "| --- | --- |"]
+    lines += [f"| {target} | {describe(entry)} |" for target, entry in sorted(descriptor.targets.items())]
     return "\n".join(lines)
 
 
-@task(name="resolve-alias", cache_policy=NO_CACHE)
-def resolve_release(tracking_uri: str, model_name: str, alias: str, dst: Path, targets: list[str] | None):
-    return resolve_alias(tracking_uri, model_name, alias, dst, targets)
+def _artifact(descriptor: ChannelDescriptor, action: str) -> None:
+    create_markdown_artifact(describe_channel(descriptor, action), key="ota-channel",
+                             description="The signed channel descriptor devices will read")
+
+
+@task(name="resolve-release", cache_policy=NO_CACHE)
+def resolve(tracking_uri: str, model_name: str, dst: Path, version: str | None, alias: str | None,
+            targets: list[str] | None, allow_failed_gate: str | None) -> ResolvedRelease:
+    return resolve_release(tracking_uri, model_name, dst, version=version, alias=alias, targets=targets,
+                           allow_failed_gate=allow_failed_gate)
+
+
+def golden_vectors(params: Params, root: Path, release: ResolvedRelease, dst: Path) -> dict[str, Path]:
+    """Per target the golden .npz: the first `ota.golden_count` test images and the artifact's outputs here."""
+    from edgeship.ota.golden import write_golden
+
+    test_split = root / params.data.prepared_dir / "test.npz"
+    if params.ota.golden_count == 0 or not test_split.is_file():
+        logger.warning("no golden vectors: %s is missing (run `edgeship data prepare`)", test_split)
+        return {}
+    with np.load(test_split) as arrays:
+        inputs = arrays["x"][:params.ota.golden_count]
+    found = {}
+    for artifact in release.artifacts:
+        path = write_golden(artifact, inputs, dst / f"golden-{artifact.target}.npz")
+        if path is not None:
+            found[artifact.target] = path
+    return found
+
+
+def _fallbacks(params: Params, tracking_uri: str, dst: Path, targets: list[str]) -> dict:
+    fallback = params.ota.fallback
+    if fallback is None:
+        return {}
+    resolved = resolve_release(tracking_uri, fallback.model_name, dst / "fallback", version=fallback.version,
+                               alias=None if fallback.version else fallback.alias)
+    return {a.target: (resolved.model_name, resolved.version, a) for a in resolved.artifacts if a.target in targets}
 
 
 @flow(name="publish", log_prints=True)
-def publish(alias: str = "production", params_path: str = "params.yaml", workdir: str = ".",
-            channel: str | None = None, rollout_fraction: float = 1.0, targets: list[str] | None = None
-            ) -> ChannelDescriptor:
-    """Publish the version `alias` points to into the signed OTA repository's channel."""
+def publish(alias: str | None = "production", params_path: str = "params.yaml", workdir: str = ".",
+            channel: str | None = None, rollout_fraction: float = 1.0, targets: list[str] | None = None,
+            version: str | None = None, allow_failed_gate: str | None = None) -> ChannelDescriptor:
+    """Publish a version (given, or the one `alias` points to now) into the signed OTA repository's channel."""
     from edgeship.ota.publish import publish_release
 
     root = Path(workdir).resolve()
     params = load_params(root / params_path)
     tracking_uri = tracking_uri_for(params.registry, root)
+    channel = channel or params.ota.channel
     with tempfile.TemporaryDirectory(prefix="edgeship-publish-") as tmp:
-        release = resolve_release(tracking_uri, params.project.name, alias, Path(tmp), targets)
-        repository = open_repository(params.ota, root)
-        descriptor = publish_release(repository, release.model_name, release.version, release.artifacts,
-                                     channel=channel or params.ota.channel, rollout_fraction=rollout_fraction)
-    create_markdown_artifact(_describe(descriptor, f"Published v{release.version} (alias {alias})"),
-                             key="ota-channel", description="The signed channel descriptor devices will read")
-    get_run_logger().info("published %s v%s to channel %s", release.model_name, release.version,
-                          descriptor.channel)
+        # resolved once: a later move of the alias does not change what this run publishes
+        release = resolve(tracking_uri, params.project.name, Path(tmp), version, None if version else alias,
+                          targets, allow_failed_gate)
+        budgets = {t: policy.p99_latency_ms for t, policy in params.gate.items()}
+        golden = golden_vectors(params, root, release, Path(tmp) / "golden")
+        fallbacks = _fallbacks(params, tracking_uri, Path(tmp), [a.target for a in release.artifacts])
+        with one_writer():
+            descriptor = publish_release(
+                open_repository(params.ota, root), release.model_name, release.version, release.artifacts,
+                channel=channel, rollout_fraction=rollout_fraction, latency_budgets=budgets, golden=golden,
+                fallbacks=fallbacks, allow_failed_gate=release.allow_failed_gate, source=release.source)
+    record_publish(tracking_uri, release.model_name, release.version, channel,
+                   f"{release.source} at {rollout_fraction:g}" + (f"; skipped {release.skipped}" if release.skipped
+                                                                   else ""))
+    _artifact(descriptor, f"Published v{release.version} ({release.source})")
+    for target, why in release.skipped.items():
+        get_run_logger().warning("not publishing %s of v%s: %s", target, release.version, why)
+    get_run_logger().info("published %s v%s to channel %s", release.model_name, release.version, channel)
     return descriptor
 
 
 @flow(name="rollback", log_prints=True)
 def rollback(params_path: str = "params.yaml", workdir: str = ".", channel: str | None = None,
              targets: list[str] | None = None) -> ChannelDescriptor:
-    """Point a channel back at each target's previous version (newly signed; devices follow on next check)."""
+    """Roll targets back (an unfinished rollout is aborted; a finished one returns to the base before it)."""
     from edgeship.ota.publish import rollback_release
 
     root = Path(workdir).resolve()
     params = load_params(root / params_path)
-    descriptor = rollback_release(open_repository(params.ota, root), channel or params.ota.channel, targets)
-    create_markdown_artifact(_describe(descriptor, "Rolled back"), key="ota-channel",
-                             description="The signed channel descriptor devices will read")
+    with one_writer():
+        descriptor = rollback_release(open_repository(params.ota, root), channel or params.ota.channel, targets)
+    _artifact(descriptor, "Rolled back")
     return descriptor
+
+
+@flow(name="rollout", log_prints=True)
+def rollout(target: str, fraction: float, params_path: str = "params.yaml", workdir: str = ".",
+            channel: str | None = None, expected_version: str | None = None) -> ChannelDescriptor:
+    """Widen or narrow the rollout of the candidate already in the channel, for one target."""
+    from edgeship.ota.rollout import set_fraction
+
+    root = Path(workdir).resolve()
+    params = load_params(root / params_path)
+    with one_writer():
+        descriptor = set_fraction(open_repository(params.ota, root), channel or params.ota.channel, target,
+                                  fraction, expected_version=expected_version)
+    _artifact(descriptor, f"Rollout of {target} set to {fraction:g}")
+    return descriptor
+
+
+@flow(name="resign", log_prints=True)
+def resign(params_path: str = "params.yaml", workdir: str = ".", force: bool = False) -> list[str]:
+    """Renew timestamp (always), snapshot and targets (past half their lifetime) before devices see them expire."""
+    root = Path(workdir).resolve()
+    params = load_params(root / params_path)
+    with one_writer():
+        repository = open_repository(params.ota, root)
+        with repository.writing("resign"):
+            renewed = repository.resign(force=force)
+    get_run_logger().info("re-signed %s", ", ".join(renewed))
+    return renewed

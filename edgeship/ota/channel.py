@@ -1,28 +1,33 @@
-"""Channel descriptors: which model version a release channel ships, per target.
+"""Channel descriptors: which model versions a release channel ships, per target.
 
 A channel ("stable", "canary") is one JSON file in the OTA repository,
 `channels/<channel>.json`. It is a TUF target like the models themselves, so
-the targets key signs it and a device trusts it only after verification. For
-each compile target ("onnx-int8", "tflite-int8", ...) it names the model file
-to run now and the one before it:
+the targets key signs it and a device trusts it only after verification. Each
+compile target ("onnx-int8", "tflite-int8", ...) has an entry of its own, with
+its own staged rollout:
 
-    {"channel": "stable", "model_name": "digits", "rollout_fraction": 0.25,
-     "targets": {"onnx-int8": {"version": "7", "target_path": "models/digits/7/onnx-int8/model.onnx",
-                               "sha256": "...", "bytes": 81234, "runtime": "onnxruntime",
-                               "inputs": [...], "previous": {"version": "6", ...}}}}
+    {"channel": "stable", "model_name": "digits",
+     "targets": {"onnx-int8": {"base": {"version": "6", ...},        # what the whole fleet runs
+                               "candidate": {"version": "7", ...},   # being rolled out
+                               "fraction": 0.1,                      # of this target's devices
+                               "rollout_state": "in_progress",
+                               "fallback": {"version": "3", "model_name": "digits-tiny", ...},
+                               "previous": {"version": "5", ...}}}}  # the base before `base`
 
-A device inside the rollout cohort takes `version`; one outside it stays on
-`previous`. Rolling back is publishing a descriptor whose entries are the old
-`previous`. This module imports pydantic only, so the device updater shares it.
+A device inside the candidate's cohort (`cohort_position(...) < fraction`) runs
+the candidate; every other device stays on the base, the last version that
+reached 100% on this target. Touching one target's entry moves no device of
+another. This module imports pydantic only, so the device updater shares it.
 
     >>> descriptor = ChannelDescriptor.from_bytes(data)
-    >>> descriptor.targets["onnx-int8"].version
+    >>> model, in_cohort = descriptor.targets["onnx-int8"].choose("device-17", "digits")
 """
 
 from __future__ import annotations
 
 import hashlib
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,12 +37,31 @@ from edgeship.records import TensorSpec
 # in the repository (channels/<channel>.json): no separators, no dot-dot.
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
 
+RolloutState = Literal["in_progress", "completed", "paused", "aborted"]
+
 
 class _Wire(BaseModel):
     # Frozen like edgeship's records, but unknown fields are ignored rather than
     # refused: devices in the field must keep reading descriptors that a newer
     # pipeline wrote with fields they do not know yet.
     model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class GoldenVectors(_Wire):
+    """A few real inputs and the reference outputs the pipeline's host check got for them (one .npz target).
+
+    The npz holds arrays `inputs` and `outputs`; the device runs `inputs` through the
+    model it is about to install and requires every output within `atol` (plus
+    `rtol` of the reference) and the same top-1 class where `top1` is set.
+    """
+
+    target_path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+    atol: float = Field(default=1e-3, ge=0)
+    rtol: float = Field(default=1e-3, ge=0)
+    top1: bool = True
+    count: int = 0
 
 
 class ReleasedModel(_Wire):
@@ -49,31 +73,67 @@ class ReleasedModel(_Wire):
     bytes: int = Field(ge=0)
     runtime: str = Field(description="runtime that loads it, e.g. onnxruntime")
     inputs: list[TensorSpec]
+    model_name: str = ""
+    latency_budget_ms: float | None = None  # the gate's p99 budget for this target
+    golden: GoldenVectors | None = None
 
     @property
     def filename(self) -> str:
         """The model file's name (the last part of its target path)."""
         return self.target_path.rpartition("/")[2]
 
+    @property
+    def label(self) -> str:
+        return f"{self.model_name or 'model'} v{self.version}"
 
-class ChannelEntry(ReleasedModel):
-    """What a channel ships for one target: the current model and the one before it."""
 
-    previous: ReleasedModel | None = None
+class ChannelEntry(_Wire):
+    """What a channel ships for one target: a stable base, a candidate in staged rollout, a fallback."""
 
-    def without_previous(self) -> ReleasedModel:
-        """This entry as a plain released model (what becomes the next entry's `previous`)."""
-        return ReleasedModel(**self.model_dump(exclude={"previous"}))
+    base: ReleasedModel | None = None
+    candidate: ReleasedModel | None = None
+    fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    rollout_state: RolloutState = "completed"
+    state_reason: str = ""
+    previous: ReleasedModel | None = None  # the base before `base`: what a rollback returns to
+    shadow: ReleasedModel | None = None
+    shadow_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    shadow_sample_rate: float = Field(default=0.1, ge=0.0, le=1.0)
+    fallback: ReleasedModel | None = None
+    drift_reference: dict | None = None
+    allow_failed_gate: str | None = None  # the override reason when published with --allow-failed-gate
+
+    @property
+    def golden(self) -> GoldenVectors | None:
+        """The golden vectors of the newest release in this entry (candidate, else base)."""
+        newest = self.candidate or self.base
+        return newest.golden if newest else None
+
+    @property
+    def newest(self) -> ReleasedModel | None:
+        return self.candidate or self.base
+
+    def choose(self, device_id: str, model_name: str) -> tuple[ReleasedModel | None, bool]:
+        """The release a device should run, and whether it is in the candidate's cohort.
+
+        A paused rollout keeps its cohort (nobody new joins, nobody leaves); an
+        aborted one has no candidate any more, so everyone is on the base.
+        """
+        if self.candidate is not None and self.rollout_state != "aborted":
+            position = cohort_position(device_id, model_name, self.candidate.version)
+            if position < self.fraction:
+                return self.candidate, True
+        return self.base, False
 
 
 class ChannelDescriptor(_Wire):
-    """A release channel: per target the model version to run, and how widely to roll it out."""
+    """A release channel: per target a base, a candidate in staged rollout, and a fallback."""
 
     channel: str = Field(pattern=SAFE_NAME)
     model_name: str
     released_at: datetime
-    rollout_fraction: float = Field(default=1.0, ge=0.0, le=1.0)
-    targets: dict[str, ChannelEntry]
+    targets: dict[str, ChannelEntry] = Field(default_factory=dict)
+    source: str = ""  # how the last change came about ("alias production -> v7", "rollout 0.5")
 
     @staticmethod
     def target_path(channel: str) -> str:

@@ -2,15 +2,17 @@
 
 A release is the compiled artifacts of one registered model version. Publishing
 it checks each file against the hash its record carries (the one measured at
-compile time and logged to MLflow), uploads the files as TUF targets, writes a
-new channel descriptor whose `previous` entries name what the channel shipped
-before, and commits: one new signed targets/snapshot/timestamp version, which
-devices pick up on their next check.
+compile time and logged to MLflow), uploads the files (and their golden
+vectors) as TUF targets, and stages each target's entry in the channel: the
+version becomes that target's candidate at `rollout_fraction` (at 1.0 it
+becomes the base at once). Targets the release does not carry are untouched.
+All under the repository's writer lock, in one commit: one new signed
+targets/snapshot/timestamp version, which devices pick up on their next check.
 
     >>> repository = OtaRepository(open_storage(params.ota.repository), Keystore(params.ota.keystore))
     >>> publish_release(repository, "digits", "7", artifacts, channel="stable", rollout_fraction=0.1)
-    >>> publish_release(repository, "digits", "7", artifacts, rollout_fraction=1.0)   # widen the rollout
-    >>> rollback_release(repository, "stable")                                      # back to version 6
+    >>> set_fraction(repository, "stable", "onnx-int8", 0.5, expected_version="7")   # edgeship.ota.rollout
+    >>> rollback_release(repository, "stable")                                       # back to each previous base
 
 Model files land at `models/<model_name>/<version>/<target>/<filename>`.
 """
@@ -21,23 +23,44 @@ import logging
 import re
 from datetime import datetime, timezone
 
-from edgeship.errors import EdgeshipError, SignatureError
+from pathlib import Path
+
+import numpy as np
+
+from edgeship.errors import SignatureError
 from edgeship.files import sha256_of
-from edgeship.ota.channel import SAFE_NAME, ChannelDescriptor, ChannelEntry
+from edgeship.ota.channel import SAFE_NAME, ChannelDescriptor, GoldenVectors, ReleasedModel
 from edgeship.ota.repository import OtaRepository
+from edgeship.ota.rollout import ReleaseError, change_channel, describe, read_channel, rollback_entry, stage
 from edgeship.records import CompiledArtifact
+
+__all__ = ["ReleaseError", "publish_release", "read_channel", "rollback_release", "upload_model"]
 
 logger = logging.getLogger(__name__)
 
 
-class ReleaseError(EdgeshipError):
-    """A release cannot be published or rolled back as asked (nothing to roll back to, wrong channel)."""
-
-
-def read_channel(repository: OtaRepository, channel: str) -> ChannelDescriptor | None:
-    """The channel's current descriptor, or None when the channel was never published."""
-    data = repository.get_target(ChannelDescriptor.target_path(channel))
-    return None if data is None else ChannelDescriptor.from_bytes(data)
+def upload_model(repository: OtaRepository, model_name: str, version: str | int, artifact: CompiledArtifact,
+                 latency_budget_ms: float | None = None, golden: Path | None = None,
+                 golden_tolerance: tuple[float, float] = (1e-3, 1e-3)) -> ReleasedModel:
+    """Verify one compiled artifact, upload it (and its golden vectors) as targets; return its channel record."""
+    version = str(version)
+    _check_name("model name", model_name)
+    _check_name("version", version)
+    _verify(artifact)
+    prefix = f"models/{model_name}/{version}/{artifact.target}"
+    target_path = f"{prefix}/{artifact.path.name}"
+    repository.add_target(target_path, artifact.path)
+    vectors = None
+    if golden is not None:
+        data = Path(golden).read_bytes()
+        info = repository.add_target(f"{prefix}/golden.npz", data)
+        with np.load(Path(golden)) as arrays:
+            count = int(arrays["inputs"].shape[0])
+        vectors = GoldenVectors(target_path=info.path, sha256=info.hashes["sha256"], bytes=info.length,
+                                atol=golden_tolerance[0], rtol=golden_tolerance[1], count=count)
+    return ReleasedModel(version=version, target_path=target_path, sha256=artifact.sha256, bytes=artifact.bytes,
+                         runtime=artifact.runtime, inputs=artifact.inputs, model_name=model_name,
+                         latency_budget_ms=latency_budget_ms, golden=vectors)
 
 
 def publish_release(
@@ -47,10 +70,19 @@ def publish_release(
     artifacts: list[CompiledArtifact],
     channel: str = "stable",
     rollout_fraction: float = 1.0,
+    *,
+    latency_budgets: dict[str, float | None] | None = None,
+    golden: dict[str, Path] | None = None,
+    fallbacks: dict[str, tuple[str, str, CompiledArtifact]] | None = None,
+    allow_failed_gate: str | None = None,
+    drift_reference: dict | None = None,
+    source: str = "",
 ) -> ChannelDescriptor:
-    """Publish a model version's compiled artifacts to a channel and commit.
+    """Publish a model version's compiled artifacts to a channel and commit, under the writer lock.
 
-    Targets of the channel that this release does not carry keep their current entry.
+    Per target the version becomes the candidate at `rollout_fraction` (1.0: the base at
+    once); an unfinished candidate it replaces is dropped, the base stays. Targets
+    of the channel that this release does not carry keep their entry.
 
     Args:
         repository: The OTA repository to publish into.
@@ -58,7 +90,13 @@ def publish_release(
         version: The registered model version (MLflow's version number).
         artifacts: One compiled artifact per target; each file must still match its sha256.
         channel: The release channel, e.g. "stable" or "canary".
-        rollout_fraction: The share of devices (0..1) that take this version; the rest stay on `previous`.
+        rollout_fraction: The share of each target's devices (0..1) that take this version.
+        latency_budgets: Per target the gate's p99 budget (ms): devices hold probation to it.
+        golden: Per target an .npz of `inputs` and reference `outputs` (signed with the release).
+        fallbacks: Per target (model name, version, artifact) of the small fallback model.
+        allow_failed_gate: The reason this version is published although a required gate failed.
+        drift_reference: Carried into every entry for the fleet's drift check.
+        source: How the version was chosen ("alias production -> v7"), recorded in the descriptor.
 
     Returns:
         The descriptor now published.
@@ -68,8 +106,7 @@ def publish_release(
         ReleaseError: No artifacts, a target given twice, or the channel carries another model.
     """
     version = str(version)
-    _check_name("model name", model_name)
-    _check_name("version", version)
+    _check_name("channel", channel)
     if not 0.0 <= rollout_fraction <= 1.0:
         raise ReleaseError(f"rollout_fraction must lie in [0, 1]; got {rollout_fraction}")
     if not artifacts:
@@ -78,36 +115,36 @@ def publish_release(
     targets = [a.target for a in artifacts]
     if len(set(targets)) != len(targets):
         raise ReleaseError(f"each target may appear once in a release; got {targets}")
-    current = _current(repository, channel, model_name)
-    for artifact in artifacts:
-        _verify(artifact)
-
-    entries = dict(current.targets) if current else {}
-    for artifact in artifacts:
-        target_path = f"models/{model_name}/{version}/{artifact.target}/{artifact.path.name}"
-        repository.add_target(target_path, artifact.path)
-        before = entries.get(artifact.target)
-        if before is None:
-            previous = None
-        elif before.version != version:
-            previous = before.without_previous()
-        else:  # the same version again (e.g. a wider rollout): keep what it replaced
-            previous = before.previous
-        entries[artifact.target] = ChannelEntry(
-            version=version, target_path=target_path, sha256=artifact.sha256, bytes=artifact.bytes,
-            runtime=artifact.runtime, inputs=artifact.inputs, previous=previous)
-
-    descriptor = _publish(repository, channel, model_name, entries, rollout_fraction)
-    logger.info("published %s version %s to channel %s (%s) at %.0f%% rollout",
-                model_name, version, channel, ", ".join(targets), rollout_fraction * 100)
+    budgets, vectors = latency_budgets or {}, golden or {}
+    with repository.writing(f"publish {model_name} v{version} to {channel}"):
+        current = read_channel(repository, channel)
+        if current is not None and current.model_name != model_name:
+            raise ReleaseError(f"channel '{channel}' ships model '{current.model_name}', not '{model_name}'; "
+                               f"publish '{model_name}' to a channel of its own")
+        entries = dict(current.targets) if current else {}
+        for artifact in artifacts:
+            release = upload_model(repository, model_name, version, artifact, budgets.get(artifact.target),
+                                   vectors.get(artifact.target))
+            entry = stage(entries.get(artifact.target), release, rollout_fraction, allow_failed_gate)
+            extra = {"drift_reference": drift_reference} if drift_reference is not None else {}
+            if fallbacks and artifact.target in fallbacks:
+                name, fallback_version, fallback = fallbacks[artifact.target]
+                extra["fallback"] = upload_model(repository, name, fallback_version, fallback,
+                                                 budgets.get(artifact.target))
+            entries[artifact.target] = entry.model_copy(update=extra)
+        descriptor = ChannelDescriptor(channel=channel, model_name=model_name, released_at=datetime.now(timezone.utc),
+                                       targets=entries, source=source or f"publish v{version}")
+        repository.add_target(ChannelDescriptor.target_path(channel), descriptor.to_bytes())
+        repository.commit()
+    logger.info("published %s version %s to channel %s (%s) at %.0f%% rollout%s", model_name, version, channel,
+                ", ".join(targets), rollout_fraction * 100,
+                f" OVER A FAILED GATE: {allow_failed_gate}" if allow_failed_gate else "")
     return descriptor
 
 
 def rollback_release(repository: OtaRepository, channel: str, targets: list[str] | None = None) -> ChannelDescriptor:
-    """Point a channel's targets back at their previous versions, for every device, and commit.
-
-    The rolled-back entries have no `previous` of their own: rolling back twice
-    is refused, and going forward again is publishing that version anew.
+    """Roll a channel's targets back, each on its own: an unfinished rollout is aborted, a finished one
+    returns to the base before it. Other targets are untouched.
 
     Args:
         repository: The OTA repository.
@@ -115,25 +152,24 @@ def rollback_release(repository: OtaRepository, channel: str, targets: list[str]
         targets: The targets to roll back; None for every target of the channel.
 
     Raises:
-        ReleaseError: The channel was never published, names no such target, or a target has no previous version.
+        ReleaseError: The channel was never published, names no such target, or a target has nothing to go back to.
     """
     _check_name("channel", channel)
-    current = read_channel(repository, channel)
-    if current is None:
-        raise ReleaseError(f"channel '{channel}' was never published; there is nothing to roll back")
-    names = list(current.targets) if targets is None else targets
-    entries = dict(current.targets)
-    for name in names:
-        entry = entries.get(name)
-        if entry is None:
-            raise ReleaseError(f"channel '{channel}' has no target '{name}'; it has {sorted(current.targets)}")
-        if entry.previous is None:
-            raise ReleaseError(f"channel '{channel}' target '{name}' (version {entry.version}) has no previous "
-                               f"version to roll back to; publish the version you want instead")
-        entries[name] = ChannelEntry(**entry.previous.model_dump())
-    descriptor = _publish(repository, channel, current.model_name, entries, rollout_fraction=1.0)
+
+    def apply(current: ChannelDescriptor | None) -> ChannelDescriptor:
+        if current is None:
+            raise ReleaseError(f"channel '{channel}' was never published; there is nothing to roll back")
+        names = list(current.targets) if targets is None else targets
+        entries = dict(current.targets)
+        for name in names:
+            if name not in entries:
+                raise ReleaseError(f"channel '{channel}' has no target '{name}'; it has {sorted(current.targets)}")
+            entries[name] = rollback_entry(entries[name], name)
+        return current.model_copy(update={"targets": entries})
+
+    descriptor = change_channel(repository, channel, f"rollback {', '.join(targets or ['all targets'])}", apply)
     logger.info("rolled back channel %s: %s", channel,
-                ", ".join(f"{n} {current.targets[n].version} -> {entries[n].version}" for n in names))
+                "; ".join(f"{n}: {describe(e)}" for n, e in descriptor.targets.items()))
     return descriptor
 
 
@@ -142,15 +178,6 @@ def _check_name(what: str, name: str) -> None:
     if not re.match(SAFE_NAME, name):
         raise ReleaseError(f"{what} '{name}' may hold only letters, digits, '_', '.', '+' and '-', "
                            f"and must start with a letter or digit")
-
-
-def _current(repository: OtaRepository, channel: str, model_name: str) -> ChannelDescriptor | None:
-    _check_name("channel", channel)
-    current = read_channel(repository, channel)
-    if current is not None and current.model_name != model_name:
-        raise ReleaseError(f"channel '{channel}' ships model '{current.model_name}', not '{model_name}'; "
-                           f"publish '{model_name}' to a channel of its own")
-    return current
 
 
 def _verify(artifact: CompiledArtifact) -> None:
@@ -164,12 +191,3 @@ def _verify(artifact: CompiledArtifact) -> None:
         raise SignatureError(f"{artifact.target} artifact {artifact.path} has sha256 {actual} ({size} bytes), "
                              f"but its record says {artifact.sha256} ({artifact.bytes} bytes); the file changed "
                              f"after it was compiled and gated: publish the registered files, not a rebuilt one")
-
-
-def _publish(repository: OtaRepository, channel: str, model_name: str,
-             entries: dict[str, ChannelEntry], rollout_fraction: float) -> ChannelDescriptor:
-    descriptor = ChannelDescriptor(channel=channel, model_name=model_name, released_at=datetime.now(timezone.utc),
-                                   rollout_fraction=rollout_fraction, targets=entries)
-    repository.add_target(ChannelDescriptor.target_path(channel), descriptor.to_bytes())
-    repository.commit()
-    return descriptor

@@ -17,27 +17,35 @@ new name, and timestamp.json is written last, so a device that reads the
 repository mid-publish sees the old release or the new one, never a mix.
 
 Workflow: opening a repository creates and signs version 1 of every role when
-the storage is empty, otherwise loads the current metadata and checks that the
-keystore holds the keys its root trusts. `add_target` uploads files and stages
-them; `commit` signs a new targets, snapshot and timestamp version.
+the storage holds no metadata at all, otherwise loads the current metadata and
+checks that the keystore holds the targets, snapshot and timestamp keys its root
+trusts (root's own keys are not needed: only `edgeship keys` changes root, see
+edgeship.ota.root). Metadata that is partly missing is an error naming the file,
+never a fresh start. Every write happens inside `writing()`, which takes the
+storage's writer lock (edgeship.ota.lock) and re-reads the metadata under it;
+`add_target` uploads files and stages them; `commit` signs a new targets,
+snapshot and timestamp version.
 
     >>> repository = OtaRepository(open_storage("ota-repo"), Keystore(".edgeship/keys"))
-    >>> repository.add_target("models/digits/7/onnx-int8/model.onnx", Path("model.onnx"))
-    >>> repository.commit()
+    >>> with repository.writing("publish v7"):
+    ...     repository.add_target("models/digits/7/onnx-int8/model.onnx", Path("model.onnx"))
+    ...     repository.commit()
     >>> Path("root.json").write_bytes(repository.trusted_root())   # provision devices with this
 
-Only one publisher may write a repository at a time (run the publish flow with
-a concurrency limit of 1). Timestamp and snapshot metadata expire after
-`expiry_days`: commit at least that often (a scheduled `commit()` with nothing
-staged just re-signs), or devices refuse the repository as expired.
+Expiry: timestamp after `timestamp_expiry_hours` (a day: a freeze attack lasts at
+most that long), snapshot after a week, targets after `expiry_days`. `resign()`
+(the Prefect deployment `publish/resign`, `edgeship resign`) renews whatever is
+past half its lifetime, and always the timestamp.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import posixpath
 from datetime import datetime, timedelta, timezone
+from collections.abc import Iterator
 from os import PathLike
 from pathlib import Path
 
@@ -48,6 +56,7 @@ from tuf.repository import Repository
 
 from edgeship.errors import ConfigError, SignatureError
 from edgeship.ota.keys import ROLES, Keystore
+from edgeship.ota.lock import writer_lock
 from edgeship.ota.storage import Storage, StorageError
 
 logger = logging.getLogger(__name__)
@@ -68,7 +77,10 @@ class OtaRepository(Repository):
     Args:
         storage: Where the metadata and target files live.
         keystore: The signing keys; on a new repository they become the trusted keys.
-        expiry_days: Lifetime of targets, snapshot and timestamp metadata.
+        expiry_days: Lifetime of targets metadata.
+        timestamp_expiry_hours: Lifetime of timestamp metadata (the freeze window).
+        snapshot_expiry_days: Lifetime of snapshot metadata.
+        root_keys, root_threshold: For a new repository only: how many root keys, and how many must sign.
 
     Raises:
         KeystoreMismatch: The repository exists and was signed with other keys.
@@ -76,17 +88,41 @@ class OtaRepository(Repository):
         StorageError: The storage cannot be read or written, or holds an incomplete repository.
     """
 
-    def __init__(self, storage: Storage, keystore: Keystore, expiry_days: int = 30):
+    def __init__(self, storage: Storage, keystore: Keystore, expiry_days: int = 30,
+                 timestamp_expiry_hours: float = 24, snapshot_expiry_days: float = 7,
+                 root_keys: int = 1, root_threshold: int = 1):
         self.storage = storage
         self.keystore = keystore
-        self.expiry = timedelta(days=expiry_days)
+        self.expiry = {Root.type: ROOT_EXPIRY, Targets.type: timedelta(days=expiry_days),
+                       Snapshot.type: timedelta(days=min(snapshot_expiry_days, expiry_days)),
+                       Timestamp.type: timedelta(hours=timestamp_expiry_hours)}
         self._metadata: dict[str, Metadata] = {}
         self._staged: dict[str, TargetFile] = {}
-        # timestamp.json is written last, so it marks a complete repository.
-        if storage.exists("metadata/timestamp.json"):
+        self._writing = False
+        if self._is_empty():
+            with writer_lock(storage, "create the repository"):
+                if self._is_empty():
+                    self._initialise(root_keys, root_threshold)
+                    return
+        self._load()
+
+    @contextlib.contextmanager
+    def writing(self, purpose: str, wait_s: float = 60.0) -> Iterator[None]:
+        """Hold the storage's writer lock and work on the metadata as it is under the lock.
+
+        Nested calls (a publish that rolls out) share the outer lock.
+        """
+        if self._writing:
+            yield
+            return
+        with writer_lock(self.storage, purpose, wait_s=wait_s):
             self._load()
-        else:
-            self._initialise()
+            self._writing = True
+            try:
+                yield
+            finally:
+                self._writing = False
+                self._staged.clear()
 
     # --- the steps a publisher takes -------------------------------------------------
 
@@ -133,14 +169,15 @@ class OtaRepository(Repository):
     def commit(self) -> int:
         """Sign and store a new targets, snapshot and timestamp version holding the staged targets.
 
-        Also re-signs root when less than half of its lifetime is left.
+        Needs the targets, snapshot and timestamp keys, never root's.
 
         Returns:
             The new targets metadata version.
         """
-        if self._root.expires < _now() + ROOT_EXPIRY / 2:
-            with self.edit_root():
-                pass  # same keys, fresh expiry and version: devices walk N.root.json -> N+1.root.json
+        self._require_writing("commit")
+        if self._root.expires < _now() + ROOT_EXPIRY / 4:
+            logger.warning("root metadata of %s expires on %s; re-sign it with the root keys: edgeship keys "
+                           "resign-root", self.storage, self._root.expires.date())
         with self.edit_targets() as targets:
             targets.targets.update(self._staged)
         self._staged.clear()
@@ -148,6 +185,35 @@ class OtaRepository(Repository):
         self.do_timestamp(force=True)
         logger.info("committed %s: targets v%d, %d target(s)", self.storage, targets.version, len(targets.targets))
         return targets.version
+
+    def resign(self, force: bool = False) -> list[str]:
+        """Renew the metadata before it expires: roles past half their lifetime, and always the timestamp.
+
+        Returns:
+            The roles re-signed, e.g. ["snapshot", "timestamp"].
+        """
+        self._require_writing("resign")
+        renewed = []
+        if force or self._expiring(Targets.type):
+            with self.edit_targets():
+                pass
+            renewed.append(Targets.type)
+        if renewed or self._expiring(Snapshot.type):
+            self.do_snapshot(force=True)
+            renewed.append(Snapshot.type)
+        self.do_timestamp(force=True)
+        renewed.append(Timestamp.type)
+        logger.info("re-signed %s in %s", ", ".join(renewed), self.storage)
+        return renewed
+
+    def expires(self) -> dict[str, datetime]:
+        """When each role's current metadata expires."""
+        return {role: md.signed.expires for role, md in self._metadata.items()}
+
+    def channels(self) -> list[str]:
+        """The channels published in this repository."""
+        return sorted(p.removeprefix("channels/").removesuffix(".json") for p in self._targets.targets
+                      if p.startswith("channels/") and p.endswith(".json"))
 
     def trusted_root(self) -> bytes:
         """The current root metadata: the file a device is provisioned with as its trust anchor."""
@@ -172,9 +238,10 @@ class OtaRepository(Repository):
 
     def close(self, role: str, md: Metadata) -> None:
         md.signed.version += 1
-        md.signed.expires = _now() + (ROOT_EXPIRY if role == Root.type else self.expiry)
+        md.signed.expires = _now() + self.expiry[role]
         md.signatures.clear()
-        md.sign(self.keystore.signer(role))
+        for signer in self._signers_for(role, md):
+            md.sign(signer, append=True)
         data = md.to_bytes(JSONSerializer(compact=False))
         version = md.signed.version
         if role == Timestamp.type:
@@ -205,17 +272,58 @@ class OtaRepository(Repository):
     def _targets(self) -> Targets:
         return self._metadata[Targets.type].signed  # type: ignore[return-value]
 
-    def _initialise(self) -> None:
-        """Create version 1 of every role, trusting the keystore's keys."""
+    def _is_empty(self) -> bool:
+        return not self.storage.list("metadata/")
+
+    def _require_writing(self, what: str) -> None:
+        if not self._writing:
+            raise RuntimeError(f"{what} outside `with repository.writing(...)`: take the writer lock first")
+
+    def _expiring(self, role: str) -> bool:
+        return self._metadata[role].signed.expires < _now() + self.expiry[role] / 2
+
+    def _signers_for(self, role: str, md: Metadata) -> list:
+        """The keystore's signers for a role's new metadata; root's needs its old and its new threshold."""
+        held = {key.keyid for key in self.keystore.public_keys(role)}
+        if role == Root.type:
+            new_role = md.signed.roles[Root.type]
+            old_role = self._root.roles[Root.type] if Root.type in self._metadata else new_role
+            wanted = set(new_role.keyids) | set(old_role.keyids)
+            for name, needed in (("the current", old_role), ("the new", new_role)):
+                have = len(set(needed.keyids) & held)
+                if have < needed.threshold:
+                    raise ConfigError(f"re-signing root needs {needed.threshold} of {name} root keys "
+                                      f"({len(needed.keyids)} trusted) but {self.keystore.directory} holds {have}; "
+                                      f"bring the offline root keys into {self.keystore.path('root')}")
+        else:
+            root = md.signed if role == Root.type else self._root
+            wanted = set(root.roles[role].keyids)
+            if len(wanted & held) < root.roles[role].threshold:
+                raise KeystoreMismatch(
+                    f"the {role} key in {self.keystore.directory} is not the one {self.storage} trusts; "
+                    f"point ota.keystore at the keystore this repository was created with")
+        return [self.keystore.signer(role, keyid) for keyid in sorted(wanted & held)]
+
+    def _initialise(self, root_keys: int = 1, root_threshold: int = 1) -> None:
+        """Create version 1 of every role, trusting the keystore's keys (created when it holds none)."""
         logger.info("creating a new OTA repository in %s (keys in %s)", self.storage, self.keystore.directory)
-        with self.edit_root() as root:
-            root.consistent_snapshot = True
-            for role in ROLES:
-                root.add_key(self.keystore.public_key(role), role)
-        with self.edit_targets():
-            pass
-        self.do_snapshot(force=True)
-        self.do_timestamp(force=True)
+        self._writing = True
+        try:
+            with self.edit_root() as root:
+                root.consistent_snapshot = True
+                for role in ROLES:
+                    keys = self.keystore.public_keys(role)
+                    while len(keys) < (root_keys if role == Root.type else 1):
+                        keys.append(self.keystore.generate(role))
+                    for key in keys:
+                        root.add_key(key, role)
+                root.roles[Root.type].threshold = root_threshold
+            with self.edit_targets():
+                pass
+            self.do_snapshot(force=True)
+            self.do_timestamp(force=True)
+        finally:
+            self._writing = False
 
     def _load(self) -> None:
         """Load the current version of each role and check it against root and the keystore."""
@@ -225,27 +333,31 @@ class OtaRepository(Repository):
         timestamp = self._read("timestamp.json")
         snapshot = self._read(f"{timestamp.signed.snapshot_meta.version}.snapshot.json")
         targets = self._read(f"{snapshot.signed.meta['targets.json'].version}.targets.json")
-        self._metadata = {Root.type: root, Timestamp.type: timestamp, Snapshot.type: snapshot, Targets.type: targets}
-        for role, md in self._metadata.items():
+        metadata = {Root.type: root, Timestamp.type: timestamp, Snapshot.type: snapshot, Targets.type: targets}
+        for role, md in metadata.items():
             try:
                 root.signed.verify_delegate(role, md.signed_bytes, md.signatures)
             except RepositoryError as error:
                 raise SignatureError(f"{role} metadata in {self.storage} does not verify against its root "
                                      f"({error}); someone changed the repository without the keys: restore it "
                                      f"from a backup before publishing") from None
+        self._metadata = metadata
         self._check_keystore()
 
     def _read(self, name: str) -> Metadata:
         data = self.storage.get(f"metadata/{name}")
         if data is None:
-            raise StorageError(f"{self.storage} is an incomplete OTA repository: metadata/{name} is missing; "
-                               f"restore it from a backup, or point ota.repository at an empty location to start anew")
+            present = ", ".join(p.removeprefix("metadata/") for p in self.storage.list("metadata/")[:8])
+            raise StorageError(f"{self.storage} is an incomplete OTA repository: metadata/{name} is missing "
+                               f"(it holds {present or 'nothing'}); restore it from a backup. It is never "
+                               f"re-created: devices trust the existing root")
         return Metadata.from_bytes(data)
 
     def _check_keystore(self) -> None:
-        for role in ROLES:
-            trusted = self._root.roles[role].keyids
-            if not self.keystore.has(role) or self.keystore.public_key(role).keyid not in trusted:
+        for role in (Targets.type, Snapshot.type, Timestamp.type):
+            trusted = set(self._root.roles[role].keyids)
+            held = {key.keyid for key in self.keystore.public_keys(role)}
+            if len(trusted & held) < self._root.roles[role].threshold:
                 raise KeystoreMismatch(
                     f"the {role} key in {self.keystore.directory} is not the one {self.storage} trusts; "
                     f"point ota.keystore at the keystore this repository was created with")

@@ -16,6 +16,7 @@ fetches `<url>/metadata/...` and `<url>/targets/...`.
 
 from __future__ import annotations
 
+import os
 import posixpath
 from pathlib import Path
 from typing import Protocol
@@ -39,6 +40,15 @@ class Storage(Protocol):
 
     def exists(self, path: str) -> bool:
         """Whether a file exists at that path."""
+
+    def create(self, path: str, data: bytes) -> bool:
+        """Write a file only if none exists at that path, atomically; False when one exists (a lock's step)."""
+
+    def delete(self, path: str) -> None:
+        """Remove a file; no error when there is none."""
+
+    def list(self, prefix: str) -> list[str]:
+        """Paths of the files under a directory prefix ("metadata/")."""
 
 
 def _check(path: str) -> str:
@@ -70,6 +80,31 @@ class LocalDirectory:
 
     def exists(self, path: str) -> bool:
         return (self.root / _check(path)).is_file()
+
+    def create(self, path: str, data: bytes) -> bool:
+        target = self.root / _check(path)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # O_EXCL: the filesystem decides which of two writers creates the file.
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as error:
+            raise StorageError(f"cannot create {target}: {error.strerror or error}; "
+                               f"check that ota.repository points at a writable directory") from None
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        return True
+
+    def delete(self, path: str) -> None:
+        (self.root / _check(path)).unlink(missing_ok=True)
+
+    def list(self, prefix: str) -> list[str]:
+        directory = self.root / _check(prefix.rstrip("/"))
+        if not directory.is_dir():
+            return []
+        return sorted(str(p.relative_to(self.root)) for p in directory.rglob("*")
+                      if p.is_file() and not p.name.startswith("."))
 
     def __str__(self) -> str:
         return str(self.root)
@@ -116,6 +151,33 @@ class S3Storage:
 
     def exists(self, path: str) -> bool:
         return self._call("check", path, self._client.head_object, Bucket=self.bucket, Key=self._key(path)) is not None
+
+    def create(self, path: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:  # S3 conditional write: exactly one of two concurrent creators succeeds
+            self._client.put_object(Bucket=self.bucket, Key=self._key(path), Body=data, IfNoneMatch="*")
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412",
+                                                                "ConditionalRequestConflict"):
+                return False
+            return self._call("create", path, self._raise, error=error)
+        return True
+
+    def delete(self, path: str) -> None:
+        self._call("delete", path, self._client.delete_object, Bucket=self.bucket, Key=self._key(path))
+
+    def list(self, prefix: str) -> list[str]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        start = self._key(prefix.rstrip("/")) + "/"
+        pages = self._call("list", prefix.rstrip("/"), lambda **kw: list(paginator.paginate(**kw)), Bucket=self.bucket,
+                           Prefix=start) or []
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(item["Key"][cut:] for page in pages for item in page.get("Contents", []))
+
+    @staticmethod
+    def _raise(error: Exception):
+        raise error
 
     def _call(self, verb: str, path: str, method, **kwargs):
         """Run one S3 call; None for a missing key, StorageError for anything that needs a person."""

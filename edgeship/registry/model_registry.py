@@ -7,18 +7,25 @@ and each gate verdict, so a reviewer sees in the MLflow UI what they promote,
 and the publisher refuses a file whose hash differs from what was gated.
 
     >>> version = register_release(run, "digits", model, example, artifacts, gates, alias="candidate")
-    >>> release = resolve_alias(tracking_uri, "digits", "production", dst)
+    >>> release = resolve_release(tracking_uri, "digits", dst, alias="production")   # or version="7"
+    >>> promote(tracking_uri, "digits", "7", "production")
+
+Only what passed ships: `resolve_release` refuses a version whose required gates
+failed (GateFailed) unless given `allow_failed_gate="reason"`, which it records
+as the version tag `edgeship.allow_failed_gate`; and it returns only the targets
+whose own gate passed. An alias is resolved once, here, and the version it
+resolved to is what the rest of the publish uses.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from edgeship.errors import RegistryError, SignatureError
+from edgeship.errors import GateFailed, RegistryError, SignatureError
 from edgeship.files import sha256_of
 from edgeship.records import CompiledArtifact, GateReport
 from edgeship.registry.tracking import ReleaseRun
@@ -26,6 +33,8 @@ from edgeship.tasks.gate import release_passes
 
 ARTIFACT_TAG = "edgeship.artifact.{target}.sha256"
 GATE_TAG = "edgeship.gate.{target}"
+REQUIRED_TAG = "edgeship.gate.required"  # comma-separated targets whose gate is required
+OVERRIDE_TAG = "edgeship.allow_failed_gate"
 
 
 def compiled_artifact_dir(target: str) -> str:
@@ -79,6 +88,7 @@ def register_release(run: ReleaseRun, model_name: str, model_uri: str, artifacts
         tags[GATE_TAG.format(target=gate.target)] = "pass" if gate.passed else "fail"
     passed = release_passes(gates)
     tags["edgeship.gate"] = "pass" if passed else "fail"
+    tags[REQUIRED_TAG] = ",".join(g.target for g in gates if g.required)
     tags["edgeship.targets"] = ",".join(a.target for a in artifacts)
     for key, value in {**tags, **{f"metric.{k}": f"{v:.6g}" for k, v in (metrics or {}).items()}}.items():
         client.set_model_version_tag(model_name, version.version, key, value)
@@ -89,49 +99,145 @@ def register_release(run: ReleaseRun, model_name: str, model_uri: str, artifacts
 
 @dataclass(frozen=True)
 class ResolvedRelease:
-    """A registered version, found by alias, with its compiled files downloaded and verified."""
+    """A registered version, found by version or alias, with its compiled files downloaded and verified."""
 
     model_name: str
     version: str
     run_id: str
     artifacts: list[CompiledArtifact]
+    alias: str | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # target -> why it does not ship
+    allow_failed_gate: str | None = None
+
+    @property
+    def source(self) -> str:
+        """How the version was chosen, as recorded in the channel descriptor."""
+        chosen = f"alias {self.alias} -> v{self.version}" if self.alias else f"version {self.version}"
+        return chosen + (f" (over a failed gate: {self.allow_failed_gate})" if self.allow_failed_gate else "")
 
 
-def resolve_alias(tracking_uri: str, model_name: str, alias: str, dst: Path, targets: list[str] | None = None
-                  ) -> ResolvedRelease:
-    """Find the version `alias` points to, download its compiled artifacts, and check their hashes.
+@dataclass(frozen=True)
+class GateVerdict:
+    """What a version's tags say about its gates."""
 
-    Raises RegistryError when the alias or an artifact is missing, SignatureError
-    when a downloaded file's sha256 differs from the one recorded at registration.
-    """
-    import mlflow.artifacts
+    passed: bool  # every required gate passed
+    per_target: dict[str, str]  # target -> "pass" | "fail"
+    required: list[str]
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> "GateVerdict":
+        per_target = {key.split(".", 2)[2]: value for key, value in tags.items()
+                      if key.startswith("edgeship.gate.") and key != REQUIRED_TAG}
+        required = [t for t in tags.get(REQUIRED_TAG, "").split(",") if t]
+        return cls(tags.get("edgeship.gate") == "pass", per_target, required)
+
+    def failed_required(self) -> list[str]:
+        return [t for t in self.required if self.per_target.get(t) != "pass"] or \
+            ([] if self.passed else [t for t, v in self.per_target.items() if v != "pass"])
+
+
+def _client(tracking_uri: str):
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _find_version(client, model_name: str, version: str | None, alias: str | None):
+    if (version is None) == (alias is None):
+        raise RegistryError("name exactly one of a version (--version 7) or an alias (--alias production)")
     try:
-        version = client.get_model_version_by_alias(model_name, alias)
+        if alias is not None:
+            return client.get_model_version_by_alias(model_name, alias)
+        return client.get_model_version(model_name, str(version))
     except Exception as error:
-        raise RegistryError(f"model '{model_name}' has no alias '{alias}' ({error}); set it in the MLflow UI or "
-                            f"with MlflowClient().set_registered_model_alias('{model_name}', '{alias}', VERSION)"
-                            ) from None
-    recorded = {key.split(".")[2]: value for key, value in version.tags.items()
+        what = f"alias '{alias}'" if alias is not None else f"version {version}"
+        raise RegistryError(f"model '{model_name}' has no {what} ({error}); list them in the MLflow UI, or set the "
+                            f"alias with: edgeship promote VERSION --alias {alias or 'production'}") from None
+
+
+def _refuse_failed(model_name: str, version: str, verdict: GateVerdict, action: str) -> None:
+    failed = verdict.failed_required() or ["(no gate verdict recorded)"]
+    raise GateFailed(f"{model_name} v{version} failed its required gate for {', '.join(failed)}; refusing to "
+                     f"{action}. Release a version that passes, or override on purpose with "
+                     f"--allow-failed-gate \"REASON\" (recorded on the version and in the channel)")
+
+
+def promote(tracking_uri: str, model_name: str, version: str, alias: str = "production",
+            allow_failed_gate: str | None = None) -> GateVerdict:
+    """Point `alias` at a version, refusing one whose required gates failed unless overridden (and recorded).
+
+    Raises:
+        RegistryError: No such version.
+        GateFailed: A required gate failed and no override reason was given.
+    """
+    client = _client(tracking_uri)
+    found = _find_version(client, model_name, version, None)
+    verdict = GateVerdict.from_tags(found.tags)
+    if not verdict.passed:
+        if not allow_failed_gate:
+            _refuse_failed(model_name, found.version, verdict, f"set alias '{alias}'")
+        client.set_model_version_tag(model_name, found.version, OVERRIDE_TAG, allow_failed_gate)
+    client.set_registered_model_alias(model_name, alias, found.version)
+    return verdict
+
+
+def resolve_release(tracking_uri: str, model_name: str, dst: Path, *, version: str | None = None,
+                    alias: str | None = None, targets: list[str] | None = None,
+                    allow_failed_gate: str | None = None) -> ResolvedRelease:
+    """Find a version (by number, or the one an alias points to now: resolved once), check its gates,
+    download the compiled artifacts of the targets that may ship, and check their hashes.
+
+    Raises:
+        RegistryError: No such version or alias, or an artifact is missing.
+        GateFailed: A required gate failed (and no override reason), or no asked-for target passed.
+        SignatureError: A downloaded file's sha256 differs from the one recorded at registration.
+    """
+    import mlflow.artifacts
+
+    client = _client(tracking_uri)
+    found = _find_version(client, model_name, version, alias)
+    verdict = GateVerdict.from_tags(found.tags)
+    if not verdict.passed:
+        if not allow_failed_gate:
+            _refuse_failed(model_name, found.version, verdict, "publish it")
+        client.set_model_version_tag(model_name, found.version, OVERRIDE_TAG, allow_failed_gate)
+    recorded = {key.split(".")[2]: value for key, value in found.tags.items()
                 if key.startswith("edgeship.artifact.") and key.endswith(".sha256")}
     wanted = targets or sorted(recorded)
     missing = [t for t in wanted if t not in recorded]
     if missing:
-        raise RegistryError(f"version {version.version} of '{model_name}' holds no artifact for {missing}; "
+        raise RegistryError(f"version {found.version} of '{model_name}' holds no artifact for {missing}; "
                             f"it holds {sorted(recorded)}")
+    skipped = {t: "its gate failed" for t in wanted if verdict.per_target.get(t) != "pass"}
+    if allow_failed_gate:
+        skipped = {}
+    shipping = [t for t in wanted if t not in skipped]
+    if not shipping:
+        raise GateFailed(f"no target of {model_name} v{found.version} that was asked for passed its gate "
+                         f"({', '.join(wanted)}); nothing to publish")
     artifacts = []
-    for target in wanted:
+    for target in shipping:
         local = Path(mlflow.artifacts.download_artifacts(
-            run_id=version.run_id, artifact_path=compiled_artifact_dir(target), dst_path=str(dst / target),
+            run_id=found.run_id, artifact_path=compiled_artifact_dir(target), dst_path=str(dst / target),
             tracking_uri=tracking_uri))
         record = CompiledArtifact.model_validate(json.loads((local / "artifact.json").read_text()))
         path = local / record.path.name
         digest = sha256_of(path)
         if digest != recorded[target]:
-            raise SignatureError(f"{target} of '{model_name}' v{version.version}: downloaded file has sha256 "
+            raise SignatureError(f"{target} of '{model_name}' v{found.version}: downloaded file has sha256 "
                                  f"{digest}, the registry recorded {recorded[target]}; the artifact store was "
                                  f"changed after gating: do not publish, re-run the release")
         artifacts.append(record.model_copy(update={"path": path}))
-    return ResolvedRelease(model_name, str(version.version), version.run_id, artifacts)
+    return ResolvedRelease(model_name, str(found.version), found.run_id, artifacts, alias=alias, skipped=skipped,
+                           allow_failed_gate=allow_failed_gate)
+
+
+def resolve_alias(tracking_uri: str, model_name: str, alias: str, dst: Path, targets: list[str] | None = None
+                  ) -> ResolvedRelease:
+    """The version `alias` points to (see resolve_release: gates checked, failed targets left out)."""
+    return resolve_release(tracking_uri, model_name, dst, alias=alias, targets=targets)
+
+
+def record_publish(tracking_uri: str, model_name: str, version: str, channel: str, text: str) -> None:
+    """Note on the version where and how it was published (a version tag per channel)."""
+    _client(tracking_uri).set_model_version_tag(model_name, version, f"edgeship.published.{channel}", text)

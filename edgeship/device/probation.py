@@ -1,0 +1,229 @@
+"""Probation: a newly installed model must prove itself, or the device rolls back by itself.
+
+After the swap the new model is active but on probation (state.json `probation`):
+
+    installed --N good inferences within the latency budget before the deadline--> confirmed
+    installed --more than max_failures bad ones (error, wrong output, over budget)--> rolled_back
+    installed --deadline passes unconfirmed--> rolled_back ("probation: deadline")
+    installed --the process running it dies unconfirmed--> rolled_back on the next start ("probation: interrupted")
+    any time --confirm() by the application or `edgeship-device confirm`--> confirmed
+
+Rolling back makes the last-known-good active again and marks the version bad on
+this device: the updater will not install that file again; a newer version is a
+new file and is offered as usual. Every transition is an UpdateEvent in events.jsonl.
+
+    >>> record_inference(state_dir, latency_ms=3.2, ok=True)    # the runtime feeds every answer
+    >>> confirm(state_dir)                                       # or the application says it is good
+    >>> expire(state_dir)                                        # the updater's periodic check
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from edgeship.device.state import (BadRelease, DeviceState, Holder, Probation, UpdateEvent, changing_state,
+                                   is_intact, load_identity, log_event)
+from edgeship.ota.channel import ReleasedModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProbationPolicy:
+    """How a new model earns its place (`edgeship-device update --confirm-after ... --probation-s ...`)."""
+
+    required: int = 20  # good inferences to confirm
+    max_failures: int = 2  # bad ones tolerated before rolling back
+    deadline_s: float = 600.0
+
+
+def begin(model: ReleasedModel, policy: ProbationPolicy, holder: Holder | None) -> Probation:
+    now = datetime.now(timezone.utc)
+    return Probation(version=model.version, sha256=model.sha256, started_at=now,
+                     deadline=now + timedelta(seconds=policy.deadline_s), required=policy.required,
+                     max_failures=policy.max_failures, latency_budget_ms=model.latency_budget_ms, holder=holder)
+
+
+def record_inference(state_dir: str | Path, latency_ms: float, ok: bool) -> UpdateEvent | None:
+    """Count one inference of the active model towards its probation; confirm or roll back when decided.
+
+    Cheap when there is no probation (one stat of state.json, cached by mtime).
+    """
+    state_dir = Path(state_dir)
+    if not _on_probation(state_dir):
+        return None
+    with changing_state(state_dir) as state:
+        probation = state.probation
+        if probation is None:
+            return None
+        within = probation.latency_budget_ms is None or latency_ms <= probation.latency_budget_ms
+        update = {"successes": probation.successes + (ok and within),
+                  "failures": probation.failures + (not (ok and within)),
+                  "slow": probation.slow + (ok and not within)}
+        probation = probation.model_copy(update=update)
+        if probation.failures > probation.max_failures:
+            why = "latency" if probation.slow * 2 >= probation.failures else "errors"
+            return _roll_back(state_dir, state, f"probation: {why}",
+                              f"{probation.failures} bad of {probation.successes + probation.failures} inferences "
+                              f"(budget {probation.latency_budget_ms} ms, last {latency_ms:.2f} ms)")
+        if probation.successes >= probation.required:
+            return _confirm(state_dir, state, f"{probation.successes} good inferences")
+        state.probation = probation
+        state.save(state_dir)
+    return None
+
+
+def confirm(state_dir: str | Path, reason: str = "confirmed by the application") -> UpdateEvent | None:
+    """Confirm the model on probation now (the application found it good); None when nothing is on probation."""
+    state_dir = Path(state_dir)
+    with changing_state(state_dir) as state:
+        if state.probation is None:
+            return None
+        return _confirm(state_dir, state, reason)
+
+
+def fail(state_dir: str | Path, reason: str, detail: str = "") -> UpdateEvent | None:
+    """End the probation as failed: roll back to the last-known-good now."""
+    state_dir = Path(state_dir)
+    with changing_state(state_dir) as state:
+        if state.probation is None:
+            return None
+        return _roll_back(state_dir, state, reason, detail)
+
+
+def expire(state_dir: str | Path) -> UpdateEvent | None:
+    """Roll back a probation whose deadline passed, or whose holder process died; else None."""
+    state_dir = Path(state_dir)
+    with changing_state(state_dir) as state:
+        probation = state.probation
+        if probation is None:
+            return None
+        if datetime.now(timezone.utc) > probation.deadline:
+            return _roll_back(state_dir, state, "probation: deadline",
+                              f"{probation.successes} of {probation.required} good inferences by "
+                              f"{probation.deadline.isoformat()}")
+        if probation.holder is not None and not _alive(probation.holder):
+            return _roll_back(state_dir, state, "probation: interrupted",
+                              f"process {probation.holder.pid} died before confirming")
+    return None
+
+
+def hold(state_dir: str | Path) -> bool:
+    """Make this process the probation's holder (its death unconfirmed means rollback); False if none."""
+    with changing_state(state_dir) as state:
+        if state.probation is None:
+            return False
+        if state.probation.holder is not None and state.probation.holder.pid != os.getpid() \
+                and _alive(state.probation.holder):
+            return True  # another live process runs it (the updater's own check): it decides
+        state.probation = state.probation.model_copy(update={"holder": this_process()})
+        state.save(Path(state_dir))
+    return True
+
+
+def release_hold(state_dir: str | Path) -> None:
+    """This process stops running the probation cleanly (e.g. the updater exits and leaves it to the app)."""
+    with changing_state(state_dir) as state:
+        if state.probation is not None and state.probation.holder is not None \
+                and state.probation.holder.pid == os.getpid():
+            state.probation = state.probation.model_copy(update={"holder": None})
+            state.save(Path(state_dir))
+
+
+def roll_back(state_dir: str | Path, reason: str = "rolled back by the operator") -> UpdateEvent | None:
+    """Make the last-known-good active and mark the current active model bad (`edgeship-device rollback`)."""
+    state_dir = Path(state_dir)
+    with changing_state(state_dir) as state:
+        if state.active is None or state.last_known_good is None or state.last_known_good.sha256 == state.active.sha256:
+            return None
+        return _roll_back(state_dir, state, reason, "")
+
+
+def this_process() -> Holder:
+    return Holder(pid=os.getpid(), boot_id=_boot_id(), start_ticks=_start_ticks(os.getpid()))
+
+
+# --- transitions ------------------------------------------------------------------------------
+
+def _confirm(state_dir: Path, state: DeviceState, reason: str) -> UpdateEvent:
+    version = state.active.version if state.active else None
+    state.probation = None  # last_known_good stays the model before: what an operator's rollback returns to
+    state.save(state_dir)
+    logger.info("confirmed version %s: %s", version, reason)
+    return log_event(state_dir, "confirmed", version, _target(state_dir), reason)
+
+
+def _roll_back(state_dir: Path, state: DeviceState, reason: str, detail: str) -> UpdateEvent:
+    bad = state.active
+    good = state.last_known_good if is_intact(state_dir, state.last_known_good) else None
+    if bad is not None and not state.is_bad(bad.sha256):
+        state.bad.append(BadRelease(sha256=bad.sha256, version=bad.version, reason=reason,
+                                    at=datetime.now(timezone.utc)))
+    state.active = good if good is not None and (bad is None or good.sha256 != bad.sha256) else None
+    state.probation = None
+    state.save(state_dir)
+    logger.warning("rolled back version %s -> %s: %s %s", bad.version if bad else None,
+                   state.active.version if state.active else "nothing", reason, detail)
+    text = f"{reason}; {detail}" if detail else reason
+    return log_event(state_dir, "rolled_back", bad.version if bad else None, _target(state_dir), text)
+
+
+def _target(state_dir: Path) -> str | None:
+    identity = load_identity(state_dir)
+    return identity.target if identity else None
+
+
+_mtime_cache: dict[Path, tuple[int, bool]] = {}
+
+
+def _on_probation(state_dir: Path) -> bool:
+    try:
+        mtime = (state_dir / "state.json").stat().st_mtime_ns
+    except FileNotFoundError:
+        return False
+    cached = _mtime_cache.get(state_dir)
+    if cached and cached[0] == mtime:
+        return cached[1]
+    on = DeviceState.load(state_dir).probation is not None
+    _mtime_cache[state_dir] = (mtime, on)
+    return on
+
+
+def _alive(holder: Holder) -> bool:
+    if holder.boot_id and holder.boot_id != _boot_id():
+        return False  # the device rebooted since
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if _process_state(holder.pid) == "Z":
+        return False  # killed, not yet reaped
+    return not holder.start_ticks or _start_ticks(holder.pid) == holder.start_ticks  # not a reused pid
+
+
+def _process_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _start_ticks(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0

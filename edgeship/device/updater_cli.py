@@ -1,0 +1,128 @@
+"""`edgeship-device provision|update|status|rollback|confirm`: the updater's command line.
+
+    edgeship-device provision --state-dir /var/lib/edgeship --repo-url https://ota.example.com \\
+        --root root.json --channel stable --target onnx-int8 [--device-id pi4-0017]
+    edgeship-device update --state-dir /var/lib/edgeship --interval 300
+    edgeship-device status --state-dir /var/lib/edgeship
+    edgeship-device confirm --state-dir /var/lib/edgeship     # the application found the new model good
+    edgeship-device rollback --state-dir /var/lib/edgeship    # back to the last-known-good, mark this one bad
+
+`update` takes its repository, root, channel and target from device.json when
+provisioned; flags override. Without provisioning, an id is generated once and
+kept in the state directory (never the hostname).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+from edgeship.errors import ConfigError
+
+COMMANDS = ("provision", "update", "status", "rollback", "confirm")
+
+
+def wire(command: str, parser: argparse.ArgumentParser) -> None:
+    """Add a command's flags and action to its sub-parser."""
+    parser.add_argument("--state-dir", required=True, type=Path,
+                        help="where installed models, metadata, state.json and device.json live")
+    if command in ("provision", "update"):
+        parser.add_argument("--repo-url", help="HTTP base of the OTA repository (metadata at <url>/metadata/)")
+        parser.add_argument("--root", type=Path, help="the trusted root.json this device was provisioned with")
+        parser.add_argument("--channel", default=None, help="release channel to follow (default: stable)")
+        parser.add_argument("--target", default=None, help="compile target this device runs, e.g. onnx-int8")
+        parser.add_argument("--device-id", default=None,
+                            help="device identity for rollout cohorts (default: generated once, kept in device.json)")
+    if command == "update":
+        parser.add_argument("--threads", type=int, default=1, help="runtime threads for checks (0: default)")
+        parser.add_argument("--interval", type=float, default=0, metavar="SECONDS",
+                            help="check again every SECONDS (0: check once and exit)")
+        parser.add_argument("--confirm-after", type=int, default=20, metavar="N",
+                            help="good inferences that confirm a new model on probation (default: 20)")
+        parser.add_argument("--max-failures", type=int, default=2, help="bad inferences tolerated on probation")
+        parser.add_argument("--probation-s", type=float, default=600, help="probation deadline in seconds")
+        parser.add_argument("--app-confirms", action="store_true",
+                            help="leave probation to the application (runtime or `confirm`) instead of checking here")
+    if command == "rollback":
+        parser.add_argument("--reason", default="rolled back by the operator")
+    parser.set_defaults(run=globals()[f"run_{command}"])
+
+
+def run_provision(args: argparse.Namespace) -> int:
+    from edgeship.device.state import provision
+
+    if args.root is None or args.repo_url is None or args.target is None:
+        raise ConfigError("provision needs --repo-url, --root and --target (and --channel, default stable)")
+    identity = provision(args.state_dir, args.device_id, args.channel or "stable", args.target, args.repo_url,
+                         args.root)
+    print(identity.model_dump_json(), flush=True)
+    return 0
+
+
+def run_update(args: argparse.Namespace) -> int:
+    """Run checks as the flags say, printing each UpdateReport as one JSON line.
+
+    Returns:
+        The exit status of the last check: 0 for updated, up_to_date or not_in_cohort, else 1.
+    """
+    from edgeship.device.probation import ProbationPolicy
+    from edgeship.device.state import load_identity
+    from edgeship.device.updater import SUCCESS, DeviceUpdater, UpdaterConfig
+
+    identity = load_identity(args.state_dir)
+    repo_url = args.repo_url or (identity.repository_url if identity else None)
+    root = args.root or (Path(identity.root) if identity and identity.root else None)
+    target = args.target or (identity.target if identity else None)
+    if not repo_url or root is None or not target:
+        raise ConfigError(f"{args.state_dir} is not provisioned: give --repo-url, --root and --target, or run "
+                          f"edgeship-device provision first")
+    updater = DeviceUpdater(UpdaterConfig(
+        repository_url=repo_url, trusted_root=root, state_dir=args.state_dir, target=target,
+        channel=args.channel or (identity.channel if identity else "stable"), device_id=args.device_id,
+        threads=args.threads, self_check=not args.app_confirms,
+        probation=ProbationPolicy(required=args.confirm_after, max_failures=args.max_failures,
+                                  deadline_s=args.probation_s)))
+    while True:
+        report = updater.update()
+        print(report.model_dump_json(), flush=True)
+        code = 0 if report.status in SUCCESS else 1
+        if args.interval <= 0:
+            return code
+        try:
+            # jitter, so a fleet started together does not poll together
+            time.sleep(args.interval * random.uniform(0.9, 1.1))
+        except KeyboardInterrupt:
+            return code
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from edgeship.device.state import DeviceState, load_identity, read_events
+
+    state = DeviceState.load(args.state_dir)
+    identity = load_identity(args.state_dir)
+    print(json.dumps({"identity": identity.model_dump(mode="json") if identity else None,
+                      "state": state.model_dump(mode="json"),
+                      "last_events": [e.model_dump(mode="json") for e in read_events(args.state_dir)[-5:]]},
+                     indent=2), flush=True)
+    return 0
+
+
+def run_rollback(args: argparse.Namespace) -> int:
+    from edgeship.device.updater import rollback_local
+
+    print(rollback_local(args.state_dir, args.reason).model_dump_json(), flush=True)
+    return 0
+
+
+def run_confirm(args: argparse.Namespace) -> int:
+    from edgeship.device.probation import confirm
+
+    event = confirm(args.state_dir)
+    if event is None:
+        print(json.dumps({"confirmed": None, "reason": "nothing is on probation"}), flush=True)
+        return 1
+    print(event.model_dump_json(), flush=True)
+    return 0

@@ -1,0 +1,160 @@
+"""On the device: identity, golden vectors, probation with automatic rollback, the fallback model, the runtime.
+
+Every test runs the real updater against a real signed repository served on loopback
+(tests/ota_world.py) and real ONNX Runtime sessions.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from edgeship.device import probation, updater_cli
+from edgeship.device.probation import ProbationPolicy
+from edgeship.device.runtime import DeviceRuntime
+from edgeship.device.state import DeviceState, active_model, device_identity, fallback_model, provision, read_events
+from ota_world import QUICK_PROBATION, TARGET, OtaWorld, golden_inputs
+from onnx_models import tiny_classifier
+
+
+@pytest.fixture
+def world(tmp_path):
+    world = OtaWorld(tmp_path)
+    yield world
+    world.close()
+
+
+def kinds(world: OtaWorld, name: str) -> list[tuple[str, str | None]]:
+    return [(e.kind, e.version) for e in read_events(world.tmp_path / name)]
+
+
+def test_a_device_id_is_generated_once_and_kept_never_the_hostname(tmp_path, world):
+    first = device_identity(tmp_path / "a")
+    assert first.device_id != socket.gethostname() and not first.provisioned
+    assert device_identity(tmp_path / "a").device_id == first.device_id
+    assert device_identity(tmp_path / "b").device_id != first.device_id  # two cloned images differ
+
+    world.publish("1")
+    parser = __import__("argparse").ArgumentParser()
+    updater_cli.wire("provision", parser)
+    args = parser.parse_args(["--state-dir", str(tmp_path / "p"), "--repo-url", world.url, "--root", str(world.root),
+                              "--target", TARGET, "--device-id", "pi4-0017"])
+    assert args.run(args) == 0
+    update = __import__("argparse").ArgumentParser()
+    updater_cli.wire("update", update)
+    args = update.parse_args(["--state-dir", str(tmp_path / "p")])  # everything else from device.json
+    assert args.run(args) == 0
+    state = DeviceState.load(tmp_path / "p")
+    assert state.active.version == "1" and (tmp_path / "p" / "root.json").is_file()
+
+
+def test_golden_vectors_refuse_a_model_that_runs_but_computes_the_wrong_thing(world):
+    world.publish("1", golden=True)
+    device = world.device(probation=QUICK_PROBATION)
+    assert device.update().status == "updated"
+    # v2's file is a valid model, signed and hashed, but its golden vectors are v1's outputs
+    world.publish("2", golden=True, golden_from="1", content=tiny_classifier(seed=99).SerializeToString())
+
+    report = device.update()
+    assert report.status == "refused" and "golden vectors" in report.reason and "top-1" in report.reason
+    world.assert_runs("device-1", "1")
+    again = device.update()  # marked bad: not downloaded again
+    assert again.status == "refused" and "marked bad" in again.reason
+    assert ("refused", "2") in kinds(world, "device-1")
+
+
+def test_a_model_over_its_latency_budget_fails_probation_and_rolls_back_by_itself(world):
+    world.publish("1", golden=True)
+    device = world.device(probation=QUICK_PROBATION)
+    device.update()
+    world.publish("2", golden=True, budget_ms=1e-6)  # no real model answers in a nanosecond
+
+    report = device.update()
+    assert report.status == "rolled_back" and "probation: latency" in report.reason
+    assert (report.installed_version, report.on_probation) == ("1", False)
+    world.assert_runs("device-1", "1")
+    state = DeviceState.load(world.tmp_path / "device-1")
+    assert [(b.version, b.reason) for b in state.bad] == [("2", "probation: latency")]
+    assert device.update().status == "refused"  # not retried...
+    world.publish("3", golden=True)  # ...until a newer version appears
+    assert device.update().installed_version == "3"
+    assert kinds(world, "device-1")[-4:] == [("installed", "2"), ("rolled_back", "2"), ("installed", "3"),
+                                             ("confirmed", "3")]
+
+
+def test_the_runtime_confirms_a_model_the_application_runs_well(world):
+    world.publish("1")
+    world.device(probation=QUICK_PROBATION).update()
+    world.publish("2", budget_ms=1000)
+    device = world.device(probation=ProbationPolicy(required=5, max_failures=1, deadline_s=60), self_check=False)
+    report = device.update()
+    assert (report.status, report.installed_version, report.on_probation) == ("updated", "2", True)
+
+    seen = []
+    runtime = DeviceRuntime(world.tmp_path / "device-1", observers=[seen.append])
+    for image in golden_inputs(5):
+        prediction = runtime.predict(image[None])
+        assert (prediction.slot, prediction.version) == ("active", "2")
+    assert active_model(world.tmp_path / "device-1").on_probation is False
+    assert ("confirmed", "2") in kinds(world, "device-1")
+    assert len(seen) == 5 and all(r.ok and r.slot == "active" for r in seen)
+
+
+def test_an_unconfirmed_model_is_rolled_back_at_its_deadline_and_confirm_works_from_the_cli(world, capsys):
+    world.publish("1")
+    world.device(probation=QUICK_PROBATION).update()
+    world.publish("2")
+    short = world.device(probation=ProbationPolicy(required=5, max_failures=1, deadline_s=0.2), self_check=False)
+    assert short.update().on_probation
+    time.sleep(0.3)
+    report = short.update()  # the next check finds the deadline passed
+    assert report.status == "refused" and "probation: deadline" in report.reason
+    world.assert_runs("device-1", "1")
+
+    world.publish("3")
+    assert short.update().on_probation
+    parser = __import__("argparse").ArgumentParser()
+    updater_cli.wire("confirm", parser)
+    args = parser.parse_args(["--state-dir", str(world.tmp_path / "device-1")])
+    assert args.run(args) == 0 and json.loads(capsys.readouterr().out)["kind"] == "confirmed"
+    time.sleep(0.3)
+    assert short.update().status == "up_to_date"
+    world.assert_runs("device-1", "3")
+
+
+def test_the_runtime_switches_to_the_fallback_when_the_primary_is_slow_and_back_when_it_recovers(world):
+    world.publish("1", fallback="1", budget_ms=1000)
+    device = world.device(probation=QUICK_PROBATION)
+    assert device.update().fallback_version == "1"
+    assert fallback_model(world.tmp_path / "device-1").path.is_file()
+
+    runtime = DeviceRuntime(world.tmp_path / "device-1", window=4, miss_ratio=0.5, retry_every=2, recover_after=2)
+    batch = golden_inputs(1)
+    assert runtime.predict(batch).slot == "active"
+    runtime.primary.installed = runtime.primary.installed.__class__(
+        runtime.primary.installed.path, runtime.primary.installed.model.model_copy(update={"latency_budget_ms": 1e-6}),
+        "active")
+    answers = [runtime.predict(batch) for _ in range(6)]
+    assert "over its" in runtime.reason
+    from_fallback = [a for a in answers if a.slot == "fallback"]
+    assert from_fallback, [a.slot for a in answers]
+    np.testing.assert_allclose(from_fallback[0].outputs, runtime.fallback.session.run(batch))  # its own answer
+    runtime.primary.installed = runtime.primary.installed.__class__(
+        runtime.primary.installed.path, runtime.primary.installed.model.model_copy(update={"latency_budget_ms": 1e6}),
+        "active")
+    slots = [runtime.predict(batch).slot for _ in range(8)]
+    assert slots[-1] == "active", slots
+
+
+def test_the_runtime_answers_from_the_fallback_when_the_primary_does_not_load(world):
+    world.publish("1", fallback="1")
+    world.device(probation=QUICK_PROBATION).update()
+    active = active_model(world.tmp_path / "device-1")
+    active.path.write_bytes(b"not a model any more")  # the disk went bad under the runtime
+    runtime = DeviceRuntime(world.tmp_path / "device-1")
+    prediction = runtime.predict(golden_inputs(1))
+    assert prediction.slot == "fallback" and "does not load" in runtime.reason
