@@ -73,12 +73,17 @@ def test_abort_when_one_device_class_misses_its_p99_budget():
 
 def test_abort_when_the_shadow_disagrees_with_the_active_model():
     shadows = [record(f"s{i}", "7", shadow=("8", 60 if i < 2 else 99, 100)) for i in range(4)]
-    status = STATUS.model_copy(update={"fraction": 0.0})  # shadow cohort only, candidate not yet active
+    # shadow cohort only: the candidate answers nowhere yet
+    status = STATUS.model_copy(update={"fraction": 0.0, "shadow_version": "8"})
     decision = decide_on(shadows, status=status)
     assert decision.action == "abort" and "disagreement failures on 2/4 devices" in decision.reasons[0]
     agreeing = [record(f"s{i}", "7", shadow=("8", 99, 100)) for i in range(4)]
     start = decide_on(agreeing, status=status)
     assert start.action == "advance" and start.fraction_after == 0.05
+    waiting = decide_on(agreeing[:2], status=status)
+    assert waiting.action == "hold" and waiting.reasons == ["hold: 2/4 devices report the shadow"]
+    soaking = decide_on(agreeing, status=status, now=T0 + timedelta(seconds=10))
+    assert soaking.action == "hold" and soaking.reasons[0].startswith("hold: soaking")
 
 
 def test_hold_on_drift_and_complete_at_full_rollout():

@@ -32,7 +32,7 @@ from edgeship.device.telemetry import DeviceIdentity, DriftReference, WindowAggr
 from edgeship.device.telemetry_mqtt import MqttSettings, TelemetryReporter
 from edgeship.device.telemetry_spool import Spool
 
-DRIFT_REFERENCE_FILE = "drift_reference.json"  # the active release's reference, when the updater kept one
+from edgeship.device.shadow_install import DRIFT_REFERENCE_FILE  # the active release's reference
 
 
 def telemetry_identity(state_dir: Path, device_class: str) -> DeviceIdentity:

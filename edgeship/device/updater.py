@@ -46,6 +46,7 @@ from edgeship.device import probation
 from edgeship.device.install import Golden, clear_downloads, pause_point, place, prune, random_batch, smoke_test
 from edgeship.device.probation import ProbationPolicy
 from edgeship.device.runtimes import open_session
+from edgeship.device.shadow_install import ensure_shadow
 from edgeship.device.state import (BadRelease, DeviceState, UpdateReport, changing_state, device_identity,
                                    installed_model, is_intact, log_event, slot_path)
 from edgeship.errors import EdgeshipError, SignatureError, SmokeTestFailed
@@ -118,6 +119,7 @@ class DeviceUpdater:
                 tuf = self._refresh()
                 entry = self._entry(tuf)
                 self._ensure_fallback(tuf, entry)
+                ensure_shadow(self, tuf, entry)  # edgeship.device.shadow_install (shadow mode)
                 wanted, in_cohort = entry.choose(self.device_id, self._model_name)
                 if wanted is None:
                     raise _Outcome("not_in_cohort", "outside the candidate's cohort and the channel names no base; "

@@ -41,6 +41,7 @@ class RolloutStatus(BaseModel):
     stage_started_at: datetime | None = None
     rollout_state: str = "in_progress"        # in_progress | completed | paused | aborted
     latency_budget_ms: float | None = None    # the gate's p99 budget for this target
+    shadow_version: str | None = None         # the version shadowed on part of the fleet, if any
 
 
 class Decision(BaseModel):
@@ -132,6 +133,15 @@ def _unmet_success(stats: VersionStats | None, policy: ChannelPolicy, status: Ro
     return unmet
 
 
+def _unmet_shadow(stats: VersionStats | None, policy: ChannelPolicy, status: RolloutStatus) -> list[str]:
+    shadow = stats.shadow if stats is not None else None
+    if shadow is None or shadow.devices < policy.min_reporting_devices:
+        return [f"{shadow.devices if shadow else 0}/{policy.min_reporting_devices} devices report the shadow"]
+    if shadow.agreement is not None and shadow.agreement < policy.success.min_shadow_agreement:
+        return [f"shadow agreement {shadow.agreement:.3f} < {policy.success.min_shadow_agreement}"]
+    return []
+
+
 def evidence_of(stats: VersionStats | None) -> dict:
     """The numbers a decision rests on, compact enough for a tag and an artifact."""
     if stats is None:
@@ -164,15 +174,19 @@ def decide(snapshot: FleetSnapshot, status: RolloutStatus, policy: ChannelPolicy
         evidence["abort_criteria"] = criteria
         if reasons:
             return decision("abort", 0.0, reasons, evidence)
-    if status.fraction <= 0:
+    if status.fraction <= 0 and status.shadow_version != status.candidate_version:
         return decision("advance", policy.first_stage, [f"start: first stage {policy.first_stage:g}"], evidence)
-    unmet = _unmet_success(stats, policy, status)
+    # Stage 0 of a shadowed candidate: the shadow cohort's comparison must pass before any device answers with it.
+    unmet = _unmet_shadow(stats, policy, status) if status.fraction <= 0 else _unmet_success(stats, policy, status)
     if status.stage_started_at is not None:
         soaked = (now - status.stage_started_at).total_seconds()
         if soaked < policy.soak_s:
             unmet.insert(0, f"soaking {soaked:.0f}/{policy.soak_s:g} s")
     if unmet:
         return decision("hold", status.fraction, [f"hold: {u}" for u in unmet], evidence)
+    if status.fraction <= 0:
+        return decision("advance", policy.first_stage,
+                        [f"start: the shadow agrees; first stage {policy.first_stage:g}"], evidence)
     if status.fraction >= 1.0:
         return decision("complete", 1.0, ["complete: every criterion met at 100%"], evidence)
     after = policy.next_fraction(status.fraction)

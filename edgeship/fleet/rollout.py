@@ -64,6 +64,7 @@ def rollout_status(entry, channel: str, target: str, decisions: list[dict], now:
         channel=channel, target=target, base_version=entry.base.version if entry.base else None,
         candidate_version=version, fraction=entry.fraction if candidate else 0.0,
         stage_started_at=stage_started_at(decisions, version, entry.fraction, now) if version else None,
+        shadow_version=entry.shadow.version if entry.shadow is not None and entry.shadow_fraction > 0 else None,
         rollout_state=entry.rollout_state if candidate else "completed",
         latency_budget_ms=(candidate or entry.base).latency_budget_ms if (candidate or entry.base) else None)
 
@@ -75,12 +76,40 @@ def apply_decision(repository, decision: Decision) -> bool:
     if decision.action in ("advance", "complete"):
         ota_rollout.set_fraction(repository, decision.channel, decision.target, decision.fraction_after,
                                  expected_version=decision.version)
-        return True
-    if decision.action == "abort":
+    elif decision.action == "abort":
         ota_rollout.abort(repository, decision.channel, decision.target, "; ".join(decision.reasons)[:500],
                           expected_version=decision.version)
-        return True
-    return False
+    else:
+        return False
+    if decision.action == "abort" or decision.fraction_after >= 1.0:
+        clear_shadow(repository, decision.channel, decision.target, decision.version)
+    return True
+
+
+def offer_shadow(repository, channel: str, target: str, shadow_fraction: float, sample_rate: float = 0.1):
+    """Let the candidate run as a shadow beside the base on `shadow_fraction` of the target's devices."""
+    from edgeship.ota.rollout import ReleaseError, change_entry
+
+    def change(entry):
+        if entry.candidate is None:
+            raise ReleaseError(f"target '{target}' has no candidate to shadow; publish one with a rollout fraction "
+                               f"(0 for shadow only) first")
+        return entry.model_copy(update={"shadow": entry.candidate, "shadow_fraction": shadow_fraction,
+                                        "shadow_sample_rate": sample_rate})
+
+    return change_entry(repository, channel, target, f"shadow {target} at {shadow_fraction:g}", change)
+
+
+def clear_shadow(repository, channel: str, target: str, version: str | None) -> None:
+    """Stop shadowing `version` (its rollout ended: aborted or complete)."""
+    from edgeship.ota.rollout import change_entry, read_channel
+
+    descriptor = read_channel(repository, channel)
+    entry = descriptor.targets.get(target) if descriptor else None
+    if entry is None or entry.shadow is None or entry.shadow.version != version:
+        return
+    change_entry(repository, channel, target, f"end shadow of v{version} on {target}",
+                 lambda e: e.model_copy(update={"shadow": None, "shadow_fraction": 0.0}))
 
 
 def control_target(repository, store: FleetStore, channel: str, target: str, entry, policy: ChannelPolicy,
