@@ -143,11 +143,14 @@ def control_channel(repository, store: FleetStore, channel: str, policy: Channel
     from edgeship.ota.rollout import read_channel
 
     now = now or datetime.now(timezone.utc)
-    descriptor = read_channel(repository, channel)
-    if descriptor is None:
-        return []
-    return [control_target(repository, store, channel, target, entry, policy, now, apply)
-            for target, entry in sorted(descriptor.targets.items()) if targets is None or target in targets]
+    # The whole pass holds the writer lock: decisions rest on the channel as it is, and nobody changes it
+    # between a decision and its application (the commands inside share this lock).
+    with repository.writing(f"rollout controller ({channel})"):
+        descriptor = read_channel(repository, channel)
+        if descriptor is None:
+            return []
+        return [control_target(repository, store, channel, target, entry, policy, now, apply)
+                for target, entry in sorted(descriptor.targets.items()) if targets is None or target in targets]
 
 
 def base_snapshot(store: FleetStore, channel: str, target: str, entry, since: datetime | None) -> FleetSnapshot:
