@@ -154,14 +154,15 @@ class OtaWorld:
                                            state_dir=self.tmp_path / name, channel="stable", target=target,
                                            device_id=name, **options))
 
-    def device_process(self, name: str, target: str = TARGET, env: dict | None = None, *extra: str
-                       ) -> subprocess.Popen:
+    def device_process(self, name: str, target: str = TARGET, env: dict | None = None, *extra: str,
+                       preexec_fn=None) -> subprocess.Popen:
         """`edgeship-device update` as a real process (stdout: one JSON report)."""
         command = [sys.executable, "-m", "edgeship.device.cli", "update", "--repo-url", self.url, "--root",
                    str(self.root), "--state-dir", str(self.tmp_path / name), "--target", target, "--device-id", name,
                    *extra]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   env={**os.environ, "PYTHONPATH": str(ROOT_DIR), **(env or {})}, cwd=ROOT_DIR)
+                                   env={**os.environ, "PYTHONPATH": str(ROOT_DIR), **(env or {})}, cwd=ROOT_DIR,
+                                   preexec_fn=preexec_fn)
         self.processes.append(process)
         return process
 

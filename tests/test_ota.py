@@ -25,37 +25,19 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata
 from tuf.api.serialization.json import JSONSerializer
 
-from edgeship.device.runtimes import open_session
 from edgeship.device import updater_cli
 from edgeship.device.state import installed_model
 from edgeship.device.updater import DeviceUpdater, UpdaterConfig, rollback_local
 from edgeship.errors import SignatureError
-from edgeship.files import sha256_of
 from edgeship.ota.keys import Keystore
 from edgeship.ota.publish import ReleaseError, publish_release, read_channel, rollback_release
 from edgeship.ota.repository import KeystoreMismatch, OtaRepository
 from edgeship.ota.storage import StorageError, open_storage, public_read_policy
-from edgeship.records import CompiledArtifact, TensorSpec
-from onnx_models import tiny_classifier
+from edgeship.records import CompiledArtifact
+from ota_world import make_artifact, predict
 
 MODEL = "tiny"
 TARGET = "onnx-int8"
-
-
-def make_artifact(directory: Path, version: str, content: bytes | None = None) -> CompiledArtifact:
-    """A compiled-artifact record for a tiny classifier whose weights differ per version."""
-    path = directory / f"build-{version}" / "model.onnx"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content if content is not None else tiny_classifier(seed=int(version)).SerializeToString())
-    return CompiledArtifact(target=TARGET, path=path, sha256=sha256_of(path), bytes=path.stat().st_size,
-                            precision="fp32", runtime="onnxruntime",
-                            inputs=[TensorSpec(name="input", shape=(1, 1, 8, 8))],
-                            outputs=[TensorSpec(name="logits", shape=(1, 10))])
-
-
-def predict(path: Path) -> np.ndarray:
-    batch = np.random.default_rng(1).standard_normal((4, 1, 8, 8)).astype(np.float32)
-    return open_session("onnxruntime", path, threads=1).run(batch)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -332,7 +314,7 @@ def test_publish_into_s3_and_update_straight_from_the_endpoint(tmp_path, monkeyp
 def test_the_updater_imports_nothing_heavy():
     heavy = ["torch", "tensorflow", "mlflow", "prefect", "edgeship.ota.repository", "edgeship.ota.storage",
              "edgeship.ota.keys"]
-    code = ("import sys, edgeship.device.updater; "
+    code = ("import sys, edgeship.device.updater, edgeship.device.runtime, edgeship.device.updater_cli; "
             f"print([m for m in {heavy!r} if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).parent.parent)

@@ -153,3 +153,70 @@ def test_verify_delivery_checks_every_part():
         verify_delivery(SECRET, headers, body, now=1_000_000 + 301)
     with pytest.raises(SignatureError, match="not signed"):
         verify_delivery(SECRET, {}, body)
+
+
+def serve(app) -> tuple[str, uvicorn.Server, threading.Thread]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_healthy(f"http://127.0.0.1:{port}/health")
+    return f"http://127.0.0.1:{port}", server, thread
+
+
+def stop(server: uvicorn.Server, thread: threading.Thread) -> None:
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_a_delivery_is_done_only_after_the_publish_succeeded_and_survives_restarts(tmp_path):
+    from edgeship.flows.webhook import DeliveryStore
+
+    calls: list[tuple[str, str]] = []
+
+    def flaky(name: str, version: str) -> None:  # the OTA storage is down for the first two attempts
+        calls.append((name, version))
+        if len(calls) <= 2:
+            raise ConnectionError("S3 endpoint unreachable")
+
+    store_path = tmp_path / "deliveries.sqlite"
+    watched = WatchedAlias("digits-classifier", "production", SECRET)
+    base, server, thread = serve(create_app(watched, flaky, DeliveryStore(store_path), retry_s=0.1))
+    body = alias_event(version="7")
+    assert httpx.post(f"{base}/webhooks/mlflow", content=body, headers=signed(body, delivery="d-7")).json() == \
+        {"publishing": {"model": "digits-classifier", "version": "7"}}
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{base}/deliveries/d-7").json()["state"] != "done":
+        assert time.monotonic() < deadline, httpx.get(f"{base}/deliveries/d-7").json()
+        time.sleep(0.1)
+    assert calls == [("digits-classifier", "7")] * 3  # retried until it succeeded, the event's version each time
+    stop(server, thread)
+
+    # A restarted receiver remembers the delivery: MLflow's redelivery does not publish twice
+    base, server, thread = serve(create_app(watched, flaky, DeliveryStore(store_path), retry_s=0.1))
+    again = httpx.post(f"{base}/webhooks/mlflow", content=body, headers=signed(body, delivery="d-7"))
+    assert "ignored" in again.json()
+    time.sleep(0.5)
+    assert len(calls) == 3
+    stop(server, thread)
+
+
+def test_a_delivery_pending_when_the_receiver_stopped_is_published_after_the_restart(tmp_path):
+    from edgeship.flows.webhook import DeliveryStore
+
+    store = DeliveryStore(tmp_path / "deliveries.sqlite")
+    assert store.accept("d-8", "digits-classifier", "8")  # accepted, then the process died before publishing
+    published = queue.Queue()
+    watched = WatchedAlias("digits-classifier", "production", SECRET)
+    base, server, thread = serve(create_app(watched, lambda n, v: published.put((n, v)),
+                                            DeliveryStore(tmp_path / "deliveries.sqlite"), retry_s=0.1))
+    assert published.get(timeout=10) == ("digits-classifier", "8")
+    stop(server, thread)
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(receiver):
+    url, promoted = receiver
+    body = b"x" * (64 * 1024 + 1)
+    answer = httpx.post(url, content=body, headers=signed(body))
+    assert answer.status_code == 413 and "limit" in answer.json()["detail"]
+    assert promoted.empty()

@@ -126,7 +126,10 @@ class DeviceUpdater:
                                                     "keeping what is installed")
                 offered = wanted.version
                 # "not in cohort": a rollout is under way and this device stays on the base
-                status = self._install(tuf, wanted, in_cohort or entry.candidate is None)
+                try:
+                    status = self._install(tuf, wanted, in_cohort or entry.candidate is None)
+                finally:
+                    clear_downloads(self.state_dir)
                 if recovered is not None and status != "rolled_back":
                     return self._report("rolled_back", recovered.reason, offered)
                 return self._report(status, self._why, offered)

@@ -1,0 +1,111 @@
+"""Only what passed ships: the publish flow against a real MLflow registry (SQLite) and a real TUF repository.
+
+Versions are registered the way the release flow registers them (`register_release`, with
+gate reports); the publish flow and `edgeship promote/publish/rollout/channels` run for real.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from edgeship.cli import app
+from edgeship.config import RegistryParams
+from edgeship.errors import GateFailed
+from edgeship.flows.publish import publish
+from edgeship.ota.rollout import read_channel
+from edgeship.records import GateCheck, GateReport
+from edgeship.registry.model_registry import log_compiled, promote, register_release
+from edgeship.registry.tracking import ReleaseRun
+from ota_world import make_artifact
+
+MODEL = "digits-classifier"
+
+
+def gate(target: str, passed: bool, required: bool = True) -> GateReport:
+    return GateReport(target=target, required=required, checks=[
+        GateCheck(name="p99_latency", measured=3.0 if passed else 30.0, limit=20.0, comparator="<=", passed=passed)])
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project whose registry holds v1 (int8 passed, fp32 failed but not required) and v2 (int8 failed)."""
+    root = tmp_path_factory.mktemp("project")
+    params = {"project": {"name": MODEL},
+              "registry": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_location": "mlartifacts"},
+              "ota": {"repository": "ota-repo", "keystore": ".edgeship/keys"},
+              "gate": {"onnx-int8": {"p99_latency_ms": 20}, "onnx-fp32": {"p99_latency_ms": 20, "required": False}}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    prepared = root / "data" / "prepared"
+    prepared.mkdir(parents=True)
+    np.savez(prepared / "test.npz", x=np.random.default_rng(0).random((6, 1, 8, 8), dtype=np.float32),
+             y=np.zeros(6, dtype=np.int64))
+    settings = RegistryParams(**params["registry"])
+    for version, int8_passes in (("1", True), ("2", False)):
+        run = ReleaseRun.start(settings, root, f"release-{version}")
+        artifacts = [make_artifact(root / "builds", version, target=t) for t in ("onnx-int8", "onnx-fp32")]
+        for artifact in artifacts:
+            log_compiled(run, artifact)
+        gates = [gate("onnx-int8", int8_passes), gate("onnx-fp32", False, required=False)]
+        registered = register_release(run, MODEL, f"runs:/{run.run_id}/compiled", artifacts, gates, alias="candidate")
+        assert registered == version
+        run.finish()
+    return root, settings.tracking_uri
+
+
+def test_publish_ships_only_targets_that_passed_and_records_how_the_version_was_chosen(project):
+    root, tracking = project
+    promote(tracking, MODEL, "1", "production")
+    descriptor = publish(alias="production", workdir=str(root))
+    assert sorted(descriptor.targets) == ["onnx-int8"]  # fp32's (optional) gate failed: it does not ship
+    entry = descriptor.targets["onnx-int8"]
+    assert entry.base.version == "1" and entry.allow_failed_gate is None
+    assert descriptor.source == "alias production -> v1"
+    assert entry.base.latency_budget_ms == 20 and entry.base.golden.count == 6  # golden vectors from the test split
+    from mlflow import MlflowClient
+    tags = MlflowClient(tracking_uri=tracking, registry_uri=tracking).get_model_version(MODEL, "1").tags
+    assert tags["edgeship.published.stable"].startswith("alias production -> v1 at 1")
+
+
+def test_a_version_whose_required_gate_failed_is_refused_unless_the_override_names_a_reason(project):
+    root, tracking = project
+    with pytest.raises(GateFailed, match="failed its required gate for onnx-int8.*--allow-failed-gate"):
+        promote(tracking, MODEL, "2", "production")
+    with pytest.raises(GateFailed, match="refusing to publish it"):
+        publish(version="2", workdir=str(root))
+
+    reason = "p99 measured on a throttled device; re-measured by hand at 12 ms"
+    descriptor = publish(version="2", workdir=str(root), rollout_fraction=0.1, allow_failed_gate=reason)
+    entry = descriptor.targets["onnx-int8"]
+    assert (entry.candidate.version, entry.allow_failed_gate, entry.fraction) == ("2", reason, 0.1)
+    assert sorted(descriptor.targets) == ["onnx-fp32", "onnx-int8"]  # the override ships what was asked for
+    from mlflow import MlflowClient
+    tags = MlflowClient(tracking_uri=tracking, registry_uri=tracking).get_model_version(MODEL, "2").tags
+    assert tags["edgeship.allow_failed_gate"] == reason
+
+
+def test_cli_promote_rollout_and_channels(project):
+    root, _ = project
+    runner = CliRunner()
+    refused = runner.invoke(app, ["promote", "2", "-C", str(root)])
+    assert refused.exit_code == 2 and "failed its required gate" in refused.output
+    widened = runner.invoke(app, ["rollout", "stable", "--target", "onnx-int8", "--fraction", "0.5",
+                                  "--expect-version", "2", "-C", str(root)])
+    assert widened.exit_code == 0, widened.output
+    assert json.loads(widened.stdout)["targets"]["onnx-int8"]["fraction"] == 0.5
+    wrong = runner.invoke(app, ["rollout", "stable", "--target", "onnx-int8", "--fraction", "0.9",
+                                "--expect-version", "1", "-C", str(root)])
+    assert wrong.exit_code == 2 and "candidate is v2, not v1" in wrong.output
+    listing = runner.invoke(app, ["channels", "-C", str(root)], env={"COLUMNS": "200"})
+    assert listing.exit_code == 0 and "onnx-int8" in listing.stdout and "50%" in listing.stdout
+    resign = runner.invoke(app, ["resign", "-C", str(root)])
+    assert resign.exit_code == 0 and "timestamp" in resign.output
+    from edgeship.flows.publish import open_repository
+    from edgeship.config import load_params
+    repository = open_repository(load_params(root / "params.yaml").ota, Path(root))
+    assert read_channel(repository, "stable").targets["onnx-int8"].candidate.version == "2"
