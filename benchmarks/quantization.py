@@ -90,7 +90,8 @@ def run_case(case: Case, work: Path, rounds: int, per_round: int) -> dict:
     from edgeship.tasks.data import export_digits, load_split, prepare
     from edgeship.tasks.precision_plan import plan_precision
     from edgeship.tasks.ptq import export_fp32, post_training_quantize
-    from edgeship.tasks.qat import optimized_op_counts, onnx_accuracy, quantization_aware_train
+    from edgeship.tasks.qat import quantization_aware_train
+    from edgeship.tasks.qdq_onnx import onnx_accuracy, optimized_op_counts
     from edgeship.tasks.sensitivity import analyze_sensitivity
     from edgeship.tasks.train import train
 

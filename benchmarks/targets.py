@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgeship.config import DataParams, QatParams, TrainParams, load_params  # noqa: E402
-from edgeship.device.benchmark import run_benchmark_job  # noqa: E402
+from edgeship.device.jobs import run_benchmark_job  # noqa: E402
 from edgeship.device.runtimes import available_runtimes, open_session, unavailable_reason  # noqa: E402
 from edgeship.records import BenchmarkRequest, PreparedData, TrainedModel  # noqa: E402
 from edgeship.targets import KNOWN_TARGETS  # noqa: E402

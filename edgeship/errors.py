@@ -31,6 +31,10 @@ class DeviceUnreachable(EdgeshipError):
     """A device agent did not answer (connection refused, timeout)."""
 
 
+class AgentProtocolMismatch(DeviceUnreachable):
+    """A device agent speaks a wire protocol this pipeline cannot use; the message says which side to upgrade."""
+
+
 class DeviceJobFailed(EdgeshipError):
     """A device agent answered, but the job failed (bad artifact, runtime error)."""
 

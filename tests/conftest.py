@@ -29,12 +29,11 @@ def pytest_unconfigure(config):
 
 
 @pytest.fixture
-def static_server():
-    """Serve directories over real HTTP on 127.0.0.1 (like a CDN in front of the OTA bucket); stopped after."""
+def http_server():
+    """Serve a request handler class over real HTTP on 127.0.0.1 (port 0); every server stopped after the test."""
     servers = []
 
-    def serve(directory) -> str:
-        handler = functools.partial(_QuietHandler, directory=str(directory))
+    def serve(handler) -> str:
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
@@ -44,6 +43,16 @@ def static_server():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def static_server(http_server):
+    """Serve directories over real HTTP on 127.0.0.1 (like a CDN in front of the OTA bucket); stopped after."""
+
+    def serve(directory) -> str:
+        return http_server(functools.partial(_QuietHandler, directory=str(directory)))
+
+    return serve
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -25,9 +25,9 @@ import onnx
 import onnxruntime
 import pytest
 
-from edgeship.device.benchmark import run_benchmark_job
 from edgeship.device.cli import main as device_cli
 from edgeship.device.client import AgentClient, local_agent
+from edgeship.device.jobs import run_benchmark_job
 from edgeship.device.runtimes import available_runtimes, open_session, predict_classes
 from edgeship.errors import DeviceJobFailed, DeviceUnreachable
 from edgeship.files import sha256_of
@@ -216,7 +216,9 @@ def test_cli_refuses_a_public_host_without_a_token(monkeypatch, capsys):
 
 
 def test_device_modules_import_no_heavy_frameworks():
-    modules = ["edgeship.device.agent", "edgeship.device.client", "edgeship.device.benchmark",
+    modules = ["edgeship.device.agent", "edgeship.device.client", "edgeship.device.jobs",
+               "edgeship.device.job_process", "edgeship.device.fork_server", "edgeship.device.measure",
+               "edgeship.device.evaluate",
                "edgeship.device.cli", "edgeship.device.runtimes", "edgeship.device.sensors",
                "edgeship.device.sensors.sysfs", "edgeship.device.sensors.raspberrypi",
                "edgeship.device.sensors.jetson", "edgeship.device.sensors.meter"]
@@ -463,11 +465,11 @@ def _expect_failure(client, model, request):
 
 
 def test_fork_server_runs_jobs_and_recovers_when_its_helper_dies(tiny_model):
-    from edgeship.device import benchmark
+    from edgeship.device import fork_server
 
-    assert benchmark.start_fork_server()
+    assert fork_server.start_fork_server()
     try:
-        server = benchmark._fork_server
+        server = fork_server._fork_server
         first = run_benchmark_job(tiny_model, "onnxruntime", QUICK, timeout_s=60)
         helper = server._process
         helper.kill()
@@ -478,10 +480,10 @@ def test_fork_server_runs_jobs_and_recovers_when_its_helper_dies(tiny_model):
             run_benchmark_job(tiny_model, "onnxruntime", BenchmarkRequest(duration_s=30), timeout_s=1.5)
         third = run_benchmark_job(tiny_model, "onnxruntime", QUICK, timeout_s=60)
     finally:
-        benchmark.stop_fork_server()
+        fork_server.stop_fork_server()
     for result in (first, second, third):
         assert result["iterations"] == 37 and result["peak_rss_mb"] > result["load_rss_delta_mb"] > 0
-    assert benchmark._fork_server is None
+    assert fork_server._fork_server is None
 
 
 # --- runtime options ---------------------------------------------------------------------------------

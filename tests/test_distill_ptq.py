@@ -19,8 +19,9 @@ from edgeship.config import DistillationParams, ModelParams, PtqParams, TrainPar
 from edgeship.registry.tracking import ReleaseRun
 from edgeship.tasks.data import load_split
 from edgeship.tasks.distill import agreement, distill, distillation_loss, load_teacher
-from edgeship.tasks.ptq import post_training_quantize, revert_layers
-from edgeship.tasks.qat import float_ops_of, integer_ops_of, onnx_accuracy, optimized_op_counts, quantizable_layers
+from edgeship.tasks.ptq import post_training_quantize
+from edgeship.tasks.qat_plan import quantizable_layers
+from edgeship.tasks.qdq_onnx import float_ops_of, integer_ops_of, onnx_accuracy, optimized_op_counts, revert_layers
 from edgeship.tasks.train import load_model
 from tiny_quantization import TINY_MOBILENET, digits, trained  # noqa: F401  (fixtures)
 

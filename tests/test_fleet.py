@@ -20,8 +20,8 @@ from edgeship.device.runtimes import open_session, predict_classes
 from edgeship.errors import DeviceUnreachable
 from edgeship.files import sha256_of
 from edgeship.records import BenchmarkResult, CompiledArtifact, DeviceInfo, PreparedData, TensorSpec
-from edgeship.tasks.benchmark import (NO_DEVICE, DeviceEndpoint, Fleet, FleetJob, benchmark_fleet, connected_devices,
-                                      validation_batch)
+from edgeship.tasks.benchmark import (NO_DEVICE, BenchmarkDevices, BenchmarkJob, DeviceEndpoint, benchmark_artifacts,
+                                      connected_devices, validation_batch)
 from edgeship.tasks.gate import evaluate_gate
 
 from onnx_models import write_tiny_classifier
@@ -77,7 +77,7 @@ def test_fans_out_in_parallel_one_job_at_a_time_per_device(fleet_devices, artifa
 
     monkeypatch.setattr(AgentClient, "benchmark", recorded)
     batch = validation_batch(data, tmp_path)
-    results = benchmark_fleet(artifacts, Fleet(fleet_devices, QUICK), batch)
+    results = benchmark_artifacts(artifacts, BenchmarkDevices(fleet_devices, QUICK), batch)
 
     assert set(results) == {"onnx-fp32", "onnx-int8"}
     for target, measured in results.items():
@@ -113,7 +113,7 @@ def test_fans_out_in_parallel_one_job_at_a_time_per_device(fleet_devices, artifa
 def test_plan_reports_targets_no_device_serves(fleet_devices, artifacts):
     inventory = [*fleet_devices[:2], DeviceEndpoint(**{**fleet_devices[2].__dict__,
                                                       "runtimes": ("onnxruntime", "tensorrt")})]
-    fleet = Fleet(inventory, QUICK)
+    fleet = BenchmarkDevices(inventory, QUICK)
     fleet.probe()
     assert set(fleet.info) == {"emu-0", "emu-1", "plain"} and not fleet.lost
     assert fleet.info["emu-0"].emulated and fleet.info["emu-0"].cpus == [0] and fleet.info["emu-0"].threads == 1
@@ -125,13 +125,13 @@ def test_plan_reports_targets_no_device_serves(fleet_devices, artifacts):
     assert [(r.target, r.device, r.status) for r in unserved] == [("tensorrt-fp16", "plain", "not_measured")]
     assert "inventory says plain serves runtime 'tensorrt'" in unserved[0].error
 
-    fleet = Fleet(fleet_devices[:2], QUICK)
+    fleet = BenchmarkDevices(fleet_devices[:2], QUICK)
     fleet.probe()
     jobs, unserved = fleet.plan([engine])
     assert not jobs and unserved[0].device == NO_DEVICE and "no device in the inventory" in unserved[0].error
 
     # A device that never answered /info keeps its jobs (its inventory runtimes, or all): it fails closed.
-    unprobed = Fleet(fleet_devices[:1], QUICK)
+    unprobed = BenchmarkDevices(fleet_devices[:1], QUICK)
     unprobed.lost["emu-0"] = "did not answer"
     jobs, unserved = unprobed.plan([engine])
     assert [(j.artifact.target, j.device) for j in jobs] == [("tensorrt-fp16", "emu-0")] and not unserved
@@ -156,10 +156,10 @@ def test_a_device_lost_mid_job_hands_it_to_a_same_tag_device_else_not_measured(a
     with local_agents([{"name": name, "job_timeout_s": 30} for name in names]) as agents:
         tags = {"pi-a": ("pi4",), "pi-b": ("pi4",), "solo": ("jetson",)}
         devices = [DeviceEndpoint(a.name, a.url, a.token, tags[a.name], sustained_s=1.5) for a in agents]
-        fleet = Fleet(devices, QUICK)
+        fleet = BenchmarkDevices(devices, QUICK)
         fleet.probe()
         outcome: dict[str, BenchmarkResult] = {}
-        runs = [threading.Thread(target=lambda d=d: outcome.setdefault(d, fleet.run(FleetJob(artifacts[0], d))))
+        runs = [threading.Thread(target=lambda d=d: outcome.setdefault(d, fleet.run(BenchmarkJob(artifacts[0], d))))
                 for d in ("pi-a", "solo")]
         killers = [threading.Thread(target=_kill_when_busy, args=(agents[i],)) for i in (0, 2)]
         for thread in [*runs, *killers]:
@@ -248,7 +248,7 @@ def test_garbage_answers_are_a_lost_device_not_a_crash(raw_server, artifacts):
     assert caught.value.transient
 
     devices = [DeviceEndpoint("ssh-box", not_http.url, "t", ("x",)), DeviceEndpoint("web-box", wrong_json.url, "t")]
-    results = benchmark_fleet(artifacts[:1], Fleet(devices, QUICK))["onnx-fp32"]
+    results = benchmark_artifacts(artifacts[:1], BenchmarkDevices(devices, QUICK))["onnx-fp32"]
     assert [(r.device, r.status) for r in results] == [("ssh-box", "not_measured"), ("web-box", "not_measured")]
     assert "cannot reach" in results[0].error and "not a DeviceInfo" in results[1].error
     assert "no other device with the tags ['x']" in results[0].error
@@ -261,21 +261,21 @@ def test_a_device_that_stops_answering_mid_job_times_out_and_is_lost(raw_server,
                       agent_version="0").model_dump_json().encode()
     hangs = raw_server(lambda request: _http(info) if request.startswith(b"GET /info") else None)
     params = QUICK.model_copy(update={"timeout_s": 1.0, "retries": 0, "probe_timeout_s": 1.0})
-    fleet = Fleet([DeviceEndpoint("hangs", hangs.url, "t", ("solo",))], params)
+    fleet = BenchmarkDevices([DeviceEndpoint("hangs", hangs.url, "t", ("solo",))], params)
     fleet.probe()
     assert "hangs" in fleet.info
     started = time.monotonic()
-    result = fleet.run(FleetJob(artifacts[0], "hangs"))
+    result = fleet.run(BenchmarkJob(artifacts[0], "hangs"))
     assert time.monotonic() - started < 10
     assert result.status == "not_measured" and "in time" in result.error and "hangs" in fleet.lost
 
 
 def test_a_job_past_the_agents_timeout_fails_without_retry(artifacts):
     with local_agents([{"name": "slow", "job_timeout_s": 1.0}]) as (agent,):
-        fleet = Fleet([DeviceEndpoint("slow", agent.url, agent.token, sustained_s=5.0)],
+        fleet = BenchmarkDevices([DeviceEndpoint("slow", agent.url, agent.token, sustained_s=5.0)],
                       QUICK.model_copy(update={"timeout_s": 1.0}))
         fleet.probe()
-        result = fleet.run(FleetJob(artifacts[0], "slow"))
+        result = fleet.run(BenchmarkJob(artifacts[0], "slow"))
         assert httpx.get(f"{agent.url}/health").json()["busy"] is False
     assert result.status == "failed" and result.attempts == 1 and "timeout" in result.error
     assert not fleet.lost
@@ -287,7 +287,7 @@ def test_benchmark_on_fleet_submits_a_task_per_job_and_logs_figures(artifacts, d
     import concurrent.futures
 
     from edgeship.flows import release_tasks
-    from edgeship.flows.release_tasks import benchmark_on_fleet
+    from edgeship.flows.release_tasks import benchmark_on_devices
 
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=8)
     submitted = []
@@ -326,7 +326,7 @@ def test_benchmark_on_fleet_submits_a_task_per_job_and_logs_figures(artifacts, d
     engine = artifacts[0].model_copy(update={"target": "coreml", "runtime": "coreml"})
 
     with pool:
-        results = benchmark_on_fleet([*artifacts, engine], data, params, run)
+        results = benchmark_on_devices([*artifacts, engine], data, params, run)
     assert submitted == ["local", "local"]
     assert [r.status for r in results["onnx-fp32"] + results["onnx-int8"]] == ["ok", "ok"], results
     assert results["onnx-fp32"][0].accuracy_samples == 25

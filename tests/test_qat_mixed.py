@@ -15,7 +15,9 @@ from torch import nn
 from edgeship.config import ModelParams, PrecisionParams, QatParams, SensitivityParams, TrainParams
 from edgeship.tasks.data import load_split
 from edgeship.tasks.precision_plan import plan_precision
-from edgeship.tasks.qat import optimized_op_counts, quantizable_layers, quantization_aware_train
+from edgeship.tasks.qat import quantization_aware_train
+from edgeship.tasks.qat_plan import quantizable_layers
+from edgeship.tasks.qdq_onnx import optimized_op_counts
 from edgeship.tasks.sensitivity import analyze_sensitivity
 from edgeship.tasks.train import evaluate, load_model, train
 from tiny_quantization import TINY_MOBILENET, make_fragile, digits, trained, fragile  # noqa: F401  (fixtures)

@@ -18,7 +18,7 @@ import torch
 from edgeship.config import QatParams, SensitivityParams
 from edgeship.records import SensitivityReport
 from edgeship.tasks.data import load_split
-from edgeship.tasks.qat import quantizable_layers
+from edgeship.tasks.qat_plan import quantizable_layers
 from edgeship.tasks.sensitivity import (QuantSimulator, analyze_sensitivity, compare_logits, sensitivity_figure,
                                         sensitivity_rows)
 from edgeship.tasks.train import evaluate, load_model

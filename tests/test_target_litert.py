@@ -135,7 +135,7 @@ def test_adapter_takes_nchw_batches_of_any_size_and_xnnpack_can_be_off(trained, 
 
 @needs_converter
 def test_benchmark_child_process_measures_a_tflite_model(artifacts):
-    from edgeship.device.benchmark import run_benchmark_job
+    from edgeship.device.jobs import run_benchmark_job
 
     measured = run_benchmark_job(artifacts["tflite-int8"].path, "litert",
                                  BenchmarkRequest(runtime="litert", warmup=2, iterations=30, sensors=False),

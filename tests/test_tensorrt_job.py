@@ -34,7 +34,7 @@ from edgeship.errors import DeviceJobFailed
 from edgeship.files import sha256_of
 from edgeship.records import (BenchmarkRequest, CompiledArtifact, EvaluationRequest, TensorRTBuildOptions,
                               TensorSpec)
-from edgeship.tasks.benchmark import NO_DEVICE, DeviceEndpoint, Fleet, benchmark_fleet, validation_batch
+from edgeship.tasks.benchmark import NO_DEVICE, BenchmarkDevices, DeviceEndpoint, benchmark_artifacts, validation_batch
 from edgeship.tasks.gate import evaluate_gate
 
 from onnx_models import write_tiny_classifier
@@ -181,13 +181,13 @@ def test_the_fleet_sends_no_tensorrt_job_to_a_device_without_it(agent, onnx_mode
     sent = []
     monkeypatch.setattr(AgentClient, "build_tensorrt_engine", lambda self, *args, **kw: sent.append(args))
     devices = [DeviceEndpoint("no-gpu", agent.url, agent.token)]
-    fleet = Fleet(devices, FLEET)
+    fleet = BenchmarkDevices(devices, FLEET)
     fleet.probe()
     jobs, unserved = fleet.plan([_artifact(onnx_model)])
     assert not jobs and [(r.device, r.status) for r in unserved] == [(NO_DEVICE, "not_measured")]
     assert "no device in the inventory serves runtime 'tensorrt'" in unserved[0].error
 
-    results = benchmark_fleet([_artifact(onnx_model)], Fleet(devices, FLEET))["tensorrt-int8"]
+    results = benchmark_artifacts([_artifact(onnx_model)], BenchmarkDevices(devices, FLEET))["tensorrt-int8"]
     assert [r.status for r in results] == ["not_measured"] and results[0].latency_ms is None and not sent
     gate = evaluate_gate("tensorrt-int8", GatePolicy(p99_latency_ms=100, max_accuracy_drop=None), 0.9,
                          _artifact(onnx_model), None, results)
@@ -206,7 +206,7 @@ def _artifact(path: Path, target: str = "tensorrt-int8") -> CompiledArtifact:
 
 def test_a_builder_that_crashes_ends_only_its_own_process(tmp_path, onnx_model, monkeypatch):
     """TensorRT's lean runtime segfaults on import without a GPU: that must end the job, not the caller."""
-    from edgeship.device.benchmark import run_tensorrt_build_job
+    from edgeship.device.jobs import run_tensorrt_build_job
 
     fake = tmp_path / "fake-tensorrt"
     fake.mkdir()
@@ -334,11 +334,11 @@ def test_the_fleet_builds_on_the_device_stores_the_engine_and_measures_it(onnx_m
     params = FLEET.model_copy(update={"tensorrt_build": {"workspace_mb": 256}})
     batch = validation_batch(data, tmp_path)
     with _gpu_agent(monkeypatch, tmp_path / "cache", stand_in) as device:
-        fleet = Fleet([device], params, engine_dir=tmp_path / "engines")
+        fleet = BenchmarkDevices([device], params, engine_dir=tmp_path / "engines")
         fleet.probe()
         assert "tensorrt" in fleet.info["gpu-box"].runtimes
-        (result,) = benchmark_fleet([artifact], fleet, batch)["tensorrt-int8"]
-        (again,) = benchmark_fleet([artifact], fleet)["tensorrt-int8"]
+        (result,) = benchmark_artifacts([artifact], fleet, batch)["tensorrt-int8"]
+        (again,) = benchmark_artifacts([artifact], fleet)["tensorrt-int8"]
 
     assert result.status == "ok" and result.error is None, result
     build = result.build
@@ -366,8 +366,8 @@ def test_a_failed_build_fails_that_device_with_the_builders_words(onnx_model, tm
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("the real builder would not fail here: TensorRT is installed")
     with _gpu_agent(monkeypatch, tmp_path / "cache", stand_in=None) as device:
-        fleet = Fleet([device], FLEET)
-        (result,) = benchmark_fleet([_artifact(onnx_model, "tensorrt-fp16")], fleet)["tensorrt-fp16"]
+        fleet = BenchmarkDevices([device], FLEET)
+        (result,) = benchmark_artifacts([_artifact(onnx_model, "tensorrt-fp16")], fleet)["tensorrt-fp16"]
         with httpx.Client(base_url=device.url, headers={"Authorization": "Bearer gpu-token"}) as http:
             health = http.get("/health").json()
     assert result.status == "failed" and result.latency_ms is None and result.engine_sha256 is None

@@ -16,7 +16,8 @@ from edgeship.records import PreparedData, QuantizedModel, TrainedModel
 from edgeship.tasks.compile import CompileInputs, get_target
 from edgeship.tasks.data import export_digits, load_split, prepare
 from edgeship.tasks.host_check import host_check, reference_logits
-from edgeship.tasks.qat import count_integer_ops, quantization_aware_train
+from edgeship.tasks.qat import quantization_aware_train
+from edgeship.tasks.qdq_onnx import count_integer_ops
 from edgeship.tasks.train import evaluate, load_model, random_shift, train
 
 torch.set_num_threads(1)  # 2 shared cores: a second intra-op thread made epochs up to 10x slower under load

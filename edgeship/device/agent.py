@@ -7,7 +7,7 @@ A pipeline talks to it through `edgeship.device.client.AgentClient`:
    `target` and `request` (a BenchmarkRequest as JSON). The agent streams the upload into a private
    directory (size-capped, hashed on the way), checks the hash and the request's `runtime_options`
    (400 for one the runtime's adapter does not take), then measures the model in a child process
-   (`edgeship.device.benchmark`) while it samples the device's sensors, and answers a BenchmarkResult.
+   (`edgeship.device.jobs`) while it samples the device's sensors, and answers a BenchmarkResult.
 4. `POST /jobs/evaluate`: the same form plus the file `batch` (an .npz of x and y) and the field
    `batch_sha256`, with `request` an EvaluationRequest; answers an EvaluationResult (the predictions).
 5. `POST /jobs/tensorrt-build`: the file `artifact` (an ONNX file) and the fields `sha256`, `target`
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import importlib.metadata
 import os
@@ -49,22 +48,18 @@ import psutil
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import ClientDisconnect
 
-from edgeship.device.benchmark import (run_benchmark_job, run_evaluation_job, run_tensorrt_build_job,
-                                       start_fork_server, stop_fork_server, stop_running_jobs)
+from edgeship.device.fork_server import start_fork_server, stop_fork_server
+from edgeship.device.jobs import run_benchmark_job, run_evaluation_job, run_tensorrt_build_job, stop_running_jobs
 from edgeship.device.runtimes import RuntimeOptionError, available_runtimes, check_runtime_options, unavailable_reason
 from edgeship.device.sensors import Sensor, discover_sensors
 from edgeship.device.tensorrt_build import EngineCache, cache_root, engine_key, gpu_name
+from edgeship.device.upload import Upload, check_fields, check_hashes, check_headers, receive_upload
 from edgeship.errors import DeviceJobFailed
 from edgeship.files import sha256_of
-from edgeship.records import (BenchmarkRequest, BenchmarkResult, DeviceInfo, EvaluationRequest, EvaluationResult,
-                              TensorRTBuild, TensorRTBuildOptions)
+from edgeship.records import (PROTOCOL, BenchmarkRequest, BenchmarkResult, DeviceInfo, EvaluationRequest,
+                              EvaluationResult, TensorRTBuild, TensorRTBuildOptions)
 
-_FIELD_LIMIT = 64 * 1024  # bytes of one non-file form field (sha256, target, request JSON)
-_FORM_SLACK = 1 << 20  # bytes of form framing and fields allowed on top of the artifact
 _BUILD_LOG_TAIL = 60  # builder log lines a build record carries
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _EVICTED = "an engine used least recently is removed once the cache passes the agent's engine_cache_mb"
@@ -131,7 +126,7 @@ def create_app(settings: AgentSettings, sensors: list[Sensor] | None = None) -> 
     async def benchmark(request: Request) -> BenchmarkResult:
         """Receive an artifact, check its sha256, and measure it with the runtime the request names."""
         async with jobs.take(request, settings) as turn:
-            upload = await _receive_upload(request, turn.directory, settings, files=("artifact",))
+            upload = await receive_upload(request, turn.directory, settings.max_upload_mb, files=("artifact",))
             job = _apply_profile(_check_upload(upload, BenchmarkRequest), settings)
             model = await _model_file(upload, job.runtime, engines)
             measured = await turn.run(run_benchmark_job, model.path, job.runtime, job,
@@ -143,7 +138,7 @@ def create_app(settings: AgentSettings, sensors: list[Sensor] | None = None) -> 
     async def evaluate(request: Request) -> EvaluationResult:
         """Receive an artifact and a validation batch (.npz of x, y); answer the model's predictions on it."""
         async with jobs.take(request, settings) as turn:
-            upload = await _receive_upload(request, turn.directory, settings, files=("artifact", "batch"))
+            upload = await receive_upload(request, turn.directory, settings.max_upload_mb, files=("artifact", "batch"))
             job = _apply_profile(_check_upload(upload, EvaluationRequest), settings)
             model = await _model_file(upload, job.runtime, engines)
             max_batch_bytes = 4 * (settings.max_upload_mb << 20)
@@ -160,7 +155,7 @@ def create_app(settings: AgentSettings, sensors: list[Sensor] | None = None) -> 
         TensorRT or an NVIDIA GPU answers 501 with the reason.
         """
         async with jobs.take(request, settings) as turn:
-            upload = await _receive_upload(request, turn.directory, settings, files=("artifact",), optional=())
+            upload = await receive_upload(request, turn.directory, settings.max_upload_mb, files=("artifact",), optional=())
             options = _check_build_form(upload)
             reason = unavailable_reason("tensorrt")
             if reason is not None:
@@ -222,7 +217,7 @@ class _JobQueue:
         Until the job starts running, its upload must arrive within the upload timeout: a stalled
         client cannot hold the queue.
         """
-        _check_headers(request, settings.max_upload_mb)  # refused at once, without queueing
+        check_headers(request, settings.max_upload_mb)  # refused at once, without queueing
         self.waiting += 1
         try:
             await self.lock.acquire()
@@ -284,169 +279,12 @@ def _bearer_check(token: str | None):
     return check
 
 
-# --- the upload -------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Upload:
-    paths: dict[str, Path]  # file part name -> where it was written
-    sha256: dict[str, str]
-    bytes: dict[str, int]
-    fields: dict[str, str]
-
-
-class _UploadTooLarge(Exception):
-    pass
-
-
-class _BadForm(Exception):
-    pass
-
-
-def _too_large(max_upload_mb: int) -> HTTPException:
-    return HTTPException(413, detail=f"the upload is larger than this agent accepts ({max_upload_mb} MB); "
-                                     "restart the agent with a larger --max-upload-mb")
-
-
-def _check_headers(request: Request, max_upload_mb: int) -> None:
-    """What the headers alone settle: a declared size over the limit (413), a body that is not a form (415)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > (max_upload_mb << 20) + _FORM_SLACK:
-        raise _too_large(max_upload_mb)
-    content_type, options = parse_options_header(request.headers.get("content-type"))
-    if content_type != b"multipart/form-data" or not options.get(b"boundary"):
-        raise HTTPException(415, detail="send the job as multipart/form-data with the file 'artifact' "
-                                        "and the fields 'sha256', 'target' and 'request' (or 'options')")
-
-
-async def _receive_upload(request: Request, job_dir: Path, settings: AgentSettings,
-                          files: tuple[str, ...], optional: tuple[str, ...] = ("artifact",)) -> _Upload:
-    """Stream a multipart form into `job_dir`: the parts named in `files` to files (hashed as they arrive),
-    the rest to memory. Files are named after the part (`artifact`, `batch`), never by the client.
-
-    A part in `optional` may be missing (an `artifact` a job names by `engine_sha256` instead).
-    """
-    limit = settings.max_upload_mb << 20
-    _, options = parse_options_header(request.headers.get("content-type"))
-    received = 0
-    form = _FormReader(options[b"boundary"], {name: job_dir / name for name in files}, limit, optional)
-    try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limit + _FORM_SLACK:  # Content-Length can be absent (chunked) or wrong
-                raise _UploadTooLarge
-            form.feed(chunk)
-        form.finish()
-    except ClientDisconnect:
-        raise HTTPException(400, detail="the client went away before its upload was complete") from None
-    except _UploadTooLarge:
-        raise _too_large(settings.max_upload_mb) from None
-    except _BadForm as error:
-        raise HTTPException(422, detail=f"the job form is malformed: {error}") from None
-    finally:
-        form.close()
-    arrived = set(form.received)
-    return _Upload(paths={n: p for n, p in form.paths.items() if n in arrived},
-                   sha256={n: d.hexdigest() for n, d in form.digests.items() if n in arrived},
-                   bytes={n: size for n, size in form.sizes.items() if n in arrived}, fields=form.fields)
-
-
-class _FormReader:
-    """Feeds a multipart/form-data body through python-multipart's streaming parser."""
-
-    def __init__(self, boundary: bytes, paths: dict[str, Path], limit: int, optional: tuple[str, ...] = ()):
-        self.fields: dict[str, str] = {}
-        self._optional = optional
-        self.paths = paths
-        self.digests = {name: hashlib.sha256() for name in paths}
-        self.sizes = {name: 0 for name in paths}
-        self._files: dict[str, BinaryIO] = {}
-        self._limit = limit
-        self._header_name, self._header_value = bytearray(), bytearray()
-        self._headers: dict[bytes, bytes] = {}
-        self._part: str | None = None
-        self._value = bytearray()
-        self._parser = MultipartParser(boundary, {
-            "on_part_begin": self._part_begin,
-            "on_header_field": lambda data, start, end: self._header_name.extend(data[start:end]),
-            "on_header_value": lambda data, start, end: self._header_value.extend(data[start:end]),
-            "on_header_end": self._header_end,
-            "on_headers_finished": self._headers_finished,
-            "on_part_data": self._part_data,
-            "on_part_end": self._part_end,
-        })
-
-    def feed(self, chunk: bytes) -> None:
-        try:
-            self._parser.write(chunk)
-        except MultipartParseError as error:
-            raise _BadForm(str(error)) from None
-
-    def finish(self) -> None:
-        try:
-            self._parser.finalize()
-        except MultipartParseError as error:
-            raise _BadForm(str(error)) from None
-        missing = [name for name in self.paths if name not in self._files and name not in self._optional]
-        if missing:
-            raise _BadForm(f"it has no file part named {' or '.join(repr(m) for m in missing)}")
-
-    @property
-    def received(self) -> list[str]:
-        """The file parts that arrived."""
-        return list(self._files)
-
-    def close(self) -> None:
-        for handle in self._files.values():
-            handle.close()
-
-    def _part_begin(self) -> None:
-        self._headers, self._part, self._value = {}, None, bytearray()
-
-    def _header_end(self) -> None:
-        self._headers[bytes(self._header_name).lower()] = bytes(self._header_value)
-        self._header_name.clear()
-        self._header_value.clear()
-
-    def _headers_finished(self) -> None:
-        _, options = parse_options_header(self._headers.get(b"content-disposition"))
-        name = options.get(b"name", b"").decode(errors="replace")
-        if not name:
-            raise _BadForm("a part has no name in its Content-Disposition header")
-        if name in self.fields or name in self._files:
-            raise _BadForm(f"the field '{name}' is sent twice")
-        self._part = name
-        if name in self.paths:
-            self._files[name] = open(self.paths[name], "xb")
-
-    def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._part in self._files:
-            self.sizes[self._part] += end - start
-            if sum(self.sizes.values()) > self._limit:
-                raise _UploadTooLarge
-            self._files[self._part].write(data[start:end])
-            self.digests[self._part].update(data[start:end])
-        else:
-            self._value.extend(data[start:end])
-            if len(self._value) > _FIELD_LIMIT:
-                raise _BadForm(f"the field '{self._part}' is longer than {_FIELD_LIMIT} bytes")
-
-    def _part_end(self) -> None:
-        if self._part in self._files:
-            self._files[self._part].flush()
-        elif self._part:
-            self.fields[self._part] = self._value.decode(errors="replace")
-
-
-_HASH_FIELDS = {"artifact": "sha256", "batch": "batch_sha256"}  # file part -> the field holding its sha256
-
-
-def _check_upload(upload: _Upload, kind: type[BenchmarkRequest] | type[EvaluationRequest]):
+def _check_upload(upload: Upload, kind: type[BenchmarkRequest] | type[EvaluationRequest]):
     """Validate the form's fields against the upload; nothing runs unless all of it holds."""
     if "artifact" not in upload.paths and "engine_sha256" not in upload.fields:
         raise HTTPException(422, detail="the job form has neither the file 'artifact' nor the field "
                                         "'engine_sha256' (an engine this agent built)")
-    _check_fields(upload, "request")
+    check_fields(upload, "request")
     try:
         job = kind.model_validate_json(upload.fields["request"])
     except ValidationError as error:
@@ -460,38 +298,21 @@ def _check_upload(upload: _Upload, kind: type[BenchmarkRequest] | type[Evaluatio
     except RuntimeOptionError as error:
         raise HTTPException(400, detail=f"{error}; fix `runtime_options` in the request (params.yaml: "
                                         f"benchmark.runtime_options.{job.runtime})") from None
-    _check_hashes(upload)
+    check_hashes(upload)
     return job.model_copy(update={"runtime_options": options})
 
 
-def _check_build_form(upload: _Upload) -> TensorRTBuildOptions:
+def _check_build_form(upload: Upload) -> TensorRTBuildOptions:
     """Validate a build job's form (fields, options, the ONNX's sha256); its build options."""
-    _check_fields(upload, "options")
+    check_fields(upload, "options")
     try:
         options = TensorRTBuildOptions.model_validate_json(upload.fields["options"])
     except ValidationError as error:
         allowed = ", ".join(TensorRTBuildOptions.model_fields)
         raise HTTPException(422, detail=f"the field 'options' is not valid TensorRT build options (it takes "
                                         f"{allowed}): {error}") from None
-    _check_hashes(upload)
+    check_hashes(upload)
     return options
-
-
-def _check_fields(upload: _Upload, job_field: str) -> None:
-    required = ["target", job_field, *(_HASH_FIELDS[name] for name in upload.paths)]
-    missing = [name for name in required if name not in upload.fields]
-    if missing:
-        raise HTTPException(422, detail=f"the job form lacks the field(s) {missing}")
-
-
-def _check_hashes(upload: _Upload) -> None:
-    for name in upload.paths:
-        expected = upload.fields[_HASH_FIELDS[name]].strip().lower()
-        if expected != upload.sha256[name]:
-            raise HTTPException(400, detail=f"sha256 mismatch for '{name}': expected {expected} (the "
-                                            f"'{_HASH_FIELDS[name]}' field), got {upload.sha256[name]} from the "
-                                            f"{upload.bytes[name]} bytes received; the upload was cut or the "
-                                            "wrong file was sent; send it again")
 
 
 @dataclass(frozen=True)
@@ -501,7 +322,7 @@ class _ModelFile:
     engine_sha256: str | None = None
 
 
-async def _model_file(upload: _Upload, runtime: str, engines: EngineCache) -> _ModelFile:
+async def _model_file(upload: Upload, runtime: str, engines: EngineCache) -> _ModelFile:
     """The file a job runs: its uploaded artifact, or the cached engine its `engine_sha256` names."""
     if "artifact" in upload.paths:
         return _ModelFile(upload.paths["artifact"], upload.sha256["artifact"])
@@ -547,6 +368,7 @@ def describe_device(settings: AgentSettings, sensors: list[Sensor] | None = None
         threads=settings.threads,
         sensors=[sensor.info() for sensor in sensors or []],
         tls=settings.tls,
+        protocol=PROTOCOL,
     )
 
 

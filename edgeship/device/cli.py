@@ -196,7 +196,7 @@ def _run_agent(args: argparse.Namespace) -> int:
 def _run_benchmark(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from edgeship.device.benchmark import run_benchmark_job
+    from edgeship.device.jobs import run_benchmark_job
     from edgeship.records import BenchmarkRequest
 
     from edgeship.device.sensors import discover_sensors

@@ -42,8 +42,9 @@ from pathlib import Path
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from edgeship.errors import DeviceJobFailed, DeviceUnreachable
+from edgeship.errors import AgentProtocolMismatch, DeviceJobFailed, DeviceUnreachable
 from edgeship.files import sha256_of
+from edgeship.records import wire
 from edgeship.records import (BenchmarkRequest, BenchmarkResult, DeviceInfo, EvaluationRequest, EvaluationResult,
                               TensorRTBuild, TensorRTBuildOptions)
 
@@ -78,8 +79,15 @@ class AgentClient:
         return self._call("GET", "/health").json()
 
     def info(self) -> DeviceInfo:
-        """What the device is: CPU, memory, runtimes and their versions."""
-        return _parse(DeviceInfo, self._call("GET", "/info"), self.url)
+        """What the device is: CPU, memory, runtimes and their versions, and the wire protocol it speaks.
+
+        Raises:
+            DeviceUnreachable: the agent did not answer, or answered something that is not a DeviceInfo.
+            AgentProtocolMismatch: the agent speaks a protocol this pipeline cannot use (not transient).
+        """
+        info = _parse(DeviceInfo, self._call("GET", "/info"), self.url)
+        _check_protocol(info, self.url)
+        return info
 
     def benchmark(self, path: str | Path | None, target: str, request: BenchmarkRequest | None = None,
                   runtime: str | None = None, *, engine_sha256: str | None = None) -> BenchmarkResult:
@@ -251,6 +259,20 @@ def _parse(record: type[BaseModel], answer: httpx.Response, url: str):
             f"that is not a {record.__name__} ({error.error_count()} problem(s), starting "
             f"{answer.content[:80]!r}); is an edgeship agent of a matching version listening there?"),
             transient=True) from None
+
+
+def _check_protocol(info: DeviceInfo, url: str) -> None:
+    """AgentProtocolMismatch unless the agent's protocol is one this pipeline speaks."""
+    who = f"agent '{info.name}' at {url} (edgeship {info.agent_version})"
+    if info.protocol < wire.MIN_AGENT_PROTOCOL:
+        raise _mark(AgentProtocolMismatch(
+            f"{who} speaks protocol {info.protocol}, this pipeline needs {wire.MIN_AGENT_PROTOCOL}: upgrade the "
+            f"agent (pip install -U 'edgeship[device]' on the device, then restart `edgeship-device agent`)"),
+            transient=False)
+    if info.protocol > wire.PROTOCOL:
+        raise _mark(AgentProtocolMismatch(
+            f"{who} speaks protocol {info.protocol}, this pipeline speaks up to {wire.PROTOCOL}: upgrade the "
+            f"pipeline (pip install -U edgeship here), or run an agent of this pipeline's release"), transient=False)
 
 
 def _detail(answer: httpx.Response) -> str:

@@ -22,23 +22,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from edgeship.config import Params
+from edgeship.flows.release_tasks import epoch_logger
 from edgeship.progress import progress
 from edgeship.records import PrecisionPlan, PreparedData, QuantizedModel, SensitivityReport, TrainedModel
 from edgeship.registry.tracking import ReleaseRun
 
 PREFIX = "quantization"
-
-
-def _epochs(run: ReleaseRun, stage: str, total: int):
-    """An on_epoch callback that logs `<stage>/<metric>` per epoch and advances the stage's progress row."""
-    progress().start(stage, total=total)
-
-    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        run.log_metrics({f"{stage}/{k}": v for k, v in metrics.items()}, step=epoch)
-        progress().advance(stage, note=" ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                                if "acc" in k or "loss" in k))
-
-    return on_epoch
 
 
 def _nested_run(run: ReleaseRun, name: str, tags: dict[str, str] | None = None) -> ReleaseRun:
@@ -71,14 +60,14 @@ def distill_model(params: Params, data: PreparedData, out_dir: Path, run: Releas
             epochs = settings.teacher_epochs or params.train.epochs
             teacher_train = params.train.model_copy(update={"epochs": epochs})
             teacher = train(data, settings.teacher, teacher_train, Path(out_dir) / "teacher",
-                            on_epoch=_epochs(child, "teacher", epochs))
+                            on_epoch=epoch_logger(child, "teacher", epochs))
             teacher_model, teacher_name = load_model(teacher), settings.teacher.factory
             child.log_metrics({"teacher/best_val_accuracy": teacher.val_accuracy})
             progress().finish("teacher", note=f"test acc {teacher.test_accuracy:.4f}")
         x_test, y_test = load_split(data, "test")
         child.log_metrics({"teacher/test_accuracy": evaluate(teacher_model, x_test, y_test)})
         student = distill(data, params.model, params.train, settings, teacher_model, Path(out_dir),
-                          on_epoch=_epochs(child, "student", params.train.epochs), teacher_name=teacher_name)
+                          on_epoch=epoch_logger(child, "student", params.train.epochs), teacher_name=teacher_name)
         child.log_metrics({"student/best_val_accuracy": student.val_accuracy,
                            "student/test_accuracy": student.test_accuracy,
                            "student/teacher_agreement": agreement(load_model(student), teacher_model, x_test)})
@@ -165,7 +154,7 @@ def quantize_on_plan(params: Params, trained: TrainedModel, data: PreparedData, 
 
     layers = dict(plan.layers) if plan else dict(params.precision.pinned)  # a plan has honoured the pins already
     quantized = quantization_aware_train(trained, data, params.qat, out_dir, plan=layers,
-                                         on_epoch=_epochs(run, "qat", params.qat.epochs))
+                                         on_epoch=epoch_logger(run, "qat", params.qat.epochs))
     run.log_metrics({"qat/val_accuracy": quantized.val_accuracy, "qat/test_accuracy": quantized.test_accuracy,
                      "qat/onnx_val_accuracy": quantized.onnx_val_accuracy,
                      "qat/onnx_test_accuracy": quantized.onnx_test_accuracy,

@@ -15,8 +15,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from edgeship.config import load_params
-from edgeship.flows import quantization_tasks as q
-from edgeship.flows import release_tasks as t
+from edgeship.flows import quantization_tasks, release_tasks
 from edgeship.records import ReleaseSummary, TargetSummary
 from edgeship.registry.tracking import ReleaseRun
 from edgeship.tasks.gate import evaluate_gate, release_passes
@@ -54,30 +53,33 @@ def _quantize(params, trained, data, out_dir: Path, run: ReleaseRun):
     """Sensitivity -> mixed-precision plan -> QAT on the plan; PTQ alongside, as the row QAT must beat."""
     plan = None
     if params.sensitivity.enabled:
-        report = q.analyze_sensitivity(params, trained, data, out_dir, run)
-        plan = q.plan_precision(params, trained, data, report, run)
-    quantized = q.quantize_on_plan(params, trained, data, plan, out_dir, run)
-    baseline = q.ptq_baseline(params, trained, data, out_dir, run) if params.ptq.enabled else None
-    q.compare_quantization(trained, baseline, quantized, run)
+        report = quantization_tasks.analyze_sensitivity(params, trained, data, out_dir, run)
+        plan = quantization_tasks.plan_precision(params, trained, data, report, run)
+    quantized = quantization_tasks.quantize_on_plan(params, trained, data, plan, out_dir, run)
+    baseline = quantization_tasks.ptq_baseline(params, trained, data, out_dir, run) if params.ptq.enabled else None
+    quantization_tasks.compare_quantization(trained, baseline, quantized, run)
     return quantized
 
 
 def _release(root: Path, params, run: ReleaseRun, out_dir: Path) -> ReleaseSummary:
-    data = t.prepare_data(root, params, run)
+    data = release_tasks.prepare_data(root, params, run)
     if params.distillation.enabled:
-        trained = q.distill_model(params, data, out_dir, run)
+        trained = quantization_tasks.distill_model(params, data, out_dir, run)
     else:
-        trained = t.train_model(params, data, out_dir, run)
-    quantized = _quantize(params, trained, data, out_dir, run) if t.needs_quantized_model(params.targets) else None
+        trained = release_tasks.train_model(params, data, out_dir, run)
+    quantized = None
+    if release_tasks.needs_quantized_model(params.targets):
+        quantized = _quantize(params, trained, data, out_dir, run)
 
-    compiled = [t.compile_target.submit(target, trained, quantized, data, out_dir, run) for target in params.targets]
+    compiled = [release_tasks.compile_target.submit(target, trained, quantized, data, out_dir, run)
+                for target in params.targets]
     outcomes = {o.target: o for o in (future.result() for future in compiled)}
     artifacts = [o.artifact for o in outcomes.values() if o.artifact]
 
-    reference = t.reference_logits(trained, data, out_dir)
-    host_checks = {a.target: t.check_on_host(a, data, reference, run) for a in artifacts}
+    reference = release_tasks.reference_logits(trained, data, out_dir)
+    host_checks = {a.target: release_tasks.check_on_host(a, data, reference, run) for a in artifacts}
 
-    benchmarks = t.benchmark_on_fleet(artifacts, data, params, run)
+    benchmarks = release_tasks.benchmark_on_devices(artifacts, data, params, run)
 
     summaries = []
     for target in params.targets:
@@ -90,9 +92,9 @@ def _release(root: Path, params, run: ReleaseRun, out_dir: Path) -> ReleaseSumma
         summaries.append(TargetSummary(target=target, artifact=outcome.artifact, host_check=host_checks.get(target),
                                        benchmarks=benchmarks.get(target, []), gate=gate, error=outcome.error))
     gates = [s.gate for s in summaries]
-    t.publish_reports(gates, summaries, trained.test_accuracy, run)
+    release_tasks.publish_reports(gates, summaries, trained.test_accuracy, run)
 
-    version = t.register(params, trained, artifacts, gates, run)
+    version = release_tasks.register(params, trained, artifacts, gates, run)
     passed = release_passes(gates)
     return ReleaseSummary(model_name=params.project.name, model_version=version, run_id=run.run_id,
                           fp32_test_accuracy=trained.test_accuracy, data_hash=data.dvc_hash, targets=summaries,

@@ -1,25 +1,25 @@
-"""Benchmark stage: send each compiled artifact to the device fleet and collect what it measured.
+"""Benchmark stage: send each compiled artifact to the benchmark devices and collect what it measured.
 
 The workflow:
 1. `connected_devices` resolves the inventory (params.yaml `devices:`): remote agents by URL, with
    the token from each device's environment variable; a device without a URL is a loopback agent
    started here (pinned to its `emulate` profile, and labelled emulated, when it has one).
-2. `Fleet.probe` asks every device's /info (retried): its runtimes, CPUs and sensors.
-3. `Fleet.plan` pairs each artifact with every device whose runtimes serve it, one job per pair. A
+2. `BenchmarkDevices.probe` asks every device's /info (retried): its runtimes, CPUs and sensors.
+3. `BenchmarkDevices.plan` pairs each artifact with every device whose runtimes serve it, one job per pair. A
    target no device serves, or that a device should serve by the inventory but does not, becomes a
    "not measured" result: the gate fails closed on it.
-4. `Fleet.run(job)` runs one job, never two at once on a device (a lock per device, and the agent
+4. `BenchmarkDevices.run(job)` runs one job, never two at once on a device (a lock per device, and the agent
    queues too), retried with backoff after transient failures. A device lost for good hands the job
    to a device with the same tags; with none left, the result is "not measured". With a validation
    batch, the device also runs it and its accuracy fills the result. A TensorRT artifact (an ONNX
    file) is first built into an engine on the device (`POST /jobs/tensorrt-build`); the engine is
    fetched to sit beside the artifact (`engines/`, the result's `engine_path`), then measured and
    evaluated by its sha256. A failed build is a "failed" result with the builder's words.
-5. `benchmark_fleet` fans the jobs out on threads; the release flow submits the same jobs as Prefect
-   tasks instead (`edgeship.flows.release_tasks.benchmark_on_fleet`).
+5. `benchmark_artifacts` fans the jobs out on threads; the release flow submits the same jobs as Prefect
+   tasks instead (`edgeship.flows.release_tasks.benchmark_on_devices`).
 
     >>> with connected_devices(params.devices, params.benchmark) as devices:
-    ...     results = benchmark_fleet(artifacts, Fleet(devices, params.benchmark), batch)
+    ...     results = benchmark_artifacts(artifacts, BenchmarkDevices(devices, params.benchmark), batch)
     >>> results["onnx-int8"][0].latency_ms.p99
 
 Nothing here raises for a device's sake: a result says what happened, and why.
@@ -63,7 +63,7 @@ class DeviceEndpoint:
 
 
 @dataclass(frozen=True)
-class FleetJob:
+class BenchmarkJob:
     """One artifact for one device of the inventory (which may hand it to a same-tag device)."""
 
     artifact: CompiledArtifact
@@ -146,7 +146,7 @@ class _Lost(Exception):
     """A device stopped answering for good (after retries)."""
 
 
-class Fleet:
+class BenchmarkDevices:
     """The devices of one benchmark stage: what each serves, one job at a time on each, which are lost.
 
     Thread-safe: jobs run from many threads (or Prefect task workers) at once.
@@ -195,20 +195,20 @@ class Fleet:
         info = self.info.get(name)
         return info is not None and runtime in info.runtimes
 
-    def plan(self, artifacts: list[CompiledArtifact]) -> tuple[list[FleetJob], list[BenchmarkResult]]:
+    def plan(self, artifacts: list[CompiledArtifact]) -> tuple[list[BenchmarkJob], list[BenchmarkResult]]:
         """Jobs for every (artifact, device that serves it), devices interleaved; and the results of what cannot run.
 
         A device that did not answer /info still gets the jobs its inventory runtimes (or, without
         them, every target) name: it is lost, so they go to a device with the same tags or fail closed.
         """
-        per_device: dict[str, list[FleetJob]] = {name: [] for name in self.devices}
+        per_device: dict[str, list[BenchmarkJob]] = {name: [] for name in self.devices}
         unserved: list[BenchmarkResult] = []
         for artifact in artifacts:
             planned = False
             for name, device in self.devices.items():
                 expected = device.runtimes is None or artifact.runtime in device.runtimes
                 if self.serves(name, artifact.runtime) or (name not in self.info and expected):
-                    per_device[name].append(FleetJob(artifact, name))
+                    per_device[name].append(BenchmarkJob(artifact, name))
                     planned = True
                 elif name in self.info and device.runtimes and artifact.runtime in device.runtimes:
                     unserved.append(_unmeasured(
@@ -229,7 +229,7 @@ class Fleet:
 
     # --- running ---
 
-    def run(self, job: FleetJob, batch: ValidationBatch | None = None) -> BenchmarkResult:
+    def run(self, job: BenchmarkJob, batch: ValidationBatch | None = None) -> BenchmarkResult:
         """Run one job: on its device, else on a same-tag device when its device is lost, else "not measured"."""
         tried = []
         for name in self._candidates(job):
@@ -253,7 +253,7 @@ class Fleet:
         return _unmeasured(job.artifact, job.device, f"device {job.device} was lost and {others}. "
                                                      + "; ".join(tried))
 
-    def _candidates(self, job: FleetJob) -> Iterator[str]:
+    def _candidates(self, job: BenchmarkJob) -> Iterator[str]:
         yield job.device
         tags = set(self.devices[job.device].tags)
         if not tags:
@@ -262,7 +262,7 @@ class Fleet:
             if name != job.device and set(device.tags) == tags and self.serves(name, job.artifact.runtime):
                 yield name
 
-    def _run_on(self, name: str, job: FleetJob, batch: ValidationBatch | None) -> BenchmarkResult:
+    def _run_on(self, name: str, job: BenchmarkJob, batch: ValidationBatch | None) -> BenchmarkResult:
         """Benchmark (and evaluate) on one device, holding its lock; raise _Lost when it stops answering."""
         from edgeship.device.client import AgentClient
 
@@ -360,15 +360,15 @@ class Fleet:
             return self._labels[batch.path]
 
 
-def benchmark_fleet(artifacts: list[CompiledArtifact], fleet: Fleet, batch: ValidationBatch | None = None,
-                    ) -> dict[str, list[BenchmarkResult]]:
+def benchmark_artifacts(artifacts: list[CompiledArtifact], devices: BenchmarkDevices,
+                        batch: ValidationBatch | None = None) -> dict[str, list[BenchmarkResult]]:
     """Every artifact on every device that serves it, in parallel across devices, one job at a time on each."""
-    if not fleet.info and not fleet.lost:
-        fleet.probe()
-    jobs, unserved = fleet.plan(artifacts)
+    if not devices.info and not devices.lost:
+        devices.probe()
+    jobs, unserved = devices.plan(artifacts)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(jobs), 64))) as pool:
-        futures = [pool.submit(fleet.run, job, batch) for job in jobs]
-        return collect_results(artifacts, unserved, [future.result() for future in futures], list(fleet.devices))
+        futures = [pool.submit(devices.run, job, batch) for job in jobs]
+        return collect_results(artifacts, unserved, [future.result() for future in futures], list(devices.devices))
 
 
 def collect_results(artifacts: list[CompiledArtifact], unserved: list[BenchmarkResult],
@@ -425,84 +425,3 @@ def _wait_until_idle(client, limit_s: float, timeout_s: float) -> None:
             time.sleep(0.5)
 
 
-# --- figures (drawn here, on the pipeline side: the device needs no matplotlib) ---------------------
-
-# Matplotlib is not thread-safe (its font and text caches), and benchmark tasks log from many threads:
-# hold this while drawing a figure and saving it.
-FIGURE_LOCK = threading.Lock()
-
-
-def latency_histogram_figure(result: BenchmarkResult):
-    """The latency histogram a device returned, with p50/p99/p99.9 marked; None when it returned none."""
-    if result.histogram is None or not result.histogram.counts:
-        return None
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6.4, 3.6), dpi=110)
-    axis = figure.add_subplot()
-    edges, counts = result.histogram.edges_ms, result.histogram.counts
-    widths = [high - low for low, high in zip(edges, edges[1:])]
-    axis.bar(edges[:-1], counts, width=widths, align="edge", color="tab:blue", edgecolor="white", linewidth=0.4)
-    if len(edges) > 2 and edges[-1] > 2 * edges[0]:
-        axis.set_xscale("log")
-    stats = result.latency_ms
-    for name, value, colour in (("p50", stats.p50, "tab:green"), ("p99", stats.p99, "tab:orange"),
-                                ("p99.9", stats.p999, "tab:red")):
-        if value is not None:
-            axis.axvline(value, color=colour, linestyle="--", linewidth=1, label=f"{name} {value:.3g} ms")
-    axis.set_xlabel("latency (ms)")
-    axis.set_ylabel("runs")
-    label = " (emulated)" if result.emulated else ""
-    axis.set_title(f"{result.target} on {result.device}{label}: {result.iterations} runs", fontsize=10)
-    axis.legend(fontsize=8)
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    return figure
-
-
-def timeline_figure(result: BenchmarkResult):
-    """A sustained run over time: latency per window, with temperature, clock and power from the sensors."""
-    if result.mode != "duration" or len(result.windows) < 2:
-        return None
-    from matplotlib.figure import Figure
-
-    series = _sensor_series(result)
-    figure = Figure(figsize=(7.2, 2.4 + 1.8 * len(series)), dpi=110)
-    axes = figure.subplots(1 + len(series), 1, sharex=True, squeeze=False)[:, 0]
-    middles = [(w.start_s + w.end_s) / 2 for w in result.windows]
-    axes[0].plot(middles, [w.p50 for w in result.windows], marker="o", label="p50")
-    axes[0].plot(middles, [w.p99 for w in result.windows], marker="o", label="p99")
-    axes[0].set_ylabel("latency (ms)")
-    axes[0].legend(fontsize=7, loc="upper left")
-    drift = f", drift (last/first p50) {result.drift_ratio:.3f}" if result.drift_ratio else ""
-    throttled = {True: ", THROTTLED", False: ", no throttling seen"}.get(
-        result.sensors.throttled if result.sensors else None, "")
-    axes[0].set_title(f"{result.target} on {result.device}: {result.duration_s:.0f} s sustained run{drift}"
-                      f"{throttled}", fontsize=10)
-    for axis, (unit, lines) in zip(axes[1:], series.items()):
-        for key, (times, values) in lines.items():
-            axis.plot(times, values, label=key, linewidth=1)
-        axis.set_ylabel(unit)
-        axis.legend(fontsize=7, loc="upper left")
-    for axis in axes:
-        axis.grid(alpha=0.3)
-    axes[-1].set_xlabel("time since the timed run began (s)")
-    figure.tight_layout()
-    return figure
-
-
-def _sensor_series(result: BenchmarkResult) -> dict[str, dict[str, tuple[list, list]]]:
-    """Sensor timelines grouped by unit (C, MHz, W), at most 6 lines each."""
-    report = result.sensors
-    if report is None or not report.timeline_s:
-        return {}
-    units = {key: stats.unit for key, stats in report.channels.items()}
-    grouped: dict[str, dict[str, tuple[list, list]]] = {}
-    for key, values in report.timeline.items():
-        unit = units.get(key)
-        if unit not in ("C", "MHz", "W"):
-            continue
-        points = [(t, v) for t, v in zip(report.timeline_s, values) if v is not None]
-        if points and len(grouped.setdefault(unit, {})) < 6:
-            grouped[unit][key] = ([t for t, _ in points], [v for _, v in points])
-    return {unit: lines for unit, lines in grouped.items() if lines}

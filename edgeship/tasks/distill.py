@@ -28,7 +28,7 @@ from edgeship.config import DistillationParams, ModelParams, TrainParams
 from edgeship.errors import ModelLoadError
 from edgeship.records import PreparedData, TrainedModel
 from edgeship.tasks.data import load_split
-from edgeship.tasks.train import EpochCallback, _batches, fit, predict_logits, random_shift
+from edgeship.tasks.train import EpochCallback, fit, predict_logits, train_one_epoch
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -54,28 +54,17 @@ def train_one_epoch_distilled(model: nn.Module, x: torch.Tensor, y: torch.Tensor
         raise ValueError("precomputed teacher logits cannot follow augmented images; pass the teacher module")
     if isinstance(teacher, nn.Module):
         teacher.eval()
-    model.train()
-    total_loss, correct, seen = 0.0, 0, 0
-    for index in _batches(len(x), batch_size, generator):
-        images, labels = x[index], y[index]
-        if augment:
-            images = random_shift(images, generator)
+
+    def loss(logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         if isinstance(teacher, nn.Module):
             with torch.no_grad():
                 targets = teacher(images)
         else:
             targets = teacher[index]
-        logits = model(images)
-        loss = distillation_loss(logits, targets, labels, temperature, alpha)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        total_loss += float(loss.detach()) * len(labels)
-        correct += int((logits.argmax(1) == labels).sum())
-        seen += len(labels)
-    return total_loss / max(seen, 1), correct / max(seen, 1)
+        return distillation_loss(logits, targets, labels, temperature, alpha)
+
+    return train_one_epoch(model, x, y, optimizer, batch_size, generator, scheduler=scheduler, augment=augment,
+                           loss=loss)
 
 
 def distill(data: PreparedData, model_params: ModelParams, train_params: TrainParams, params: DistillationParams,

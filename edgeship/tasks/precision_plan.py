@@ -38,7 +38,7 @@ from edgeship.config import PrecisionParams, QatParams
 from edgeship.errors import ConfigError
 from edgeship.records import PlanCandidate, PrecisionPlan, PreparedData, SensitivityReport, TrainedModel
 from edgeship.tasks.data import load_split
-from edgeship.tasks.qat import find_untraceable_modules, resolve_plan
+from edgeship.tasks.qat_plan import find_untraceable_modules, resolve_plan
 from edgeship.tasks.sensitivity import (LatencyProbe, QuantSimulator, compare_logits, plan_latency,
                                         validation_subset)
 from edgeship.tasks.train import load_model, predict_logits

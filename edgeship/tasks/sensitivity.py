@@ -1,7 +1,7 @@
 """The `sensitivity` stage: how much each layer suffers from int8, and what keeping it float costs.
 
 Accuracy side (PyTorch): the model is prepared for int8 once, exactly as QAT will
-prepare it (`edgeship.tasks.qat.prepare_model`: fused Conv-BN-activation layers,
+prepare it (`edgeship.tasks.qat_prepare.prepare_model`: fused Conv-BN-activation layers,
 per-channel int8 weights, uint8 activations), its quantizers are calibrated on the
 calibration split, and each layer's quantizers are then switched on and off
 (`QuantSimulator`). For every layer: only that layer int8 (its weights and the
@@ -40,7 +40,10 @@ from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from edgeship.config import QatParams, SensitivityParams
 from edgeship.records import LayerSensitivity, PreparedData, SensitivityReport, TrainedModel
 from edgeship.tasks.data import load_split
-from edgeship.tasks.qat import Layer, calibrate, prepare_model, quantized_engine
+from edgeship.tasks.ptq import export_fp32, quantize_onnx
+from edgeship.tasks.qat_plan import Layer
+from edgeship.tasks.qat_prepare import calibrate, prepare_model, quantized_engine
+from edgeship.tasks.qdq_onnx import layer_of_module, node_module, revert_layers
 from edgeship.tasks.train import load_model, predict_logits
 
 LayerCallback = Callable[[int, int, str], None]  # (done, total, layer)
@@ -126,8 +129,6 @@ class QuantSimulator:
         if not hasattr(node, "op") or node.op != "call_module" or isinstance(modules.get(node.target),
                                                                             FakeQuantizeBase):
             return None
-        from edgeship.tasks.ptq import layer_of_module
-
         return layer_of_module(node.target, self.members)
 
 
@@ -206,8 +207,6 @@ def validation_subset(data: PreparedData, max_samples: int | None) -> tuple[np.n
 def measure_layer_costs(trained: TrainedModel, calibration: np.ndarray, members: dict[str, str], work_dir: Path,
                         runs: int = 40) -> LayerCosts:
     """Profile the fp32 and all-int8 models per node, and the int8 model with each layer reverted to float."""
-    from edgeship.tasks.ptq import export_fp32, layer_of_module, node_module, quantize_onnx, revert_layers
-
     work_dir.mkdir(parents=True, exist_ok=True)
     fp32_path = export_fp32(trained, work_dir / FP32_ONNX)
     int8_path = quantize_onnx(fp32_path, calibration, work_dir / INT8_ONNX)
@@ -264,8 +263,6 @@ class LatencyProbe:
 def plan_latency(probe: LatencyProbe, int8_onnx: Path, float_layers: Iterable[str], members: dict[str, str]
                  ) -> tuple[float, float]:
     """(median latency ms, ms over the all-int8 model) of the int8 model with `float_layers` reverted to float."""
-    from edgeship.tasks.ptq import revert_layers
-
     with tempfile.TemporaryDirectory(prefix="edgeship-plan-") as tmp:
         path = revert_layers(int8_onnx, list(float_layers), members, Path(tmp) / "plan.onnx")
         return probe.compare(path)

@@ -122,13 +122,18 @@ def predict_logits(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: i
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), dtype=np.float32)
 
 
+BatchLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (logits, images as the model saw them, labels, their indices into x) -> the loss to minimise
+
+
 def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
                     batch_size: int, generator: torch.Generator,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                    augment: bool = False) -> tuple[float, float]:
-    """One pass over shuffled (x, y) with cross-entropy; returns mean loss and accuracy.
+                    augment: bool = False, loss: BatchLoss | None = None) -> tuple[float, float]:
+    """One pass over shuffled (x, y); returns mean loss and accuracy.
 
-    Shared with quantization-aware training, which fine-tunes the same way.
+    `loss` defaults to cross-entropy with the labels; distillation passes its own. Shared with
+    quantization-aware training, which fine-tunes the same way.
     """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
@@ -137,13 +142,13 @@ def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimize
         if augment:
             images = random_shift(images, generator)
         logits = model(images)
-        loss = F.cross_entropy(logits, labels)
+        value = F.cross_entropy(logits, labels) if loss is None else loss(logits, images, labels, index)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        total_loss += float(loss.detach()) * len(labels)
+        total_loss += float(value.detach()) * len(labels)
         correct += int((logits.argmax(1) == labels).sum())
         seen += len(labels)
     return total_loss / max(seen, 1), correct / max(seen, 1)

@@ -1,8 +1,14 @@
-"""Typed records passed between stages.
+"""The device wire protocol: what the pipeline and a device agent send each other over HTTP.
 
-Stages hand each other small records and file paths, never large blobs: a record
-names where an artifact lives and what it is (hash, size, precision, input spec).
-This module imports pydantic only, so the device side can use it too.
+A benchmark or evaluate job's request, what the device measured (latency, sensors,
+TensorRT builds), and what the agent says about itself (`GET /info`). Both sides of the
+wire import these, the device side included, so this module imports pydantic only.
+
+Version skew: every record here ignores fields it does not know and defaults the optional
+ones it is not sent (`WireRecord`), so a field added on one side breaks no older peer. A
+change an older peer cannot read bumps `PROTOCOL`; `/info` states the agent's
+(`DeviceInfo.protocol`), and the pipeline's client refuses an agent outside
+[`MIN_AGENT_PROTOCOL`, `PROTOCOL`] with AgentProtocolMismatch, naming the side to upgrade.
 """
 
 from __future__ import annotations
@@ -10,16 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from edgeship.records.base import Record, WireRecord
+
+PROTOCOL = 1  # the wire protocol this release speaks (agent and pipeline alike)
+MIN_AGENT_PROTOCOL = 1  # the oldest agent protocol this pipeline can use
 
 
-class Record(BaseModel):
-    """Base for records: immutable, and strict about unknown fields."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class TensorSpec(Record):
+class TensorSpec(WireRecord):
     """Name, shape and dtype of one model input or output."""
 
     name: str
@@ -27,157 +32,7 @@ class TensorSpec(Record):
     dtype: str = "float32"
 
 
-class PreparedData(Record):
-    """The train/val/test/calibration splits written by the `prepare` stage."""
-
-    directory: Path
-    classes: list[str]
-    input_shape: tuple[int, int, int]  # (channels, height, width)
-    counts: dict[str, int]
-    dvc_hash: str | None = None  # md5 of the prepared directory from dvc.lock (lineage)
-
-    def split_path(self, split: str) -> Path:
-        return self.directory / f"{split}.npz"
-
-
-class TrainedModel(Record):
-    """A trained float model: its state dict and how to rebuild the module."""
-
-    checkpoint: Path
-    factory: str
-    factory_kwargs: dict = Field(default_factory=dict)
-    num_classes: int
-    input_shape: tuple[int, int, int]
-    val_accuracy: float
-    test_accuracy: float
-    mlflow_run_id: str | None = None
-    model_uri: str | None = None  # the logged fp32 model in MLflow (models:/...)
-    teacher: str | None = None  # what it was distilled from (a factory or an MLflow URI), when it was
-
-
-class QuantizedModel(Record):
-    """A quantized model exported as QDQ ONNX: quantization-aware trained (method "qat"), or the
-    post-training-quantization baseline (method "ptq", ONNX Runtime's static quantization)."""
-
-    onnx_path: Path
-    val_accuracy: float  # of the converted torch model (qat), of ONNX Runtime (ptq)
-    test_accuracy: float
-    plan: dict[str, str] = Field(default_factory=dict)  # layer name -> precision
-    float_layers: list[str] = Field(default_factory=list)
-    integer_ops: dict[str, int] = Field(default_factory=dict)  # op type -> count in ONNX Runtime's optimized graph
-    float_ops: dict[str, int] = Field(default_factory=dict)  # Conv/Gemm/... still computing in float there
-    layer_precisions: dict[str, str] = Field(default_factory=dict)  # every quantizable layer -> int8/float, as built
-    onnx_val_accuracy: float | None = None  # of the exported ONNX model on ONNX Runtime
-    onnx_test_accuracy: float | None = None
-    epochs_run: int | None = None  # QAT epochs before early stop
-    qat_float_checkpoint: Path | None = None  # fine-tuned weights as a state dict of the float model
-    method: Literal["qat", "ptq"] = "qat"
-
-
-class LayerSensitivity(Record):
-    """How much one layer suffers from int8, and what it costs in float."""
-
-    layer: str  # as the user's model names it (features.3.conv.1)
-    kind: str  # conv, depthwise, linear
-    rank: int  # 1: the most sensitive
-    accuracy_drop: float  # val accuracy points lost with only this layer int8
-    sqnr_db: float  # of the logits with only this layer int8, against fp32 (higher: less error)
-    kl: float  # mean KL(fp32 || quantized) of the softmax outputs, only this layer int8
-    converse_accuracy_gain: float | None = None  # points recovered by keeping only this layer float
-    converse_sqnr_gain_db: float | None = None
-    int8_ms: float | None = None  # this layer's nodes on ONNX Runtime, all-int8 model (profiled)
-    float_ms: float | None = None  # this layer's nodes on ONNX Runtime, fp32 model (profiled)
-    revert_cost_ms: float | None = None  # latency added by keeping only this layer float in the int8 model
-
-
-class SensitivityReport(Record):
-    """The per-layer sensitivity analysis of one trained model."""
-
-    fp32_val_accuracy: float
-    int8_val_accuracy: float  # every layer int8 (fake-quant simulation, calibrated on the calibration split)
-    int8_sqnr_db: float
-    samples: int  # validation images each evaluation used
-    layers: list[LayerSensitivity]  # in model order
-    int8_latency_ms: float | None = None  # all-int8 model on ONNX Runtime (sum of per-node medians, 1 thread)
-    fp32_latency_ms: float | None = None
-    runtime: str = "onnxruntime"
-    int8_onnx: Path | None = None  # the all-int8 QDQ model the costs were measured on (the plan measures on it too)
-
-    def ranking(self) -> list[str]:
-        """Layer names, the most sensitive first."""
-        return [s.layer for s in sorted(self.layers, key=lambda s: s.rank)]
-
-
-class PlanCandidate(Record):
-    """One plan the search evaluated: its float layers, predicted accuracy and latency."""
-
-    step: int
-    strategy: str
-    float_layers: list[str]
-    reverted: str | None = None  # the layer this step turned float
-    val_accuracy: float
-    sqnr_db: float
-    predicted_latency_ms: float | None = None
-    measured_latency_ms: float | None = None
-    meets_budget: bool = False
-
-
-class PrecisionPlan(Record):
-    """A mixed-precision plan: each layer's precision, with the accuracy and latency it is predicted to have."""
-
-    layers: dict[str, Literal["int8", "float"]]  # every quantizable layer
-    fp32_val_accuracy: float
-    allowed_drop: float  # accuracy fraction (0.005: half a point)
-    predicted_val_accuracy: float  # fake-quant simulation before QAT (QAT usually recovers more)
-    predicted_latency_ms: float | None = None
-    measured_latency_ms: float | None = None  # the plan's QDQ model on ONNX Runtime
-    int8_latency_ms: float | None = None
-    fp32_latency_ms: float | None = None
-    meets_budget: bool
-    strategy: str
-    pinned: dict[str, str] = Field(default_factory=dict)
-    candidates: list[PlanCandidate] = Field(default_factory=list)  # every plan evaluated, both strategies
-    evaluations: int = 0  # validation passes the search took
-
-    @property
-    def float_layers(self) -> list[str]:
-        return [name for name, precision in self.layers.items() if precision == "float"]
-
-    @property
-    def int8_layers(self) -> list[str]:
-        return [name for name, precision in self.layers.items() if precision == "int8"]
-
-
-class CompiledArtifact(Record):
-    """One compiled model for one target."""
-
-    target: str
-    path: Path
-    sha256: str
-    bytes: int
-    precision: str  # fp32, fp16, int8, mixed
-    runtime: str  # onnxruntime, litert, coreml, tensorrt
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    converter: dict[str, str] = Field(default_factory=dict)  # tool -> version
-    # What the target's converter did and checked: route, which weights, op census, a proxy's metrics, ...
-    notes: dict = Field(default_factory=dict)
-
-
-class HostCheck(Record):
-    """A compiled artifact loaded on its own runtime on this host and evaluated."""
-
-    target: str
-    accuracy: float | None
-    top1_agreement: float | None = None  # vs the fp32 torch model
-    max_abs_logit_diff: float | None = None
-    runtime: str
-    error: str | None = None
-    proxy: bool = False  # measured on a stand-in (e.g. torch fake-quant) because the runtime does not run here
-    note: str = ""  # what the proxy is, or why the target was not measured here
-
-
-class LatencyStats(Record):
+class LatencyStats(WireRecord):
     """Latency percentiles in milliseconds."""
 
     p50: float
@@ -191,14 +46,14 @@ class LatencyStats(Record):
     min: float | None = None
 
 
-class LatencyHistogram(Record):
+class LatencyHistogram(WireRecord):
     """Every timed latency, binned on the device (log-spaced bins), so the pipeline can draw it."""
 
     edges_ms: list[float]  # len(counts) + 1 edges, ascending
     counts: list[int]
 
 
-class LatencyWindow(Record):
+class LatencyWindow(WireRecord):
     """One slice of a timed run, in order: how latency moved over the run (thermal drift)."""
 
     start_s: float  # since the timed run began
@@ -208,7 +63,7 @@ class LatencyWindow(Record):
     p99: float  # ms
 
 
-class SensorInfo(Record):
+class SensorInfo(WireRecord):
     """One sensor plug-in on a device: what it reads, or why it is absent."""
 
     name: str  # thermal, cpufreq, rapl, ina3221, rpi-pmic, rpi-throttle, tegrastats, ...
@@ -218,7 +73,7 @@ class SensorInfo(Record):
     channels: list[str] = Field(default_factory=list)  # "<sensor>/<channel>" keys it reports
 
 
-class ChannelStats(Record):
+class ChannelStats(WireRecord):
     """One sensor channel over a timed run."""
 
     unit: str  # C, MHz, W, flag, count, state
@@ -229,7 +84,7 @@ class ChannelStats(Record):
     last: float
 
 
-class SensorReport(Record):
+class SensorReport(WireRecord):
     """What the device's sensors saw while a benchmark ran."""
 
     interval_s: float
@@ -251,7 +106,11 @@ RuntimeOption = bool | int | float | str  # one value of a runtime adapter's key
 
 
 class TensorRTBuildOptions(Record):
-    """How a device builds a TensorRT engine from an ONNX file (the `options` of `POST /jobs/tensorrt-build`)."""
+    """How a device builds a TensorRT engine from an ONNX file (the `options` of `POST /jobs/tensorrt-build`).
+
+    Strict on purpose, unlike the other wire records: the options are the engine's cache key, and a
+    misspelled option silently ignored would build (and cache) a different engine than was asked for.
+    """
 
     precision: Literal["fp16", "int8", "fp32"] = "fp16"  # int8: explicit, from the ONNX's Q/DQ nodes (FP16 too)
     workspace_mb: int = Field(default=1024, ge=16, le=1 << 20)  # the builder's scratch memory limit
@@ -260,7 +119,7 @@ class TensorRTBuildOptions(Record):
     timing_cache: bool = True  # reuse and extend this device's kernel timing cache
 
 
-class TensorRTBuild(Record):
+class TensorRTBuild(WireRecord):
     """An engine a device built (or had built before) from an ONNX file: what `POST /jobs/tensorrt-build` answers.
 
     The engine stays in the agent's engine cache: a benchmark or evaluate job names it by
@@ -282,7 +141,7 @@ class TensorRTBuild(Record):
     emulated: bool = False
 
 
-class BenchmarkRequest(Record):
+class BenchmarkRequest(WireRecord):
     """What a benchmark job asks a device to do."""
 
     runtime: str = "onnxruntime"
@@ -303,7 +162,7 @@ class BenchmarkRequest(Record):
     runtime_options: dict[str, RuntimeOption] = Field(default_factory=dict)
 
 
-class EvaluationRequest(Record):
+class EvaluationRequest(WireRecord):
     """What an evaluate job asks: the runtime and how to run the validation batch through it."""
 
     runtime: str = "onnxruntime"
@@ -313,7 +172,7 @@ class EvaluationRequest(Record):
     runtime_options: dict[str, RuntimeOption] = Field(default_factory=dict)  # as BenchmarkRequest's
 
 
-class EvaluationResult(Record):
+class EvaluationResult(WireRecord):
     """A device's predictions on a validation batch the pipeline sent (`POST /jobs/evaluate`)."""
 
     target: str
@@ -328,7 +187,7 @@ class EvaluationResult(Record):
     emulated: bool = False
 
 
-class BenchmarkResult(Record):
+class BenchmarkResult(WireRecord):
     """What a device measured for one artifact (or why it could not)."""
 
     target: str
@@ -369,66 +228,7 @@ class BenchmarkResult(Record):
     engine_path: str | None = None  # tensorrt: where the pipeline stored the engine it fetched from the device
 
 
-GateComparator = Literal["<=", ">="]
-
-
-class GateCheck(Record):
-    """One check of a gate: measured value against its limit."""
-
-    name: str
-    measured: float | None
-    limit: float
-    comparator: GateComparator
-    unit: str = ""
-    passed: bool
-    reason: str = ""
-
-
-class GateReport(Record):
-    """All checks of one target's gate."""
-
-    target: str
-    required: bool
-    checks: list[GateCheck]
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.checks) and all(c.passed for c in self.checks)
-
-
-class CompileOutcome(Record):
-    """A target's compile step: the artifact, or the converter's error (one target failing stops no other)."""
-
-    target: str
-    artifact: CompiledArtifact | None = None
-    error: str | None = None
-
-
-class TargetSummary(Record):
-    """Everything a release knows about one target."""
-
-    target: str
-    artifact: CompiledArtifact | None
-    host_check: HostCheck | None
-    benchmarks: list[BenchmarkResult]
-    gate: GateReport
-    error: str | None = None
-
-
-class ReleaseSummary(Record):
-    """The machine-readable result of one release run (`edgeship run --summary`)."""
-
-    model_name: str
-    model_version: str | None
-    run_id: str | None
-    fp32_test_accuracy: float
-    data_hash: str | None
-    targets: list[TargetSummary]
-    passed: bool
-    aliases: list[str] = Field(default_factory=list)
-
-
-class DeviceInfo(Record):
+class DeviceInfo(WireRecord):
     """What a device agent reports about itself (`GET /info`)."""
 
     name: str  # the agent's --name: how the inventory in params.yaml calls this device
@@ -448,12 +248,13 @@ class DeviceInfo(Record):
     threads: int | None = None  # thread count the agent imposes on every job (an emulated profile)
     sensors: list[SensorInfo] = Field(default_factory=list)  # available and absent sensor plug-ins
     tls: bool = False  # the agent serves HTTPS
+    protocol: int = 1  # the wire protocol the agent speaks (absent: an agent from before it said, protocol 1)
 
 
 UpdateStatus = Literal["updated", "up_to_date", "refused", "not_in_cohort", "error"]
 
 
-class UpdateReport(Record):
+class UpdateReport(WireRecord):
     """What one OTA check on a device did (`edgeship-device update` prints it as JSON)."""
 
     status: UpdateStatus

@@ -1,0 +1,131 @@
+"""Records the release pipeline's stages hand each other: data, models, artifacts, checks, gates, summaries.
+
+Stages hand each other small records and file paths, never large blobs: a record
+names where an artifact lives and what it is (hash, size, precision, input spec).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from edgeship.records.base import Record
+from edgeship.records.wire import BenchmarkResult, TensorSpec
+
+
+class PreparedData(Record):
+    """The train/val/test/calibration splits written by the `prepare` stage."""
+
+    directory: Path
+    classes: list[str]
+    input_shape: tuple[int, int, int]  # (channels, height, width)
+    counts: dict[str, int]
+    dvc_hash: str | None = None  # md5 of the prepared directory from dvc.lock (lineage)
+
+    def split_path(self, split: str) -> Path:
+        return self.directory / f"{split}.npz"
+
+
+class TrainedModel(Record):
+    """A trained float model: its state dict and how to rebuild the module."""
+
+    checkpoint: Path
+    factory: str
+    factory_kwargs: dict = Field(default_factory=dict)
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    val_accuracy: float
+    test_accuracy: float
+    mlflow_run_id: str | None = None
+    model_uri: str | None = None  # the logged fp32 model in MLflow (models:/...)
+    teacher: str | None = None  # what it was distilled from (a factory or an MLflow URI), when it was
+
+
+class CompiledArtifact(Record):
+    """One compiled model for one target."""
+
+    target: str
+    path: Path
+    sha256: str
+    bytes: int
+    precision: str  # fp32, fp16, int8, mixed
+    runtime: str  # onnxruntime, litert, coreml, tensorrt
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    converter: dict[str, str] = Field(default_factory=dict)  # tool -> version
+    # What the target's converter did and checked: route, which weights, op census, a proxy's metrics, ...
+    notes: dict = Field(default_factory=dict)
+
+
+class HostCheck(Record):
+    """A compiled artifact loaded on its own runtime on this host and evaluated."""
+
+    target: str
+    accuracy: float | None
+    top1_agreement: float | None = None  # vs the fp32 torch model
+    max_abs_logit_diff: float | None = None
+    runtime: str
+    error: str | None = None
+    proxy: bool = False  # measured on a stand-in (e.g. torch fake-quant) because the runtime does not run here
+    note: str = ""  # what the proxy is, or why the target was not measured here
+
+
+GateComparator = Literal["<=", ">="]
+
+
+class GateCheck(Record):
+    """One check of a gate: measured value against its limit."""
+
+    name: str
+    measured: float | None
+    limit: float
+    comparator: GateComparator
+    unit: str = ""
+    passed: bool
+    reason: str = ""
+
+
+class GateReport(Record):
+    """All checks of one target's gate."""
+
+    target: str
+    required: bool
+    checks: list[GateCheck]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+
+class CompileOutcome(Record):
+    """A target's compile step: the artifact, or the converter's error (one target failing stops no other)."""
+
+    target: str
+    artifact: CompiledArtifact | None = None
+    error: str | None = None
+
+
+class TargetSummary(Record):
+    """Everything a release knows about one target."""
+
+    target: str
+    artifact: CompiledArtifact | None
+    host_check: HostCheck | None
+    benchmarks: list[BenchmarkResult]
+    gate: GateReport
+    error: str | None = None
+
+
+class ReleaseSummary(Record):
+    """The machine-readable result of one release run (`edgeship run --summary`)."""
+
+    model_name: str
+    model_version: str | None
+    run_id: str | None
+    fp32_test_accuracy: float
+    data_hash: str | None
+    targets: list[TargetSummary]
+    passed: bool
+    aliases: list[str] = Field(default_factory=list)
