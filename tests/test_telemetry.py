@@ -203,3 +203,17 @@ def test_spooled_records_are_sent_after_a_process_restart(tmp_path):
         finally:
             subscriber.stop()
     assert {r["sequence"] for r in subscriber.received} == {1, 2, 3, 4, 5}
+
+
+def test_the_fleet_loop_device_modules_import_no_heavy_frameworks():
+    import subprocess
+    import sys
+
+    modules = ["edgeship.device.telemetry", "edgeship.device.telemetry_mqtt", "edgeship.device.telemetry_spool",
+               "edgeship.device.shadow", "edgeship.device.shadow_install", "edgeship.device.serve",
+               "edgeship.device.serve_http", "edgeship.device.cli"]
+    script = (f"import importlib, json, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+              "print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))")
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                                           text=True, timeout=60).stdout))
+    assert "paho" in loaded and not loaded & {"torch", "tensorflow", "mlflow", "prefect"}

@@ -2,7 +2,7 @@
 
 `FieldRuntime` is what an application embeds when it wants the whole field loop: the runtime
 (active model, fallback, probation, reload between requests), the shadow runner and the telemetry
-reporter. `create_app` puts it behind HTTP on loopback or a Unix socket for applications written in
+reporter. `edgeship.device.serve_http` puts it behind HTTP on loopback or a Unix socket for applications written in
 other languages:
 
     POST /predict   body: a .npy array (Content-Type application/x-npy) or JSON {"inputs": [[...]]}
@@ -20,19 +20,17 @@ No torch, TensorFlow, MLflow or Prefect here.
 
 from __future__ import annotations
 
-import io
-import json
 import threading
 from pathlib import Path
 
 import numpy as np
 
 from edgeship.device.shadow import ShadowRunner
-from edgeship.device.telemetry import DeviceIdentity, DriftReference, WindowAggregator, sensor_reader
+from edgeship.device.telemetry import (DRIFT_REFERENCE_FILE, DeviceIdentity, DriftReference, WindowAggregator,
+                                       sensor_reader)
 from edgeship.device.telemetry_mqtt import MqttSettings, TelemetryReporter
 from edgeship.device.telemetry_spool import Spool
 
-from edgeship.device.shadow_install import DRIFT_REFERENCE_FILE  # the active release's reference
 
 
 def telemetry_identity(state_dir: Path, device_class: str) -> DeviceIdentity:
@@ -114,48 +112,83 @@ class FieldRuntime:
                 "spool_dropped": self.reporter.spool.dropped if self.reporter else 0}
 
 
-def create_app(field: FieldRuntime):
-    """The FastAPI app of the local inference service."""
-    from fastapi import FastAPI, HTTPException, Request, Response
+# --- `edgeship-device serve` -------------------------------------------------------------------
 
-    app = FastAPI(title="edgeship-device serve")
-
-    @app.get("/health")
-    def health() -> dict:
-        return field.health()
-
-    @app.post("/predict")
-    async def predict(request: Request):
-        body = await request.body()
-        try:
-            if request.headers.get("content-type", "").startswith("application/x-npy"):
-                batch = np.load(io.BytesIO(body), allow_pickle=False)
-            else:
-                batch = np.asarray(json.loads(body)["inputs"], dtype=np.float32)
-        except (ValueError, KeyError, TypeError) as error:
-            raise HTTPException(400, f"send a .npy array (Content-Type application/x-npy) or JSON "
-                                     f'{{"inputs": [...]}}: {error}') from None
-        prediction = field.predict(batch.astype(np.float32, copy=False))
-        if request.headers.get("accept", "").startswith("application/x-npy"):
-            out = io.BytesIO()
-            np.save(out, prediction.outputs)
-            return Response(out.getvalue(), media_type="application/x-npy",
-                            headers={"x-slot": prediction.slot, "x-version": str(prediction.version),
-                                     "x-latency-ms": f"{prediction.latency_ms:.4f}"})
-        return {"outputs": prediction.outputs.tolist(), "slot": prediction.slot, "version": prediction.version,
-                "latency_ms": prediction.latency_ms}
-
-    return app
+def add_arguments(parser) -> None:
+    """The flags of `edgeship-device serve`."""
+    parser.add_argument("--state-dir", required=True, type=Path, help="the updater's state directory")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--port", type=int, default=8766, help="loopback port (default: %(default)s)")
+    where.add_argument("--uds", default=None, metavar="PATH", help="serve on this Unix socket instead")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="runtime threads per model")
+    parser.add_argument("--broker", default=None, metavar="HOST:PORT", help="MQTT broker for telemetry (none: off)")
+    parser.add_argument("--fleet", default="default", help="telemetry topic namespace edgeship/<fleet>/...")
+    parser.add_argument("--device-class", default="default", help="this kind of device, e.g. pi4 (per record)")
+    parser.add_argument("--window-s", type=float, default=60.0, help="telemetry window (default: %(default)s)")
+    parser.add_argument("--shadow-sample-rate", type=float, default=None,
+                        help="share of answers the shadow also runs on (default: the channel entry's, else 0.1)")
+    parser.add_argument("--tls", action="store_true", help="connect to the broker over TLS")
+    parser.add_argument("--ca-file", default=None)
+    parser.add_argument("--cert-file", default=None)
+    parser.add_argument("--key-file", default=None)
+    parser.add_argument("--username", default=None)
+    parser.add_argument("--password-env", default=None, metavar="VAR", help="environment variable holding the password")
+    parser.add_argument("--update-every", type=float, default=0.0, metavar="SECONDS",
+                        help="also run the OTA updater in this process every SECONDS (0: a separate "
+                             "`edgeship-device update --interval` does it)")
+    parser.add_argument("--confirm-after", type=int, default=20, help="good answers that confirm a new model")
+    parser.set_defaults(run=run_serve)
 
 
-def serve(field: FieldRuntime, host: str = "127.0.0.1", port: int = 8766, uds: str | None = None) -> None:
-    """Run the service until stopped (uvicorn, one worker)."""
-    import uvicorn
+def _broker(args) -> MqttSettings | None:
+    if not args.broker:
+        return None
+    host, _, port = args.broker.rpartition(":")
+    return MqttSettings(host=host or "127.0.0.1", port=int(port), fleet=args.fleet, tls=args.tls,
+                        ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
+                        username=args.username, password_env=args.password_env)
+
+
+def update_loop(state_dir: Path, every_s: float, confirm_after: int, stop: threading.Event) -> threading.Thread:
+    """The provisioned updater, checking every `every_s` on a thread; the runtime confirms probation."""
+    import random
+
+    from edgeship.device.probation import ProbationPolicy
+    from edgeship.device.state import load_identity
+    from edgeship.device.updater import DeviceUpdater, UpdaterConfig
+    from edgeship.errors import ConfigError
+
+    identity = load_identity(state_dir)
+    if identity is None or not identity.repository_url or not identity.root or not identity.target:
+        raise ConfigError(f"{state_dir} is not provisioned; run edgeship-device provision first")
+    updater = DeviceUpdater(UpdaterConfig(
+        repository_url=identity.repository_url, trusted_root=Path(identity.root), state_dir=state_dir,
+        channel=identity.channel, target=identity.target, self_check=False,
+        probation=ProbationPolicy(required=confirm_after)))
+
+    def loop() -> None:
+        while not stop.is_set():
+            report = updater.update()
+            print(report.model_dump_json(), flush=True)
+            stop.wait(every_s * random.uniform(0.9, 1.1))
+
+    thread = threading.Thread(target=loop, name="edgeship-updater", daemon=True)
+    thread.start()
+    return thread
+
+
+def run_serve(args) -> int:
+    stop = threading.Event()
+    if args.update_every > 0:
+        update_loop(args.state_dir, args.update_every, args.confirm_after, stop)
+    field = FieldRuntime(args.state_dir, telemetry=_broker(args), device_class=args.device_class,
+                         window_s=args.window_s, shadow_sample_rate=args.shadow_sample_rate or 0.1,
+                         threads=args.threads)
+    from edgeship.device.serve_http import serve
 
     try:
-        if uds:
-            uvicorn.run(create_app(field), uds=uds, log_level="warning")
-        else:
-            uvicorn.run(create_app(field), host=host, port=port, log_level="warning")
+        serve(field, host=args.host, port=args.port, uds=args.uds)
     finally:
-        field.close()
+        stop.set()
+    return 0

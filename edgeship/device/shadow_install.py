@@ -17,11 +17,11 @@ import logging
 
 from edgeship.device.install import place, prune, smoke_test
 from edgeship.device.state import DeviceState, changing_state, is_intact, log_event
+from edgeship.device.telemetry import DRIFT_REFERENCE_FILE
 from edgeship.files import write_atomic
 from edgeship.ota.channel import cohort_position
 
 logger = logging.getLogger(__name__)
-DRIFT_REFERENCE_FILE = "drift_reference.json"
 
 
 def in_shadow_cohort(device_id: str, model_name: str, entry) -> bool:

@@ -41,6 +41,7 @@ SCHEMA_VERSION = 1
 LATENCY_EDGES_MS: tuple[float, ...] = tuple(round(0.01 * 1.2 ** i, 6) for i in range(86))
 CONFIDENCE_BINS = 10
 DRIFT_TEST = "psi"
+DRIFT_REFERENCE_FILE = "drift_reference.json"  # in the state directory: the channel entry's reference, kept by the updater
 _PSI_FLOOR = 1e-4  # empty bins would make PSI infinite; this is the usual smoothing
 
 
