@@ -92,9 +92,10 @@ class FieldRuntime:
         return prediction
 
     def close(self) -> None:
+        """Stop the shadow, flush the last window and give the spool a few seconds to drain (the rest stays spooled)."""
         self.shadow.stop()
         if self.reporter is not None:
-            self.reporter.__exit__(None, None, None)
+            self.reporter.close(drain_s=5.0)
 
     def __enter__(self) -> FieldRuntime:
         return self

@@ -89,8 +89,9 @@ def mqtt_client(settings: MqttSettings, client_id: str, clean_session: bool = Tr
 class TelemetryPublisher:
     """Drains the spool to the broker; keeps retrying through outages (paho reconnects on its own)."""
 
-    def __init__(self, spool: Spool, settings: MqttSettings, device_id: str):
-        self.spool, self.settings, self.device_id = spool, settings, device_id
+    def __init__(self, spool: Spool, settings: MqttSettings, device_id: str, replay_s: float = 30.0):
+        self.spool, self.settings, self.device_id, self.replay_s = spool, settings, device_id, replay_s
+        self._connected_before = False
         self.client = mqtt_client(settings, client_id=f"edgeship-device-{device_id}")
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -136,6 +137,11 @@ class TelemetryPublisher:
         if reason_code.is_failure:
             logger.warning("broker refused the connection: %s", reason_code)
             return
+        if self._connected_before:
+            # The broker may have crashed with records it acknowledged but never delivered: send them again.
+            replayed = self.spool.replay(self.replay_s)
+            logger.info("reconnected; replaying %d recently sent records", replayed)
+        self._connected_before = True
         if self._state is not None:
             client.publish(self.settings.state_topic(self.device_id), json.dumps(self._state), qos=1, retain=True)
         self._wake.set()
@@ -154,9 +160,13 @@ class TelemetryPublisher:
             self._wake.set()
 
     def _pump(self) -> None:
+        pruned = time.monotonic()
         while not self._stop.is_set():
             self._wake.wait(0.5)
             self._wake.clear()
+            if time.monotonic() - pruned > 5.0:
+                self.spool.prune_sent(self.replay_s)
+                pruned = time.monotonic()
             if not self.client.is_connected():
                 continue
             with self._lock:
@@ -193,11 +203,15 @@ class TelemetryReporter:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self, drain_s: float = 2.0) -> None:
+        """Stop the windows, spool the last one and give the publisher `drain_s` to send what is spooled."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         self.flush()
-        self.publisher.stop()
+        self.publisher.stop(drain_s=drain_s)
 
     def flush(self) -> TelemetryRecord:
         """Close the current window now and spool its record."""

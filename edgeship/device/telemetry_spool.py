@@ -1,9 +1,12 @@
 """A bounded store-and-forward spool on disk: telemetry survives a broker outage and a process restart.
 
-Each record is one file, `<sequence>.json`, written atomically; it is deleted only when the broker
-acknowledged it (MQTT QoS 1 PUBACK). When the spool is over its budget (records or bytes) the oldest
-records are dropped, and the drop is counted in `dropped` (persisted), so the fleet sees what a device
-lost instead of silently missing it.
+Each record is one file, `<sequence>.json`, written atomically; it leaves the pending area only when the
+broker acknowledged it (MQTT QoS 1 PUBACK). An acknowledged record is kept a while longer in `sent/`:
+a broker that crashes (SIGKILL, power) loses what it had acknowledged but not yet delivered or saved,
+so after a reconnect the publisher puts the recently sent records back (`replay`) and the collector's
+de-duplication absorbs the copies. When the spool is over its budget (records or bytes) the oldest
+pending records are dropped, and the drop is counted in `dropped` (persisted), so the fleet sees what
+a device lost instead of silently missing it.
 
     >>> spool = Spool(Path("/var/lib/edgeship/telemetry"), max_records=10_000, max_bytes=50_000_000)
     >>> spool.put(record.to_bytes())
@@ -12,7 +15,9 @@ lost instead of silently missing it.
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from pathlib import Path
 
 from edgeship.files import write_atomic
@@ -23,7 +28,8 @@ class Spool:
 
     def __init__(self, directory: Path, max_records: int = 10_000, max_bytes: int = 50_000_000):
         self.directory = Path(directory) / "spool"
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.sent = self.directory / "sent"
+        self.sent.mkdir(parents=True, exist_ok=True)
         self.max_records, self.max_bytes = max_records, max_bytes
         self._counter = self.directory.parent / "spool-dropped"
         self._lock = threading.Lock()
@@ -71,13 +77,43 @@ class Spool:
         return out
 
     def ack(self, name: str) -> None:
-        """The broker has the record: forget it."""
+        """The broker has the record: move it to `sent/` (kept for a replay after a broker crash)."""
         with self._lock:
             size = self._size(name)
             path = self.directory / name
             if path.exists():
-                path.unlink(missing_ok=True)
+                try:
+                    os.replace(path, self.sent / name)
+                    os.utime(self.sent / name)
+                except FileNotFoundError:
+                    return
                 self._bytes -= size
+
+    def replay(self, max_age_s: float) -> int:
+        """Put records acknowledged in the last `max_age_s` back in the pending area; returns how many."""
+        now, count = time.time(), 0
+        with self._lock:
+            for path in sorted(self.sent.glob("*.json")):
+                try:
+                    if now - path.stat().st_mtime <= max_age_s:
+                        size = path.stat().st_size
+                        os.replace(path, self.directory / path.name)
+                        self._bytes += size
+                        count += 1
+                except FileNotFoundError:
+                    continue
+        return count
+
+    def prune_sent(self, max_age_s: float) -> None:
+        """Forget acknowledged records older than `max_age_s` (and beyond the record budget)."""
+        now = time.time()
+        paths = sorted(self.sent.glob("*.json"))
+        for index, path in enumerate(paths):
+            try:
+                if len(paths) - index > self.max_records or now - path.stat().st_mtime > max_age_s:
+                    path.unlink(missing_ok=True)
+            except FileNotFoundError:
+                continue
 
     def __len__(self) -> int:
         return len(self._names())

@@ -52,6 +52,7 @@ class ShadowSummary(_Summary):
     confidence_diff: float | None = None
     p99_ms: float | None = None
     by_device: dict[str, float] = Field(default_factory=dict)   # device -> its own agreement
+    samples_by_device: dict[str, int] = Field(default_factory=dict)
 
 
 class EventCounts(_Summary):
@@ -85,6 +86,7 @@ class VersionStats(_Summary):
     device_p99_ms: dict[str, float] = Field(default_factory=dict)   # device -> its own p99 on this version
     device_class_of: dict[str, str] = Field(default_factory=dict)
     device_fallbacks: dict[str, int] = Field(default_factory=dict)  # device -> fallback activations on this version
+    device_samples: dict[str, int] = Field(default_factory=dict)    # device -> answers timed on this version
 
 
 class FleetSnapshot(_Summary):
@@ -118,7 +120,8 @@ def _shadow_summary(records: list[TelemetryRecord]) -> ShadowSummary:
     return ShadowSummary(devices=len(per_device), samples=samples, agreement=agreements / samples,
                          confidence_diff=sum(r.shadow.confidence_diff_sum for r in shadows) / samples,
                          p99_ms=merge_histograms(r.shadow.latency for r in shadows).quantile(0.99),
-                         by_device={d: a / n for d, (a, n) in per_device.items()})
+                         by_device={d: a / n for d, (a, n) in per_device.items()},
+                         samples_by_device={d: n for d, (a, n) in per_device.items()})
 
 
 def _event_counts(events: list[dict]) -> EventCounts:
@@ -169,7 +172,8 @@ def aggregate(records: Iterable[TelemetryRecord], events: Iterable[dict] = (),
             shadow=_shadow_summary(shadow.get(version, [])), events=_event_counts(by_version_events.get(version, [])),
             device_p99_ms={d: p for d, p in device_p99.items() if p is not None},
             device_class_of={d: rs[-1].device_class for d, rs in per_device.items()},
-            device_fallbacks={d: sum(r.fallback_activations for r in rs) for d, rs in per_device.items()})
+            device_fallbacks={d: sum(r.fallback_activations for r in rs) for d, rs in per_device.items()},
+            device_samples={d: sum(r.latency.total for r in rs) for d, rs in per_device.items()})
     return FleetSnapshot(since=since, records=len(records), devices=len({r.device_id for r in records}),
                          versions=versions)
 

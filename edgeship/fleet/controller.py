@@ -78,12 +78,16 @@ def _failures(criterion: AbortCriterion, stats: VersionStats, policy: ChannelPol
             failed |= set(events.rolled_back)
         elif kind == "latency":
             for device, p99 in stats.device_p99_ms.items():
+                if stats.device_samples.get(device, 0) < policy.min_samples_per_device:
+                    continue  # a p99 of a few answers is their maximum: not evidence yet
                 executed.add(device)
                 budget = _budget(policy, status, stats.device_class_of.get(device, "default"))
                 if budget is not None and p99 > budget:
                     failed.add(device)
         elif kind == "disagreement":
             for device, agreement in stats.shadow.by_device.items():
+                if stats.shadow.samples_by_device.get(device, 0) < policy.min_samples_per_device:
+                    continue
                 executed.add(device)
                 if agreement < policy.success.min_shadow_agreement:
                     failed.add(device)

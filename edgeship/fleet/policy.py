@@ -82,6 +82,8 @@ class ChannelPolicy(_Section):
     stages: list[float] | None = Field(default_factory=lambda: [0.01, 0.05, 0.25, 1.0])
     exponential_rate: ExponentialRate | None = None
     min_reporting_devices: int = Field(default=5, ge=1)
+    min_samples_per_device: int = Field(default=50, ge=1, description="answers (or shadow comparisons) before a "
+                                        "device's own p99 or agreement counts toward an abort")
     soak_s: float = Field(default=600.0, ge=0)
     success: SuccessCriteria = Field(default_factory=SuccessCriteria)
     abort_criteria: list[AbortCriterion] = Field(default_factory=lambda: [
