@@ -6,7 +6,7 @@ digits test images, half of them in an emulated device class `small` with a tigh
 scenarios in one run:
   (a) good: v2 (another logistic regression, ~96% agreement with v1) is shadowed on half the fleet,
       then rolled out stage by stage to 100% by the controller;
-  (b) bad: v3 (v1's classes rotated, in a model ~100x slower) starts at the first stage, misses the
+  (b) bad: v3 (v1's classes rotated, in a model ~1000x slower) starts at the first stage, misses the
       `small` class's p99 budget, and is aborted; devices go back to v2. The broker is killed and
       restarted (SIGKILL, 2 s down) in the middle.
 Then the shadow's overhead on the primary's answer path is measured in-process (p50 with the shadow
@@ -38,10 +38,11 @@ from fleet_simulator import FleetSimulator  # noqa: E402
 
 
 def policy(devices: int, window_s: float, first: float = 0.25) -> dict:
-    """Stages first -> 0.5 -> 1.0; the `small` class's p99 budget (2 ms) is what the bad release misses."""
+    """Stages first -> 0.5 -> 1.0; the `small` class's p99 budget (8 ms: the good releases answer in well under
+    1 ms, but a loaded 2-core host preempts them now and then) is what the bad release (~25 ms) misses."""
     return {"stages": sorted({first, 0.5, 1.0}), "min_reporting_devices": max(2, math.floor(devices * first * 0.5)),
             "min_samples_per_device": 20, "soak_s": 2 * window_s,
-            "success": {"min_shadow_agreement": 0.9, "p99_budget_ms": {"small": 2.0, "fast": 50.0}},
+            "success": {"min_shadow_agreement": 0.9, "p99_budget_ms": {"small": 8.0, "fast": 200.0}},
             "abort_criteria": [{"failure_type": t, "min_executed_devices": 2, "threshold_percentage": 30}
                                for t in ("install", "probation", "latency", "disagreement")]}
 

@@ -36,8 +36,10 @@ from edgeship.fleet.policy import ChannelPolicy
 from edgeship.fleet.rollout import control_channel, offer_shadow
 from edgeship.fleet.store import FleetStore
 
+from edgeship.ota.channel import cohort_position
+
 from onnx_models import IR_VERSION, OPSET
-from ota_world import ROOT_DIR, TARGET, OtaWorld
+from ota_world import MODEL, ROOT_DIR, TARGET, OtaWorld
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:
@@ -48,29 +50,36 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     return (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8), y
 
 
-def classifier_onnx(coef: np.ndarray, intercept: np.ndarray, heavy: int = 0) -> bytes:
-    """Flatten -> Gemm(coef) logits; with `heavy`, also a wide MLP whose output is added at weight ~0 (slow, same answer)."""
+def classifier_onnx(coef: np.ndarray, intercept: np.ndarray, slow_steps: int = 0) -> bytes:
+    """Flatten -> Gemm(coef) logits; with `slow_steps`, an ONNX Loop of that many tiny MatMuls is added at
+    weight ~0: the same answers, a slower model (a few microseconds per step), a small file."""
     init = [numpy_helper.from_array(coef.astype(np.float32), "w"), numpy_helper.from_array(intercept.astype(np.float32), "b")]
     nodes = [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
              helper.make_node("Gemm", ["flat", "w", "b"], ["linear"], transB=1)]
     out = "linear"
-    if heavy:
-        rng = np.random.default_rng(0)
-        init += [numpy_helper.from_array(rng.standard_normal((64, heavy)).astype(np.float32) * 0.1, "h0"),
-                 numpy_helper.from_array(rng.standard_normal((heavy, heavy)).astype(np.float32) * 0.01, "h1"),
-                 numpy_helper.from_array(rng.standard_normal((heavy, heavy)).astype(np.float32) * 0.01, "h2"),
+    if slow_steps:
+        init += [numpy_helper.from_array(np.eye(10, dtype=np.float32) * 0.5, "mix"),
+                 numpy_helper.from_array(np.array(slow_steps, dtype=np.int64), "steps"),
+                 numpy_helper.from_array(np.array(True), "go"),
                  numpy_helper.from_array(np.array(1e-12, dtype=np.float32), "tiny")]
-        nodes += [helper.make_node("MatMul", ["flat", "h0"], ["a0"]), helper.make_node("Relu", ["a0"], ["r0"]),
-                  helper.make_node("MatMul", ["r0", "h1"], ["a1"]), helper.make_node("Relu", ["a1"], ["r1"]),
-                  helper.make_node("MatMul", ["r1", "h2"], ["a2"]),
-                  helper.make_node("ReduceMean", ["a2"], ["s"], keepdims=1),
-                  helper.make_node("Mul", ["s", "tiny"], ["st"]), helper.make_node("Add", ["linear", "st"], ["out"])]
+        body = helper.make_graph(
+            [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+             helper.make_node("MatMul", ["v_in", "mix"], ["m"]), helper.make_node("Tanh", ["m"], ["v_out"])],
+            "slow_body",
+            [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+             helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("v_in", TensorProto.FLOAT, ["N", 10])],
+            [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("v_out", TensorProto.FLOAT, ["N", 10])])
+        nodes += [helper.make_node("Loop", ["steps", "go", "linear"], ["slow"], body=body),
+                  helper.make_node("Mul", ["slow", "tiny"], ["st"]), helper.make_node("Add", ["linear", "st"], ["out"])]
         out = "out"
     nodes.append(helper.make_node("Identity", [out], ["logits"]))
     graph = helper.make_graph(nodes, "digits", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], initializer=init)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="fleet-simulator")
     model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
     return model.SerializeToString()
 
 
@@ -87,7 +96,7 @@ def digits_models() -> tuple[dict[str, bytes], np.ndarray, np.ndarray]:
     two = LogisticRegression(max_iter=500, C=0.5).fit(flat[train[600:]], y[train[600:]])
     rotated = np.roll(one.coef_, 1, axis=0), np.roll(one.intercept_, 1)
     return ({"good-1": classifier_onnx(one.coef_, one.intercept_), "good-2": classifier_onnx(two.coef_, two.intercept_),
-             "bad": classifier_onnx(*rotated, heavy=2048)}, x[test], y[test])
+             "bad": classifier_onnx(*rotated, slow_steps=8000)}, x[test], y[test])
 
 
 @dataclass
@@ -119,9 +128,14 @@ class FleetSimulator:
 
     def __init__(self, tmp_path: Path, devices: int = 40, window_s: float = 1.0, update_s: float = 1.0,
                  rate_hz: float = 5.0, device_classes: tuple[str, ...] = ("fast", "small"),
-                 policy: dict | None = None):
+                 policy: dict | None = None, stratify_for: str | None = "3"):
         self.tmp_path, self.count, self.window_s, self.update_s, self.rate_hz = tmp_path, devices, window_s, update_s, rate_hz
         self.device_classes = device_classes
+        # Classes alternate along the cohort order of release `stratify_for`, so every stage of its rollout
+        # holds devices of each class (stratified, as a canary group should be), whatever the hash gives.
+        names = [f"dev-{i:03d}" for i in range(devices)]
+        order = sorted(names, key=lambda d: cohort_position(d, MODEL, stratify_for)) if stratify_for else names
+        self.class_of = {d: device_classes[i % len(device_classes)] for i, d in enumerate(order)}
         self.policy = ChannelPolicy.model_validate(policy or {})
         self.fleet = f"sim{uuid.uuid4().hex[:6]}"
         self.models, self.images, self.labels = digits_models()
@@ -141,8 +155,8 @@ class FleetSimulator:
         self.world = OtaWorld(self.tmp_path)
         self.world.publish("1", content=self.models["good-1"])
         time.sleep(1.1)  # the broker's autosave has the collector's persistent session before any restart
-        for i in range(self.count):
-            self._start_device(f"dev-{i:03d}", self.device_classes[i % len(self.device_classes)])
+        for device, device_class in sorted(self.class_of.items()):
+            self._start_device(device, device_class)
         self.wait_for(lambda: all(self.health(d).get("versions", {}).get("active") == "1" for d in self.processes),
                       timeout_s=60 + 3 * self.count, what="every device on v1")
         for device in self.processes:
@@ -168,6 +182,7 @@ class FleetSimulator:
         self.final_records_lost = self.records_lost()
         self.final_records = self.store.count_records()
         self.final_unsent = self.unsent()
+        self.final_missing = self.missing()
         self.collector.stop()
         self.broker.__exit__(None, None, None)
         self.world.close()
@@ -290,6 +305,21 @@ class FleetSimulator:
             made = json.loads(progress.read_text())["sequence"] if progress.is_file() else 0
             lost += max(0, made - stored.get(device, 0) - self.unsent(device))
         return lost
+
+    def missing(self) -> dict[str, list[int]]:
+        """Per device, the window sequences made but neither stored nor still spooled."""
+        ids = self.store.record_ids()
+        out = {}
+        for device in self.processes:
+            progress = self.tmp_path / device / "telemetry" / "aggregator.json"
+            made = json.loads(progress.read_text())["sequence"] if progress.is_file() else 0
+            spooled = {json.loads(p.read_bytes())["sequence"]
+                       for p in (self.tmp_path / device / "telemetry" / "spool").glob("*.json")}
+            gone = sorted(set(range(1, made + 1)) - {int(i.rpartition("/")[2]) for i in ids
+                                                      if i.startswith(device + "/")} - spooled)
+            if gone:
+                out[device] = gone
+        return out
 
     def unsent(self, device: str | None = None) -> int:
         """Records still in a device's spool (not lost: sent when it next runs)."""

@@ -13,6 +13,7 @@ with the websockets already pinned here (16.x), so it is not installed.
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -50,7 +51,9 @@ class LocalBroker:
 
     def start(self, timeout_s: float = 10.0) -> LocalBroker:
         config = self._dir / "mosquitto.conf"
-        config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+        # Run as whoever started it: as root, mosquitto would otherwise switch to user `mosquitto`, which
+        # cannot write the persistence file in our directory (and sessions would not survive a restart).
+        config.write_text(f"user {getpass.getuser()}\nlistener {self.port} 127.0.0.1\nallow_anonymous true\n"
                           "max_queued_messages 100000\n"
                           # Persistent sessions survive a restart, so a collector's queued messages do too.
                           f"persistence true\npersistence_location {self._dir}/\nautosave_interval 1\n")

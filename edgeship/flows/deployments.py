@@ -10,10 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def deployments(workdir: Path, cron: str | None, params_path: str = "params.yaml") -> list:
-    """The release (on `cron`, when given), publish and rollback deployments for the project in `workdir`."""
+def deployments(workdir: Path, cron: str | None, params_path: str = "params.yaml",
+                rollout_interval_s: float = 60.0) -> list:
+    """The release (on `cron`, when given), publish, rollback and rollout (every `rollout_interval_s`)
+    deployments for the project in `workdir`."""
     from edgeship.flows.publish import publish, rollback
     from edgeship.flows.release import release
+    from edgeship.flows.rollout import rollout
 
     where = {"workdir": str(workdir.resolve()), "params_path": params_path}
     return [
@@ -26,4 +29,7 @@ def deployments(workdir: Path, cron: str | None, params_path: str = "params.yaml
         rollback.to_deployment(name="rollback", parameters=where,
                                description="Point the OTA channel back at the previous version.",
                                tags=["edgeship", "ota"], concurrency_limit=1),
+        rollout.to_deployment(name="rollout", interval=rollout_interval_s, parameters=where,
+                              description="Advance, hold or abort each target's rollout on what the fleet reports.",
+                              tags=["edgeship", "ota", "fleet"], concurrency_limit=1),
     ]

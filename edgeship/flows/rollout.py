@@ -82,7 +82,7 @@ def check_drift(repository, store: FleetStore, channel: str, params, now: dateti
 def rollout(params_path: str = "params.yaml", workdir: str = ".", channel: str | None = None,
             targets: list[str] | None = None, apply: bool = True, check_drift_too: bool = True) -> list[dict]:
     """One controller pass over a channel: each target's decision, applied unless `apply` is false."""
-    from edgeship.flows.publish import open_repository
+    from edgeship.flows.publish import one_writer, open_repository
 
     root = Path(workdir).resolve()
     params = load_params(root / params_path)
@@ -92,8 +92,9 @@ def rollout(params_path: str = "params.yaml", workdir: str = ".", channel: str |
     tracking_uri = tracking_uri_for(params.registry, root)
     now = datetime.now(timezone.utc)
     try:
-        results = control_channel(repository, store, channel, params.rollout.policy_for(channel), now=now,
-                                  apply=apply, targets=targets)
+        with one_writer():  # one OTA writer at a time across flows (publish, rollback, rollout)
+            results = control_channel(repository, store, channel, params.rollout.policy_for(channel), now=now,
+                                      apply=apply, targets=targets)
         for result in results:
             record_decision(result, store, tracking_uri, params.project.name)
         if check_drift_too:
