@@ -96,7 +96,7 @@ def digits_models() -> tuple[dict[str, bytes], np.ndarray, np.ndarray]:
     two = LogisticRegression(max_iter=500, C=0.5).fit(flat[train[600:]], y[train[600:]])
     rotated = np.roll(one.coef_, 1, axis=0), np.roll(one.intercept_, 1)
     return ({"good-1": classifier_onnx(one.coef_, one.intercept_), "good-2": classifier_onnx(two.coef_, two.intercept_),
-             "bad": classifier_onnx(*rotated, slow_steps=8000)}, x[test], y[test])
+             "bad": classifier_onnx(*rotated, slow_steps=20000)}, x[test], y[test])
 
 
 @dataclass

@@ -19,7 +19,7 @@ from rollout import policy  # noqa: E402  (benchmarks/rollout.py: the same polic
 @pytest.mark.e2e
 def test_good_release_reaches_everyone_bad_release_is_aborted(tmp_path):
     rules = policy(devices=8, window_s=1.0, first=0.5)
-    with FleetSimulator(tmp_path, devices=8, window_s=1.0, update_s=0.5, rate_hz=8.0, policy=rules) as fleet:
+    with FleetSimulator(tmp_path, devices=8, window_s=1.0, update_s=0.5, rate_hz=6.0, policy=rules) as fleet:
         good = fleet.roll_out("2", fleet.models["good-2"], shadow_fraction=0.5, timeout_s=120)
         assert good.outcome == "completed", good.decisions[-1]["reasons"]
         assert good.stages[0] == 0.5 and good.stages[-1] == 1.0 and all(0 < s < 1 for s in good.stages[:-1])

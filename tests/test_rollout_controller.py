@@ -49,6 +49,9 @@ def test_hold_while_soaking_or_too_few_devices_report():
     assert soaking.reasons == ["hold: soaking 120/600 s"]
     few = decide_on(healthy(2))
     assert few.action == "hold" and "2/4 devices report the candidate" in few.reasons[0]
+    base_on_pi4 = [record(f"old-{i}", "7", device_class="pi4") for i in range(5)]
+    untried = decide_on(base_on_pi4 + healthy(5))  # the candidate has not run on a pi4 yet
+    assert untried.action == "hold" and "no pi4 device has answered 50 times" in untried.reasons[0]
     nothing = decide_on([record("old-1", "7")])
     assert nothing.action == "hold" and "no device reports version 8" in nothing.reasons[0]
 

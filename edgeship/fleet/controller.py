@@ -110,13 +110,21 @@ def _abort_reasons(stats: VersionStats, policy: ChannelPolicy, status: RolloutSt
     return reasons, evidence
 
 
-def _unmet_success(stats: VersionStats | None, policy: ChannelPolicy, status: RolloutStatus) -> list[str]:
+def _unmet_success(stats: VersionStats | None, policy: ChannelPolicy, status: RolloutStatus,
+                   base: VersionStats | None = None) -> list[str]:
     success = policy.success
     if stats is None:
         return [f"no device reports version {status.candidate_version} yet"]
     unmet = []
     if len(stats.devices) < policy.min_reporting_devices:
         unmet.append(f"{len(stats.devices)}/{policy.min_reporting_devices} devices report the candidate")
+    # Every device class the base runs on must have tried the candidate: a fast class alone proves nothing
+    # about a slow one.
+    for device_class in sorted(base.classes if base is not None else ()):
+        tried = stats.classes.get(device_class)
+        if tried is None or tried.latency.total < policy.min_samples_per_device:
+            unmet.append(f"no {device_class} device has answered {policy.min_samples_per_device} times with "
+                         f"the candidate yet")
     events = stats.events
     if events.install_executed:
         rate = len(set(events.installed)) / events.install_executed
@@ -181,7 +189,9 @@ def decide(snapshot: FleetSnapshot, status: RolloutStatus, policy: ChannelPolicy
     if status.fraction <= 0 and status.shadow_version != status.candidate_version:
         return decision("advance", policy.first_stage, [f"start: first stage {policy.first_stage:g}"], evidence)
     # Stage 0 of a shadowed candidate: the shadow cohort's comparison must pass before any device answers with it.
-    unmet = _unmet_shadow(stats, policy, status) if status.fraction <= 0 else _unmet_success(stats, policy, status)
+    base = snapshot.version(status.base_version)
+    unmet = (_unmet_shadow(stats, policy, status) if status.fraction <= 0
+             else _unmet_success(stats, policy, status, base))
     if status.stage_started_at is not None:
         soaked = (now - status.stage_started_at).total_seconds()
         if soaked < policy.soak_s:
