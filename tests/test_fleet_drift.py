@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+
+import pytest
 from datetime import timedelta
 
 from edgeship.device.telemetry import DriftReference
@@ -52,3 +54,20 @@ def test_drift_starts_the_retraining_deployment_with_the_reason(prefect_api, tmp
     assert str(run.deployment_id) == str(deployment_id)
     assert run.parameters["reason"] == trigger.reason and run.parameters["workdir"] == str(tmp_path)
     assert "drift" in run.tags
+
+
+def test_a_release_carries_its_test_split_distributions_as_drift_reference(tmp_path):
+    import numpy as np
+
+    from edgeship.fleet.drift import release_drift_reference
+
+    from ota_world import make_artifact
+
+    artifact = make_artifact(tmp_path, "5")
+    x = np.random.default_rng(0).standard_normal((40, 1, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "test.npz", x=x, y=np.zeros(40))
+    reference = DriftReference.model_validate(release_drift_reference(tmp_path / "test.npz", [artifact], "5"))
+    assert reference.samples == 40 and reference.version == "5" and reference.classes == 10
+    assert sum(reference.class_distribution) == pytest.approx(1.0)
+    assert sum(reference.confidence_histogram) == pytest.approx(1.0)
+    assert release_drift_reference(tmp_path / "missing.npz", [artifact], "5") is None

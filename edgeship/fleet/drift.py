@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from edgeship.fleet.aggregate import VersionStats
 from edgeship.fleet.policy import RetrainingPolicy
@@ -48,3 +49,26 @@ def start_retraining(deployment: str, reason: str, parameters: dict | None = Non
     run = run_deployment(name=deployment, parameters={**(parameters or {}), "reason": reason}, timeout=0,
                          tags=["edgeship", "drift"])
     return str(run.id)
+
+
+def release_drift_reference(test_split: Path, artifacts, version: str, limit: int = 2000) -> dict | None:
+    """The reference a release carries into its channel entries: its own class and confidence distributions
+    on the pipeline's test split (from the first artifact that runs here), or None without a test split."""
+    import numpy as np
+
+    from edgeship.device.runtimes import open_session
+    from edgeship.device.telemetry import drift_reference
+
+    if not Path(test_split).is_file():
+        return None
+    with np.load(test_split) as arrays:
+        inputs = arrays["x"][:limit].astype(np.float32)
+    for artifact in artifacts:
+        try:
+            session = open_session(artifact.runtime, artifact.path, threads=1)
+            outputs = np.concatenate([np.asarray(session.run(inputs[i:i + 1])).reshape(1, -1)
+                                      for i in range(len(inputs))])
+        except Exception:  # a runtime that does not run here (Core ML on Linux): try the next target
+            continue
+        return drift_reference(outputs, version=str(version)).model_dump()
+    return None

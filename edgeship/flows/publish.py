@@ -114,6 +114,7 @@ def publish(alias: str | None = "production", params_path: str = "params.yaml", 
             channel: str | None = None, rollout_fraction: float = 1.0, targets: list[str] | None = None,
             version: str | None = None, allow_failed_gate: str | None = None) -> ChannelDescriptor:
     """Publish a version (given, or the one `alias` points to now) into the signed OTA repository's channel."""
+    from edgeship.fleet.drift import release_drift_reference
     from edgeship.ota.publish import publish_release
 
     root = Path(workdir).resolve()
@@ -127,11 +128,14 @@ def publish(alias: str | None = "production", params_path: str = "params.yaml", 
         budgets = {t: policy.p99_latency_ms for t, policy in params.gate.items()}
         golden = golden_vectors(params, root, release, Path(tmp) / "golden")
         fallbacks = _fallbacks(params, tracking_uri, Path(tmp), [a.target for a in release.artifacts])
+        reference = release_drift_reference(root / params.data.prepared_dir / "test.npz", release.artifacts,
+                                            release.version)  # what the fleet's drift is measured against
         with one_writer():
             descriptor = publish_release(
                 open_repository(params.ota, root), release.model_name, release.version, release.artifacts,
                 channel=channel, rollout_fraction=rollout_fraction, latency_budgets=budgets, golden=golden,
-                fallbacks=fallbacks, allow_failed_gate=release.allow_failed_gate, source=release.source)
+                fallbacks=fallbacks, allow_failed_gate=release.allow_failed_gate, source=release.source,
+                drift_reference=reference)
     record_publish(tracking_uri, release.model_name, release.version, channel,
                    f"{release.source} at {rollout_fraction:g}" + (f"; skipped {release.skipped}" if release.skipped
                                                                    else ""))
