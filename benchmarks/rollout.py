@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 import tempfile
 import time
@@ -61,7 +62,6 @@ def shadow_overhead(fleet: FleetSimulator, blocks: int = 6, per_block: int = 400
     from edgeship.device.state import provision
     from edgeship.device.updater import DeviceUpdater, UpdaterConfig
     from edgeship.fleet.rollout import offer_shadow
-    from edgeship.device.shadow_install import in_shadow_cohort
 
     world = fleet.world
     fleet.world.publish("4", content=fleet.models["good-1"], rollout_fraction=0.0)
@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-stage", type=float, default=0.25, help="the first stage's fraction")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/rollout.json")
     args = parser.parse_args(argv)
+    # A SIGTERM (a timeout) leaves through the simulator's exit, which stops every device process and the broker.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(3)))
 
     rules = policy(args.devices, args.window_s, args.first_stage)
     started = time.monotonic()

@@ -281,8 +281,9 @@ class OtaParams(Section):
     resign_every_hours: float = Field(default=6, gt=0, description="schedule of the publish/resign deployment")
     fallback: FallbackParams | None = None
     golden_count: int = Field(default=8, ge=0, le=256, description="golden vectors signed with each release")
-    golden_atol: float = Field(default=1e-3, ge=0)
-    golden_rtol: float = Field(default=1e-3, ge=0)
+    golden_atol: float = Field(default=0.05, ge=0, description="int8 kernels differ a little across CPUs; "
+                               "the top-1 class must match exactly")
+    golden_rtol: float = Field(default=0.05, ge=0)
 
 
 class Params(Section):

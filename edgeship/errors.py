@@ -53,3 +53,23 @@ class SignatureError(EdgeshipError):
 
 class SmokeTestFailed(EdgeshipError):
     """A downloaded model verified but did not run correctly on the device runtime."""
+
+
+class ReleaseError(EdgeshipError):
+    """A release cannot be published, rolled out or rolled back as asked (nothing to roll back to, wrong channel)."""
+
+
+class RepositoryBusy(EdgeshipError):
+    """Another writer holds the OTA repository's lock."""
+
+
+class KeyPassphraseError(ConfigError):
+    """An encrypted signing key cannot be opened: the passphrase is missing or wrong."""
+
+
+class NothingToRollBack(EdgeshipError):
+    """A local rollback was asked for, but the device keeps no last-known-good model."""
+
+
+class NoModelInstalled(EdgeshipError):
+    """Neither the device's active model nor its fallback can answer."""

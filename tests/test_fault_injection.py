@@ -8,9 +8,11 @@ strictly increasing sequence numbers.
 
 from __future__ import annotations
 
+import json
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -25,7 +27,7 @@ from edgeship.ota.lock import RepositoryBusy, writer_lock
 from edgeship.ota.publish import read_channel
 from edgeship.ota.repository import OtaRepository
 from edgeship.ota.storage import StorageError, open_storage
-from ota_world import QUICK_PROBATION, ROOT_DIR, TARGET, OtaWorld, wait_for
+from ota_world import QUICK_PROBATION, ROOT_DIR, TARGET, OtaWorld, golden_inputs, wait_for
 from onnx_models import tiny_classifier
 
 
@@ -197,3 +199,52 @@ def test_partly_missing_metadata_is_an_error_naming_it_never_a_fresh_repository(
     (world.directory / "metadata/2.snapshot.json").write_text("{}")
     with pytest.raises(StorageError, match="root.json is missing"):
         OtaRepository(open_storage(str(world.directory)), world.keystore)
+
+
+RUNTIME = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import numpy as np
+    from edgeship.device.runtime import DeviceRuntime
+    runtime = DeviceRuntime(sys.argv[1])
+    runtime.predict(np.zeros((1, 1, 8, 8), dtype=np.float32))   # one answer towards probation, not enough
+    Path(sys.argv[1], ".runtime-serving").write_text("1")
+    time.sleep(3600)
+""")
+
+
+def test_kill_9_of_the_application_runtime_during_probation(world):
+    from edgeship.device.probation import ProbationPolicy
+    from edgeship.device.runtime import DeviceRuntime
+
+    world.publish("1")
+    world.device(probation=QUICK_PROBATION).update()
+    world.publish("2")
+    app_confirms = world.device(probation=ProbationPolicy(required=50, max_failures=2, deadline_s=600),
+                                self_check=False)
+    assert app_confirms.update().on_probation
+    state_dir = world.tmp_path / "device-1"
+    process = subprocess.Popen([sys.executable, "-c", RUNTIME, str(state_dir)], cwd=ROOT_DIR, stderr=subprocess.PIPE,
+                               text=True)
+    world.processes.append(process)
+    wait_for(state_dir / ".runtime-serving", process)
+    assert DeviceState.load(state_dir).probation.holder.pid == process.pid
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    runtime = DeviceRuntime(state_dir)  # the application restarts: the unconfirmed model is rolled back first
+    assert runtime.predict(golden_inputs(1)).version == "1"
+    state = settled(world, "device-1", "1")
+    assert [(b.version, b.reason) for b in state.bad] == [("2", "probation: interrupted")]
+
+
+def test_a_publisher_killed_holding_the_lock_does_not_block_the_next_one(world):
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()
+    killed.wait()
+    lock = {"token": "t", "purpose": "publish v5", "host": socket.gethostname(), "pid": killed.pid,
+            "acquired_at": "2026-01-01T00:00:00+00:00", "expires_at": "2999-01-01T00:00:00+00:00"}
+    assert open_storage(str(world.directory)).create("locks/writer.json", json.dumps(lock).encode())
+    started = time.monotonic()
+    world.publish("1")
+    assert time.monotonic() - started < 10 and not (world.directory / "locks/writer.json").exists()

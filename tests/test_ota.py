@@ -294,7 +294,10 @@ def test_publish_into_s3_and_update_straight_from_the_endpoint(tmp_path, monkeyp
         s3.create_bucket(Bucket="ota")
         s3.put_bucket_policy(Bucket="ota", Policy=json.dumps(public_read_policy("ota", "fleet")))
 
-        repository = OtaRepository(open_storage("s3://ota/fleet", endpoint), Keystore(tmp_path / "keys"))
+        storage = open_storage("s3://ota/fleet", endpoint)
+        assert storage.create("locks/probe.json", b"1") and not storage.create("locks/probe.json", b"2")  # If-None-Match
+        storage.delete("locks/probe.json")
+        repository = OtaRepository(storage, Keystore(tmp_path / "keys"))
         artifact = make_artifact(tmp_path, "1")
         publish_release(repository, MODEL, "1", [artifact])
         root = tmp_path / "root.json"

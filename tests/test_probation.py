@@ -6,6 +6,7 @@ Every test runs the real updater against a real signed repository served on loop
 
 from __future__ import annotations
 
+import argparse
 import json
 import socket
 import time
@@ -13,10 +14,10 @@ import time
 import numpy as np
 import pytest
 
-from edgeship.device import probation, updater_cli
+from edgeship.device import updater_cli
 from edgeship.device.probation import ProbationPolicy
 from edgeship.device.runtime import DeviceRuntime
-from edgeship.device.state import DeviceState, active_model, device_identity, fallback_model, provision, read_events
+from edgeship.device.state import DeviceState, active_model, device_identity, fallback_model, read_events
 from ota_world import QUICK_PROBATION, TARGET, OtaWorld, golden_inputs
 from onnx_models import tiny_classifier
 
@@ -39,12 +40,12 @@ def test_a_device_id_is_generated_once_and_kept_never_the_hostname(tmp_path, wor
     assert device_identity(tmp_path / "b").device_id != first.device_id  # two cloned images differ
 
     world.publish("1")
-    parser = __import__("argparse").ArgumentParser()
+    parser = argparse.ArgumentParser()
     updater_cli.wire("provision", parser)
     args = parser.parse_args(["--state-dir", str(tmp_path / "p"), "--repo-url", world.url, "--root", str(world.root),
                               "--target", TARGET, "--device-id", "pi4-0017"])
     assert args.run(args) == 0
-    update = __import__("argparse").ArgumentParser()
+    update = argparse.ArgumentParser()
     updater_cli.wire("update", update)
     args = update.parse_args(["--state-dir", str(tmp_path / "p")])  # everything else from device.json
     assert args.run(args) == 0
@@ -117,7 +118,7 @@ def test_an_unconfirmed_model_is_rolled_back_at_its_deadline_and_confirm_works_f
 
     world.publish("3")
     assert short.update().on_probation
-    parser = __import__("argparse").ArgumentParser()
+    parser = argparse.ArgumentParser()
     updater_cli.wire("confirm", parser)
     args = parser.parse_args(["--state-dir", str(world.tmp_path / "device-1")])
     assert args.run(args) == 0 and json.loads(capsys.readouterr().out)["kind"] == "confirmed"
@@ -158,3 +159,55 @@ def test_the_runtime_answers_from_the_fallback_when_the_primary_does_not_load(wo
     runtime = DeviceRuntime(world.tmp_path / "device-1")
     prediction = runtime.predict(golden_inputs(1))
     assert prediction.slot == "fallback" and "does not load" in runtime.reason
+
+
+def test_device_cli_status_and_rollback_as_real_processes(world):
+    import subprocess
+    import sys
+
+    from ota_world import ROOT_DIR
+
+    world.publish("1")
+    device = world.device(probation=QUICK_PROBATION)
+    device.update()
+    world.publish("2")
+    device.update()
+    state_dir = str(world.tmp_path / "device-1")
+
+    def device_cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edgeship.device.cli", *args, "--state-dir", state_dir],
+                              capture_output=True, text=True, cwd=ROOT_DIR, timeout=60)
+
+    status = json.loads(device_cli("status").stdout)
+    assert status["state"]["active"]["version"] == "2" and status["state"]["last_known_good"]["version"] == "1"
+    assert [e["kind"] for e in status["last_events"]][-2:] == ["installed", "confirmed"]
+    rolled = device_cli("rollback", "--reason", "operator: wrong labels in the field")
+    assert rolled.returncode == 0 and json.loads(rolled.stdout)["installed_version"] == "1", rolled.stderr
+    world.assert_runs("device-1", "1")
+    assert device.update().status == "refused"  # v2 is marked bad here now
+    assert device_cli("rollback").returncode == 1  # nothing left to roll back to
+
+
+def test_devices_in_the_shadow_cohort_install_the_shadow_beside_the_active_model(world):
+    from edgeship.device.state import shadow_model
+    from edgeship.ota.publish import publish_shadow, read_channel, remove_shadow
+    from ota_world import MODEL, make_artifact
+
+    world.publish("1")
+    shadow = make_artifact(world.tmp_path / "shadow", "7", seed=7)
+    publish_shadow(world.repository, "tiny-next", "7", shadow, shadow_fraction=0.5, sample_rate=0.2)
+    entry = read_channel(world.repository, "stable").targets[TARGET]
+    assert (entry.shadow.model_name, entry.shadow_sample_rate, entry.base.version) == ("tiny-next", 0.2, "1")
+    names = [f"dev-{i}" for i in range(12)]
+    inside = [n for n in names if entry.runs_shadow(n, MODEL)]
+    assert 0 < len(inside) < len(names)
+    for name in names:
+        world.device(name, probation=QUICK_PROBATION).update()
+        installed = shadow_model(world.tmp_path / name)
+        assert (installed is not None) == (name in inside), name
+        world.assert_runs(name, "1")  # the active model is untouched by the shadow
+    assert ("shadow_installed", "7") in kinds(world, inside[0])
+
+    remove_shadow(world.repository, "stable", TARGET)
+    world.device(inside[0], probation=QUICK_PROBATION).update()
+    assert shadow_model(world.tmp_path / inside[0]) is None

@@ -55,6 +55,14 @@ def project(tmp_path_factory):
         registered = register_release(run, MODEL, f"runs:/{run.run_id}/compiled", artifacts, gates, alias="candidate")
         assert registered == version
         run.finish()
+    run = ReleaseRun.start(settings, root, "fallback-1")  # the small fallback model, registered on its own
+    tiny = make_artifact(root / "builds-tiny", "1", target="onnx-int8", seed=5)
+    log_compiled(run, tiny)
+    register_release(run, "digits-tiny", f"runs:/{run.run_id}/compiled", [tiny], [gate("onnx-int8", True)],
+                     alias="production")
+    run.finish()
+    params["ota"]["fallback"] = {"model_name": "digits-tiny", "alias": "production"}
+    (root / "params-fallback.yaml").write_text(yaml.safe_dump(params))
     return root, settings.tracking_uri
 
 
@@ -109,3 +117,26 @@ def test_cli_promote_rollout_and_channels(project):
     from edgeship.config import load_params
     repository = open_repository(load_params(root / "params.yaml").ota, Path(root))
     assert read_channel(repository, "stable").targets["onnx-int8"].candidate.version == "2"
+
+
+def test_the_fallback_model_named_in_config_ships_with_every_release(project):
+    root, _ = project
+    descriptor = publish(version="1", channel="with-fallback", params_path="params-fallback.yaml", workdir=str(root))
+    fallback = descriptor.targets["onnx-int8"].fallback
+    assert (fallback.model_name, fallback.version) == ("digits-tiny", "1")
+    assert fallback.target_path == "models/digits-tiny/1/onnx-int8/model.onnx"
+
+
+def test_the_webhook_handler_publishes_the_events_version_not_the_alias(project):
+    from edgeship.flows.webhook import publish_in_process
+
+    root, tracking = project
+    promote(tracking, MODEL, "1", "production")
+    handler = publish_in_process(root, "params.yaml")
+    with pytest.raises(GateFailed):  # the event names v2, whose gate failed: refused (the receiver does not retry)
+        handler(MODEL, "2")
+    handler(MODEL, "1")
+    from edgeship.config import load_params
+    from edgeship.flows.publish import open_repository
+    descriptor = read_channel(open_repository(load_params(root / "params.yaml").ota, Path(root)), "stable")
+    assert descriptor.source == "version 1" and descriptor.targets["onnx-int8"].base.version == "1"

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
+from edgeship.files import sha256_of
 from edgeship.records import ReleaseSummary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,6 +152,10 @@ def test_promote_publish_and_device_update(released, tmp_path, static_server):
     assert descriptor.targets["onnx-int8"].allow_failed_gate == override
     int8 = next(t for t in summary.targets if t.target == "onnx-int8")
     assert descriptor.targets["onnx-int8"].base.sha256 == int8.artifact.sha256
+    golden = descriptor.targets["onnx-int8"].base.golden  # from the release's own host check, logged to MLflow
+    assert golden is not None and golden.count == 8
+    logged = Path(client.download_artifacts(summary.run_id, "compiled/onnx-int8/golden.npz", str(tmp_path / "g")))
+    assert sha256_of(logged) == golden.sha256
 
     repo = project / "ota-repo"
     url = static_server(repo)

@@ -116,3 +116,44 @@ def test_real_updater_processes_follow_the_cohort_the_choice_function_names(worl
     set_fraction(world.repository, "stable", TARGET, 1.0, expected_version="2")
     assert world.run_device(outside)["installed_version"] == "2"
     world.assert_runs(outside, "2")
+
+
+def test_updaters_from_before_per_target_rollouts_read_new_descriptors_and_stay_on_the_base(world):
+    """The wire format the previous updater parsed (one model per entry, one fraction per channel)."""
+    from pydantic import BaseModel, ConfigDict
+
+    from edgeship.records import TensorSpec
+
+    class OldReleased(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        version: str
+        target_path: str
+        sha256: str
+        bytes: int
+        runtime: str
+        inputs: list[TensorSpec]
+
+    class OldEntry(OldReleased):
+        previous: OldReleased | None = None
+
+    class OldDescriptor(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        channel: str
+        model_name: str
+        rollout_fraction: float = 1.0
+        targets: dict[str, OldEntry]
+
+    world.publish("1")
+    world.publish("2", rollout_fraction=0.3)
+    data = world.repository.get_target("channels/stable.json")
+    old = OldDescriptor.model_validate_json(data)
+    assert (old.rollout_fraction, old.targets[TARGET].version) == (1.0, "1")  # the base, for everyone
+    assert old.targets[TARGET].sha256 == read_channel(world.repository, "stable").targets[TARGET].base.sha256
+
+
+def test_publishing_the_base_again_withdraws_the_candidate(world):
+    world.publish("1")
+    world.publish("2", rollout_fraction=0.2)
+    entry = world.publish("1").targets[TARGET]
+    assert (entry.base.version, entry.candidate, entry.rollout_state) == ("1", None, "aborted")
+    assert "published again" in entry.state_reason

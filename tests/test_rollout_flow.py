@@ -60,7 +60,7 @@ def reports(store, version, devices, events=(("installed", None), ("confirmed", 
 
 
 def test_the_flow_holds_advances_completes_and_records_why(world, tmp_path, prefect_api):
-    from edgeship.flows.rollout import rollout
+    from edgeship.flows.rollout import rollout_controller as rollout
 
     client = register_versions(tmp_path, ["1", "2"])
     world.publish("1")
@@ -93,7 +93,7 @@ def test_the_flow_holds_advances_completes_and_records_why(world, tmp_path, pref
 
 
 def test_abort_on_probation_failures_and_hand_commands(world, tmp_path, prefect_api):
-    from edgeship.flows.rollout import rollout
+    from edgeship.flows.rollout import rollout_controller as rollout
 
     world.publish("1")
     world.publish("2", rollout_fraction=0.5)

@@ -110,7 +110,11 @@ def test_simulator_switches_layers(trained, digits):
     simulator = QuantSimulator(model, load_split(digits, "calibration")[0], QatParams())
     reference = load_model(trained).eval()(torch.from_numpy(x)).detach().numpy()
     none = compare_logits(reference, simulator.logits(x, []), y)
-    assert none.sqnr_db > 60  # nothing int8: the fake-quant graph is the float model (ReLU6 clips still apply)
+    # Nothing int8: the fake-quant graph is the float model (ReLU6 clips and BN folding still apply), so the
+    # logits agree to float rounding: 59.97 dB measured on an Intel Xeon, over 60 on an AMD EPYC. One int8
+    # layer alone is far below 50 dB on this model.
+    assert none.sqnr_db > 50
+    assert none.accuracy == compare_logits(reference, reference, y).accuracy
     everything = compare_logits(reference, simulator.logits(x, simulator.names), y)
     assert 10 < everything.sqnr_db < none.sqnr_db
 

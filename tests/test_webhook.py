@@ -220,3 +220,27 @@ def test_an_oversized_body_is_refused_before_it_is_read(receiver):
     answer = httpx.post(url, content=body, headers=signed(body))
     assert answer.status_code == 413 and "limit" in answer.json()["detail"]
     assert promoted.empty()
+
+
+def test_a_version_refused_by_its_gate_is_not_retried(tmp_path):
+    from edgeship.errors import GateFailed
+    from edgeship.flows.webhook import DeliveryStore
+
+    calls = []
+
+    def refusing(name: str, version: str) -> None:
+        calls.append(version)
+        raise GateFailed(f"{name} v{version} failed its required gate")
+
+    watched = WatchedAlias("digits-classifier", "production", SECRET)
+    base, server, thread = serve(create_app(watched, refusing, DeliveryStore(tmp_path / "d.sqlite"), retry_s=0.05))
+    body = alias_event(version="9")
+    httpx.post(f"{base}/webhooks/mlflow", content=body, headers=signed(body, delivery="d-9"))
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{base}/deliveries/d-9").json()["state"] == "pending":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)
+    answer = httpx.get(f"{base}/deliveries/d-9").json()
+    assert answer["state"] == "refused" and "failed its required gate" in answer["error"] and calls == ["9"]
+    stop(server, thread)

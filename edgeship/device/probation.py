@@ -117,9 +117,9 @@ def hold(state_dir: str | Path) -> bool:
     with changing_state(state_dir) as state:
         if state.probation is None:
             return False
-        if state.probation.holder is not None and state.probation.holder.pid != os.getpid() \
-                and _alive(state.probation.holder):
-            return True  # another live process runs it (the updater's own check): it decides
+        holder = state.probation.holder
+        if holder is not None and (holder.pid == os.getpid() or _alive(holder)):
+            return True  # this process already holds it, or another live one does (the updater's own check)
         state.probation = state.probation.model_copy(update={"holder": this_process()})
         state.save(Path(state_dir))
     return True

@@ -32,13 +32,9 @@ import numpy as np
 from edgeship.device import probation
 from edgeship.device.runtimes import open_session
 from edgeship.device.state import InstalledModel, active_model, fallback_model
-from edgeship.errors import EdgeshipError
+from edgeship.errors import NoModelInstalled
 
 logger = logging.getLogger(__name__)
-
-
-class NoModelInstalled(EdgeshipError):
-    """Neither the active model nor the fallback can answer."""
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
     POST /predict   body: a .npy array (Content-Type application/x-npy) or JSON {"inputs": [[...]]}
     GET  /health    versions per slot, the runtime's slot now, telemetry counters
+
+`field` is an edgeship.device.serve.FieldRuntime.
 """
 
 from __future__ import annotations
@@ -14,10 +16,9 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request, Response
 
-from edgeship.device.serve import FieldRuntime
 
 
-def create_app(field: FieldRuntime):
+def create_app(field):
     """The FastAPI app of the local inference service."""
     app = FastAPI(title="edgeship-device serve")
 
@@ -49,7 +50,7 @@ def create_app(field: FieldRuntime):
     return app
 
 
-def serve(field: FieldRuntime, host: str = "127.0.0.1", port: int = 8766, uds: str | None = None) -> None:
+def serve(field, host: str = "127.0.0.1", port: int = 8766, uds: str | None = None) -> None:
     """Run the service until SIGTERM or Ctrl-C (uvicorn, one worker); then flush the last telemetry window."""
     def stop(*_) -> None:
         raise SystemExit(0)

@@ -34,11 +34,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from edgeship.errors import ConfigError
 from edgeship.files import sha256_of, write_atomic
 from edgeship.ota.channel import ReleasedModel
+from edgeship.records import UpdateReport  # noqa: F401  (re-exported: what the updater prints)
 
 Slot = Literal["active", "fallback", "shadow"]
 EventKind = Literal["installed", "refused", "confirmed", "rolled_back", "shadow_installed", "fallback_installed",
                     "stale_repository"]
-UpdateStatus = Literal["updated", "up_to_date", "refused", "not_in_cohort", "rolled_back", "stale", "error"]
 
 
 class _Wire(BaseModel):
@@ -136,22 +136,6 @@ class UpdateEvent(_Wire):
     slot: Slot = "active"
     reason: str = ""
     sequence: int = 0
-
-
-class UpdateReport(_Wire):
-    """What one OTA check on a device did (`edgeship-device update` prints it as JSON)."""
-
-    status: UpdateStatus
-    installed_version: str | None = None  # active after this check
-    previous_version: str | None = None  # the last-known-good kept for rollback
-    fallback_version: str | None = None
-    model_path: Path | None = None
-    reason: str = ""
-    channel: str | None = None
-    target: str | None = None
-    offered_version: str | None = None  # what the channel's signed descriptor offers this device
-    on_probation: bool = False
-    device_id: str | None = None
 
 
 @dataclass(frozen=True)

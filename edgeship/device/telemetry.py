@@ -406,6 +406,17 @@ def sensor_reader(sensors: Iterable[Any]) -> Callable[[], dict[str, float]]:
     return read
 
 
+def keep_drift_reference(state_dir: Path, reference: dict | None) -> None:
+    """Keep the channel entry's drift reference beside the state (the updater calls this each check)."""
+    path = Path(state_dir) / DRIFT_REFERENCE_FILE
+    if reference is None:
+        path.unlink(missing_ok=True)
+        return
+    data = json.dumps(reference, sort_keys=True).encode()
+    if not path.is_file() or path.read_bytes() != data:
+        write_atomic(path, data)
+
+
 def slot_versions(state_dir: Path | None) -> SlotVersions:
     """Versions installed in each slot, through the state module's functions (FLEET_CONTRACT.md)."""
     if state_dir is None:

@@ -7,7 +7,8 @@ leaves the active model in place and is reported with a typed reason:
   * refresh the TUF metadata, anchored in the provisioned root (python-tuf's ngclient:
     signatures, versions, expiry). Expired metadata: keep the model, report `stale`;
   * fetch the channel descriptor and this target's entry; make sure the entry's
-    fallback model is installed (always kept, for the runtime to switch to);
+    fallback model is installed (always kept, for the runtime to switch to), and its
+    shadow model on devices in the shadow's cohort (run beside the active one, never answering);
   * choose: the candidate when this device is in its cohort, else the base;
     a version marked bad on this device is refused until a newer one appears;
   * download and verify the file (length and sha256 from signed metadata, and the descriptor's);
@@ -46,10 +47,10 @@ from edgeship.device import probation
 from edgeship.device.install import Golden, clear_downloads, pause_point, place, prune, random_batch, smoke_test
 from edgeship.device.probation import ProbationPolicy
 from edgeship.device.runtimes import open_session
-from edgeship.device.shadow_install import ensure_shadow
 from edgeship.device.state import (BadRelease, DeviceState, UpdateReport, changing_state, device_identity,
                                    installed_model, is_intact, log_event, slot_path)
-from edgeship.errors import EdgeshipError, SignatureError, SmokeTestFailed
+from edgeship.device.telemetry import keep_drift_reference
+from edgeship.errors import NothingToRollBack, SignatureError, SmokeTestFailed
 from edgeship.files import sha256_of
 from edgeship.ota.channel import ChannelDescriptor, ChannelEntry, ReleasedModel
 
@@ -58,10 +59,6 @@ logger = logging.getLogger(__name__)
 SUCCESS = ("updated", "up_to_date", "not_in_cohort")
 # Failures that mean "the repository served something we must not trust or run".
 _REFUSALS = (RepositoryError, DownloadLengthMismatchError, SignatureError, SmokeTestFailed, ValidationError)
-
-
-class NothingToRollBack(EdgeshipError):
-    """A local rollback was asked for, but the device keeps no last-known-good model."""
 
 
 @dataclass(frozen=True)
@@ -118,8 +115,8 @@ class DeviceUpdater:
                 recovered = probation.expire(self.state_dir)
                 tuf = self._refresh()
                 entry = self._entry(tuf)
-                self._ensure_fallback(tuf, entry)
-                ensure_shadow(self, tuf, entry)  # edgeship.device.shadow_install (shadow mode)
+                self._ensure_side_models(tuf, entry)
+                keep_drift_reference(self.state_dir, entry.drift_reference)  # the device's own drift score
                 wanted, in_cohort = entry.choose(self.device_id, self._model_name)
                 if wanted is None:
                     raise _Outcome("not_in_cohort", "outside the candidate's cohort and the channel names no base; "
@@ -282,27 +279,38 @@ class DeviceUpdater:
                 return event
         return None
 
-    def _ensure_fallback(self, tuf: TufUpdater, entry: ChannelEntry) -> None:
-        """Install the entry's fallback model when it is not there yet (no probation: it is the safety net)."""
-        fallback = entry.fallback
-        state = DeviceState.load(self.state_dir)
-        if fallback is None or (state.fallback is not None and state.fallback.sha256 == fallback.sha256
-                                and is_intact(self.state_dir, fallback, "fallback")):
-            return
-        try:
-            downloaded = self._download(tuf, fallback, fallback.target_path, fallback.sha256, fallback.bytes)
-            smoke_test(fallback, downloaded, self._golden(tuf, fallback), threads=self.config.threads)
-        except _REFUSALS as error:
-            log_event(self.state_dir, "refused", fallback.version, self.config.target, _reason(error), "fallback")
-            logger.warning("refused the fallback model: %s", error)
-            return
-        place(self.state_dir, fallback, downloaded, "fallback")
-        with changing_state(self.state_dir) as state:
-            state.fallback = fallback
-            state.save(self.state_dir)
-            prune(self.state_dir, state)
-        log_event(self.state_dir, "fallback_installed", fallback.version, self.config.target, fallback.label,
-                  "fallback")
+    def _ensure_side_models(self, tuf: TufUpdater, entry: ChannelEntry) -> None:
+        """The fallback (every device) and the shadow (devices in its cohort) are installed beside the active model.
+
+        Neither goes on probation: the fallback is the safety net, the shadow never answers.
+        A shadow the channel no longer names for this device is dropped.
+        """
+        shadow = entry.shadow if entry.runs_shadow(self.device_id, self._model_name) else None
+        for slot, model, event in (("fallback", entry.fallback, "fallback_installed"),
+                                   ("shadow", shadow, "shadow_installed")):
+            installed = getattr(DeviceState.load(self.state_dir), slot)
+            if model is None:
+                if slot == "shadow" and installed is not None:
+                    with changing_state(self.state_dir) as state:
+                        state.shadow = None
+                        state.save(self.state_dir)
+                        prune(self.state_dir, state)
+                continue
+            if installed is not None and installed.sha256 == model.sha256 and is_intact(self.state_dir, model, slot):
+                continue
+            try:
+                downloaded = self._download(tuf, model, model.target_path, model.sha256, model.bytes)
+                smoke_test(model, downloaded, self._golden(tuf, model), threads=self.config.threads)
+            except _REFUSALS as error:
+                log_event(self.state_dir, "refused", model.version, self.config.target, _reason(error), slot)
+                logger.warning("refused the %s model: %s", slot, error)
+                continue
+            place(self.state_dir, model, downloaded, slot)
+            with changing_state(self.state_dir) as state:
+                setattr(state, slot, model)
+                state.save(self.state_dir)
+                prune(self.state_dir, state)
+            log_event(self.state_dir, event, model.version, self.config.target, model.label, slot)
 
     def _golden(self, tuf: TufUpdater, model: ReleasedModel) -> Golden | None:
         if model.golden is None:

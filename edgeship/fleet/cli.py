@@ -131,13 +131,13 @@ def status(params: Path = ParamsOption, workdir: Path = WorkdirOption, channel: 
 @fleet_app.command("rollout")
 def rollout(params: Path = ParamsOption, workdir: Path = WorkdirOption, channel: Optional[str] = ChannelOption,
             dry_run: bool = typer.Option(False, "--dry-run", help="decide and record, but change nothing")) -> None:
-    """One rollout controller pass over a channel (what the `rollout/rollout` deployment runs)."""
+    """One rollout controller pass over a channel (what the `rollout-controller` deployment runs)."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    from edgeship.flows.rollout import rollout as rollout_flow
+    from edgeship.flows.rollout import rollout_controller
 
     _load(workdir, params)
     try:
-        decisions = rollout_flow(params_path=str(params), workdir=str(workdir), channel=channel, apply=not dry_run)
+        decisions = rollout_controller(params_path=str(params), workdir=str(workdir), channel=channel, apply=not dry_run)
     except EdgeshipError as error:
         _fail(error)
     for d in decisions:

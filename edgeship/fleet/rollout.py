@@ -87,7 +87,8 @@ def apply_decision(repository, decision: Decision) -> bool:
 
 
 def offer_shadow(repository, channel: str, target: str, shadow_fraction: float, sample_rate: float = 0.1):
-    """Let the candidate run as a shadow beside the base on `shadow_fraction` of the target's devices."""
+    """Let the candidate already in the channel run as a shadow beside the base on `shadow_fraction` of the
+    target's devices (edgeship.ota.publish.publish_shadow offers any other artifact)."""
     from edgeship.ota.rollout import ReleaseError, change_entry
 
     def change(entry):
@@ -102,14 +103,13 @@ def offer_shadow(repository, channel: str, target: str, shadow_fraction: float, 
 
 def clear_shadow(repository, channel: str, target: str, version: str | None) -> None:
     """Stop shadowing `version` (its rollout ended: aborted or complete)."""
-    from edgeship.ota.rollout import change_entry, read_channel
+    from edgeship.ota.publish import remove_shadow
+    from edgeship.ota.rollout import read_channel
 
     descriptor = read_channel(repository, channel)
     entry = descriptor.targets.get(target) if descriptor else None
-    if entry is None or entry.shadow is None or entry.shadow.version != version:
-        return
-    change_entry(repository, channel, target, f"end shadow of v{version} on {target}",
-                 lambda e: e.model_copy(update={"shadow": None, "shadow_fraction": 0.0}))
+    if entry is not None and entry.shadow is not None and entry.shadow.version == version:
+        remove_shadow(repository, channel, target)
 
 
 def control_target(repository, store: FleetStore, channel: str, target: str, entry, policy: ChannelPolicy,

@@ -6,8 +6,8 @@ the webhook receiver with the event's version, or the Prefect UI) resolves the
 version once, refuses it when a required gate failed (unless `allow_failed_gate`
 gives the reason, recorded on the version and in the channel), downloads only the
 targets that passed, checks them against the hashes recorded at registration,
-computes golden vectors on the pipeline's own runtime from the test split, and
-stages them in the channel per target.
+takes the golden vectors the release's host check logged (or computes them the
+same way for an older version), and stages them in the channel per target.
 
 Every writer takes the Prefect global concurrency limit `edgeship-ota-writer`
 (create it once: `prefect gcl create edgeship-ota-writer --limit 1`) and, inside
@@ -83,8 +83,12 @@ def resolve(tracking_uri: str, model_name: str, dst: Path, version: str | None, 
 
 
 def golden_vectors(params: Params, root: Path, release: ResolvedRelease, dst: Path) -> dict[str, Path]:
-    """Per target the golden .npz: the first `ota.golden_count` test images and the artifact's outputs here."""
+    """Per target the golden .npz: the one the release's host check logged, else (a version registered
+    before host checks kept them) the first `ota.golden_count` test images and the artifact's outputs here."""
     from edgeship.ota.golden import write_golden
+
+    if all(a.target in release.golden for a in release.artifacts):
+        return dict(release.golden)
 
     test_split = root / params.data.prepared_dir / "test.npz"
     if params.ota.golden_count == 0 or not test_split.is_file():
@@ -92,8 +96,8 @@ def golden_vectors(params: Params, root: Path, release: ResolvedRelease, dst: Pa
         return {}
     with np.load(test_split) as arrays:
         inputs = arrays["x"][:params.ota.golden_count]
-    found = {}
-    for artifact in release.artifacts:
+    found = dict(release.golden)
+    for artifact in (a for a in release.artifacts if a.target not in found):
         path = write_golden(artifact, inputs, dst / f"golden-{artifact.target}.npz")
         if path is not None:
             found[artifact.target] = path
@@ -112,8 +116,12 @@ def _fallbacks(params: Params, tracking_uri: str, dst: Path, targets: list[str])
 @flow(name="publish", log_prints=True)
 def publish(alias: str | None = "production", params_path: str = "params.yaml", workdir: str = ".",
             channel: str | None = None, rollout_fraction: float = 1.0, targets: list[str] | None = None,
-            version: str | None = None, allow_failed_gate: str | None = None) -> ChannelDescriptor:
-    """Publish a version (given, or the one `alias` points to now) into the signed OTA repository's channel."""
+            version: str | None = None, allow_failed_gate: str | None = None,
+            drift_reference: dict | None = None) -> ChannelDescriptor:
+    """Publish a version (given, or the one `alias` points to now) into the signed OTA repository's channel.
+
+    `drift_reference` (the fleet's drift baseline) is carried into every entry; by default it is the release's
+    own class and confidence distributions on the prepared test split."""
     from edgeship.fleet.drift import release_drift_reference
     from edgeship.ota.publish import publish_release
 
@@ -128,14 +136,15 @@ def publish(alias: str | None = "production", params_path: str = "params.yaml", 
         budgets = {t: policy.p99_latency_ms for t, policy in params.gate.items()}
         golden = golden_vectors(params, root, release, Path(tmp) / "golden")
         fallbacks = _fallbacks(params, tracking_uri, Path(tmp), [a.target for a in release.artifacts])
-        reference = release_drift_reference(root / params.data.prepared_dir / "test.npz", release.artifacts,
-                                            release.version)  # what the fleet's drift is measured against
+        reference = None if drift_reference else release_drift_reference(
+            root / params.data.prepared_dir / "test.npz", release.artifacts, release.version)
         with one_writer():
             descriptor = publish_release(
                 open_repository(params.ota, root), release.model_name, release.version, release.artifacts,
                 channel=channel, rollout_fraction=rollout_fraction, latency_budgets=budgets, golden=golden,
                 fallbacks=fallbacks, allow_failed_gate=release.allow_failed_gate, source=release.source,
-                drift_reference=reference)
+                golden_tolerance=(params.ota.golden_atol, params.ota.golden_rtol),
+                drift_reference=drift_reference or reference)
     record_publish(tracking_uri, release.model_name, release.version, channel,
                    f"{release.source} at {rollout_fraction:g}" + (f"; skipped {release.skipped}" if release.skipped
                                                                    else ""))

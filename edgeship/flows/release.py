@@ -77,7 +77,8 @@ def _release(root: Path, params, run: ReleaseRun, out_dir: Path) -> ReleaseSumma
     artifacts = [o.artifact for o in outcomes.values() if o.artifact]
 
     reference = release_tasks.reference_logits(trained, data, out_dir)
-    host_checks = {a.target: release_tasks.check_on_host(a, data, reference, run) for a in artifacts}
+    host_checks = {a.target: release_tasks.check_on_host(a, data, reference, run, params.ota.golden_count)
+                   for a in artifacts}
 
     benchmarks = release_tasks.benchmark_on_devices(artifacts, data, params, run)
 

@@ -103,11 +103,25 @@ def reference_logits(trained: TrainedModel, data: PreparedData, out_dir: Path) -
 
 
 @task(name="host-check", task_run_name="host-check-{artifact.target}", cache_policy=NO_CACHE)
-def check_on_host(artifact: CompiledArtifact, data: PreparedData, reference: Path, run: ReleaseRun) -> HostCheck:
-    """Load the artifact in its own runtime here and measure accuracy and agreement with fp32."""
+def check_on_host(artifact: CompiledArtifact, data: PreparedData, reference: Path, run: ReleaseRun,
+                  golden_count: int = 8) -> HostCheck:
+    """Load the artifact in its own runtime here and measure accuracy and agreement with fp32.
+
+    Also keeps `golden_count` test images and this runtime's outputs for them as the release's
+    golden vectors (compiled/<target>/golden.npz): what a device must reproduce before it installs the file.
+    """
+    from edgeship.registry.model_registry import compiled_artifact_dir
+    from edgeship.tasks.data import load_split
     from edgeship.tasks.host_check import host_check
 
     result = host_check(artifact, data, np.load(reference))
+    if result.error is None and not result.proxy and golden_count:
+        from edgeship.ota.golden import write_golden
+
+        images, _ = load_split(data, "test")
+        golden = write_golden(artifact, images[:golden_count], artifact.path.parent / "golden.npz")
+        if golden is not None:
+            run.log_artifact(golden, compiled_artifact_dir(artifact.target))
     run.log_metrics({f"{artifact.target}/host_accuracy": result.accuracy,
                      f"{artifact.target}/top1_agreement": result.top1_agreement,
                      f"{artifact.target}/max_abs_logit_diff": result.max_abs_logit_diff})

@@ -1,5 +1,6 @@
-"""The rollout flow: advance, hold or abort each target's rollout on what the fleet reports.
+"""The rollout controller flow: advance, hold or abort each target's rollout on what the fleet reports.
 
+(`rollout` in edgeship/flows/publish.py changes one target's fraction by hand; this flow decides it.)
 A deployment runs it on an interval (prefect.yaml, `edgeship serve`); the Prefect UI's Run button starts
 it with parameters (channel, targets, apply=false for a dry run). Each run:
 
@@ -8,7 +9,7 @@ it with parameters (channel, targets, apply=false for a dry run). Each run:
     metrics   fleet metrics of the candidate and the base on their MLflow model versions
     drift     production drift past the threshold starts the scheduled-retraining deployment
 
-    >>> rollout(params_path="params.yaml", workdir=".", channel="stable")
+    >>> rollout_controller(params_path="params.yaml", workdir=".", channel="stable")
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ def check_drift(repository, store: FleetStore, channel: str, params, now: dateti
     return started
 
 
-@flow(name="rollout", log_prints=True)
-def rollout(params_path: str = "params.yaml", workdir: str = ".", channel: str | None = None,
+@flow(name="rollout-controller", log_prints=True)
+def rollout_controller(params_path: str = "params.yaml", workdir: str = ".", channel: str | None = None,
             targets: list[str] | None = None, apply: bool = True, check_drift_too: bool = True) -> list[dict]:
     """One controller pass over a channel: each target's decision, applied unless `apply` is false."""
     from edgeship.flows.publish import one_writer, open_repository

@@ -36,7 +36,7 @@ from typing import Callable
 
 from fastapi import FastAPI, HTTPException, Request
 
-from edgeship.errors import SignatureError
+from edgeship.errors import GateFailed, RegistryError, SignatureError
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,12 @@ class DeliveryStore:
             self._db.execute("UPDATE deliveries SET state = 'done', done_at = ?, error = NULL WHERE id = ?",
                              (time.time(), delivery_id))
 
+    def refused(self, delivery_id: str, error: str) -> None:
+        """The version may not be published (a failed gate): done, with the reason kept."""
+        with self._lock:
+            self._db.execute("UPDATE deliveries SET state = 'refused', done_at = ?, error = ? WHERE id = ?",
+                             (time.time(), error[:2000], delivery_id))
+
     def failed(self, delivery_id: str, error: str, retry_in_s: float) -> None:
         with self._lock:
             self._db.execute("UPDATE deliveries SET attempts = attempts + 1, next_at = ?, error = ? WHERE id = ?",
@@ -141,6 +147,9 @@ class _Publisher:
                     return
                 try:
                     self.on_promotion(model, version)
+                except (GateFailed, RegistryError) as error:  # refused for good: retrying cannot change the answer
+                    logger.error("not publishing %s v%s: %s", model, version, error)
+                    self.store.refused(delivery_id, f"{type(error).__name__}: {error}")
                 except Exception as error:  # the publish failed: keep the delivery, retry later
                     backoff = min(self.max_retry_s, self.retry_s * 2 ** attempts)
                     logger.exception("publishing %s v%s failed (attempt %d); retrying in %.0f s", model, version,

@@ -29,7 +29,7 @@ import hashlib
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializationInfo, model_serializer
 
 from edgeship.records import TensorSpec
 
@@ -38,6 +38,7 @@ from edgeship.records import TensorSpec
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
 
 RolloutState = Literal["in_progress", "completed", "paused", "aborted"]
+_LEGACY_FIELDS = {"version", "target_path", "sha256", "bytes", "runtime", "inputs"}
 
 
 class _Wire(BaseModel):
@@ -58,8 +59,8 @@ class GoldenVectors(_Wire):
     target_path: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     bytes: int = Field(ge=0)
-    atol: float = Field(default=1e-3, ge=0)
-    rtol: float = Field(default=1e-3, ge=0)
+    atol: float = Field(default=0.05, ge=0)
+    rtol: float = Field(default=0.05, ge=0)
     top1: bool = True
     count: int = 0
 
@@ -103,6 +104,17 @@ class ChannelEntry(_Wire):
     drift_reference: dict | None = None
     allow_failed_gate: str | None = None  # the override reason when published with --allow-failed-gate
 
+    @model_serializer(mode="wrap")
+    def _with_legacy_fields(self, handler, info: SerializationInfo):
+        # Updaters from before per-target rollouts read an entry as one released model
+        # (version, target_path, ...) at the descriptor's rollout_fraction (default 1.0):
+        # the base's fields at the top level make them follow the base, never a candidate.
+        data = handler(self)
+        if self.base is not None and isinstance(data, dict):
+            legacy = self.base.model_dump(mode=info.mode, include=_LEGACY_FIELDS)
+            data = {**legacy, **data}
+        return data
+
     @property
     def golden(self) -> GoldenVectors | None:
         """The golden vectors of the newest release in this entry (candidate, else base)."""
@@ -124,6 +136,12 @@ class ChannelEntry(_Wire):
             if position < self.fraction:
                 return self.candidate, True
         return self.base, False
+
+
+    def runs_shadow(self, device_id: str, model_name: str) -> bool:
+        """Whether a device is in the shadow's cohort (a slice of its own, apart from the candidate's)."""
+        return self.shadow is not None and \
+            cohort_position(device_id, f"{model_name}/shadow", self.shadow.version) < self.shadow_fraction
 
 
 class ChannelDescriptor(_Wire):

@@ -9,7 +9,7 @@
     edgeship channels
     edgeship resign                                        # renew timestamp/snapshot/targets before expiry
     edgeship keys init --root-keys 3 --root-threshold 2
-    edgeship keys rotate timestamp | add root | revoke root KEYID | threshold root 2 | list
+    edgeship keys rotate timestamp | add root | revoke root KEYID | threshold root 2 | resign-root | list
 """
 
 from __future__ import annotations
@@ -179,11 +179,22 @@ def register(app: typer.Typer, fail, quiet) -> None:
         Console(stderr=True).print(f"new {role} key {guarded(rotate, _keys_repository(params, workdir), role)}")
 
     @keys_app.command("add")
-    def keys_add(role: str, params: Path = ParamsOption, workdir: Path = WorkdirOption) -> None:
-        """Trust one more new key for a role (e.g. a third root key for 2-of-3)."""
+    def keys_add(role: str, params: Path = ParamsOption, workdir: Path = WorkdirOption,
+                 signer_uri: Optional[str] = typer.Option(None, help="a key held by a KMS/HSM (securesystemslib URI)"),
+                 public_key: Optional[Path] = typer.Option(None, help="that key's public key (PEM)")) -> None:
+        """Trust one more key for a role (e.g. a third root key for 2-of-3), new here or behind a signer URI."""
         from edgeship.ota.root import add
 
-        Console(stderr=True).print(f"added {role} key {guarded(add, _keys_repository(params, workdir), role)}")
+        key = None
+        if signer_uri is not None:
+            if public_key is None:
+                fail(EdgeshipError("--signer-uri needs --public-key PEM (the key the KMS/HSM signs with)"))
+            from cryptography.hazmat.primitives.serialization import load_pem_public_key
+            from securesystemslib.signer import SSlibKey
+
+            key = SSlibKey.from_crypto(load_pem_public_key(public_key.read_bytes()))
+        keyid = guarded(add, _keys_repository(params, workdir), role, signer_uri, key)
+        Console(stderr=True).print(f"added {role} key {keyid}")
 
     @keys_app.command("revoke")
     def keys_revoke(role: str, keyid: str, params: Path = ParamsOption, workdir: Path = WorkdirOption) -> None:
@@ -198,6 +209,13 @@ def register(app: typer.Typer, fail, quiet) -> None:
         from edgeship.ota.root import set_threshold
 
         guarded(set_threshold, _keys_repository(params, workdir), role, threshold)
+
+    @keys_app.command("resign-root")
+    def keys_resign_root(params: Path = ParamsOption, workdir: Path = WorkdirOption) -> None:
+        """Renew root's expiry (a year) with the same keys; needs the root threshold of keys."""
+        from edgeship.ota.root import resign_root
+
+        Console(stderr=True).print(f"root is now v{guarded(resign_root, _keys_repository(params, workdir))}")
 
     @keys_app.command("list")
     def keys_list(params: Path = ParamsOption, workdir: Path = WorkdirOption) -> None:

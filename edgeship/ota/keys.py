@@ -40,16 +40,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner, Signer, SSlibKey
 
-from edgeship.errors import ConfigError
+from edgeship.errors import ConfigError, KeyPassphraseError
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 PASSPHRASE_ENV = "EDGESHIP_KEY_PASSPHRASE"
-
-
-class KeyPassphraseError(ConfigError):
-    """An encrypted key cannot be opened: the passphrase is missing or wrong."""
 
 
 def passphrase_for(role: str) -> bytes | None:
@@ -135,6 +131,15 @@ class Keystore:
         (directory / f"{public_key.keyid}.pub").write_text(json.dumps(public_key.to_dict(), indent=2))
         self._signers[public_key.keyid] = CryptoSigner(private_key, public_key)
         logger.info("created %s key %s in %s", role, public_key.keyid[:12], directory)
+        return public_key
+
+    def add_signer_uri(self, role: str, uri: str, public_key: SSlibKey) -> SSlibKey:
+        """Hold a role's key behind a signer URI (a KMS, an HSM, `file2:` for a file elsewhere); no private bytes here."""
+        _check_role(role)
+        _private_dir(self.directory)
+        _private_dir(self._role_dir(role))
+        record = {"uri": uri, "public_key": public_key.to_dict()}
+        (self._role_dir(role) / f"{public_key.keyid}.uri").write_text(json.dumps(record, indent=2))
         return public_key
 
     def retire(self, role: str, keyid: str) -> None:

@@ -6,7 +6,7 @@ next version and write it. Two writers interleaving would sign two different
 creates `locks/writer.json` with the storage's atomic create (O_EXCL on a local
 directory, `If-None-Match: *` on S3): exactly one of two writers succeeds. The
 file names its holder and a lease expiry, so a writer that died holding it
-blocks others only until the lease runs out.
+blocks others only until the lease runs out (at once, when it died on this host).
 
     >>> with writer_lock(storage, "publish digits v7"):
     ...     repository = OtaRepository(storage, keystore)   # read after taking the lock
@@ -29,16 +29,12 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
-from edgeship.errors import EdgeshipError
+from edgeship.errors import RepositoryBusy
 from edgeship.ota.storage import Storage
 
 logger = logging.getLogger(__name__)
 
 LOCK_PATH = "locks/writer.json"
-
-
-class RepositoryBusy(EdgeshipError):
-    """Another writer holds the OTA repository's lock."""
 
 
 @contextlib.contextmanager
@@ -65,8 +61,9 @@ def writer_lock(storage: Storage, purpose: str, wait_s: float = 60.0, lease_s: f
         if storage.create(LOCK_PATH, json.dumps(record).encode()):
             break
         holder = _read(storage)
-        if holder and datetime.fromisoformat(holder["expires_at"]) < now:
-            logger.warning("breaking the expired OTA writer lock of %s (%s)", holder.get("host"), holder.get("purpose"))
+        if holder and (datetime.fromisoformat(holder["expires_at"]) < now or _died_here(holder)):
+            logger.warning("breaking the OTA writer lock of %s pid %s (%s): expired or its process died",
+                           holder.get("host"), holder.get("pid"), holder.get("purpose"))
             _delete_if(storage, holder.get("token"))
             continue
         if time.monotonic() > deadline:
@@ -79,6 +76,19 @@ def writer_lock(storage: Storage, purpose: str, wait_s: float = 60.0, lease_s: f
         yield record
     finally:
         _delete_if(storage, token)
+
+
+def _died_here(holder: dict) -> bool:
+    """A holder on this host whose process no longer exists (a publisher killed mid-publish)."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _read(storage: Storage) -> dict:

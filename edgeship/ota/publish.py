@@ -31,17 +31,19 @@ from edgeship.errors import SignatureError
 from edgeship.files import sha256_of
 from edgeship.ota.channel import SAFE_NAME, ChannelDescriptor, GoldenVectors, ReleasedModel
 from edgeship.ota.repository import OtaRepository
-from edgeship.ota.rollout import ReleaseError, change_channel, describe, read_channel, rollback_entry, stage
+from edgeship.ota.rollout import (ReleaseError, change_channel, change_entry, describe, read_channel,
+                                  rollback_entry, stage)
 from edgeship.records import CompiledArtifact
 
-__all__ = ["ReleaseError", "publish_release", "read_channel", "rollback_release", "upload_model"]
+__all__ = ["ReleaseError", "publish_release", "publish_shadow", "read_channel", "remove_shadow", "rollback_release",
+           "upload_model"]
 
 logger = logging.getLogger(__name__)
 
 
 def upload_model(repository: OtaRepository, model_name: str, version: str | int, artifact: CompiledArtifact,
                  latency_budget_ms: float | None = None, golden: Path | None = None,
-                 golden_tolerance: tuple[float, float] = (1e-3, 1e-3)) -> ReleasedModel:
+                 golden_tolerance: tuple[float, float] = (0.05, 0.05)) -> ReleasedModel:
     """Verify one compiled artifact, upload it (and its golden vectors) as targets; return its channel record."""
     version = str(version)
     _check_name("model name", model_name)
@@ -77,6 +79,7 @@ def publish_release(
     allow_failed_gate: str | None = None,
     drift_reference: dict | None = None,
     source: str = "",
+    golden_tolerance: tuple[float, float] = (0.05, 0.05),
 ) -> ChannelDescriptor:
     """Publish a model version's compiled artifacts to a channel and commit, under the writer lock.
 
@@ -93,6 +96,8 @@ def publish_release(
         rollout_fraction: The share of each target's devices (0..1) that take this version.
         latency_budgets: Per target the gate's p99 budget (ms): devices hold probation to it.
         golden: Per target an .npz of `inputs` and reference `outputs` (signed with the release).
+        golden_tolerance: (atol, rtol) a device's outputs may differ by (int8 kernels differ a little across CPUs);
+            the top-1 class must match exactly.
         fallbacks: Per target (model name, version, artifact) of the small fallback model.
         allow_failed_gate: The reason this version is published although a required gate failed.
         drift_reference: Carried into every entry for the fleet's drift check.
@@ -124,7 +129,7 @@ def publish_release(
         entries = dict(current.targets) if current else {}
         for artifact in artifacts:
             release = upload_model(repository, model_name, version, artifact, budgets.get(artifact.target),
-                                   vectors.get(artifact.target))
+                                   vectors.get(artifact.target), golden_tolerance)
             entry = stage(entries.get(artifact.target), release, rollout_fraction, allow_failed_gate)
             extra = {"drift_reference": drift_reference} if drift_reference is not None else {}
             if fallbacks and artifact.target in fallbacks:
@@ -140,6 +145,31 @@ def publish_release(
                 ", ".join(targets), rollout_fraction * 100,
                 f" OVER A FAILED GATE: {allow_failed_gate}" if allow_failed_gate else "")
     return descriptor
+
+
+def publish_shadow(repository: OtaRepository, model_name: str, version: str | int, artifact: CompiledArtifact,
+                   channel: str = "stable", shadow_fraction: float = 0.1, sample_rate: float = 0.1,
+                   latency_budget_ms: float | None = None) -> ChannelDescriptor:
+    """Offer a model as one target's shadow: devices in `shadow_fraction` install it beside the active model
+    and run it on `sample_rate` of their inputs, off the answer path. `remove_shadow` takes it away."""
+    if not (0.0 <= shadow_fraction <= 1.0 and 0.0 <= sample_rate <= 1.0):
+        raise ReleaseError(f"shadow_fraction and sample_rate lie in [0, 1]; got {shadow_fraction}, {sample_rate}")
+
+    def apply(current: ChannelDescriptor | None) -> ChannelDescriptor:
+        if current is None or artifact.target not in current.targets:
+            raise ReleaseError(f"channel '{channel}' has no target '{artifact.target}'; publish a release first")
+        shadow = upload_model(repository, model_name, version, artifact, latency_budget_ms)
+        entry = current.targets[artifact.target].model_copy(
+            update={"shadow": shadow, "shadow_fraction": shadow_fraction, "shadow_sample_rate": sample_rate})
+        return current.model_copy(update={"targets": {**current.targets, artifact.target: entry}})
+
+    return change_channel(repository, channel, f"shadow {model_name} v{version} on {artifact.target}", apply)
+
+
+def remove_shadow(repository: OtaRepository, channel: str, target: str) -> ChannelDescriptor:
+    """Stop shadowing on a target; devices drop the shadow model on their next check."""
+    return change_entry(repository, channel, target, f"remove the shadow on {target}",
+                        lambda entry: entry.model_copy(update={"shadow": None, "shadow_fraction": 0.0}))
 
 
 def rollback_release(repository: OtaRepository, channel: str, targets: list[str] | None = None) -> ChannelDescriptor:

@@ -9,6 +9,7 @@ a `candidate` and the candidate's `fraction`. The machine, per entry:
     in_progress | paused --abort--> aborted (candidate removed; everyone on base)
     in_progress --set_fraction(1.0) or stage(v, 1.0)--> completed (candidate becomes base, old base -> previous)
     in_progress(v) --stage(w)--> in_progress(w, f)   a newer candidate replaces v; the base stays
+    in_progress(v) --stage(base)--> aborted          publishing the base again withdraws the candidate
     completed --rollback--> completed(previous)      (an unfinished rollout's rollback is abort)
 
 Every command takes the repository's writer lock, reads the channel after taking
@@ -26,14 +27,10 @@ import logging
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from edgeship.errors import EdgeshipError
+from edgeship.errors import ReleaseError
 from edgeship.ota.channel import ChannelDescriptor, ChannelEntry, ReleasedModel
 
 logger = logging.getLogger(__name__)
-
-
-class ReleaseError(EdgeshipError):
-    """A release cannot be published, rolled out or rolled back as asked (nothing to roll back to, wrong channel)."""
 
 
 # --- transitions of one entry (pure) -----------------------------------------------------
@@ -44,8 +41,10 @@ def stage(entry: ChannelEntry | None, release: ReleasedModel, fraction: float,
     _check_fraction(fraction)
     entry = entry or ChannelEntry()
     update = {"allow_failed_gate": allow_failed_gate}
-    if entry.base is not None and entry.base.sha256 == release.sha256 and entry.candidate is None:
-        return entry.model_copy(update=update)  # already everyone's: nothing to roll out
+    if entry.base is not None and entry.base.sha256 == release.sha256:
+        if entry.candidate is None:
+            return entry.model_copy(update=update)  # already everyone's: nothing to roll out
+        return abort_entry(entry.model_copy(update=update), f"the base v{release.version} was published again")
     entry = entry.model_copy(update={**update, "candidate": release, "fraction": fraction,
                                      "rollout_state": "in_progress", "state_reason": ""})
     return complete(entry) if fraction >= 1.0 else entry

@@ -40,11 +40,14 @@ def init_repository(storage, keystore, root_keys: int = 1, root_threshold: int =
     return OtaRepository(storage, keystore, root_keys=root_keys, root_threshold=root_threshold, **options)
 
 
-def add(repository, role: str) -> str:
-    """Trust one more (new) key for a role; return its key id."""
+def add(repository, role: str, signer_uri: str | None = None, public_key=None) -> str:
+    """Trust one more key for a role: a new one in the keystore, or one behind a signer URI (KMS/HSM)."""
     _check(role)
     with repository.writing(f"add a {role} key"):
-        key = repository.keystore.generate(role)
+        if signer_uri is not None:
+            key = repository.keystore.add_signer_uri(role, signer_uri, public_key)
+        else:
+            key = repository.keystore.generate(role)
         with repository.edit_root() as root:
             root.add_key(key, role)
         _resign_roles(repository, role)
@@ -98,6 +101,14 @@ def set_threshold(repository, role: str, threshold: int) -> None:
         with repository.edit_root() as root:
             root.roles[role].threshold = threshold
         _resign_roles(repository, role)
+
+
+def resign_root(repository) -> int:
+    """Sign a new root version with the same keys (a fresh expiry); returns the new root version."""
+    with repository.writing("re-sign root"):
+        with repository.edit_root():
+            pass
+        return repository._root.version
 
 
 def _resign_roles(repository, role: str) -> None:

@@ -251,7 +251,7 @@ class DeviceInfo(WireRecord):
     protocol: int = 1  # the wire protocol the agent speaks (absent: an agent from before it said, protocol 1)
 
 
-UpdateStatus = Literal["updated", "up_to_date", "refused", "not_in_cohort", "error"]
+UpdateStatus = Literal["updated", "up_to_date", "refused", "not_in_cohort", "rolled_back", "stale", "error"]
 
 
 class UpdateReport(WireRecord):
@@ -265,3 +265,6 @@ class UpdateReport(WireRecord):
     channel: str | None = None
     target: str | None = None
     offered_version: str | None = None  # what the channel's signed descriptor offers this device
+    fallback_version: str | None = None  # the fallback model kept installed
+    on_probation: bool = False  # the installed model still has to be confirmed (edgeship.device.probation)
+    device_id: str | None = None

@@ -108,6 +108,7 @@ class ResolvedRelease:
     alias: str | None = None
     skipped: dict[str, str] = field(default_factory=dict)  # target -> why it does not ship
     allow_failed_gate: str | None = None
+    golden: dict[str, Path] = field(default_factory=dict)  # target -> golden.npz the host check logged
 
     @property
     def source(self) -> str:
@@ -215,7 +216,7 @@ def resolve_release(tracking_uri: str, model_name: str, dst: Path, *, version: s
     if not shipping:
         raise GateFailed(f"no target of {model_name} v{found.version} that was asked for passed its gate "
                          f"({', '.join(wanted)}); nothing to publish")
-    artifacts = []
+    artifacts, golden = [], {}
     for target in shipping:
         local = Path(mlflow.artifacts.download_artifacts(
             run_id=found.run_id, artifact_path=compiled_artifact_dir(target), dst_path=str(dst / target),
@@ -228,8 +229,10 @@ def resolve_release(tracking_uri: str, model_name: str, dst: Path, *, version: s
                                  f"{digest}, the registry recorded {recorded[target]}; the artifact store was "
                                  f"changed after gating: do not publish, re-run the release")
         artifacts.append(record.model_copy(update={"path": path}))
+        if (local / "golden.npz").is_file():
+            golden[target] = local / "golden.npz"
     return ResolvedRelease(model_name, str(found.version), found.run_id, artifacts, alias=alias, skipped=skipped,
-                           allow_failed_gate=allow_failed_gate)
+                           allow_failed_gate=allow_failed_gate, golden=golden)
 
 
 def resolve_alias(tracking_uri: str, model_name: str, alias: str, dst: Path, targets: list[str] | None = None
