@@ -112,3 +112,13 @@ def test_exponential_rate_and_policy_errors_name_the_key():
     with pytest.raises(ConfigError, match="rollout.channels.canary.stages"):
         parse_params({"rollout": {"channels": {"canary": {"stages": [0.5, 0.1, 1.0]}}}})
     assert parse_params({}).rollout.policy_for("stable").first_stage == 0.01
+
+
+def test_a_grossly_slow_release_fails_devices_before_their_minimum_of_answers():
+    # 10 answers each, 5+ of them far over the pi4 budget: conclusive although fewer than min_samples (50)
+    slow = [record(f"p{i}", "8", device_class="pi4", p50_ms=900.0, p99_ms=900.0, classes=[1] * 10,
+                   events=[("installed", "8", None)]) for i in range(3)]
+    assert decide_on(slow, now=T0 + timedelta(seconds=5)).action == "abort"
+    few_spikes = [record(f"q{i}", "8", device_class="pi4", p50_ms=1.0, p99_ms=900.0, classes=[1] * 10,
+                         events=[("installed", "8", None)]) for i in range(3)]
+    assert decide_on(few_spikes, now=T0 + timedelta(seconds=5)).action == "hold"  # one spike each: not yet

@@ -71,6 +71,11 @@ class Histogram(_Wire):
                 return LATENCY_EDGES_MS[index] if index < len(LATENCY_EDGES_MS) else math.inf
         return math.inf
 
+    def count_above(self, limit_ms: float) -> int:
+        """Values certainly above `limit_ms` (in buckets whose lower edge is at or above it)."""
+        lower = {i: (LATENCY_EDGES_MS[i - 1] if i > 0 else 0.0) for i in self.counts}
+        return sum(c for i, c in self.counts.items() if lower[i] >= limit_ms)
+
     def merged(self, other: Histogram) -> Histogram:
         counts = dict(self.counts)
         for index, count in other.counts.items():

@@ -87,6 +87,7 @@ class VersionStats(_Summary):
     device_class_of: dict[str, str] = Field(default_factory=dict)
     device_fallbacks: dict[str, int] = Field(default_factory=dict)  # device -> fallback activations on this version
     device_samples: dict[str, int] = Field(default_factory=dict)    # device -> answers timed on this version
+    device_latency: dict[str, Histogram] = Field(default_factory=dict)
 
 
 class FleetSnapshot(_Summary):
@@ -164,7 +165,8 @@ def aggregate(records: Iterable[TelemetryRecord], events: Iterable[dict] = (),
         classes = [sum(x) for x in _zip_longest(r.classes for r in mine)]
         confidence = [sum(x) for x in _zip_longest(r.confidence for r in mine)]
         drift = drift_score(reference, classes, confidence) if reference is not None and classes else None
-        device_p99 = {d: merge_histograms(r.latency for r in rs).quantile(0.99) for d, rs in per_device.items()}
+        device_latency = {d: merge_histograms(r.latency for r in rs) for d, rs in per_device.items()}
+        device_p99 = {d: h.quantile(0.99) for d, h in device_latency.items()}
         versions[version] = VersionStats(
             version=version, devices=sorted(per_device), classes={c: _class_stats(rs) for c, rs in per_class.items()},
             inferences=sum(r.inferences for r in mine), errors=sum(r.errors for r in mine),
@@ -173,7 +175,8 @@ def aggregate(records: Iterable[TelemetryRecord], events: Iterable[dict] = (),
             device_p99_ms={d: p for d, p in device_p99.items() if p is not None},
             device_class_of={d: rs[-1].device_class for d, rs in per_device.items()},
             device_fallbacks={d: sum(r.fallback_activations for r in rs) for d, rs in per_device.items()},
-            device_samples={d: sum(r.latency.total for r in rs) for d, rs in per_device.items()})
+            device_samples={d: sum(r.latency.total for r in rs) for d, rs in per_device.items()},
+            device_latency=device_latency)
     return FleetSnapshot(since=since, records=len(records), devices=len({r.device_id for r in records}),
                          versions=versions)
 

@@ -27,6 +27,7 @@ from edgeship.fleet.aggregate import FleetSnapshot, VersionStats
 from edgeship.fleet.policy import AbortCriterion, ChannelPolicy
 
 Action = Literal["advance", "complete", "hold", "abort", "none"]
+CONCLUSIVE_OVER_BUDGET = 5  # answers over the p99 budget that fail a device before it has min_samples_per_device
 
 
 class RolloutStatus(BaseModel):
@@ -78,10 +79,14 @@ def _failures(criterion: AbortCriterion, stats: VersionStats, policy: ChannelPol
             failed |= set(events.rolled_back)
         elif kind == "latency":
             for device, p99 in stats.device_p99_ms.items():
-                if stats.device_samples.get(device, 0) < policy.min_samples_per_device:
-                    continue  # a p99 of a few answers is their maximum: not evidence yet
-                executed.add(device)
                 budget = _budget(policy, status, stats.device_class_of.get(device, "default"))
+                over = stats.device_latency[device].count_above(budget) if budget is not None else 0
+                # A p99 of a few answers is their maximum: not evidence yet, unless so many answers are
+                # over budget already that no number of good ones to come could bring the p99 under it.
+                conclusive = over >= CONCLUSIVE_OVER_BUDGET and over > 0.01 * stats.device_samples.get(device, 0)
+                if stats.device_samples.get(device, 0) < policy.min_samples_per_device and not conclusive:
+                    continue
+                executed.add(device)
                 if budget is not None and p99 > budget:
                     failed.add(device)
         elif kind == "disagreement":
