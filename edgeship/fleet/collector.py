@@ -24,6 +24,7 @@ from edgeship.device.telemetry_mqtt import MqttSettings, mqtt_client
 from edgeship.fleet.store import FleetStore
 
 logger = logging.getLogger(__name__)
+_STORE_ATTEMPTS = 5
 
 
 class Collector:
@@ -75,14 +76,24 @@ class Collector:
         self.connected.set()
 
     def _on_message(self, client, userdata, message) -> None:
-        try:
-            self._store(message.topic, message.payload)
-        except (ValidationError, ValueError) as error:
-            self.rejected += 1  # not a record: acknowledge it so it is not redelivered forever
-            logger.warning("rejected a message on %s: %s", message.topic, error)
-        except Exception:
-            logger.exception("could not store a message on %s; the broker will redeliver it", message.topic)
-            return
+        for attempt in range(_STORE_ATTEMPTS):
+            try:
+                self._store(message.topic, message.payload)
+                break
+            except (ValidationError, ValueError) as error:
+                self.rejected += 1  # not a record: acknowledge it so it is not redelivered forever
+                logger.warning("rejected a message on %s: %s", message.topic, error)
+                break
+            except Exception:
+                if attempt + 1 < _STORE_ATTEMPTS:
+                    time.sleep(0.2 * 2 ** attempt)
+                    continue
+                # Unacknowledged messages block the broker's in-flight window for this session: reconnect,
+                # so the broker sends this one (and everything queued behind it) again.
+                logger.exception("could not store a message on %s; reconnecting for a redelivery", message.topic)
+                client.disconnect()
+                client.reconnect()
+                return
         if message.qos > 0:
             client.ack(message.mid, message.qos)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, Text, create_engine, select
+from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, Text, create_engine, event, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -89,7 +89,12 @@ class FleetStore:
 
     def __init__(self, url: str = "sqlite:///fleet.db"):
         self.url = url
-        self.engine = create_engine(url, future=True, pool_pre_ping=True)
+        sqlite = url.startswith("sqlite")
+        self.engine = create_engine(url, future=True, pool_pre_ping=True,
+                                    connect_args={"timeout": 30} if sqlite else {})
+        if sqlite:
+            # WAL: the controller's reads never block the collector's writes (nor the other way round).
+            event.listen(self.engine, "connect", lambda connection, _: connection.execute("PRAGMA journal_mode=WAL"))
         Base.metadata.create_all(self.engine)
 
     def close(self) -> None:
