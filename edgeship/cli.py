@@ -9,6 +9,7 @@
     edgeship rollback --channel stable
     edgeship channels | resign | keys ...    # see edgeship/ota/cli.py
     edgeship check                  # validate params.yaml only
+    edgeship fleet collect|status|rollout|pause|resume|abort   # the fleet loop (edgeship/fleet/cli.py)
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ data_app = typer.Typer(no_args_is_help=True, help="Data: reference data set and 
 app.add_typer(data_app, name="data")
 webhook_app = typer.Typer(no_args_is_help=True, help="Publish on promotion: the MLflow webhook receiver.")
 app.add_typer(webhook_app, name="webhook")
+from edgeship.fleet.cli import fleet_app  # noqa: E402 - typer and rich only; the fleet loop's commands
+
+app.add_typer(fleet_app, name="fleet")
 console = Console(stderr=True)
 
 ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="params.yaml to read")

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from edgeship.errors import ConfigError
+from edgeship.fleet.policy import FleetParams, RolloutParams
 from edgeship.targets import KNOWN_TARGETS
 
 
@@ -367,6 +368,8 @@ class Params(Section):
     compile: dict[str, CompileOptions] = Field(default_factory=dict)
     registry: RegistryParams = RegistryParams()
     ota: OtaParams = OtaParams()
+    fleet: FleetParams = FleetParams()        # telemetry broker and fleet store (edgeship/fleet/policy.py)
+    rollout: RolloutParams = RolloutParams()  # per-channel rollout policy
 
     @field_validator("targets")
     @classmethod

@@ -26,13 +26,16 @@ from edgeship.tasks.gate import earns_its_place, evaluate_gate, float_sibling, r
 
 
 @flow(name="release", log_prints=True)
-def release(params_path: str = "params.yaml", workdir: str = ".", summary_path: str | None = None
-            ) -> ReleaseSummary:
-    """Run the whole release on the project in `workdir`; register a version, alias it when the gates pass."""
+def release(params_path: str = "params.yaml", workdir: str = ".", summary_path: str | None = None,
+            reason: str | None = None) -> ReleaseSummary:
+    """Run the whole release on the project in `workdir`; register a version, alias it when the gates pass.
+
+    `reason` says why this run was started (the rollout controller's drift trigger names the drift it saw).
+    """
     root = Path(workdir).resolve()
     params = load_params(root / params_path)
     run = ReleaseRun.start(params.registry, root, run_name=f"release-{params.project.name}",
-                           tags={"edgeship.flow": "release"})
+                           tags={"edgeship.flow": "release", **({"edgeship.reason": reason[:5000]} if reason else {})})
     out_dir = root / ".edgeship" / "runs" / run.run_id
     out_dir.mkdir(parents=True, exist_ok=True)
     run.log_params(params.model_dump(mode="json"))
