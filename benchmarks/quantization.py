@@ -9,8 +9,9 @@ Two models, each trained here, then put through edgeship's own stages (nothing h
     test split is small; the point is ONNX Runtime's int8 speed on a real-size network).
 
 For each: fp32 (ONNX Runtime), PTQ (ONNX Runtime static QDQ, calibrated on the calibration split),
-QAT-uniform (every layer int8) and QAT-mixed (the sensitivity analysis + precision plan's layers
-float, the rest int8): test accuracy on ONNX Runtime, ONNX size, and ONNX Runtime latency
+QAT-uniform (every layer int8), QAT-mixed (the sensitivity analysis + precision plan's layers
+float, the rest int8) and pruned30+QAT (30% of each layer's channels removed by L1, fine-tuned from
+the unpruned model, then QAT-uniform): test accuracy on ONNX Runtime, ONNX size, and ONNX Runtime latency
 p50/p99 at 1 thread and at all threads, batch 1, every model timed in the same rounds
 (interleaved, so load on this shared machine hits them alike), with the same runtime adapter
 the device agent uses.
@@ -63,6 +64,8 @@ class Case:
     sensitivity: dict = field(default_factory=dict)
     precision: dict = field(default_factory=dict)
     max_qat_train: int | None = None  # QAT on the first N training images (the 224 model's QAT is slow here)
+    prune_ratio: float = 0.3  # the pruned+QAT row: channels removed (per layer, L1) before QAT-uniform
+    prune_epochs: int = 3  # fine-tuning after pruning, distilled from the unpruned model
 
 
 def cases(quick: bool) -> dict[str, Case]:
@@ -73,7 +76,7 @@ def cases(quick: bool) -> dict[str, Case]:
                   precision={"max_drop_points": 0.3})
     mnv2 = Case("mnv2-224", "MobileNetV2-1.0 at 224x224x3, trained briefly on upsampled digits", 224, 3,
                 {"width_mult": 1.0}, epochs=1 if quick else 6, qat_epochs=1, per_class=12 if quick else 40,
-                batch_size=32, lr=0.05, qat_lr=0.002,
+                batch_size=32, lr=0.05, qat_lr=0.002, prune_epochs=1,
                 sensitivity={"latency_runs": 10, "max_samples": 8 if quick else 16, "converse": False},
                 # 16 validation images (1 image = 6.25 points, for time): a budget under 2 images chases noise.
                 precision={"max_drop_points": 12.5, "frontier_steps": 0, "compare_strategies": False,
@@ -139,11 +142,16 @@ def run_case(case: Case, work: Path, rounds: int, per_round: int) -> dict:
                                                                           work / "qat_mixed", plan=plan.layers))
         else:
             mixed = uniform  # the plan keeps every layer int8: QAT-mixed is QAT-uniform
+        pruned = timed("prune + fine-tune", lambda: _pruned(trained, data, case, work / "pruned"))
+        pruned_qat = timed("QAT pruned", lambda: quantization_aware_train(pruned, qat_data, qat_params,
+                                                                            work / "qat_pruned"))
     x_test, y_test = load_split(data, "test")
+    prune_label = f"pruned{int(100 * case.prune_ratio)}+QAT"
     models = {"fp32": fp32_onnx, "PTQ": ptq.onnx_path, "QAT-uniform": uniform.onnx_path,
-              "QAT-mixed": mixed.onnx_path}
+              "QAT-mixed": mixed.onnx_path, prune_label: pruned_qat.onnx_path}
     accuracy = {"fp32": onnx_accuracy(fp32_onnx, x_test, y_test), "PTQ": ptq.onnx_test_accuracy,
-                "QAT-uniform": uniform.onnx_test_accuracy, "QAT-mixed": mixed.onnx_test_accuracy}
+                "QAT-uniform": uniform.onnx_test_accuracy, "QAT-mixed": mixed.onnx_test_accuracy,
+                prune_label: pruned_qat.onnx_test_accuracy}
     sample = x_test[:1].astype(np.float32)
     threads_all = os.cpu_count() or 1
     latency = {}
@@ -180,6 +188,21 @@ def run_case(case: Case, work: Path, rounds: int, per_round: int) -> dict:
                             "by_kind": _by_kind(report)},
             "qat_epochs_run": {"uniform": uniform.epochs_run, "mixed": mixed.epochs_run},
             "stage_seconds": stages}
+
+
+def _pruned(trained, data, case: Case, directory: Path):
+    """The trained model with `case.prune_ratio` of its channels removed (L1, per layer) and fine-tuned."""
+    import torch
+
+    from edgeship.config import PruningParams, TrainParams
+    from edgeship.tasks.prune import prune_model
+    from edgeship.tasks.prune_search import fine_tune
+    from edgeship.tasks.train import load_model
+
+    params = PruningParams(fine_tune_epochs=case.prune_epochs)
+    model = prune_model(load_model(trained), torch.zeros(1, *trained.input_shape), params, case.prune_ratio)
+    return fine_tune(model, load_model(trained), trained, data, params,
+                     TrainParams(batch_size=case.batch_size), directory)
 
 
 def _subset_train(data, limit: int | None, directory: Path):
@@ -335,13 +358,18 @@ def main() -> None:
             print_table(results[name])
     report = {"benchmark": "quantization", "quick": args.quick, "environment": environment(),
               "timing": {"rounds": rounds, "per_round": f"{args.per_round}, or ~20 ms of runs if more", "batch": 1,
-                         "method": "interleaved rounds over all four models, edgeship.device.runtimes adapter"},
+                         "method": "interleaved rounds over all five models, edgeship.device.runtimes adapter"},
               "cases": results, "targets": verdicts(results),
               "total_seconds": round(time.perf_counter() - started, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_report(report, args.out)
+
+
+def write_report(report: dict, out: Path) -> None:
+    """The JSON (with its `targets` and `total_seconds`) to `out`, and the targets printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print("\ntargets:", json.dumps(report["targets"], indent=2))
-    print(f"total {report['total_seconds']:.0f} s; wrote {args.out}")
+    print(f"total {report['total_seconds']:.0f} s; wrote {out}")
 
 
 if __name__ == "__main__":

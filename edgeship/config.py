@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from edgeship.errors import ConfigError
+from edgeship.fleet.policy import FleetParams, RolloutParams
 from edgeship.targets import KNOWN_TARGETS
 
 
@@ -152,6 +153,64 @@ class DistillationParams(Section):
         return self
 
 
+class PruningParams(Section):
+    """Structured channel pruning (Torch-Pruning) after training, before sensitivity and QAT: off by default."""
+
+    enabled: bool = False
+    importance: Literal["l1", "taylor"] = Field(default="l1", description="l1: weight magnitude; taylor: "
+                                                "|weight x gradient| on a few training batches")
+    ratio: float = Field(default=0.3, ge=0, lt=1, description="fraction of channels removed (per layer, or over "
+                                                              "the whole model with scope: global)")
+    search_ratios: list[float] = Field(default_factory=list, description="candidate ratios: each is pruned, "
+                                       "fine-tuned and timed; the fastest within max_drop_points wins (empty: ratio)")
+    max_drop_points: float = Field(default=1.0, ge=0, description="val accuracy budget vs the unpruned model, in "
+                                                                  "points, after fine-tuning")
+    scope: Literal["per_layer", "global"] = Field(default="per_layer", description="per_layer: every layer loses "
+                                                  "`ratio`; global: the least important channels model-wide")
+    max_layer_ratio: float = Field(default=0.8, gt=0, lt=1, description="global scope: no layer loses more")
+    layer_ratios: dict[str, float] = Field(default_factory=dict, description="module name -> its own ratio")
+    pinned: list[str] = Field(default_factory=list, description="modules never pruned (the classifier never is)")
+    round_to: int | None = Field(default=4, ge=1, description="keep channel counts multiples of this (the "
+                                 "nearest, at least one): odd counts run slower on SIMD kernels; null: any count")
+    fine_tune_epochs: int = Field(default=3, ge=1)
+    fine_tune_lr: float = Field(default=0.01, gt=0)
+    distill: bool = Field(default=True, description="fine-tune from the unpruned model's logits as teacher")
+    distill_alpha: float = Field(default=0.5, ge=0, le=1)
+    distill_temperature: float = Field(default=4.0, gt=0)
+    taylor_batches: int = Field(default=4, ge=1, description="training batches whose gradients Taylor uses")
+    latency_runs: int = Field(default=100, ge=5, description="timed runs per candidate on ONNX Runtime (1 thread)")
+
+    @field_validator("search_ratios")
+    @classmethod
+    def _ratios(cls, value: list[float]) -> list[float]:
+        bad = [r for r in value if not 0 <= r < 1]
+        if bad:
+            raise ValueError(f"pruning ratios must be in [0, 1): {bad}")
+        return sorted(set(value))
+
+    @field_validator("layer_ratios")
+    @classmethod
+    def _layer_ratios(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: r for k, r in value.items() if not 0 <= r < 1}
+        if bad:
+            raise ValueError(f"layer ratios must be in [0, 1): {bad}")
+        return value
+
+    def candidates(self) -> list[float]:
+        return self.search_ratios or [self.ratio]
+
+
+class CompileOptions(Section):
+    """One target's converter choices (`compile: {tflite-int8: {route: tf, io: uint8}}`)."""
+
+    route: Literal["auto", "litert-torch", "tf"] = Field(
+        default="auto", description="LiteRT targets: litert-torch; tf: ONNX -> onnx2tf -> TFLiteConverter "
+                                    "(.venv/tf-converter); auto: litert-torch, TensorFlow's converter when it fails")
+    io: Literal["int8", "uint8", "float32"] | None = Field(
+        default=None, description="tflite-int8 input/output type on the tf route (uint8 for the Coral Edge TPU); "
+                                  "null: int8")
+
+
 class PtqParams(Section):
     """The post-training-quantization baseline: ONNX Runtime static QDQ quantization of the fp32 model."""
 
@@ -245,6 +304,10 @@ class GatePolicy(Section):
     max_size_mb: float | None = Field(default=None, gt=0)
     accept_proxy_accuracy: bool = Field(default=False, description="let a proxy's accuracy (e.g. Core ML's torch "
                                         "stand-in on Linux) count; off: only the target's own runtime counts")
+    fail_if_slower_than_fp32: bool = Field(default=False, description="int8 targets: fail when the p50 on a device "
+                                           "is above the float sibling's there (off: flagged only)")
+    fail_if_bigger_than_fp32: bool = Field(default=False, description="int8 targets: fail when the file is bigger "
+                                           "than the float sibling's (off: flagged only)")
 
     @model_validator(mode="after")
     def _sets_a_limit(self) -> "GatePolicy":
@@ -296,13 +359,17 @@ class Params(Section):
     sensitivity: SensitivityParams = SensitivityParams()
     precision: PrecisionParams = PrecisionParams()
     distillation: DistillationParams = DistillationParams()
+    pruning: PruningParams = PruningParams()
     ptq: PtqParams = PtqParams()
     targets: list[str] = Field(default_factory=lambda: ["onnx-fp32", "onnx-int8"], min_length=1)
     benchmark: BenchmarkParams = BenchmarkParams()
     devices: list[DeviceParams] = Field(default_factory=lambda: [DeviceParams(name="local")])
     gate: dict[str, GatePolicy] = Field(default_factory=dict)
+    compile: dict[str, CompileOptions] = Field(default_factory=dict)
     registry: RegistryParams = RegistryParams()
     ota: OtaParams = OtaParams()
+    fleet: FleetParams = FleetParams()        # telemetry broker and fleet store (edgeship/fleet/policy.py)
+    rollout: RolloutParams = RolloutParams()  # per-channel rollout policy
 
     @field_validator("targets")
     @classmethod
@@ -331,6 +398,18 @@ class Params(Section):
         if stray:
             raise ValueError(f"names target(s) {stray} that are not in 'targets' {targets}")
         return gate
+
+    @field_validator("compile")
+    @classmethod
+    def _compile_options_name_litert_targets(cls, options: dict[str, CompileOptions], info: ValidationInfo
+                                             ) -> dict[str, CompileOptions]:
+        stray = sorted(t for t in options if not t.startswith("tflite-"))
+        if stray:
+            raise ValueError(f"compile options are for the LiteRT targets (tflite-*) only; remove {stray}")
+        bad_io = sorted(t for t, o in options.items() if o.io and (t != "tflite-int8" or o.route == "litert-torch"))
+        if bad_io:
+            raise ValueError(f"'io' applies to tflite-int8 on the tf (or auto) route only; remove it from {bad_io}")
+        return options
 
     def gate_for(self, target: str) -> GatePolicy:
         """The gate policy of a target (the default policy when params.yaml sets none)."""

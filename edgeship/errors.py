@@ -19,6 +19,10 @@ class ModelLoadError(EdgeshipError):
     """A model factory or a model file cannot be loaded."""
 
 
+class PruningError(EdgeshipError):
+    """A model's graph cannot be pruned as asked (a layer the pruner cannot follow, an unknown layer name)."""
+
+
 class CompileError(EdgeshipError):
     """A target's converter failed; the message carries the converter's own words."""
 

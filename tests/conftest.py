@@ -58,3 +58,13 @@ def static_server(http_server):
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - the stdlib's signature
         pass
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One real Prefect API server for the whole session (it takes ~14 s to start): its URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()

@@ -102,3 +102,56 @@ def test_a_proxy_accuracy_counts_only_when_the_policy_accepts_it():
     lenient = evaluate_gate("coreml-w8a8", GatePolicy(max_accuracy_drop=1.0, accept_proxy_accuracy=True), 0.98,
                             artifact(), proxy, [])
     assert lenient.passed
+
+
+def _sibling(target: str, size: int, p50: float, device: str = "pi"):
+    from edgeship.targets import KNOWN_TARGETS
+
+    info = KNOWN_TARGETS[target]
+    art = CompiledArtifact(target=target, path=Path(f"{target}.bin"), sha256="cd" * 32, bytes=size,
+                           precision=info.precision, runtime=info.runtime, inputs=SPEC, outputs=SPEC)
+    stats = LatencyStats(p50=p50, p90=p50, p95=p50, p99=p50 * 1.2, max=p50 * 2, mean=p50)
+    return art, [BenchmarkResult(target=target, device=device, runtime=info.runtime, sha256="cd" * 32,
+                                 latency_ms=stats, iterations=10)]
+
+
+def test_float_sibling_is_the_same_runtimes_float_target():
+    from edgeship.tasks.gate import float_sibling
+
+    targets = ["onnx-fp32", "onnx-int8", "tflite-fp16", "tflite-int8", "coreml-w8a8"]
+    assert float_sibling("onnx-int8", targets) == "onnx-fp32"
+    assert float_sibling("tflite-int8", targets) == "tflite-fp16"
+    assert float_sibling("coreml-w8a8", targets) is None and float_sibling("onnx-fp32", targets) is None
+
+
+@pytest.mark.parametrize("fail_option", [False, True])
+def test_int8_bigger_and_slower_than_fp32_is_flagged_or_fails(fail_option):
+    from edgeship.tasks.gate import earns_its_place, flags
+
+    policy = GatePolicy(max_size_mb=1.0, fail_if_slower_than_fp32=fail_option, fail_if_bigger_than_fp32=fail_option)
+    int8, int8_bench = _sibling("onnx-int8", 36_000, 0.18)
+    fp32, fp32_bench = _sibling("onnx-fp32", 17_000, 0.10)
+    base = evaluate_gate("onnx-int8", policy, 0.98, int8, host(0.975), int8_bench)
+    report = earns_its_place(base, policy, int8, int8_bench, "onnx-fp32", fp32, fp32_bench)
+    got = checks(report)
+    assert got["size_vs_float"].measured == pytest.approx(36 / 17, rel=1e-3)
+    assert got["p50_vs_float"].measured == pytest.approx(1.8)
+    assert report.passed is not fail_option
+    markdown = render_markdown([report])
+    if fail_option:
+        assert "**FAIL** int8 buys nothing here: 1.80x onnx-fp32" in markdown and not flags(report)
+    else:
+        assert "flagged**: int8 buys nothing here: 2.12x onnx-fp32 (36.0 kB against onnx-fp32's 17.0 kB)" in markdown
+        assert len(flags(report)) == 2 and "fail_if_slower_than_fp32 fails it" in flags(report)[1]
+
+
+def test_int8_that_is_smaller_and_faster_passes_unflagged_and_unmeasured_is_left_out():
+    from edgeship.tasks.gate import earns_its_place, flags
+
+    policy = GatePolicy(max_size_mb=1.0, fail_if_slower_than_fp32=True)
+    int8, int8_bench = _sibling("onnx-int8", 5_000, 0.05)
+    fp32, fp32_bench = _sibling("onnx-fp32", 17_000, 0.10, device="other")  # no device measured both
+    report = earns_its_place(evaluate_gate("onnx-int8", policy, 0.98, int8, host(0.975), int8_bench), policy,
+                             int8, int8_bench, "onnx-fp32", fp32, fp32_bench)
+    assert report.passed and not flags(report)
+    assert "p50_vs_float" not in checks(report) and checks(report)["size_vs_float"].measured < 1

@@ -10,6 +10,7 @@
     edgeship-device provision --state-dir D --repo-url URL --root root.json --target onnx-int8
     edgeship-device update --state-dir D                 # the OTA updater (edgeship.device.updater)
     edgeship-device status|confirm|rollback --state-dir D
+    edgeship-device serve --state-dir D --uds /run/edgeship.sock --broker 127.0.0.1:1883 --device-class pi4
 
 Also runnable as `python -m edgeship.device.cli`.
 """
@@ -103,6 +104,13 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     sensors.add_argument("--power-meter-cmd", default=None, metavar="COMMAND")
     sensors.add_argument("--sysfs-root", type=Path, default=Path("/"), help=argparse.SUPPRESS)
     sensors.set_defaults(run=_run_sensors)
+
+    serve = commands.add_parser("serve", help="the on-device runtime as a local inference service, with shadow "
+                                "mode and telemetry", description="Answer POST /predict on loopback or a Unix "
+                                "socket with the installed model (edgeship.device.serve).")
+    from edgeship.device.serve import add_arguments as serve_arguments
+
+    serve_arguments(serve)
 
     # Their arguments and actions come from edgeship.device.updater_cli, wired by main() when asked for.
     helps = {"provision": "give this device its identity, channel, target and trusted root",

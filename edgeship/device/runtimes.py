@@ -103,9 +103,11 @@ class LiteRTSession:
     """The LiteRT (TFLite) interpreter from ai-edge-litert, with the XNNPACK delegate unless turned off.
 
     An int8 model with int8 input/output is fed float32 images quantized with its
-    input's scale and zero point, and its output is dequantized, so callers always
-    see float32 in and out (the quantization is part of the measured latency, as in
-    an app that feeds camera frames as floats). `inputs` describes what `run` takes.
+    input's scale and zero point, and its output is dequantized, so callers of `run` always
+    see float32 in and out. `inputs` describes what `run` takes. For timing, `run` is
+    `finish(invoke(prepare(batch)))`: `invoke` is the runtime's own work (set the input
+    tensor, invoke, read the output), `prepare`/`finish` the numpy I/O conversion
+    (`converts_io` says whether there is any), which the benchmark reports beside it.
     """
 
     name = "litert"
@@ -143,14 +145,28 @@ class LiteRTSession:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         if len(batch) == self._batch:
-            return self._invoke(batch)
-        return np.concatenate([self._invoke(batch[start:start + self._batch])
+            return self.finish(self.invoke(self.prepare(batch)))
+        return np.concatenate([self.finish(self.invoke(self.prepare(batch[start:start + self._batch])))
                                for start in range(0, len(batch), self._batch)])
 
-    def _invoke(self, batch: np.ndarray) -> np.ndarray:
-        self._interpreter.set_tensor(self._input["index"], _quantize(batch, self._input))
+    @property
+    def converts_io(self) -> bool:
+        """Whether `run` quantizes the input or dequantizes the output (an integer-I/O model)."""
+        return any(np.dtype(d["dtype"]).kind in "iu" for d in (self._input, self._output))
+
+    def prepare(self, batch: np.ndarray) -> np.ndarray:
+        """float32 images -> the input tensor's dtype (quantized with its scale and zero point)."""
+        return _quantize(batch, self._input)
+
+    def invoke(self, prepared: np.ndarray) -> np.ndarray:
+        """The runtime's own work on a prepared input: set the tensor, invoke, read the output tensor."""
+        self._interpreter.set_tensor(self._input["index"], prepared)
         self._interpreter.invoke()
-        return _dequantize(self._interpreter.get_tensor(self._output["index"]), self._output)
+        return self._interpreter.get_tensor(self._output["index"])
+
+    def finish(self, output: np.ndarray) -> np.ndarray:
+        """The output tensor -> float32 logits (dequantized when integer)."""
+        return _dequantize(output, self._output)
 
 
 def _quantize(values: np.ndarray, detail: dict) -> np.ndarray:

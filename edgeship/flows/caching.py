@@ -134,7 +134,7 @@ def compile_key(context, p: dict) -> str:
 
     target, quantized = p["target"], p["quantized"]
     module = KNOWN_TARGETS[target].module if target in KNOWN_TARGETS else target
-    return digest(stage="compile", target=target, **_trained(p),
+    return digest(stage="compile", target=target, **_trained(p), options=p.get("options"),
                   quantized=None if quantized is None else {
                       "onnx": file_hash(quantized.onnx_path), "float": file_hash(quantized.qat_float_checkpoint),
                       "plan": quantized.plan},

@@ -10,14 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def deployments(workdir: Path, cron: str | None, params_path: str = "params.yaml") -> list:
-    """The release (on `cron`, when given), publish, rollback, rollout and resign (every
-    `ota.resign_every_hours`) deployments for the project in `workdir`."""
+def deployments(workdir: Path, cron: str | None, params_path: str = "params.yaml",
+                controller_interval_s: float = 60.0) -> list:
+    """The release (on `cron`, when given), publish, rollback, rollout, resign (every
+    `ota.resign_every_hours`) and rollout-controller (every `controller_interval_s`) deployments for the
+    project in `workdir`."""
     from datetime import timedelta
 
     from edgeship.config import load_params
     from edgeship.flows.publish import publish, resign, rollback, rollout
     from edgeship.flows.release import release
+    from edgeship.flows.rollout import rollout_controller
 
     where = {"workdir": str(workdir.resolve()), "params_path": params_path}
     every = timedelta(hours=load_params(workdir / params_path).ota.resign_every_hours)
@@ -37,4 +40,8 @@ def deployments(workdir: Path, cron: str | None, params_path: str = "params.yaml
         resign.to_deployment(name="resign", parameters=where, interval=every,
                              description="Renew timestamp/snapshot/targets before they expire (devices go stale).",
                              tags=["edgeship", "ota"], concurrency_limit=1),
+        rollout_controller.to_deployment(name="rollout-controller", interval=controller_interval_s, parameters=where,
+                                         description="Advance, hold or abort each target's rollout on what the "
+                                                     "fleet reports.", tags=["edgeship", "ota", "fleet"],
+                                         concurrency_limit=1),
     ]

@@ -120,7 +120,9 @@ def publish(alias: str | None = "production", params_path: str = "params.yaml", 
             drift_reference: dict | None = None) -> ChannelDescriptor:
     """Publish a version (given, or the one `alias` points to now) into the signed OTA repository's channel.
 
-    `drift_reference` (the fleet's drift baseline) is carried into every entry as given."""
+    `drift_reference` (the fleet's drift baseline) is carried into every entry; by default it is the release's
+    own class and confidence distributions on the prepared test split."""
+    from edgeship.fleet.drift import release_drift_reference
     from edgeship.ota.publish import publish_release
 
     root = Path(workdir).resolve()
@@ -134,12 +136,15 @@ def publish(alias: str | None = "production", params_path: str = "params.yaml", 
         budgets = {t: policy.p99_latency_ms for t, policy in params.gate.items()}
         golden = golden_vectors(params, root, release, Path(tmp) / "golden")
         fallbacks = _fallbacks(params, tracking_uri, Path(tmp), [a.target for a in release.artifacts])
+        reference = None if drift_reference else release_drift_reference(
+            root / params.data.prepared_dir / "test.npz", release.artifacts, release.version)
         with one_writer():
             descriptor = publish_release(
                 open_repository(params.ota, root), release.model_name, release.version, release.artifacts,
                 channel=channel, rollout_fraction=rollout_fraction, latency_budgets=budgets, golden=golden,
                 fallbacks=fallbacks, allow_failed_gate=release.allow_failed_gate, source=release.source,
-                golden_tolerance=(params.ota.golden_atol, params.ota.golden_rtol), drift_reference=drift_reference)
+                golden_tolerance=(params.ota.golden_atol, params.ota.golden_rtol),
+                drift_reference=drift_reference or reference)
     record_publish(tracking_uri, release.model_name, release.version, channel,
                    f"{release.source} at {rollout_fraction:g}" + (f"; skipped {release.skipped}" if release.skipped
                                                                    else ""))

@@ -30,14 +30,6 @@ from edgeship.registry.tracking import ReleaseRun
 PREFIX = "quantization"
 
 
-def _nested_run(run: ReleaseRun, name: str, tags: dict[str, str] | None = None) -> ReleaseRun:
-    """A child MLflow run of the release (tag mlflow.parentRunId), in the same experiment."""
-    parent = run.client.get_run(run.run_id)
-    child = run.client.create_run(parent.info.experiment_id, run_name=name,
-                                  tags={"mlflow.parentRunId": run.run_id, "mlflow.runName": name, **(tags or {})})
-    return ReleaseRun(child.info.run_id, run.tracking_uri)
-
-
 @task(name="distillation", cache_policy=NO_CACHE)
 def distill_model(params: Params, data: PreparedData, out_dir: Path, run: ReleaseRun) -> TrainedModel:
     """Train the teacher (or load it from MLflow), then the model from it; logged as a run nested in the release.
@@ -50,7 +42,7 @@ def distill_model(params: Params, data: PreparedData, out_dir: Path, run: Releas
     from edgeship.tasks.train import evaluate, load_model, train
 
     settings = params.distillation
-    child = _nested_run(run, "distillation", {"edgeship.stage": "distillation"})
+    child = run.nested("distillation", {"edgeship.stage": "distillation"})
     try:
         child.log_params({"distillation": settings.model_dump(mode="json"), "model": params.model.model_dump(),
                           "train": params.train.model_dump()})

@@ -1,4 +1,8 @@
-"""The release flow: data -> train -> sensitivity -> precision plan -> QAT -> compile per target -> host check -> device benchmark -> gate -> register.
+"""The release flow: data -> train (or distill) -> prune (optional) -> sensitivity -> precision plan -> QAT -> compile per
+target -> host check -> device benchmark -> gate -> register.
+
+Each model stage starts from the previous one's model, and the chain is recorded on the model version
+(`edgeship.lineage` and one `edgeship.lineage.<stage>` tag per stage).
 
 Reads like the pipeline it runs; each step is a task in `release_tasks`, each task
 a thin wrapper over a plain stage function. Started by `edgeship run`, by a
@@ -16,18 +20,19 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from edgeship.config import load_params
-from edgeship.flows import quantization_tasks, release_tasks
+from edgeship.flows import pruning_tasks, quantization_tasks, release_tasks
 from edgeship.flows.caching import ProjectCache
 from edgeship.records import ReleaseSummary, TargetSummary
 from edgeship.registry.tracking import ReleaseRun
-from edgeship.tasks.gate import evaluate_gate, release_passes
+from edgeship.tasks.gate import earns_its_place, evaluate_gate, float_sibling, release_passes
 
 
 @flow(name="release", log_prints=True)
 def release(params_path: str = "params.yaml", workdir: str = ".", summary_path: str | None = None,
-            fresh: bool = False) -> ReleaseSummary:
+            reason: str | None = None, fresh: bool = False) -> ReleaseSummary:
     """Run the whole release on the project in `workdir`; register a version, alias it when the gates pass.
 
+    `reason` says why this run was started (the rollout controller's drift trigger names the drift it saw).
     Stages whose inputs did not change since an earlier run are reused from the project's cache
     (edgeship.flows.caching); `fresh=True` recomputes every stage.
     """
@@ -37,7 +42,7 @@ def release(params_path: str = "params.yaml", workdir: str = ".", summary_path: 
         sys.path.insert(0, str(root))
     cache = ProjectCache.open(root, fresh)
     run = ReleaseRun.start(params.registry, root, run_name=f"release-{params.project.name}",
-                           tags={"edgeship.flow": "release"})
+                           tags={"edgeship.flow": "release", **({"edgeship.reason": reason[:5000]} if reason else {})})
     out_dir = root / ".edgeship" / "runs" / run.run_id
     out_dir.mkdir(parents=True, exist_ok=True)
     run.log_params(params.model_dump(mode="json"))
@@ -55,7 +60,7 @@ def release(params_path: str = "params.yaml", workdir: str = ".", summary_path: 
     return summary
 
 
-def _quantize(params, trained, data, out_dir: Path, run: ReleaseRun, cache: ProjectCache):
+def _quantize(params, trained, data, out_dir: Path, run: ReleaseRun, lineage: dict[str, str], cache: ProjectCache):
     """Sensitivity -> mixed-precision plan -> QAT on the plan; PTQ alongside, as the row QAT must beat."""
     plan = None
     if params.sensitivity.enabled:
@@ -63,8 +68,10 @@ def _quantize(params, trained, data, out_dir: Path, run: ReleaseRun, cache: Proj
                             on_reuse=lambda _: release_tasks.reused("sensitivity", run))
         plan = cache.call(quantization_tasks.plan_precision, params, trained, data, report, run,
                           on_reuse=lambda _: release_tasks.reused("precision plan", run))
+        lineage["plan"] = f"{len(plan.float_layers)} float of {len(plan.layers)} layers ({plan.strategy})"
     quantized = cache.call(quantization_tasks.quantize_on_plan, params, trained, data, plan, out_dir, run,
                            on_reuse=lambda _: release_tasks.reused("qat", run))
+    lineage["qat"] = f"{params.qat.epochs} epochs, {len(quantized.float_layers)} float layers"
     baseline = None
     if params.ptq.enabled:
         baseline = cache.call(quantization_tasks.ptq_baseline, params, trained, data, out_dir, run,
@@ -75,17 +82,26 @@ def _quantize(params, trained, data, out_dir: Path, run: ReleaseRun, cache: Proj
 
 def _release(root: Path, params, run: ReleaseRun, out_dir: Path, cache: ProjectCache) -> ReleaseSummary:
     data = release_tasks.prepare_data(root, params, run)
+    lineage: dict[str, str] = {}
     if params.distillation.enabled:
         trained = cache.call(quantization_tasks.distill_model, params, data, out_dir, run,
                              on_reuse=lambda model: release_tasks.reused_model(run, model, "student"))
+        lineage["distill"] = f"from {trained.teacher}"
     else:
         trained = cache.call(release_tasks.train_model, params, data, out_dir, run,
                              on_reuse=lambda model: release_tasks.reused_model(run, model))
+        lineage["train"] = f"{params.train.epochs} epochs"
+    if params.pruning.enabled:
+        unpruned = trained
+        trained, lineage["prune"] = pruning_tasks.prune(params, trained, data, out_dir, run)
+        if trained.checkpoint != unpruned.checkpoint:
+            lineage["prune.from"] = unpruned.model_uri or str(unpruned.checkpoint)
     quantized = None
     if release_tasks.needs_quantized_model(params.targets):
-        quantized = _quantize(params, trained, data, out_dir, run, cache)
+        quantized = _quantize(params, trained, data, out_dir, run, lineage, cache)
 
-    compiled = [cache.submit(release_tasks.compile_target, target, trained, quantized, data, out_dir, run)
+    compiled = [cache.submit(release_tasks.compile_target, target, trained, quantized, data, out_dir, run,
+                             params.compile[target].model_dump() if target in params.compile else None)
                 for target in params.targets]
     outcomes = {o.target: o for o in (cache.reused(future, lambda o: release_tasks.reused_compile(run, o))
                                       for future in compiled)}
@@ -106,12 +122,16 @@ def _release(root: Path, params, run: ReleaseRun, out_dir: Path, cache: ProjectC
         gate = evaluate_gate(target, params.gate_for(target), trained.test_accuracy, outcome.artifact,
                              host_checks.get(target), measured, device_accuracy=min(on_device, default=None),
                              compile_error=outcome.error)
+        sibling = float_sibling(target, params.targets)
+        if sibling:  # int8 earns its place: smaller and faster than the float target on the same runtime
+            gate = earns_its_place(gate, params.gate_for(target), outcome.artifact, measured, sibling,
+                                   outcomes[sibling].artifact, benchmarks.get(sibling, []))
         summaries.append(TargetSummary(target=target, artifact=outcome.artifact, host_check=host_checks.get(target),
                                        benchmarks=benchmarks.get(target, []), gate=gate, error=outcome.error))
     gates = [s.gate for s in summaries]
     release_tasks.publish_reports(gates, summaries, trained.test_accuracy, run)
 
-    version = release_tasks.register(params, trained, artifacts, gates, run)
+    version = release_tasks.register(params, trained, artifacts, gates, run, lineage=lineage)
     passed = release_passes(gates)
     return ReleaseSummary(model_name=params.project.name, model_version=version, run_id=run.run_id,
                           fp32_test_accuracy=trained.test_accuracy, data_hash=data.dvc_hash, targets=summaries,

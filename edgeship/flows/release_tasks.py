@@ -70,7 +70,7 @@ def train_model(params: Params, data: PreparedData, out_dir: Path, run: ReleaseR
 
 @task(name="compile", task_run_name="compile-{target}", cache_policy=NO_CACHE)
 def compile_target(target: str, trained: TrainedModel, quantized: QuantizedModel | None, data: PreparedData,
-                   out_dir: Path, run: ReleaseRun) -> CompileOutcome:
+                   out_dir: Path, run: ReleaseRun, options: dict | None = None) -> CompileOutcome:
     """Compile one target; any converter failure is recorded, not raised, so other targets go on.
 
     Any exception: a converter is third-party code that raises what it likes (TypeError on an
@@ -82,7 +82,8 @@ def compile_target(target: str, trained: TrainedModel, quantized: QuantizedModel
     progress().start(f"compile {target}", total=1)
     try:
         artifact = get_target(target).compile(
-            CompileInputs(trained=trained, data=data, output_dir=out_dir / target, quantized=quantized))
+            CompileInputs(trained=trained, data=data, output_dir=out_dir / target, quantized=quantized,
+                          options=options or {}))
     except Exception as error:  # noqa: BLE001 - see the docstring: one target never stops the others
         progress().finish(f"compile {target}", note=f"[red]failed: {error}")
         run.set_tags({f"edgeship.compile.{target}": f"failed: {str(error)[:4000]}"})
@@ -181,7 +182,7 @@ def log_benchmark(run: ReleaseRun, result: BenchmarkResult, figures: bool = True
             f"{prefix}/throughput_ips": result.throughput_ips, f"{prefix}/load_ms": result.load_ms,
             f"{prefix}/first_inference_ms": result.first_inference_ms, f"{prefix}/peak_rss_mb": result.peak_rss_mb,
             f"{prefix}/load_rss_delta_mb": result.load_rss_delta_mb, f"{prefix}/accuracy": result.accuracy,
-            f"{prefix}/drift_ratio": result.drift_ratio,
+            f"{prefix}/drift_ratio": result.drift_ratio, f"{prefix}/io_conversion_ms": result.io_conversion_ms,
             f"{prefix}/power_w": sensors.power_w if sensors else None,
             f"{prefix}/energy_per_inference_mj": sensors.energy_per_inference_mj if sensors else None,
             f"{prefix}/throttled": float(sensors.throttled) if sensors and sensors.throttled is not None else None,
@@ -287,12 +288,17 @@ def publish_reports(gates: list[GateReport], summaries, fp32_accuracy: float, ru
 
 @task(name="register", cache_policy=NO_CACHE)
 def register(params: Params, trained: TrainedModel, artifacts: list[CompiledArtifact], gates: list[GateReport],
-             run: ReleaseRun) -> str:
-    """Register the model version with its artifacts and verdicts; alias it `candidate` when the gates pass."""
+             run: ReleaseRun, lineage: dict[str, str] | None = None) -> str:
+    """Register the model version with its artifacts, verdicts and lineage (the stages its model went through,
+    in order); alias it `candidate` when the gates pass."""
     from edgeship.registry.model_registry import register_release
 
+    tags = {}
+    if lineage:
+        tags = {"edgeship.lineage": " -> ".join(k for k in lineage if "." not in k),
+                **{f"edgeship.lineage.{stage}": detail for stage, detail in lineage.items()}}
     version = register_release(run, params.project.name, trained.model_uri, artifacts, gates,
                                alias=params.registry.candidate_alias,
-                               metrics={"fp32_test_accuracy": trained.test_accuracy})
+                               metrics={"fp32_test_accuracy": trained.test_accuracy}, tags=tags)
     progress().finish("register", note=f"{params.project.name} v{version}")
     return version

@@ -2,7 +2,8 @@
 
 - `wire`: what crosses the network between pipeline and device agent (requests, measurements, `/info`);
 - `pipeline`: what the release's stages hand each other (data, models, artifacts, gates, summaries);
-- `quantization`: the quantized model, per-layer sensitivity, the precision plan.
+- `quantization`: the quantized model, per-layer sensitivity, the precision plan;
+- `pruning`: the pruning search's candidates and its choice.
 
 Import from here (`from edgeship.records import BenchmarkResult`); the submodules say where a record belongs.
 """
@@ -10,6 +11,7 @@ Import from here (`from edgeship.records import BenchmarkResult`); the submodule
 from edgeship.records.base import Record, WireRecord
 from edgeship.records.pipeline import (CompiledArtifact, CompileOutcome, GateCheck, GateComparator, GateReport, HostCheck,
                                        PreparedData, ReleaseSummary, TargetSummary, TrainedModel)
+from edgeship.records.pruning import PruningCandidate, PruningReport
 from edgeship.records.quantization import (LayerSensitivity, PlanCandidate, PrecisionPlan, QuantizedModel,
                                            SensitivityReport)
 from edgeship.records.wire import (BenchmarkRequest, BenchmarkResult, ChannelStats, DeviceInfo, EvaluationRequest,
@@ -22,7 +24,7 @@ __all__ = [
     "MIN_AGENT_PROTOCOL", "PROTOCOL", "WireRecord", "BenchmarkRequest", "BenchmarkResult", "ChannelStats", "CompileOutcome", "CompiledArtifact", "DeviceInfo",
     "EvaluationRequest", "EvaluationResult", "GateCheck", "GateComparator", "GateReport", "HostCheck",
     "LatencyHistogram", "LatencyStats", "LatencyWindow", "LayerSensitivity", "PlanCandidate", "PrecisionPlan",
-    "PreparedData", "QuantizedModel", "Record", "ReleaseSummary", "RuntimeOption", "SensitivityReport",
+    "PreparedData", "PruningCandidate", "PruningReport", "QuantizedModel", "Record", "ReleaseSummary", "RuntimeOption", "SensitivityReport",
     "SensorInfo", "SensorReport", "TargetSummary", "TensorRTBuild", "TensorRTBuildOptions", "TensorSpec",
     "TrainedModel", "UpdateReport", "UpdateStatus",
 ]

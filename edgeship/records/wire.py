@@ -223,6 +223,7 @@ class BenchmarkResult(WireRecord):
     substitute_for: str | None = None  # measured here in place of this lost device (same tags)
     notes: list[str] = Field(default_factory=list)  # what a reader should know (warm-up not stable, ...)
     runtime_options: dict[str, RuntimeOption] = Field(default_factory=dict)  # the adapter's options in effect
+    io_conversion_ms: float | None = None  # integer-I/O models: numpy quantize/dequantize per run, not in latency_ms
     engine_sha256: str | None = None  # tensorrt: the engine the device built from `sha256` (the ONNX) and measured
     build: TensorRTBuild | None = None  # tensorrt: the device's build record (flags, versions, log tail)
     engine_path: str | None = None  # tensorrt: where the pipeline stored the engine it fetched from the device

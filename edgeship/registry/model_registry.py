@@ -68,8 +68,10 @@ def log_torch_model(run: ReleaseRun, model, example: np.ndarray) -> str:
 
 
 def register_release(run: ReleaseRun, model_name: str, model_uri: str, artifacts: list[CompiledArtifact],
-                     gates: list[GateReport], alias: str, metrics: dict[str, float] | None = None) -> str:
-    """Register a model version for this run; set `alias` only when every required gate passed.
+                     gates: list[GateReport], alias: str, metrics: dict[str, float] | None = None,
+                     tags: dict[str, str] | None = None) -> str:
+    """Register a model version for this run (with `tags`, e.g. its lineage); set `alias` only when every
+    required gate passed.
 
     Returns the new version number (as a string, as MLflow does).
     """
@@ -81,7 +83,7 @@ def register_release(run: ReleaseRun, model_name: str, model_uri: str, artifacts
                                                               "artifact hashes and gate verdicts.")
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     version = client.create_model_version(model_name, source=model_uri, run_id=run.run_id, model_id=model_id)
-    tags: dict[str, str] = {}
+    tags = dict(tags or {})
     for artifact in artifacts:
         tags[ARTIFACT_TAG.format(target=artifact.target)] = artifact.sha256
     for gate in gates:

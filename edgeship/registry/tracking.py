@@ -112,6 +112,14 @@ class ReleaseRun:
         run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
         return cls(run.info.run_id, uri)
 
+    def nested(self, name: str, tags: dict[str, str] | None = None) -> "ReleaseRun":
+        """A child run of this one (tag mlflow.parentRunId), in the same experiment: one stage's own metrics."""
+        parent = self.client.get_run(self.run_id)
+        child = self.client.create_run(parent.info.experiment_id, run_name=name,
+                                       tags={"mlflow.parentRunId": self.run_id, "mlflow.runName": name,
+                                             **(tags or {})})
+        return ReleaseRun(child.info.run_id, self.tracking_uri)
+
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 

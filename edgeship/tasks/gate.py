@@ -62,6 +62,64 @@ def evaluate_gate(target: str, policy: GatePolicy, fp32_accuracy: float, artifac
     return GateReport(target=target, required=policy.required, checks=checks)
 
 
+def float_sibling(target: str, targets: list[str]) -> str | None:
+    """The float target on the same runtime an int8 target is compared with: fp32, else fp16 (None: not int8, or
+    the release builds no float target for that runtime)."""
+    from edgeship.targets import KNOWN_TARGETS
+
+    info = KNOWN_TARGETS.get(target)
+    if info is None or info.precision not in ("int8", "mixed"):
+        return None
+    floats = {KNOWN_TARGETS[t].precision: t for t in targets
+              if t in KNOWN_TARGETS and KNOWN_TARGETS[t].runtime == info.runtime}
+    return floats.get("fp32") or floats.get("fp16")
+
+
+def earns_its_place(report: GateReport, policy: GatePolicy, artifact: CompiledArtifact | None,
+                    benchmarks: list[BenchmarkResult], sibling: str, sibling_artifact: CompiledArtifact | None,
+                    sibling_benchmarks: list[BenchmarkResult]) -> GateReport:
+    """Add to an int8 target's gate whether it is smaller and faster than its float sibling.
+
+    Size: its bytes over the sibling's. Speed: on each device that measured both, its p50 over the sibling's;
+    the worst device counts. Bigger or slower is flagged in the check's reason; it fails the gate only with
+    `fail_if_bigger_than_fp32` / `fail_if_slower_than_fp32`. A comparison nothing measured is left out.
+    """
+    checks = list(report.checks)
+    if artifact is not None and sibling_artifact is not None and sibling_artifact.bytes:
+        ratio = round(artifact.bytes / sibling_artifact.bytes, 4)
+        checks.append(_flag("size_vs_float", ratio, sibling, policy.fail_if_bigger_than_fp32,
+                            f"{artifact.bytes / 1e3:.1f} kB against {sibling}'s {sibling_artifact.bytes / 1e3:.1f} kB",
+                            "fail_if_bigger_than_fp32"))
+    ours = {b.device: b.latency_ms.p50 for b in benchmarks if b.status == "ok" and b.latency_ms}
+    theirs = {b.device: b.latency_ms.p50 for b in sibling_benchmarks if b.status == "ok" and b.latency_ms}
+    ratios = {device: ours[device] / theirs[device] for device in ours.keys() & theirs.keys() if theirs[device] > 0}
+    if ratios:
+        device = max(ratios, key=ratios.get)
+        checks.append(_flag("p50_vs_float", round(ratios[device], 4), sibling, policy.fail_if_slower_than_fp32,
+                            f"p50 {ours[device]:.4f} ms against {sibling}'s {theirs[device]:.4f} ms on {device}",
+                            "fail_if_slower_than_fp32"))
+    return report.model_copy(update={"checks": checks})
+
+
+def _flag(name: str, ratio: float, sibling: str, fails: bool, detail: str, option: str) -> GateCheck:
+    worse = ratio > 1.0
+    reason = f"{ratio:.2f}x {sibling} ({detail})"
+    if worse:
+        reason = f"int8 buys nothing here: {reason}" + ("" if fails else f"; flagged only ({option} fails it)")
+    return GateCheck(name=name, measured=ratio, limit=1.0, comparator="<=", unit=f"x {sibling}",
+                     passed=not (worse and fails), reason=reason)
+
+
+def flagged(check: GateCheck) -> bool:
+    """A check that passed although its measurement is over the limit: an advisory one (int8 vs float)."""
+    return check.passed and check.measured is not None and check.comparator == "<=" and check.measured > check.limit
+
+
+def flags(report: GateReport) -> list[str]:
+    """What a passing gate still wants a reader to know: int8 bigger or slower than its float sibling."""
+    return [f"{c.name}: {c.reason}" for c in report.checks if flagged(c)]
+
+
 def release_passes(reports: list[GateReport]) -> bool:
     """Whether every required gate passed (and at least one gate was required)."""
     required = [r for r in reports if r.required]
@@ -75,6 +133,8 @@ def render_markdown(reports: list[GateReport]) -> str:
         for check in report.checks:
             measured = "—" if check.measured is None else f"{check.measured:g} {check.unit}".strip()
             verdict = "pass" if check.passed else f"**FAIL** {check.reason}".strip()
+            if flagged(check):
+                verdict = f"pass, **flagged**: {check.reason}"
             lines.append(f"| {report.target} | {check.name} | {measured} | "
                          f"{check.comparator} {check.limit:g} {check.unit} | {verdict} |")
     overall = "PASS" if release_passes(reports) else "FAIL"

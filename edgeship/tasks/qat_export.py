@@ -33,12 +33,18 @@ def save_float_checkpoint(prepared: nn.Module, original: nn.Module, path: Path) 
     None (with a warning) when some weight has no counterpart.
     """
     fine_tuned = prepared.state_dict()
-    batch_norm_of = {layer.members[1]: layer.weighted for layer in quantizable_layers(original)
-                     if len(layer.members) > 1 and isinstance(original.get_submodule(layer.members[1]), NORMS)}
+    batch_norm_of = {**_batch_norms_after_convs(original),
+                     **{layer.members[1]: layer.weighted for layer in quantizable_layers(original)
+                        if len(layer.members) > 1 and isinstance(original.get_submodule(layer.members[1]), NORMS)}}
+    fused = set(batch_norm_of.values())
     state, missing = {}, []
     for key, value in original.state_dict().items():
         module, _, attr = key.rpartition(".")
-        candidates = [key] + ([f"{batch_norm_of[module]}.bn.{attr}"] if module in batch_norm_of else [])
+        candidates = [key]
+        if module in batch_norm_of:  # QAT-fused conv+BN keeps it as <conv>.bn; a float (unquantized) fusion as <conv>.1
+            candidates += [f"{batch_norm_of[module]}.bn.{attr}", f"{batch_norm_of[module]}.1.{attr}"]
+        if module in fused:  # a float fusion is a Sequential: the conv is its <conv>.0
+            candidates.append(f"{module}.0.{attr}")
         found = next((fine_tuned[c] for c in candidates if c in fine_tuned), None)
         if found is None or found.shape != value.shape:
             missing.append(key)
@@ -51,6 +57,23 @@ def save_float_checkpoint(prepared: nn.Module, original: nn.Module, path: Path) 
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
     return path
+
+
+def _batch_norms_after_convs(model: nn.Module) -> dict[str, str]:
+    """BatchNorm module -> the conv feeding it, from the model's FX graph (what prepare_qat_fx fuses); empty when
+    the model does not trace symbolically."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001  (an untraceable model: the plan's layer table still covers the zoo's)
+        return {}
+    modules = dict(model.named_modules())
+    pairs = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(modules.get(node.target), NORMS) and node.args:
+            source = node.args[0]
+            if getattr(source, "op", None) == "call_module" and isinstance(modules.get(source.target), nn.Conv2d):
+                pairs[node.target] = source.target
+    return pairs
 
 
 def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule | None:

@@ -54,13 +54,17 @@ EpochRunner = Callable[..., tuple[float, float]]  # (model, x, y, optimizer, gen
 
 
 def fit(data: PreparedData, model_params: ModelParams, train_params: TrainParams, out_dir: Path,
-        one_epoch: EpochRunner, on_epoch: EpochCallback | None = None, **record: object) -> TrainedModel:
-    """The training loop shared by plain training and distillation: seeded SGD with a one-cycle LR,
-    `one_epoch` per epoch, the best-validation weights kept and saved; `record` adds fields to the result."""
+        one_epoch: EpochRunner, on_epoch: EpochCallback | None = None, model: nn.Module | None = None,
+        **record: object) -> TrainedModel:
+    """The training loop shared by plain training, distillation and fine-tuning after pruning: seeded SGD
+    with a one-cycle LR, `one_epoch` per epoch, the best-validation weights kept and saved; `model` (e.g. a
+    pruned one) instead of a fresh one from the factory; `record` adds fields to the result."""
     torch.manual_seed(train_params.seed)
     generator = torch.Generator().manual_seed(train_params.seed)
-    model = build_model(model_params.factory, len(data.classes), data.input_shape[0], model_params.kwargs,
-                        input_size=data.input_shape[1])
+    given = model is not None
+    if model is None:
+        model = build_model(model_params.factory, len(data.classes), data.input_shape[0], model_params.kwargs,
+                            input_size=data.input_shape[1])
     x_train, y_train = (torch.from_numpy(a) for a in load_split(data, "train"))
     x_val, y_val = load_split(data, "val")
 
@@ -83,20 +87,31 @@ def fit(data: PreparedData, model_params: ModelParams, train_params: TrainParams
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / CHECKPOINT_NAME
-    torch.save(best_state, checkpoint)
+    if given:  # its architecture may not be the factory's (a pruned model): save it with the weights
+        from edgeship.models.pruned import save_checkpoint
+
+        save_checkpoint(model, checkpoint, state_dict=best_state)
+    else:
+        torch.save(best_state, checkpoint)
     return TrainedModel(checkpoint=checkpoint, factory=model_params.factory, factory_kwargs=dict(model_params.kwargs),
                         num_classes=len(data.classes), input_shape=data.input_shape, val_accuracy=best_accuracy,
                         test_accuracy=evaluate(model, *load_split(data, "test")), **record)
 
 
 def load_model(trained: TrainedModel) -> nn.Module:
-    """Rebuild the trained float model from its factory and checkpoint, in eval mode."""
+    """Rebuild the trained float model from its factory and checkpoint, in eval mode (a pruned model's
+    checkpoint carries its narrowed architecture: edgeship.models.pruned)."""
+    from edgeship.models.pruned import STATE_KEY, STRUCTURE_KEY, apply_structure, is_pruned_checkpoint
+
     model = build_model(trained.factory, trained.num_classes, trained.input_shape[0], trained.factory_kwargs,
                         input_size=trained.input_shape[1], check=False)
     try:
         state = torch.load(trained.checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    except (OSError, RuntimeError) as error:
+        if is_pruned_checkpoint(state):  # a pruned model: the factory's architecture, narrowed as saved
+            apply_structure(model, state[STRUCTURE_KEY], state[STATE_KEY])
+        else:
+            model.load_state_dict(state)
+    except (OSError, RuntimeError, KeyError) as error:
         raise ModelLoadError(f"cannot load weights {trained.checkpoint} into '{trained.factory}' "
                              f"with kwargs {trained.factory_kwargs}: {error}; train the model again") from None
     return model.eval()

@@ -11,7 +11,7 @@ artifact for one runtime. Adding a target means one module here, one row in
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -29,6 +29,7 @@ class CompileInputs:
     data: PreparedData
     output_dir: Path
     quantized: QuantizedModel | None = None
+    options: dict = field(default_factory=dict)  # this target's `compile:` entry in params.yaml (route, io)
 
 
 class Target(Protocol):
@@ -68,3 +69,8 @@ def float_model_for(inputs: CompileInputs):
         model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
         return model, "qat-finetuned"
     return model, "trained-fp32"
+
+
+def plan_float_layers(inputs: CompileInputs) -> list[str]:
+    """The layers the precision plan (and QAT) kept float: every int8 target leaves them float too."""
+    return list(inputs.quantized.float_layers) if inputs.quantized and inputs.quantized.method == "qat" else []

@@ -36,7 +36,7 @@ from edgeship.files import sha256_of
 from edgeship.records import CompiledArtifact, TensorSpec
 from edgeship.tasks.compile import CompileInputs
 from edgeship.tasks.compile.tracing import TORCH_CAPTURE
-from edgeship.tasks.compile import float_model_for
+from edgeship.tasks.compile import float_model_for, plan_float_layers
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -177,8 +177,10 @@ def calibrated_linear_quantizer(inputs: CompileInputs):
                            "(data.calibration_size in params.yaml)")
     calibration = torch.from_numpy(calibration)
     # Milestones: observers and fake quantization on from step 0, never frozen by the step count.
+    # The plan's float layers (module_name_configs None) stay float, as in onnx-int8.
     config = LinearQuantizerConfig(global_config=ModuleLinearQuantizerConfig(
-        quantization_scheme="symmetric", milestones=[0, 0, 10**9, 0]))
+        quantization_scheme="symmetric", milestones=[0, 0, 10**9, 0]),
+        module_name_configs={name: None for name in plan_float_layers(inputs)})
     try:
         quantizer = LinearQuantizer(copy.deepcopy(model), config)
         prepared = quantizer.prepare(example_inputs=(calibration[:1],), inplace=False)

@@ -58,7 +58,7 @@ def convert(job: dict) -> dict:
             notes["fp16"] = _float16_weights(job["output"])
     elif precision == "int8":
         calibration = np.load(job["calibration"]).astype(np.float32, copy=False)
-        notes.update(_int8(program, sample, calibration, job["output"]))
+        notes.update(_int8(program, sample, calibration, job["output"], job.get("float_layers") or []))
     else:
         raise ValueError(f"unknown precision '{precision}'; the LiteRT targets are fp32, fp16 and int8")
     notes["convert_s"] = round(time.perf_counter() - started, 2)
@@ -94,15 +94,31 @@ def _float16_weights(path: str) -> dict:
     return {"method": "ai-edge-quantizer FLOAT_CASTING weight-only", "fp32_bytes": len(float_model)}
 
 
-def _int8(program, sample: tuple, calibration, output: str) -> dict:
-    """PT2E static int8: prepare, calibrate one image at a time, convert, and lower to LiteRT."""
+def _int8(program, sample: tuple, calibration, output: str, float_layers: list[str]) -> dict:
+    """PT2E static int8: prepare, calibrate one image at a time, convert, and lower to LiteRT.
+
+    Nodes inside the plan's `float_layers` (module names, matched on each node's nn_module_stack) get no
+    annotation, so they stay float with quantize/dequantize at their edges, as in the QDQ ONNX model.
+    """
     import litert_torch
     import torch
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     from litert_torch.quantize.quant_config import QuantConfig
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+    class PlanQuantizer(PT2EQuantizer):
+        """litert-torch's quantizer, leaving the plan's float layers unannotated. (Its own set_module_name
+        refuses None and matches names through a key format torch 2.13's export no longer writes.)"""
+
+        def _annotate_for_static_quantization_config(self, model):
+            def int8(node) -> bool:
+                paths = [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
+                return not any(p == f or p.startswith(f + ".") for p in paths for f in float_layers)
+
+            self._annotate_all_static_patterns(model, self.global_config, int8)
+            return model
+
+    quantizer = PlanQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
     # prepare_pt2e wants a freshly exported graph module; re-export the loaded program's module.
     captured = torch.export.export(program.module(), sample).module()
     prepared = prepare_pt2e(captured, quantizer)
@@ -114,12 +130,12 @@ def _int8(program, sample: tuple, calibration, output: str) -> dict:
     edge_model = litert_torch.convert(quantized, sample, quant_config=QuantConfig(pt2e_quantizer=quantizer))
     _export(edge_model, output)
     return {"method": "PT2E static, symmetric per-channel weights, int8 activations",
-            "calibration_images": int(len(calibration))}
+            "calibration_images": int(len(calibration)), "float_layers": list(float_layers)}
 
 
-def _versions() -> dict[str, str]:
+def _versions(distributions: tuple[str, ...] = _DISTRIBUTIONS) -> dict[str, str]:
     found = {}
-    for name in _DISTRIBUTIONS:
+    for name in distributions:
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -127,13 +143,14 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def main(argv: list[str]) -> int:
-    """Read the job file named on the command line, convert, answer with one JSON line on stdout."""
+def main(argv: list[str], run=None) -> int:
+    """Read the job file named on the command line, convert (with `run`, default `convert`; tf_convert.py passes
+    its own), answer with one JSON line on stdout."""
     answer_stream = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # converters print; only the answer goes to stdout
     try:
         with open(argv[1]) as handle:
-            answer, status = convert(json.load(handle)), 0
+            answer, status = (run or convert)(json.load(handle)), 0
     except Exception as error:  # noqa: BLE001  (the converter's own message is the news)
         answer, status = {"error": f"{type(error).__name__}: {error}"}, 1
     with answer_stream:

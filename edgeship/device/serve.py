@@ -1,0 +1,195 @@
+"""`edgeship-device serve`: the on-device runtime as a local inference service, with shadow mode and telemetry.
+
+`FieldRuntime` is what an application embeds when it wants the whole field loop: the runtime
+(active model, fallback, probation, reload between requests), the shadow runner and the telemetry
+reporter. `edgeship.device.serve_http` puts it behind HTTP on loopback or a Unix socket for applications written in
+other languages:
+
+    POST /predict   body: a .npy array (Content-Type application/x-npy) or JSON {"inputs": [[...]]}
+                    -> {"outputs": [[...]], "slot": "active", "version": "7", "latency_ms": 0.41}
+    GET  /health    -> versions per slot, the runtime's slot now, telemetry counters
+
+Requests are answered one at a time (the runtime is not re-entrant); a model the updater installed
+is picked up between two requests, never in the middle of one (the hand-over).
+
+    $ edgeship-device serve --state-dir /var/lib/edgeship --uds /run/edgeship.sock \\
+          --broker 127.0.0.1:1883 --fleet lab --device-class pi4 --window-s 60
+
+No torch, TensorFlow, MLflow or Prefect here.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from edgeship.device.shadow import ShadowRunner
+from edgeship.device.telemetry import (DRIFT_REFERENCE_FILE, DeviceIdentity, DriftReference, WindowAggregator,
+                                       sensor_reader)
+from edgeship.device.telemetry_mqtt import MqttSettings, TelemetryReporter
+from edgeship.device.telemetry_spool import Spool
+
+
+
+def telemetry_identity(state_dir: Path, device_class: str) -> DeviceIdentity:
+    """Who this device is, from the provisioned device.json and its active model."""
+    from edgeship.device.state import active_model, device_identity
+
+    identity = device_identity(state_dir)
+    active = active_model(state_dir)
+    return DeviceIdentity(device_id=identity.device_id, channel=identity.channel, target=identity.target or "",
+                          model_name=active.model.model_name if active else "", device_class=device_class)
+
+
+def _reference(state_dir: Path) -> DriftReference | None:
+    path = state_dir / DRIFT_REFERENCE_FILE
+    try:
+        return DriftReference.model_validate_json(path.read_bytes()) if path.is_file() else None
+    except ValueError:
+        return None
+
+
+class FieldRuntime:
+    """The runtime with shadow mode and telemetry: `predict` answers, everything else happens beside it.
+
+    Args:
+        state_dir: the updater's state directory.
+        telemetry: where to publish; None keeps the aggregator (and spool) but sends nothing.
+        device_class: the operator's name for this kind of device ("pi4", "orin-nano"), reported per record.
+        window_s: telemetry window.
+        shadow_sample_rate: share of answers the shadow model (when one is installed) also runs on.
+    """
+
+    def __init__(self, state_dir: str | Path, telemetry: MqttSettings | None = None, device_class: str = "default",
+                 window_s: float = 60.0, shadow_sample_rate: float = 0.1, threads: int = 1, sensors=None,
+                 spool_max_records: int = 10_000):
+        from edgeship.device.runtime import DeviceRuntime
+
+        self.state_dir = Path(state_dir)
+        telemetry_dir = self.state_dir / "telemetry"
+        self.aggregator = WindowAggregator(telemetry_identity(self.state_dir, device_class), state_dir=self.state_dir,
+                                           reference=_reference(self.state_dir), progress_dir=telemetry_dir,
+                                           sensors=sensor_reader(sensors) if sensors else None)
+        self.runtime = DeviceRuntime(self.state_dir, threads=threads, observers=[self.aggregator.on_inference])
+        self.shadow = ShadowRunner(self.state_dir, self.aggregator.on_shadow, sample_rate=shadow_sample_rate,
+                                   threads=threads)
+        self.reporter = None
+        if telemetry is not None:
+            self.reporter = TelemetryReporter(self.aggregator, Spool(telemetry_dir, max_records=spool_max_records),
+                                              telemetry, window_s=window_s)
+            self.reporter.__enter__()
+        self._lock = threading.Lock()
+        self.answered = 0
+
+    def predict(self, batch: np.ndarray):
+        """The active model's (or the fallback's) answer; the shadow sees a sample of it afterwards."""
+        with self._lock:
+            prediction = self.runtime.predict(batch)
+            self.answered += 1
+        self.shadow.offer(batch, prediction)
+        return prediction
+
+    def close(self) -> None:
+        """Stop the shadow, flush the last window and give the spool a few seconds to drain (the rest stays spooled)."""
+        self.shadow.stop()
+        if self.reporter is not None:
+            self.reporter.close(drain_s=5.0)
+
+    def __enter__(self) -> FieldRuntime:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def health(self) -> dict:
+        from edgeship.device.telemetry import slot_versions
+
+        return {"versions": slot_versions(self.state_dir).model_dump(), "slot": self.runtime.slot,
+                "reason": self.runtime.reason, "answered": self.answered,
+                "telemetry_records": self.reporter.records if self.reporter else 0,
+                "spooled": len(self.reporter.spool) if self.reporter else 0,
+                "spool_dropped": self.reporter.spool.dropped if self.reporter else 0}
+
+
+# --- `edgeship-device serve` -------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    """The flags of `edgeship-device serve`."""
+    parser.add_argument("--state-dir", required=True, type=Path, help="the updater's state directory")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--port", type=int, default=8766, help="loopback port (default: %(default)s)")
+    where.add_argument("--uds", default=None, metavar="PATH", help="serve on this Unix socket instead")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="runtime threads per model")
+    parser.add_argument("--broker", default=None, metavar="HOST:PORT", help="MQTT broker for telemetry (none: off)")
+    parser.add_argument("--fleet", default="default", help="telemetry topic namespace edgeship/<fleet>/...")
+    parser.add_argument("--device-class", default="default", help="this kind of device, e.g. pi4 (per record)")
+    parser.add_argument("--window-s", type=float, default=60.0, help="telemetry window (default: %(default)s)")
+    parser.add_argument("--shadow-sample-rate", type=float, default=None,
+                        help="share of answers the shadow also runs on (default: the channel entry's, else 0.1)")
+    parser.add_argument("--tls", action="store_true", help="connect to the broker over TLS")
+    parser.add_argument("--ca-file", default=None)
+    parser.add_argument("--cert-file", default=None)
+    parser.add_argument("--key-file", default=None)
+    parser.add_argument("--username", default=None)
+    parser.add_argument("--password-env", default=None, metavar="VAR", help="environment variable holding the password")
+    parser.add_argument("--update-every", type=float, default=0.0, metavar="SECONDS",
+                        help="also run the OTA updater in this process every SECONDS (0: a separate "
+                             "`edgeship-device update --interval` does it)")
+    parser.add_argument("--confirm-after", type=int, default=20, help="good answers that confirm a new model")
+    parser.set_defaults(run=run_serve)
+
+
+def _broker(args) -> MqttSettings | None:
+    if not args.broker:
+        return None
+    host, _, port = args.broker.rpartition(":")
+    return MqttSettings(host=host or "127.0.0.1", port=int(port), fleet=args.fleet, tls=args.tls,
+                        ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
+                        username=args.username, password_env=args.password_env)
+
+
+def update_loop(state_dir: Path, every_s: float, confirm_after: int, stop: threading.Event) -> threading.Thread:
+    """The provisioned updater, checking every `every_s` on a thread; the runtime confirms probation."""
+    import random
+
+    from edgeship.device.probation import ProbationPolicy
+    from edgeship.device.state import load_identity
+    from edgeship.device.updater import DeviceUpdater, UpdaterConfig
+    from edgeship.errors import ConfigError
+
+    identity = load_identity(state_dir)
+    if identity is None or not identity.repository_url or not identity.root or not identity.target:
+        raise ConfigError(f"{state_dir} is not provisioned; run edgeship-device provision first")
+    updater = DeviceUpdater(UpdaterConfig(
+        repository_url=identity.repository_url, trusted_root=Path(identity.root), state_dir=state_dir,
+        channel=identity.channel, target=identity.target, self_check=False,
+        probation=ProbationPolicy(required=confirm_after)))
+
+    def loop() -> None:
+        while not stop.is_set():
+            report = updater.update()
+            print(report.model_dump_json(), flush=True)
+            stop.wait(every_s * random.uniform(0.9, 1.1))
+
+    thread = threading.Thread(target=loop, name="edgeship-updater", daemon=True)
+    thread.start()
+    return thread
+
+
+def run_serve(args) -> int:
+    stop = threading.Event()
+    if args.update_every > 0:
+        update_loop(args.state_dir, args.update_every, args.confirm_after, stop)
+    field = FieldRuntime(args.state_dir, telemetry=_broker(args), device_class=args.device_class,
+                         window_s=args.window_s, shadow_sample_rate=args.shadow_sample_rate or 0.1,
+                         threads=args.threads)
+    from edgeship.device.serve_http import serve
+
+    try:
+        serve(field, host=args.host, port=args.port, uds=args.uds)
+    finally:
+        stop.set()
+    return 0

@@ -1,0 +1,212 @@
+"""The rollout controller's decision: a pure function of the fleet's state and the channel's policy.
+
+A rollout of one target is a small state machine:
+
+    pending -> stage 1 (first_stage) -> stage 2 -> ... -> completed (fraction 1.0: candidate becomes base)
+          any stage -> aborted   (an abort criterion met: candidate removed, devices back on base)
+          any stage -> paused -> (resume) -> the same stage
+
+Each run of the controller reads one `FleetSnapshot` (aggregated since the current stage started) and
+returns one `Decision`: `abort` as soon as an abort criterion holds (no soak: the blast radius is what
+counts), else `advance` (or `complete`) when the stage has soaked, enough devices report the candidate
+and every success criterion holds, else `hold` with the criteria still missing. The decision carries
+the evidence it used, so every transition can be logged and explained.
+
+    >>> decision = decide(snapshot, status, params.rollout.policy_for("stable"), now=datetime.now(timezone.utc))
+    >>> decision.action, decision.fraction_after, decision.reasons
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgeship.fleet.aggregate import FleetSnapshot, VersionStats
+from edgeship.fleet.policy import AbortCriterion, ChannelPolicy
+
+Action = Literal["advance", "complete", "hold", "abort", "none"]
+CONCLUSIVE_OVER_BUDGET = 5  # answers over the p99 budget that fail a device before it has min_samples_per_device
+
+
+class RolloutStatus(BaseModel):
+    """Where one target's rollout stands (read from the channel entry)."""
+
+    model_config = ConfigDict(frozen=True)
+    channel: str
+    target: str
+    base_version: str | None = None
+    candidate_version: str | None = None
+    fraction: float = 0.0
+    stage_started_at: datetime | None = None
+    rollout_state: str = "in_progress"        # in_progress | completed | paused | aborted
+    latency_budget_ms: float | None = None    # the gate's p99 budget for this target
+    shadow_version: str | None = None         # the version shadowed on part of the fleet, if any
+
+
+class Decision(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    action: Action
+    channel: str
+    target: str
+    version: str | None
+    fraction_before: float
+    fraction_after: float
+    reasons: list[str]
+    evidence: dict = Field(default_factory=dict)
+    at: datetime
+
+
+def _budget(policy: ChannelPolicy, status: RolloutStatus, device_class: str) -> float | None:
+    return policy.success.p99_budget_ms.get(device_class, status.latency_budget_ms)
+
+
+def _failures(criterion: AbortCriterion, stats: VersionStats, policy: ChannelPolicy,
+              status: RolloutStatus) -> tuple[set[str], set[str]]:
+    """(executed devices, failed devices) of one failure type."""
+    events = stats.events
+    kinds = [criterion.failure_type] if criterion.failure_type != "all" else [
+        "install", "probation", "latency", "disagreement", "fallback"]
+    executed: set[str] = set()
+    failed: set[str] = set()
+    for kind in kinds:
+        if kind == "install":
+            executed |= set(events.installed) | set(events.refused)
+            failed |= set(events.refused)
+        elif kind == "probation":
+            executed |= set(events.confirmed) | set(events.rolled_back)
+            failed |= set(events.rolled_back)
+        elif kind == "latency":
+            for device, p99 in stats.device_p99_ms.items():
+                budget = _budget(policy, status, stats.device_class_of.get(device, "default"))
+                over = stats.device_latency[device].count_above(budget) if budget is not None else 0
+                # A p99 of a few answers is their maximum: not evidence yet, unless so many answers are
+                # over budget already that no number of good ones to come could bring the p99 under it.
+                conclusive = over >= CONCLUSIVE_OVER_BUDGET and over > 0.01 * stats.device_samples.get(device, 0)
+                if stats.device_samples.get(device, 0) < policy.min_samples_per_device and not conclusive:
+                    continue
+                executed.add(device)
+                if budget is not None and p99 > budget:
+                    failed.add(device)
+        elif kind == "disagreement":
+            for device, agreement in stats.shadow.by_device.items():
+                if stats.shadow.samples_by_device.get(device, 0) < policy.min_samples_per_device:
+                    continue
+                executed.add(device)
+                if agreement < policy.success.min_shadow_agreement:
+                    failed.add(device)
+        elif kind == "fallback":
+            executed |= set(stats.devices)
+            failed |= {d for d, n in stats.device_fallbacks.items() if n > 0}
+    return executed, failed
+
+
+def _abort_reasons(stats: VersionStats, policy: ChannelPolicy, status: RolloutStatus) -> tuple[list[str], dict]:
+    reasons, evidence = [], {}
+    for criterion in policy.abort_criteria:
+        executed, failed = _failures(criterion, stats, policy, status)
+        share = 100.0 * len(failed) / len(executed) if executed else 0.0
+        evidence[criterion.failure_type] = {"executed": len(executed), "failed": sorted(failed),
+                                            "failure_percentage": round(share, 2)}
+        if len(executed) >= criterion.min_executed_devices and share >= criterion.threshold_percentage:
+            reasons.append(f"abort: {criterion.failure_type} failures on {len(failed)}/{len(executed)} devices "
+                           f"({share:.0f}% >= {criterion.threshold_percentage:g}%)")
+    return reasons, evidence
+
+
+def _unmet_success(stats: VersionStats | None, policy: ChannelPolicy, status: RolloutStatus,
+                   base: VersionStats | None = None) -> list[str]:
+    success = policy.success
+    if stats is None:
+        return [f"no device reports version {status.candidate_version} yet"]
+    unmet = []
+    if len(stats.devices) < policy.min_reporting_devices:
+        unmet.append(f"{len(stats.devices)}/{policy.min_reporting_devices} devices report the candidate")
+    # Every device class the base runs on must have tried the candidate: a fast class alone proves nothing
+    # about a slow one.
+    for device_class in sorted(base.classes if base is not None else ()):
+        tried = stats.classes.get(device_class)
+        if tried is None or tried.latency.total < policy.min_samples_per_device:
+            unmet.append(f"no {device_class} device has answered {policy.min_samples_per_device} times with "
+                         f"the candidate yet")
+    events = stats.events
+    if events.install_executed:
+        rate = len(set(events.installed)) / events.install_executed
+        if rate < success.min_install_success:
+            unmet.append(f"install success {rate:.2f} < {success.min_install_success}")
+    if events.probation_executed:
+        rate = len(set(events.confirmed)) / events.probation_executed
+        if rate < success.min_probation_success:
+            unmet.append(f"probation success {rate:.2f} < {success.min_probation_success}")
+    for device_class, cls in sorted(stats.classes.items()):
+        budget = _budget(policy, status, device_class)
+        if budget is not None and cls.p99_ms is not None and cls.p99_ms > budget:
+            unmet.append(f"p99 on {device_class} {cls.p99_ms:.2f} ms > budget {budget:g} ms")
+    if stats.shadow.agreement is not None and stats.shadow.agreement < success.min_shadow_agreement:
+        unmet.append(f"shadow agreement {stats.shadow.agreement:.3f} < {success.min_shadow_agreement}")
+    if stats.drift is not None and stats.drift.score > success.max_drift_psi:
+        unmet.append(f"drift PSI {stats.drift.score:.3f} > {success.max_drift_psi}")
+    return unmet
+
+
+def _unmet_shadow(stats: VersionStats | None, policy: ChannelPolicy, status: RolloutStatus) -> list[str]:
+    shadow = stats.shadow if stats is not None else None
+    if shadow is None or shadow.devices < policy.min_reporting_devices:
+        return [f"{shadow.devices if shadow else 0}/{policy.min_reporting_devices} devices report the shadow"]
+    if shadow.agreement is not None and shadow.agreement < policy.success.min_shadow_agreement:
+        return [f"shadow agreement {shadow.agreement:.3f} < {policy.success.min_shadow_agreement}"]
+    return []
+
+
+def evidence_of(stats: VersionStats | None) -> dict:
+    """The numbers a decision rests on, compact enough for a tag and an artifact."""
+    if stats is None:
+        return {}
+    return {"devices": len(stats.devices), "inferences": stats.inferences, "errors": stats.errors,
+            "fallback_activations": stats.fallback_activations,
+            "p99_ms_by_device_class": {c: s.p99_ms for c, s in stats.classes.items()},
+            "shadow_agreement": stats.shadow.agreement, "shadow_samples": stats.shadow.samples,
+            "drift_psi": stats.drift.score if stats.drift else None,
+            "installed": len(stats.events.installed), "refused": len(stats.events.refused),
+            "confirmed": len(stats.events.confirmed), "rolled_back": len(stats.events.rolled_back),
+            "failure_reasons": stats.events.reasons}
+
+
+def decide(snapshot: FleetSnapshot, status: RolloutStatus, policy: ChannelPolicy, now: datetime) -> Decision:
+    """The next step of one target's rollout, with its reasons and evidence."""
+    def decision(action: Action, after: float, reasons: list[str], evidence: dict | None = None) -> Decision:
+        return Decision(action=action, channel=status.channel, target=status.target,
+                        version=status.candidate_version, fraction_before=status.fraction, fraction_after=after,
+                        reasons=reasons, evidence=evidence or {}, at=now)
+
+    if status.candidate_version is None:
+        return decision("none", status.fraction, ["no candidate is being rolled out"])
+    if status.rollout_state != "in_progress":
+        return decision("none", status.fraction, [f"rollout is {status.rollout_state}"])
+    stats = snapshot.version(status.candidate_version)
+    evidence = {"candidate": evidence_of(stats), "base": evidence_of(snapshot.version(status.base_version))}
+    if stats is not None:
+        reasons, criteria = _abort_reasons(stats, policy, status)
+        evidence["abort_criteria"] = criteria
+        if reasons:
+            return decision("abort", 0.0, reasons, evidence)
+    if status.fraction <= 0 and status.shadow_version != status.candidate_version:
+        return decision("advance", policy.first_stage, [f"start: first stage {policy.first_stage:g}"], evidence)
+    # Stage 0 of a shadowed candidate: the shadow cohort's comparison must pass before any device answers with it.
+    base = snapshot.version(status.base_version)
+    unmet = (_unmet_shadow(stats, policy, status) if status.fraction <= 0
+             else _unmet_success(stats, policy, status, base))
+    if status.stage_started_at is not None:
+        soaked = (now - status.stage_started_at).total_seconds()
+        if soaked < policy.soak_s:
+            unmet.insert(0, f"soaking {soaked:.0f}/{policy.soak_s:g} s")
+    if unmet:
+        return decision("hold", status.fraction, [f"hold: {u}" for u in unmet], evidence)
+    if status.fraction <= 0:
+        return decision("advance", policy.first_stage,
+                        [f"start: the shadow agrees; first stage {policy.first_stage:g}"], evidence)
+    if status.fraction >= 1.0:
+        return decision("complete", 1.0, ["complete: every criterion met at 100%"], evidence)
+    after = policy.next_fraction(status.fraction)
+    return decision("advance", after, [f"advance: every criterion met at {status.fraction:g} -> {after:g}"], evidence)

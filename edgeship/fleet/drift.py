@@ -1,0 +1,74 @@
+"""Drift starts retraining: when the production version's fleet drift passes its threshold, start the
+scheduled-retraining deployment through Prefect's API with the reason as a parameter.
+
+    >>> trigger = retraining_trigger(snapshot.version("7"), params.rollout.retraining, last_started_at, now)
+    >>> if trigger: start_retraining(params.rollout.retraining.deployment, trigger.reason)
+
+The drift is the PSI of the fleet's summed class and confidence counts against the reference the
+release carries (edgeship.device.telemetry); at least `min_samples` answers, and at most one start per
+`cooldown_s`, so one bad afternoon does not queue a dozen retrainings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from edgeship.fleet.aggregate import VersionStats
+from edgeship.fleet.policy import RetrainingPolicy
+
+
+@dataclass(frozen=True)
+class RetrainingTrigger:
+    version: str
+    reason: str
+    evidence: dict
+
+
+def retraining_trigger(stats: VersionStats | None, policy: RetrainingPolicy, last_started_at: datetime | None,
+                       now: datetime) -> RetrainingTrigger | None:
+    """A trigger when the production version drifted past the policy's threshold (else None)."""
+    if stats is None or stats.drift is None:
+        return None
+    drift = stats.drift
+    if drift.samples < policy.min_samples or drift.score <= policy.max_drift_psi:
+        return None
+    if last_started_at is not None and (now - last_started_at).total_seconds() < policy.cooldown_s:
+        return None
+    reason = (f"fleet drift on production v{stats.version}: PSI {drift.score:.3f} > {policy.max_drift_psi} "
+              f"(classes {drift.class_psi:.3f}, confidence {drift.confidence_psi:.3f}) over {drift.samples} "
+              f"answers from {len(stats.devices)} devices")
+    return RetrainingTrigger(stats.version, reason, {"drift": drift.model_dump(), "devices": len(stats.devices)})
+
+
+def start_retraining(deployment: str, reason: str, parameters: dict | None = None) -> str:
+    """Start `flow/deployment` on the Prefect server in PREFECT_API_URL; returns the flow run's id."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(name=deployment, parameters={**(parameters or {}), "reason": reason}, timeout=0,
+                         tags=["edgeship", "drift"])
+    return str(run.id)
+
+
+def release_drift_reference(test_split: Path, artifacts, version: str, limit: int = 2000) -> dict | None:
+    """The reference a release carries into its channel entries: its own class and confidence distributions
+    on the pipeline's test split (from the first artifact that runs here), or None without a test split."""
+    import numpy as np
+
+    from edgeship.device.runtimes import open_session
+    from edgeship.device.telemetry import drift_reference
+
+    if not Path(test_split).is_file():
+        return None
+    with np.load(test_split) as arrays:
+        inputs = arrays["x"][:limit].astype(np.float32)
+    for artifact in artifacts:
+        try:
+            session = open_session(artifact.runtime, artifact.path, threads=1)
+            outputs = np.concatenate([np.asarray(session.run(inputs[i:i + 1])).reshape(1, -1)
+                                      for i in range(len(inputs))])
+        except Exception:  # a runtime that does not run here (Core ML on Linux): try the next target
+            continue
+        return drift_reference(outputs, version=str(version)).model_dump()
+    return None

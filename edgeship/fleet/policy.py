@@ -1,0 +1,137 @@
+"""params.yaml's `fleet:` (broker, store) and `rollout:` (per-channel rollout policy) sections.
+
+The names follow AWS IoT Jobs where they mean the same (`exponential_rate.increment_factor`,
+`abort_criteria[].failure_type / min_executed_devices / threshold_percentage`), so the config reads
+familiar to an operator:
+
+    rollout:
+      default:
+        stages: [0.01, 0.05, 0.25, 1.0]    # or exponential_rate: {base_fraction: 0.01, increment_factor: 2}
+        min_reporting_devices: 5           # per stage, before its soak can end
+        soak_s: 600
+        success: {min_install_success: 0.95, min_probation_success: 0.95, min_shadow_agreement: 0.97,
+                  max_drift_psi: 0.25, p99_budget_ms: {pi4: 40}}   # default budget: the gate's, per target
+        abort_criteria:
+          - {failure_type: probation, min_executed_devices: 3, threshold_percentage: 20}
+      channels: {canary: {...}}            # a channel's own policy; others use `default`
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+FailureType = Literal["install", "probation", "latency", "disagreement", "fallback", "all"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BrokerParams(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password_env: str | None = Field(default=None, description="environment variable holding the password")
+
+
+def store_url_for(url: str, root) -> str:
+    """The store URL with a relative SQLite path resolved against the project directory."""
+    from pathlib import Path
+
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url[len(prefix):].startswith("/") and url[len(prefix):] != ":memory:":
+        return prefix + str((Path(root) / url[len(prefix):]).resolve())
+    return url
+
+
+class FleetParams(_Section):
+    name: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="topic namespace: edgeship/<name>/devices/<id>/...")
+    broker: BrokerParams | None = Field(default=None, description="none: `fleet collect` starts a local broker")
+    store: str = Field(default="sqlite:///fleet.db", description="SQLAlchemy URL of the fleet store")
+    window_s: float = Field(default=60.0, gt=0, description="devices' telemetry window")
+
+
+class ExponentialRate(_Section):
+    base_fraction: float = Field(default=0.01, gt=0, le=1)
+    increment_factor: float = Field(default=2.0, gt=1)
+
+
+class SuccessCriteria(_Section):
+    min_install_success: float = Field(default=0.95, ge=0, le=1)
+    min_probation_success: float = Field(default=0.95, ge=0, le=1)
+    min_shadow_agreement: float = Field(default=0.97, ge=0, le=1)
+    max_drift_psi: float = Field(default=0.25, gt=0)
+    p99_budget_ms: dict[str, float] = Field(default_factory=dict,
+                                            description="per device class; others use the gate's p99 budget")
+
+
+class AbortCriterion(_Section):
+    failure_type: FailureType
+    min_executed_devices: int = Field(default=3, ge=1)
+    threshold_percentage: float = Field(default=20.0, gt=0, le=100)
+
+
+class ChannelPolicy(_Section):
+    stages: list[float] | None = Field(default_factory=lambda: [0.01, 0.05, 0.25, 1.0])
+    exponential_rate: ExponentialRate | None = None
+    min_reporting_devices: int = Field(default=5, ge=1)
+    min_samples_per_device: int = Field(default=50, ge=1, description="answers (or shadow comparisons) before a "
+                                        "device's own p99 or agreement counts toward an abort")
+    soak_s: float = Field(default=600.0, ge=0)
+    success: SuccessCriteria = Field(default_factory=SuccessCriteria)
+    abort_criteria: list[AbortCriterion] = Field(default_factory=lambda: [
+        AbortCriterion(failure_type="install"), AbortCriterion(failure_type="probation"),
+        AbortCriterion(failure_type="latency"), AbortCriterion(failure_type="disagreement")])
+
+    @field_validator("stages")
+    @classmethod
+    def _increasing_to_one(cls, stages: list[float] | None) -> list[float] | None:
+        if stages is None:
+            return None
+        if not stages or any(not 0 < s <= 1 for s in stages) or stages != sorted(set(stages)) or stages[-1] != 1.0:
+            raise ValueError(f"stages must be increasing fractions in (0, 1] ending at 1.0, got {stages}")
+        return stages
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> ChannelPolicy:
+        if self.exponential_rate is not None:
+            self.stages = None
+        elif self.stages is None:
+            raise ValueError("give either stages or exponential_rate")
+        return self
+
+    @property
+    def first_stage(self) -> float:
+        return self.exponential_rate.base_fraction if self.exponential_rate else self.stages[0]
+
+    def next_fraction(self, current: float) -> float:
+        """The stage after `current` (1.0 at the end)."""
+        if self.exponential_rate is not None:
+            if current <= 0:
+                return self.exponential_rate.base_fraction
+            return min(1.0, current * self.exponential_rate.increment_factor)
+        return next((s for s in self.stages if s > current + 1e-9), 1.0)
+
+
+class RetrainingPolicy(_Section):
+    deployment: str = Field(default="release/scheduled-retraining", description="'flow/deployment' to start")
+    max_drift_psi: float = Field(default=0.2, gt=0, description="fleet drift on production past this starts it")
+    min_samples: int = Field(default=500, ge=1)
+    cooldown_s: float = Field(default=86400.0, ge=0, description="no second start within this")
+    window_s: float = Field(default=3600.0, gt=0, description="production telemetry this recent is what counts")
+
+
+class RolloutParams(_Section):
+    default: ChannelPolicy = Field(default_factory=ChannelPolicy)
+    channels: dict[str, ChannelPolicy] = Field(default_factory=dict)
+    retraining: RetrainingPolicy = Field(default_factory=RetrainingPolicy)
+
+    def policy_for(self, channel: str) -> ChannelPolicy:
+        return self.channels.get(channel, self.default)

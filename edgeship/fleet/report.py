@@ -1,0 +1,143 @@
+"""What the fleet reports, in the places people look: the MLflow model version, tables and a timeline plot.
+
+    >>> rows = status_rows(snapshot)                       # `edgeship fleet status`, the Prefect table artifact
+    >>> log_fleet_metrics(tracking_uri, "digits", snapshot.versions["8"])
+    >>> log_decision(tracking_uri, "digits", decision, store.decisions("stable", "onnx-int8"))
+
+Metrics go on the model version's source run (prefix `fleet.`, step = seconds since the epoch, so
+they form a time series); the latest values and every decision also go on the model version as tags
+(`fleet.*`, `rollout.decision`), which the registry UI shows next to the version.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from edgeship.fleet.aggregate import FleetSnapshot, VersionStats
+from edgeship.fleet.controller import Decision
+
+STATUS_COLUMNS = ["version", "device class", "devices", "inferences", "p50 ms", "p95 ms", "p99 ms", "errors",
+                  "fallbacks", "shadow agreement", "drift PSI", "installed", "refused", "confirmed", "rolled back"]
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def status_rows(snapshot: FleetSnapshot) -> list[dict[str, str]]:
+    """One row per (version, device class), in STATUS_COLUMNS order."""
+    rows = []
+    for version, stats in sorted(snapshot.versions.items()):
+        classes = sorted(stats.classes.items()) or [("-", None)]
+        for device_class, cls in classes:
+            rows.append(dict(zip(STATUS_COLUMNS, [
+                version, device_class, _fmt(cls.devices if cls else 0), _fmt(cls.inferences if cls else 0),
+                _fmt(cls.p50_ms if cls else None), _fmt(cls.p95_ms if cls else None),
+                _fmt(cls.p99_ms if cls else None), _fmt(cls.errors if cls else 0),
+                _fmt(cls.fallback_activations if cls else 0), _fmt(stats.shadow.agreement, 3),
+                _fmt(stats.drift.score if stats.drift else None, 3), str(len(stats.events.installed)),
+                str(len(stats.events.refused)), str(len(stats.events.confirmed)),
+                str(len(stats.events.rolled_back))])))
+    return rows
+
+
+def fleet_metrics(stats: VersionStats) -> dict[str, float | None]:
+    """Fleet metrics of one version: p99 per device class, shadow agreement, drift, install/probation failures."""
+    metrics: dict[str, float | None] = {f"fleet.p99_ms.{c}": s.p99_ms for c, s in stats.classes.items()}
+    metrics.update({
+        "fleet.devices": float(len(stats.devices)), "fleet.inferences": float(stats.inferences),
+        "fleet.errors": float(stats.errors), "fleet.fallback_activations": float(stats.fallback_activations),
+        "fleet.shadow_agreement": stats.shadow.agreement, "fleet.shadow_samples": float(stats.shadow.samples),
+        "fleet.drift_psi": stats.drift.score if stats.drift else None,
+        "fleet.install_failures": float(len(stats.events.refused)),
+        "fleet.probation_failures": float(len(stats.events.rolled_back)),
+    })
+    return metrics
+
+
+def _client(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def log_fleet_metrics(tracking_uri: str, model_name: str, stats: VersionStats, step: int | None = None) -> None:
+    """Fleet metrics on the version's source run (a time series) and as tags on the model version."""
+    import time
+
+    from mlflow.entities import Metric
+
+    client = _client(tracking_uri)
+    version = client.get_model_version(model_name, stats.version)
+    metrics = {k: v for k, v in fleet_metrics(stats).items() if v is not None}
+    now = int(time.time())
+    step = now if step is None else step
+    if version.run_id:
+        client.log_batch(version.run_id, metrics=[Metric(k, float(v), now * 1000, step) for k, v in metrics.items()])
+    for key, value in metrics.items():
+        client.set_model_version_tag(model_name, stats.version, key, f"{value:.4g}")
+
+
+def log_decision(tracking_uri: str, model_name: str, decision: Decision, timeline: list[dict]) -> None:
+    """The decision as a tag on the candidate's model version, and the rollout's timeline plot on its run."""
+    if decision.version is None:
+        return
+    client = _client(tracking_uri)
+    summary = {"action": decision.action, "at": decision.at.isoformat(), "fraction": decision.fraction_after,
+               "reasons": decision.reasons}
+    client.set_model_version_tag(model_name, decision.version, "rollout.decision", json.dumps(summary)[:5000])
+    client.set_model_version_tag(model_name, decision.version, f"rollout.{decision.target}.state",
+                                 f"{decision.action} @ {decision.fraction_after:g}")
+    version = client.get_model_version(model_name, decision.version)
+    if not version.run_id:
+        return
+    figure = timeline_figure(timeline, title=f"{model_name} v{decision.version} on {decision.channel}/{decision.target}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"rollout-{decision.channel}-{decision.target}.png"
+        figure.savefig(path, dpi=90)
+        evidence = Path(tmp) / f"rollout-{decision.channel}-{decision.target}-last-decision.json"
+        evidence.write_text(decision.model_dump_json(indent=2))
+        client.log_artifact(version.run_id, str(path), "fleet")
+        client.log_artifact(version.run_id, str(evidence), "fleet")
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
+def timeline_figure(decisions: list[dict], title: str):
+    """Rollout fraction over time, one marker per decision (advance, hold, abort, complete)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 3))
+    if decisions:
+        start = decisions[0]["at"]
+        xs = [(d["at"] - start).total_seconds() for d in decisions]
+        axis.step(xs, [d["fraction_after"] for d in decisions], where="post", color="0.4")
+        colours = {"advance": "tab:green", "complete": "tab:blue", "hold": "0.6", "abort": "tab:red", "none": "0.8"}
+        for x, d in zip(xs, decisions):
+            axis.scatter([x], [d["fraction_after"]], color=colours.get(d["action"], "k"), zorder=3, s=18)
+            if d["action"] in ("abort", "complete"):
+                axis.annotate(d["action"], (x, d["fraction_after"]), textcoords="offset points", xytext=(4, 4),
+                              fontsize=8)
+    axis.set_xlabel("seconds since the first decision")
+    axis.set_ylabel("candidate fraction")
+    axis.set_ylim(-0.05, 1.05)
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def decision_markdown(decision: Decision) -> str:
+    """A Prefect markdown artifact: the decision, its reasons and evidence."""
+    lines = [f"## Rollout {decision.channel}/{decision.target}: **{decision.action}** v{decision.version}", "",
+             f"fraction {decision.fraction_before:g} -> {decision.fraction_after:g} at {decision.at.isoformat()}", "",
+             *[f"- {reason}" for reason in decision.reasons], "", "```json",
+             json.dumps(decision.evidence, indent=1, default=str)[:20000], "```"]
+    return "\n".join(lines)

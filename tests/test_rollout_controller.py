@@ -1,0 +1,124 @@
+"""The rollout controller's decisions on recorded fleet states: advance, hold, abort, complete."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from edgeship.config import parse_params
+from edgeship.device.telemetry import DriftReference
+from edgeship.errors import ConfigError
+from edgeship.fleet.aggregate import aggregate
+from edgeship.fleet.controller import RolloutStatus, decide
+from edgeship.fleet.policy import ChannelPolicy
+
+from fleet_records import T0, events_of, record
+
+POLICY = ChannelPolicy.model_validate({
+    "stages": [0.05, 0.25, 1.0], "min_reporting_devices": 4, "soak_s": 600,
+    "success": {"p99_budget_ms": {"pi4": 40}},
+    "abort_criteria": [{"failure_type": t, "min_executed_devices": 3, "threshold_percentage": 20}
+                       for t in ("install", "probation", "latency", "disagreement")]})
+STATUS = RolloutStatus(channel="stable", target="onnx-int8", base_version="7", candidate_version="8", fraction=0.05,
+                       stage_started_at=T0, latency_budget_ms=20.0)
+NOW = T0 + timedelta(seconds=700)
+
+
+def healthy(n=5, version="8", device_class="default", **kwargs):
+    return [record(f"{device_class}-{i}", version, device_class=device_class,
+                   events=[("installed", version, None), ("confirmed", version, None)], **kwargs) for i in range(n)]
+
+
+def decide_on(records, status=STATUS, policy=POLICY, now=NOW, reference=None):
+    return decide(aggregate(records, events_of(records), reference=reference, since=status.stage_started_at),
+                  status, policy, now)
+
+
+def test_advance_when_soaked_enough_devices_and_every_criterion_met():
+    base = [record(f"old-{i}", "7") for i in range(20)]
+    decision = decide_on(base + healthy(5) + healthy(2, device_class="pi4", p99_ms=30.0))
+    assert decision.action == "advance" and decision.fraction_after == 0.25, decision.reasons
+    assert decision.evidence["candidate"]["devices"] == 7
+    assert decision.evidence["candidate"]["p99_ms_by_device_class"]["pi4"] >= 30.0
+
+
+def test_hold_while_soaking_or_too_few_devices_report():
+    soaking = decide_on(healthy(5), now=T0 + timedelta(seconds=120))
+    assert soaking.action == "hold" and soaking.fraction_after == 0.05
+    assert soaking.reasons == ["hold: soaking 120/600 s"]
+    few = decide_on(healthy(2))
+    assert few.action == "hold" and "2/4 devices report the candidate" in few.reasons[0]
+    base_on_pi4 = [record(f"old-{i}", "7", device_class="pi4") for i in range(5)]
+    untried = decide_on(base_on_pi4 + healthy(5))  # the candidate has not run on a pi4 yet
+    assert untried.action == "hold" and "no pi4 device has answered 50 times" in untried.reasons[0]
+    nothing = decide_on([record("old-1", "7")])
+    assert nothing.action == "hold" and "no device reports version 8" in nothing.reasons[0]
+
+
+def test_abort_on_probation_rollbacks_over_the_minimum_of_executed_devices():
+    bad = [record(f"d{i}", "8", events=[("installed", "8", None), ("rolled_back", "8", "probation: latency")])
+           for i in range(2)]
+    decision = decide_on(healthy(3) + bad, now=T0 + timedelta(seconds=30))  # no soak needed to abort
+    assert decision.action == "abort" and decision.fraction_after == 0.0
+    assert decision.reasons == ["abort: probation failures on 2/5 devices (40% >= 20%)"]
+    assert decision.evidence["abort_criteria"]["probation"]["failed"] == ["d0", "d1"]
+    assert decision.evidence["candidate"]["failure_reasons"] == {"rolled_back: probation: latency": 2}
+    # one failure in two executed devices is below the minimum: not an abort yet
+    assert decide_on(healthy(1) + bad[:1]).action == "hold"
+
+
+def test_abort_when_one_device_class_misses_its_p99_budget():
+    slow = healthy(3, device_class="pi4", p99_ms=60.0)  # the pi4 budget is 40 ms; default class 20 ms
+    decision = decide_on(healthy(4) + slow)
+    assert decision.action == "abort" and "latency failures on 3/7 devices" in decision.reasons[0]
+
+
+def test_abort_when_the_shadow_disagrees_with_the_active_model():
+    shadows = [record(f"s{i}", "7", shadow=("8", 60 if i < 2 else 99, 100)) for i in range(4)]
+    # shadow cohort only: the candidate answers nowhere yet
+    status = STATUS.model_copy(update={"fraction": 0.0, "shadow_version": "8"})
+    decision = decide_on(shadows, status=status)
+    assert decision.action == "abort" and "disagreement failures on 2/4 devices" in decision.reasons[0]
+    agreeing = [record(f"s{i}", "7", shadow=("8", 99, 100)) for i in range(4)]
+    start = decide_on(agreeing, status=status)
+    assert start.action == "advance" and start.fraction_after == 0.05
+    waiting = decide_on(agreeing[:2], status=status)
+    assert waiting.action == "hold" and waiting.reasons == ["hold: 2/4 devices report the shadow"]
+    soaking = decide_on(agreeing, status=status, now=T0 + timedelta(seconds=10))
+    assert soaking.action == "hold" and soaking.reasons[0].startswith("hold: soaking")
+
+
+def test_hold_on_drift_and_complete_at_full_rollout():
+    # what the release's test split looked like: classes balanced, confidence in the top two bins
+    reference = DriftReference(classes=10, class_distribution=[0.1] * 10, confidence_histogram=[0] * 8 + [0.5, 0.5])
+    drifted = healthy(5, classes=[180, 20] + [0] * 8)
+    decision = decide_on(drifted, reference=reference)
+    assert decision.action == "hold" and any("drift PSI" in r for r in decision.reasons)
+    assert decide_on(healthy(5), reference=reference).action == "advance"
+    full = decide_on(healthy(5), status=STATUS.model_copy(update={"fraction": 1.0}))
+    assert full.action == "complete"
+
+
+def test_paused_and_finished_rollouts_are_left_alone():
+    for state in ("paused", "aborted", "completed"):
+        decision = decide_on(healthy(5), status=STATUS.model_copy(update={"rollout_state": state}))
+        assert decision.action == "none" and decision.reasons == [f"rollout is {state}"]
+
+
+def test_exponential_rate_and_policy_errors_name_the_key():
+    policy = ChannelPolicy.model_validate({"exponential_rate": {"base_fraction": 0.02, "increment_factor": 3}})
+    assert [policy.next_fraction(f) for f in (0.0, 0.02, 0.18, 0.54)] == pytest.approx([0.02, 0.06, 0.54, 1.0])
+    with pytest.raises(ConfigError, match="rollout.channels.canary.stages"):
+        parse_params({"rollout": {"channels": {"canary": {"stages": [0.5, 0.1, 1.0]}}}})
+    assert parse_params({}).rollout.policy_for("stable").first_stage == 0.01
+
+
+def test_a_grossly_slow_release_fails_devices_before_their_minimum_of_answers():
+    # 10 answers each, 5+ of them far over the pi4 budget: conclusive although fewer than min_samples (50)
+    slow = [record(f"p{i}", "8", device_class="pi4", p50_ms=900.0, p99_ms=900.0, classes=[1] * 10,
+                   events=[("installed", "8", None)]) for i in range(3)]
+    assert decide_on(slow, now=T0 + timedelta(seconds=5)).action == "abort"
+    few_spikes = [record(f"q{i}", "8", device_class="pi4", p50_ms=1.0, p99_ms=900.0, classes=[1] * 10,
+                         events=[("installed", "8", None)]) for i in range(3)]
+    assert decide_on(few_spikes, now=T0 + timedelta(seconds=5)).action == "hold"  # one spike each: not yet
