@@ -82,7 +82,8 @@ def quantization_aware_train(trained: TrainedModel, data: PreparedData, qat_para
         simulated_val, epochs_run = _fine_tune(prepared.module, qat_params, x_train, y_train, x_val, y_val,
                                                generator, on_epoch, teacher)
         prepared.module.eval()
-        checkpoint = save_float_checkpoint(prepared.module, model, out_dir / CHECKPOINT_NAME)
+        checkpoint = save_float_checkpoint(prepared.module, model, out_dir / CHECKPOINT_NAME,
+                                           sample=torch.from_numpy(x_val[:256]))
         converted = convert(prepared.module)
         # A model that did not convert is measured as fake-quantized: the int8 arithmetic it simulates.
         measured = converted if converted is not None else prepared.module

@@ -26,11 +26,14 @@ from edgeship.tasks.qat_prepare import Relu6FakeQuantize
 from edgeship.tasks.qdq_onnx import integer_ops_of, keep_float_islands, optimized_op_counts
 
 
-def save_float_checkpoint(prepared: nn.Module, original: nn.Module, path: Path) -> Path | None:
+def save_float_checkpoint(prepared: nn.Module, original: nn.Module, path: Path,
+                          sample: torch.Tensor | None = None) -> Path | None:
     """The fine-tuned weights as a state dict of the original (float) model, for targets that quantize themselves.
 
     Fused QAT modules keep their BatchNorm as `<conv>.bn`; it maps back to the BatchNorm that followed the conv.
-    None (with a warning) when some weight has no counterpart.
+    None (with a warning) when some weight has no counterpart, or when the float model rebuilt from the mapped
+    weights does not answer like the fine-tuned model on `sample` (a mapping that matched shapes but not
+    meaning must never reach a target: it then starts from the trained fp32 weights instead).
     """
     fine_tuned = prepared.state_dict()
     batch_norm_of = {**_batch_norms_after_convs(original),
@@ -54,9 +57,28 @@ def save_float_checkpoint(prepared: nn.Module, original: nn.Module, path: Path) 
         warnings.warn(f"the QAT weights of {missing[:3]} have no counterpart in the float model; targets that "
                       f"quantize the float model themselves use the trained fp32 weights", stacklevel=3)
         return None
+    agreement = _top1_agreement(prepared, original, state, sample) if sample is not None else 1.0
+    if agreement < MIN_CHECKPOINT_AGREEMENT:
+        warnings.warn(f"the float model rebuilt from the QAT weights agrees with the QAT model on only "
+                      f"{agreement:.1%} of {len(sample)} inputs (needs {MIN_CHECKPOINT_AGREEMENT:.0%}); targets that "
+                      f"quantize the float model themselves use the trained fp32 weights", stacklevel=3)
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
     return path
+
+
+MIN_CHECKPOINT_AGREEMENT = 0.9  # top-1, float rebuild vs fake-quant QAT model; a wrong mapping lands far below
+
+
+def _top1_agreement(prepared: nn.Module, original: nn.Module, state: dict, sample: torch.Tensor) -> float:
+    """Share of `sample` on which the original architecture with `state` loaded picks the QAT model's class."""
+    rebuilt = copy.deepcopy(original)
+    rebuilt.load_state_dict(state)
+    with torch.no_grad():
+        ours = rebuilt.eval()(sample).argmax(1)
+        theirs = prepared.eval()(sample).argmax(1)
+    return (ours == theirs).float().mean().item()
 
 
 def _batch_norms_after_convs(model: nn.Module) -> dict[str, str]:
