@@ -70,6 +70,8 @@ def test_serve_hands_over_between_requests_and_shadows_off_the_answer_path(tmp_p
 
             for _ in range(10):
                 ask()
+            # a window closes while v1 is active (a record names the version active when its window closed)
+            wait_until(lambda: any(r.versions.active == "1" for r in store.records()), what="a v1 telemetry window")
             world.publish("2")  # everyone's: the updater thread installs it while requests keep coming
             wait_until(lambda: ask()["version"] == "2", what="hand-over to v2")
             expected = open_session("onnxruntime", world.artifacts[("2", TARGET)].path, threads=1).run(batch)
