@@ -100,12 +100,18 @@ def test_release_registers_a_version_with_both_artifacts_and_metrics(released):
     assert {"gate/gate_report.md", "gate/gate_report.json"} <= gate_files
 
 
+ADVISORY_CHECKS = {"p50_vs_float", "size_vs_float"}  # this project sets no fail_if_*_than_fp32
+
+
 def test_every_gate_verdict_agrees_with_its_measurement_and_candidate_follows_the_gates(released):
     project, summary = released
     for target in summary.targets:
         for check in target.gate.checks:
             assert check.measured is not None
             expected = check.measured <= check.limit if check.comparator == "<=" else check.measured >= check.limit
+            if check.name in ADVISORY_CHECKS:  # int8 vs its float sibling: flagged, fails only when params say so
+                assert check.passed and (expected or "flagged only" in check.reason), check
+                continue
             assert check.passed == expected, check
     client, _ = mlflow_client(project)
     aliases = client.get_registered_model(summary.model_name).aliases
