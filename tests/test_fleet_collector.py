@@ -26,7 +26,7 @@ def store_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/fleet.db"
         return
-    psycopg2 = pytest.importorskip("psycopg2")
+    psycopg2 = pytest.importorskip("psycopg2", reason="creating the test database needs psycopg2 (the pipeline extra)")
     name = f"edgeship_fleet_{uuid.uuid4().hex[:10]}"
     try:
         admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
