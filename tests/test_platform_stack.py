@@ -1,15 +1,19 @@
 """The loop a platform team runs, on the real services of `infra/local-stack.sh` (every process on loopback,
 on free ports, with its own PostgreSQL databases, all stopped and dropped at the end):
 
-release started through Prefect's API the way the UI's Run button starts it (a deployment with parameters)
--> MLflow server (PostgreSQL, artifacts in S3) registers the version -> a reviewer sets `production` on the
-MLflow server -> MLflow delivers its signed webhook -> `edgeship webhook serve` runs the publish deployment
+`prefect deploy --all` of prefect.yaml onto a process work pool served by two `prefect worker start` processes
+-> release started through Prefect's API the way the UI's Run button starts it (a deployment with parameters),
+while the other worker runs a rollout-controller pass started the same way -> MLflow server (PostgreSQL,
+artifacts in S3) registers the version -> a reviewer sets `production` on the MLflow server -> MLflow
+delivers its signed webhook -> `edgeship webhook serve` runs the publish deployment
 -> the signed OTA repository lands in the S3 bucket (an endpoint that checks SigV4 signatures) -> a device
-installs it over plain HTTP from the read-only server in front of the bucket.
+installs it over plain HTTP from the read-only server in front of the bucket. Each run says which worker
+executed it: the worker labels the flow run (`prefect.worker.name`, prefect/workers/base.py) when it submits it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -21,6 +25,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import yaml
 from test_release_e2e import make_project
@@ -29,6 +34,8 @@ from test_webhook import free_port, stop_session, wait_healthy
 REPO = Path(__file__).resolve().parents[1]
 PG = "postgresql://postgres@127.0.0.1:5432"
 BIN = Path(sys.executable).parent
+POOL = "edgeship"  # prefect.yaml's work pool
+WORKERS = ("edgeship-worker-1", "edgeship-worker-2")
 pytestmark = pytest.mark.e2e
 
 
@@ -81,12 +88,20 @@ class Processes:
         self.running.append((name, process, log))
         return process
 
+    def alive(self, name: str) -> bool:
+        return any(started == name and process.poll() is None for started, process, _ in self.running)
+
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text()[-3000:]
 
     def stop(self) -> None:
         for _, process, log in reversed(self.running):
+            # A worker starts each flow run in a session of its own: stop those children too.
+            children = psutil.Process(process.pid).children(recursive=True) if process.poll() is None else []
             stop_session(process)
+            for child in children:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
             log.close()
 
 
@@ -134,9 +149,53 @@ def _run_from_ui(api: str, deployment_id: str, parameters: dict) -> str:
     return answer.json()["id"]
 
 
+def _flow_run(api: str, flow_run_id: str) -> dict:
+    return httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=10).json()
+
+
 def _final_state(api: str, flow_run_id: str) -> str | None:
-    state = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=10).json()["state"]["type"]
+    state = _flow_run(api, flow_run_id)["state"]["type"]
     return state if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+
+def _worker_of(api: str, flow_run_id: str) -> str | None:
+    """The worker that executed a flow run: the label it gives the run when it submits it."""
+    return (_flow_run(api, flow_run_id).get("labels") or {}).get("prefect.worker.name")
+
+
+def _runs_of(api: str, deployment_id: str) -> list[str]:
+    answer = httpx.post(f"{api}/flow_runs/filter", timeout=10, json={"deployments": {"id": {"any_": [deployment_id]}}})
+    return [run["id"] for run in answer.json()]
+
+
+def _prefect(args: list[str], project: Path, env: dict) -> str:
+    done = subprocess.run([str(BIN / "prefect"), *args], cwd=project, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def _deploy_to_work_pool(api: str, project: Path, env: dict, processes: Processes) -> dict[str, str]:
+    """prefect.yaml's deployments on a process work pool with two workers, as the README types it; their ids.
+
+    The schedules are registered and then paused: every run this test checks, it starts itself.
+    """
+    _prefect(["work-pool", "create", POOL, "--type", "process"], project, env)
+    _prefect(["deploy", "--all", "--prefect-file", str(REPO / "prefect.yaml"), "--no-prompt"], project, env)
+    names = {"release": "release/scheduled-retraining", "publish": "publish/publish",
+             "controller": "rollout-controller/rollout-controller", "resign": "resign/resign"}
+    ids = {key: _deployment_id(api, name) for key, name in names.items()}
+    for key in ("release", "controller", "resign"):
+        deployment = httpx.get(f"{api}/deployments/{ids[key]}", timeout=10).json()
+        assert deployment["work_pool_name"] == POOL and deployment["schedules"], deployment
+        assert httpx.patch(f"{api}/deployments/{ids[key]}", json={"paused": True}, timeout=10).status_code == 204
+    for name in WORKERS:  # one flow run at a time each: a second run goes to the other worker
+        processes.start(name, [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process",
+                               "--name", name, "--limit", "1"], project, env)
+    _wait_for("both workers to poll the pool", lambda: {w["name"] for w in httpx.post(
+        f"{api}/work_pools/{POOL}/workers/filter", json={}, timeout=10).json()} >= set(WORKERS), 120,
+              lambda: "".join(processes.log(name) for name in WORKERS))
+    return ids
 
 
 def test_release_promote_publish_and_install_on_the_real_stack(stack, processes, tmp_path, monkeypatch):
@@ -148,15 +207,21 @@ def test_release_promote_publish_and_install_on_the_real_stack(stack, processes,
     api, tracking, ota_url = env["PREFECT_API_URL"], env["MLFLOW_TRACKING_URI"], env["EDGESHIP_OTA_URL"]
     project = _tiny_project(tmp_path / "project", env)
     secret = secrets.token_hex(16)
-    env = {**env, "EDGESHIP_WEBHOOK_SECRET": secret, "PREFECT_RUNNER_POLL_FREQUENCY": "1", "OMP_NUM_THREADS": "1"}
-
-    serve = processes.start("serve", [str(BIN / "edgeship"), "serve", "--cron", ""], project, env)
-    release_id = _wait_for("the deployments to register", lambda: _deployment_id(api, "release/scheduled-retraining"),
-                           120, lambda: processes.log("serve"))
-    run_id = _run_from_ui(api, release_id, {"params_path": "params.yaml", "workdir": str(project),
-                                            "summary_path": "release.json"})
-    state = _wait_for("the release run", lambda: _final_state(api, run_id), 900, lambda: processes.log("serve"))
-    assert state == "COMPLETED", processes.log("serve")
+    env = {**env, "EDGESHIP_WEBHOOK_SECRET": secret, "OMP_NUM_THREADS": "1", "EDGESHIP_PROJECT_DIR": str(project),
+           "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    ids = _deploy_to_work_pool(api, project, env, processes)
+    workers_log = lambda: "".join(processes.log(name) for name in WORKERS)  # noqa: E731
+    run_id = _run_from_ui(api, ids["release"], {"params_path": "params.yaml", "workdir": str(project),
+                                                "summary_path": "release.json"})
+    release_worker = _wait_for("a worker to take the release", lambda: _worker_of(api, run_id), 120, workers_log)
+    # While that worker is busy with the release, a second run (a dry controller pass) goes to the other one.
+    controller_id = _run_from_ui(api, ids["controller"], {"params_path": "params.yaml", "workdir": str(project),
+                                                          "apply": False})
+    state = _wait_for("the controller pass", lambda: _final_state(api, controller_id), 300, workers_log)
+    assert state == "COMPLETED", workers_log()
+    state = _wait_for("the release run", lambda: _final_state(api, run_id), 900, workers_log)
+    assert state == "COMPLETED", workers_log()
+    assert {release_worker, _worker_of(api, controller_id)} == set(WORKERS), "each worker executed a run"
     summary = json.loads((project / "release.json").read_text())
     assert summary["passed"] and summary["model_version"] == "1"
 
@@ -177,10 +242,11 @@ def test_release_promote_publish_and_install_on_the_real_stack(stack, processes,
     assert registered.returncode == 0, registered.stderr
 
     client.set_registered_model_alias(summary["model_name"], "production", "1")  # the reviewer, in MLflow's UI
-    channel = f"{ota_url}/releases/metadata/timestamp.json"
-    _wait_for("the publish deployment to sign the release into the bucket",
-              lambda: httpx.get(channel, timeout=5).status_code == 200, 300,
-              lambda: processes.log("webhook") + processes.log("serve"))
+    publish_run = _wait_for("the webhook to start the publish deployment", lambda: _runs_of(api, ids["publish"]), 120,
+                            lambda: processes.log("webhook"))[0]
+    state = _wait_for("the publish run to sign the release into the bucket",
+                      lambda: _final_state(api, publish_run), 300, lambda: processes.log("webhook") + workers_log())
+    assert state == "COMPLETED" and _worker_of(api, publish_run) in WORKERS, workers_log()
 
     root_json = tmp_path / "root.json"  # what the device was provisioned with
     root_json.write_bytes(httpx.get(f"{ota_url}/releases/metadata/1.root.json", timeout=5).content)
@@ -193,7 +259,7 @@ def test_release_promote_publish_and_install_on_the_real_stack(stack, processes,
     assert report["status"] == "updated" and report["installed_version"] == "1", report
     fp32 = summary["targets"][0]
     assert Path(report["model_path"]).read_bytes() == Path(fp32["artifact"]["path"]).read_bytes()
-    assert serve.poll() is None
+    assert all(processes.alive(name) for name in WORKERS)
 
     # The bucket checks signatures as AWS does: a wrong secret is refused, with the fix named.
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", env["AWS_ACCESS_KEY_ID"])
