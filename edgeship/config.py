@@ -316,6 +316,30 @@ class GatePolicy(Section):
         return self
 
 
+class TaskRunnerParams(Section):
+    """Where the per-target compile and benchmark tasks run (`task_runner:`).
+
+    threads: in the flow's own process (Prefect's thread pool); torch's graph capture holds one process-wide
+    lock, so the targets' captures take turns. dask: on a Dask cluster through prefect-dask's DaskTaskRunner,
+    each task in a worker process of its own; a LocalCluster started for the run, or the scheduler at
+    `address` (its workers need edgeship installed, the project at the same path, and a tracking server).
+    """
+
+    kind: Literal["threads", "dask"] = "threads"
+    address: str | None = Field(default=None, description="dask: a running scheduler, e.g. tcp://10.0.0.5:8786; "
+                                                          "null: a LocalCluster for the run")
+    workers: int | None = Field(default=None, ge=1, description="LocalCluster worker processes; null: one per "
+                                                                "target, at most the CPU count")
+
+    @model_validator(mode="after")
+    def _dask_options_need_dask(self) -> "TaskRunnerParams":
+        if self.kind == "threads" and (self.address or self.workers):
+            raise ValueError("'address' and 'workers' are Dask options: set kind: dask, or remove them")
+        if self.address and self.workers:
+            raise ValueError("'workers' sizes a LocalCluster; a cluster at 'address' has its own workers: remove one")
+        return self
+
+
 class RegistryParams(Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_location: str | None = Field(default="mlartifacts",
@@ -366,6 +390,7 @@ class Params(Section):
     devices: list[DeviceParams] = Field(default_factory=lambda: [DeviceParams(name="local")])
     gate: dict[str, GatePolicy] = Field(default_factory=dict)
     compile: dict[str, CompileOptions] = Field(default_factory=dict)
+    task_runner: TaskRunnerParams = TaskRunnerParams()
     registry: RegistryParams = RegistryParams()
     ota: OtaParams = OtaParams()
     fleet: FleetParams = FleetParams()        # telemetry broker and fleet store (edgeship/fleet/policy.py)

@@ -216,9 +216,12 @@ class ProjectCache:
             state = self.task(task).with_options(refresh_cache=True)(*args, return_state=True, **kwargs)
         return self.reused(state, on_reuse)
 
-    def submit(self, task, *args, **kwargs):
-        """Submit a cached task; `reused(future)` takes its result (computed again if its files are gone)."""
-        future = self.task(task).submit(*args, **kwargs)
+    def submit(self, task, *args, runner=None, **kwargs):
+        """Submit a cached task (to `runner`, edgeship.flows.fan_out; None: the flow's own); `reused(future)` takes
+        its result (computed again, here, if its files are gone)."""
+        from edgeship.flows.fan_out import submit
+
+        future = submit(runner, self.task(task), *args, **kwargs)
         future.edgeship_retry = lambda: self.task(task).with_options(refresh_cache=True)(*args, return_state=True,
                                                                                          **kwargs)
         return future

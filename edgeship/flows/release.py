@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger
 from edgeship.config import load_params
 from edgeship.flows import pruning_tasks, quantization_tasks, release_tasks
 from edgeship.flows.caching import ProjectCache
+from edgeship.flows.fan_out import fan_out
 from edgeship.records import ReleaseSummary, TargetSummary
 from edgeship.registry.tracking import ReleaseRun
 from edgeship.tasks.gate import earns_its_place, evaluate_gate, float_sibling, release_passes
@@ -100,19 +101,17 @@ def _release(root: Path, params, run: ReleaseRun, out_dir: Path, cache: ProjectC
     if release_tasks.needs_quantized_model(params.targets):
         quantized = _quantize(params, trained, data, out_dir, run, lineage, cache)
 
-    compiled = [cache.submit(release_tasks.compile_target, target, trained, quantized, data, out_dir, run,
-                             params.compile[target].model_dump() if target in params.compile else None)
-                for target in params.targets]
-    outcomes = {o.target: o for o in (cache.reused(future, lambda o: release_tasks.reused_compile(run, o))
-                                      for future in compiled)}
-    artifacts = [o.artifact for o in outcomes.values() if o.artifact]
+    with fan_out(params.task_runner, len(params.targets), root) as runner:  # threads, or a Dask cluster
+        outcomes = release_tasks.compile_targets(params, trained, quantized, data, out_dir, run, cache, runner)
+        artifacts = [o.artifact for o in outcomes.values() if o.artifact]
 
-    reference = cache.call(release_tasks.reference_logits, trained, data, out_dir)
-    host_checks = {a.target: cache.call(release_tasks.check_on_host, a, data, reference, run, params.ota.golden_count,
-                                        on_reuse=lambda result, a=a: release_tasks.log_host_check(run, a, result))
-                   for a in artifacts}
+        reference = cache.call(release_tasks.reference_logits, trained, data, out_dir)
+        host_checks = {a.target: cache.call(release_tasks.check_on_host, a, data, reference, run,
+                                            params.ota.golden_count,
+                                            on_reuse=lambda result, a=a: release_tasks.log_host_check(run, a, result))
+                       for a in artifacts}
 
-    benchmarks = release_tasks.benchmark_on_devices(artifacts, data, params, run, cache)
+        benchmarks = release_tasks.benchmark_on_devices(artifacts, data, params, run, cache, runner)
 
     summaries = []
     for target in params.targets:

@@ -85,13 +85,42 @@ def compile_target(target: str, trained: TrainedModel, quantized: QuantizedModel
             CompileInputs(trained=trained, data=data, output_dir=out_dir / target, quantized=quantized,
                           options=options or {}))
     except Exception as error:  # noqa: BLE001 - see the docstring: one target never stops the others
-        progress().finish(f"compile {target}", note=f"[red]failed: {error}")
         run.set_tags({f"edgeship.compile.{target}": f"failed: {str(error)[:4000]}"})
-        return CompileOutcome(target=target, error=f"{type(error).__name__}: {error}")
-    log_compiled(run, artifact)
-    run.log_metrics({f"{target}/bytes": float(artifact.bytes)})
-    progress().finish(f"compile {target}", note=f"{artifact.bytes / 1e3:.0f} kB")
-    return CompileOutcome(target=target, artifact=artifact)
+        outcome = CompileOutcome(target=target, error=f"{type(error).__name__}: {error}")
+    else:
+        log_compiled(run, artifact)
+        run.log_metrics({f"{target}/bytes": float(artifact.bytes)})
+        outcome = CompileOutcome(target=target, artifact=artifact)
+    progress().finish(f"compile {target}", note=compile_note(outcome))
+    return outcome
+
+
+def compile_note(outcome: CompileOutcome) -> str:
+    return f"{outcome.artifact.bytes / 1e3:.0f} kB" if outcome.artifact else f"[red]failed: {outcome.error}"
+
+
+def compile_targets(params: Params, trained: TrainedModel, quantized: QuantizedModel | None, data: PreparedData,
+                    out_dir: Path, run: ReleaseRun, cache, runner=None) -> dict[str, CompileOutcome]:
+    """Every target's compile task at once, on `runner` (edgeship.flows.fan_out); reused from `cache` when unchanged.
+
+    A task in another process reports its progress there, so this process shows its rows when the results come.
+    """
+    from edgeship.flows.fan_out import remote
+
+    futures = {}
+    for target in params.targets:
+        if remote(runner):
+            progress().start(f"compile {target}", total=1)
+        futures[target] = cache.submit(compile_target, target, trained, quantized, data, out_dir, run,
+                                       params.compile[target].model_dump() if target in params.compile else None,
+                                       runner=runner)
+    outcomes = {}
+    for target, future in futures.items():
+        outcome = cache.reused(future, lambda o: reused_compile(run, o))
+        if remote(runner):
+            progress().finish(f"compile {target}", note=compile_note(outcome))
+        outcomes[target] = outcome
+    return outcomes
 
 
 @task(name="reference-logits", cache_policy=NO_CACHE)
@@ -153,14 +182,16 @@ def benchmark_on_device(artifact: CompiledArtifact, device: str, pool, params: P
     progress().start(stage, total=1)
     result = pool.run(BenchmarkJob(artifact, device), batch)
     log_benchmark(run, result)
+    progress().finish(stage, note=benchmark_note(result))
+    return result
+
+
+def benchmark_note(result: BenchmarkResult) -> str:
     if result.status == "ok" and result.latency_ms:
         where = result.device + (f" for {result.substitute_for}" if result.substitute_for else "")
         accuracy = f", acc {result.accuracy:.4f}" if result.accuracy is not None else ""
-        progress().finish(stage, note=f"{where}: p50 {result.latency_ms.p50:.3f} ms, "
-                                      f"p99 {result.latency_ms.p99:.3f} ms{accuracy}")
-    else:
-        progress().finish(stage, note=f"[red]{result.device}: {result.status}: {result.error}")
-    return result
+        return f"{where}: p50 {result.latency_ms.p50:.3f} ms, p99 {result.latency_ms.p99:.3f} ms{accuracy}"
+    return f"[red]{result.device}: {result.status}: {result.error}"
 
 
 def log_benchmark(run: ReleaseRun, result: BenchmarkResult, figures: bool = True) -> None:
@@ -199,13 +230,15 @@ def log_benchmark(run: ReleaseRun, result: BenchmarkResult, figures: bool = True
 
 
 def benchmark_on_devices(artifacts: list[CompiledArtifact], data: PreparedData, params: Params, run: ReleaseRun,
-                         cache=None) -> dict[str, list[BenchmarkResult]]:
+                         cache=None, runner=None) -> dict[str, list[BenchmarkResult]]:
     """Every artifact on every device that serves it: one Prefect task per (artifact, device), all submitted
-    at once; the pool of benchmark devices keeps each device to one job at a time. On-device accuracy on the
-    test split. With a `cache` (edgeship.flows.caching.ProjectCache), a measurement of the same artifact on
-    the same device with the same benchmark params is reused."""
+    at once (to `runner`, edgeship.flows.fan_out; None: the flow's own); the pool of benchmark devices keeps
+    each device to one job at a time (the agent queues jobs from other processes too). On-device accuracy on
+    the test split. With a `cache` (edgeship.flows.caching.ProjectCache), a measurement of the same artifact
+    on the same device with the same benchmark params is reused."""
     import tempfile
 
+    from edgeship.flows.fan_out import remote, submit
     from edgeship.tasks.benchmark import BenchmarkDevices, collect_results, connected_devices, validation_batch
 
     with tempfile.TemporaryDirectory(prefix="edgeship-batch-") as scratch, \
@@ -217,16 +250,19 @@ def benchmark_on_devices(artifacts: list[CompiledArtifact], data: PreparedData, 
         for result in unserved:
             log_benchmark(run, result)
         task = cache.task(benchmark_on_device) if cache else benchmark_on_device
-        futures = [task.submit(job.artifact, job.device, pool, params, run, batch) for job in jobs]
+        futures = [submit(runner, task, job.artifact, job.device, pool, params, run, batch) for job in jobs]
         measured = []
         for job, future in zip(jobs, futures):
             try:
-                measured.append(cache.reused(future, lambda result: reused_benchmark(run, result)) if cache
-                                else future.result())
+                result = (cache.reused(future, lambda result: reused_benchmark(run, result)) if cache
+                          else future.result())
             except Exception as error:  # a bug, not a device: still a result, so the gate fails closed
-                measured.append(BenchmarkResult(target=job.artifact.target, device=job.device,
-                                                runtime=job.artifact.runtime, sha256=job.artifact.sha256,
-                                                status="failed", error=f"{type(error).__name__}: {error}"))
+                result = BenchmarkResult(target=job.artifact.target, device=job.device, runtime=job.artifact.runtime,
+                                         sha256=job.artifact.sha256, status="failed",
+                                         error=f"{type(error).__name__}: {error}")
+            if remote(runner):
+                progress().finish(f"bench {job.artifact.target} @ {job.device}", note=benchmark_note(result))
+            measured.append(result)
         return collect_results(artifacts, unserved, measured, list(pool.devices))
 
 
@@ -253,8 +289,7 @@ def reused_compile(run: ReleaseRun, outcome: CompileOutcome) -> None:
     if outcome.artifact:
         log_compiled(run, outcome.artifact)
         run.log_metrics({f"{outcome.target}/bytes": float(outcome.artifact.bytes)})
-    reused(f"compile {outcome.target}", run, f"{outcome.artifact.bytes / 1e3:.0f} kB" if outcome.artifact
-           else f"[red]failed: {outcome.error}")
+    reused(f"compile {outcome.target}", run, compile_note(outcome))
 
 
 def reused_benchmark(run: ReleaseRun, result: BenchmarkResult) -> None:

@@ -85,7 +85,7 @@ def flatten(mapping: dict, prefix: str = "") -> dict[str, str]:
 
 
 class ReleaseRun:
-    """An MLflow run bound by id, safe to use from any thread."""
+    """An MLflow run bound by id, safe to use from any thread; pickles as its id and tracking URI."""
 
     def __init__(self, run_id: str, tracking_uri: str):
         from mlflow import MlflowClient
@@ -93,6 +93,10 @@ class ReleaseRun:
         self.run_id = run_id
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    def __reduce__(self):
+        # A task in another process (a Dask worker) gets the run by id and opens its own client there.
+        return ReleaseRun, (self.run_id, self.tracking_uri)
 
     @classmethod
     def start(cls, settings: RegistryParams, workdir: Path, run_name: str, tags: dict[str, str] | None = None

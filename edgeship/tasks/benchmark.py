@@ -165,6 +165,16 @@ class BenchmarkDevices:
         self._sleep = sleep
         self._labels: dict[Path, np.ndarray] = {}
 
+    def __getstate__(self) -> dict:
+        """What a benchmark task in another process (a Dask worker) needs: devices, params, what was probed.
+
+        Locks do not travel: that process keeps its own per device, and the agent runs one job at a time anyway.
+        """
+        return {k: v for k, v in self.__dict__.items() if k not in ("_locks", "_guard")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _guard=threading.Lock(), _locks={name: threading.Lock() for name in state["devices"]})
+
     # --- probing and planning ---
 
     def probe(self) -> None:
