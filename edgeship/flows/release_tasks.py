@@ -250,7 +250,11 @@ def benchmark_on_devices(artifacts: list[CompiledArtifact], data: PreparedData, 
         for result in unserved:
             log_benchmark(run, result)
         task = cache.task(benchmark_on_device) if cache else benchmark_on_device
-        futures = [submit(runner, task, job.artifact, job.device, pool, params, run, batch) for job in jobs]
+        futures = []
+        for job in jobs:
+            if remote(runner):
+                progress().start(f"bench {job.artifact.target} @ {job.device}", total=1)
+            futures.append(submit(runner, task, job.artifact, job.device, pool, params, run, batch))
         measured = []
         for job, future in zip(jobs, futures):
             try:
