@@ -170,3 +170,6 @@ def test_a_grossly_slow_release_fails_devices_before_their_minimum_of_answers():
     few_spikes = [record(f"q{i}", "8", device_class="pi4", p50_ms=1.0, p99_ms=900.0, classes=[1] * 10,
                          events=[("installed", "8", None)]) for i in range(3)]
     assert decide_on(few_spikes, now=T0 + timedelta(seconds=5)).action == "hold"  # one spike each: not yet
+    cold = [record(f"c{i}", "8", device_class="pi4", p50_ms=900.0, p99_ms=900.0, classes=[1] * 3,
+                   events=[("installed", "8", None)]) for i in range(3)]
+    assert decide_on(cold, now=T0 + timedelta(seconds=5)).action == "hold"  # three slow first answers: not yet

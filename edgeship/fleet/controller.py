@@ -34,6 +34,9 @@ from edgeship.fleet.latency import allowed_tail, class_over_budget, judge_device
 from edgeship.fleet.policy import AbortCriterion, ChannelPolicy
 
 Action = Literal["advance", "complete", "hold", "abort", "none"]
+# Before its minimum of answers a device fails on latency only with this many over budget as well: answers
+# are not independent (a cold start after the hand-over, one preemption burst), two slow ones are no verdict.
+EARLY_OVER_BUDGET = 5
 
 
 class RolloutStatus(BaseModel):
@@ -100,7 +103,8 @@ def _failures(criterion: AbortCriterion, stats: VersionStats, policy: ChannelPol
                 verdict = judge_device(latency, budget, allowed, policy.latency)
                 # A device counts once it has its minimum of answers, or earlier when its tail already proves it
                 # over budget (a grossly slow release must not wait for 50 answers per device).
-                if verdict.answers < policy.min_samples_per_device and not verdict.failed:
+                early = verdict.failed and verdict.over_budget >= EARLY_OVER_BUDGET
+                if verdict.answers < policy.min_samples_per_device and not early:
                     continue
                 executed.add(device)
                 if verdict.failed:
