@@ -58,7 +58,7 @@ class ShadowRunner:
         self.state_dir = Path(state_dir)
         self.report, self.sample_rate, self.threads = report, sample_rate, threads
         self.idle_gap_s, self.max_wait_s = idle_gap_s, max_wait_s
-        self._idle = threading.Condition()
+        self._answers = threading.Lock()
         self._busy = 0
         self._last_answer = 0.0
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -72,27 +72,27 @@ class ShadowRunner:
 
     def primary_started(self) -> None:
         """An answer is being computed: no shadow run starts until it is done and the gap has passed."""
-        with self._idle:
+        with self._answers:
             self._busy += 1
 
     def primary_done(self) -> None:
-        with self._idle:
+        with self._answers:
             self._busy -= 1
             self._last_answer = time.monotonic()
-            self._idle.notify_all()
 
     def _wait_for_idle(self) -> bool:
-        """Block until the primary has been idle for idle_gap_s; False when max_wait_s passes first."""
+        """Poll until the primary has been idle for idle_gap_s; False when max_wait_s passes first. Polling, not a
+        notification per answer: waking this thread after every answer of a burst would itself slow them."""
         deadline = time.monotonic() + self.max_wait_s
-        with self._idle:
-            while True:
-                now = time.monotonic()
-                quiet = now - self._last_answer
-                if not self._busy and quiet >= self.idle_gap_s:
-                    return True
-                if now >= deadline:
-                    return False
-                self._idle.wait(deadline - now if self._busy else min(deadline - now, self.idle_gap_s - quiet))
+        poll_s = max(self.idle_gap_s, 0.001)
+        while True:
+            now = time.monotonic()
+            quiet = now - self._last_answer
+            if not self._busy and quiet >= self.idle_gap_s:
+                return True
+            if now >= deadline:
+                return False
+            time.sleep(min(deadline - now, poll_s if self._busy else max(self.idle_gap_s - quiet, 0.0001)))
 
     def offer(self, batch: np.ndarray, prediction) -> bool:
         """Maybe give this input and the active answer to the shadow; never blocks. True when queued."""
