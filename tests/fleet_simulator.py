@@ -83,6 +83,10 @@ def classifier_onnx(coef: np.ndarray, intercept: np.ndarray, slow_steps: int = 0
     return model.SerializeToString()
 
 
+BAD_SLOW_STEPS = 10_000  # ~20 ms per answer on this machine (2 us a step): twice the `small` class's 10 ms budget,
+                         # and cheap enough that a first stage of 10 devices does not take the host's two cores
+
+
 def digits_models() -> tuple[dict[str, bytes], np.ndarray, np.ndarray]:
     """Two good releases (logistic regressions on disjoint halves of the training split: they agree on ~96% of
     test images) and a bad one (the first with its classes rotated, inside a slow model), plus the test split."""
@@ -96,7 +100,7 @@ def digits_models() -> tuple[dict[str, bytes], np.ndarray, np.ndarray]:
     two = LogisticRegression(max_iter=500, C=0.5).fit(flat[train[600:]], y[train[600:]])
     rotated = np.roll(one.coef_, 1, axis=0), np.roll(one.intercept_, 1)
     return ({"good-1": classifier_onnx(one.coef_, one.intercept_), "good-2": classifier_onnx(two.coef_, two.intercept_),
-             "bad": classifier_onnx(*rotated, slow_steps=20000)}, x[test], y[test])
+             "bad": classifier_onnx(*rotated, slow_steps=BAD_SLOW_STEPS)}, x[test], y[test])
 
 
 @dataclass
@@ -165,10 +169,14 @@ class FleetSimulator:
             self._feeders.append(thread)
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def stop_feeding(self) -> None:
+        """The applications stop sending requests (the devices keep running)."""
         self._stop.set()
         for thread in self._feeders:
             thread.join()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop_feeding()
         for process in self.processes.values():
             if process.poll() is None:
                 process.terminate()
