@@ -6,6 +6,11 @@ laptop demo needs no set-up and no binary. QoS 1, retained messages and persiste
 reconnects) work for as long as the process runs; nothing survives the process (edgeship.fleet.broker's
 Mosquitto keeps sessions on disk, for tests that kill a broker).
 
+Measured limits of amqtt 0.12.1, where Mosquitto does better: a QoS 1 message in flight to the collector
+when it disconnects, or not acknowledged within 5 s, is dropped instead of redelivered. The collector
+acknowledges after storing and reconnects for a redelivery when its store keeps failing; with this
+broker that record is lost (`edgeship fleet collect --local-broker mosquitto` keeps it).
+
     >>> with EmbeddedBroker() as broker:
     ...     settings = MqttSettings(host="127.0.0.1", port=broker.port, fleet="lab")
 """
