@@ -6,7 +6,7 @@ A rollout of one target is a small state machine:
           any stage -> aborted   (an abort criterion met: candidate removed, devices back on base)
           any stage -> paused -> (resume) -> the same stage
 
-Each run of the controller reads one `FleetSnapshot` (aggregated since the current stage started) and
+Each run of the controller reads one `FleetSnapshot` (edgeship.fleet.rollout aggregates the rollout so far) and
 returns one `Decision`: `abort` as soon as an abort criterion holds (no soak: the blast radius is what
 counts), else `advance` (or `complete`) when the stage has soaked, enough devices report the candidate
 and every success criterion holds, else `hold` with the criteria still missing. The decision carries
@@ -14,7 +14,7 @@ the evidence it used, so every transition can be logged and explained.
 
 Latency is judged as canary analysis (edgeship.fleet.latency): a device fails its class's p99 budget only
 when its answers over budget are significantly more than allowed, and what is allowed is the budget's 1%
-or, where the base release misses the budget too on that class in the same stage (a loaded host), a
+or, where the base release misses the budget too on that class over the same time (a loaded host), a
 multiple of the base's share (`policy.latency`). A noisy host therefore holds nobody back and aborts
 nothing; a candidate slower than the budget fails devices within a handful of answers.
 

@@ -3,10 +3,11 @@
 A p99 budget says at most TAIL_SHARE (1%) of answers may take longer than the budget. On a loaded host
 the base release misses it too now and then (a preempted process waits many ms), so a candidate is judged
 the way Kayenta and Argo Rollouts judge a canary: against the base on the same device class over the same
-stretch of time (the current stage), and only on evidence that holds statistically.
+stretch of time (the snapshot the controller decides on: the rollout so far), and only on evidence
+that holds statistically.
 
 * The allowed tail: p0 = max(1%, max_ratio_to_base * the base's over-budget share on that class
-  in the stage). With no base evidence there (fewer than `min_samples` answers), p0 = 1%: the budget
+  in the snapshot). With no base evidence there (fewer than `min_samples` answers), p0 = 1%: the budget
   alone.
 * Abort (irreversible, so it needs proof): a device fails when a one-sided exact binomial test rejects
   "its share of answers over budget is at most p0" at `significance`: k answers certainly over budget
@@ -45,7 +46,7 @@ class TailVerdict(BaseModel):
 
 
 def binomial_sf(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p), exact (summed in log space; n is a device's answers in a stage)."""
+    """P(X >= k) for X ~ Binomial(n, p), exact (summed in log space; n is a device's answers in a snapshot)."""
     if k <= 0:
         return 1.0
     if k > n or p <= 0.0:

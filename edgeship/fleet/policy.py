@@ -80,7 +80,7 @@ class LatencyAnalysis(_Section):
                                 "one-sided binomial test of its over-budget answers rejects 'no worse than "
                                 "allowed' at this level")
     max_ratio_to_base: float = Field(default=2.0, ge=1, description="the candidate may have this many times the "
-                                     "base's over-budget share on the same device class in the same stage")
+                                     "base's over-budget share on the same device class over the same time")
 
 
 class AbortCriterion(_Section):
