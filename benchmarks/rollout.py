@@ -13,10 +13,11 @@ Then, with the applications stopped (the host quiet again), the shadow's overhea
 answer path is measured in-process (p50 with the shadow sampling on vs off, alternating blocks, same
 device state).
 
-Sized for 2 shared cores: 40 device processes cost about 1 core (each: ~3 ms CPU a request, ~5 ms/s
-for an update check every second, ~6 ms/s telemetry and idle threads), the simulator's applications,
-repository and collector most of another. `--update-s 2 --rate-hz 3` keep that under the host's two
-cores, so the collector keeps up and the controller decides on fresh telemetry.
+Sized for 2 shared cores (measured at 4 Hz and an update check every second): a device process costs
+~26 ms CPU/s (~3 ms a request, ~10 ms/s the update checks, ~6 ms/s telemetry and idle threads) and
+~116 MB; the simulator's applications, repository and collector ~17 ms/s per device: 1.7 cores for 40,
+and the bad model's answers (then ~38 ms each) asked 2.4 more, so the collector fell 80 s behind and
+the abort waited for it. Defaults now: updates every 2 s, 3 Hz, a ~20 ms bad model; about 2 minutes.
 
     .venv/bin/python benchmarks/rollout.py                 # 40 devices
     .venv/bin/python benchmarks/rollout.py --devices 12 --window-s 1
