@@ -9,7 +9,7 @@ scenarios in one run:
   (b) bad: v3 (v1's classes rotated, in a model ~2000x slower: ~20 ms an answer) starts at the first
       stage, misses the `small` class's p99 budget (10 ms), and is aborted; devices go back to v2. The
       broker is killed and restarted (SIGKILL, 2 s down) in the middle.
-Then, with the applications stopped (the host quiet again), the shadow's overhead on the primary's
+Then, with the applications and devices stopped (the host quiet again), the shadow's overhead on the primary's
 answer path is measured in-process (p50 with the shadow sampling on vs off, alternating blocks, same
 device state).
 
@@ -73,21 +73,30 @@ def _alternating_p50(field, images, blocks: int, per_block: int, gap_s: float, r
     """p50 of the primary's answer path (wall clock around FieldRuntime.predict), shadow sampling on in half the
     blocks, in off-on-on-off order (short blocks in that order cancel the host's drift, linear or not, better
     than long ones); `gap_s` paces requests as an application would."""
-    timings = {"on": [], "off": []}
+    timings = np.zeros((blocks, per_block))
     compared, skipped = field.shadow.compared, field.shadow.skipped
+    on_blocks = np.array([block % 4 in (1, 2) for block in range(blocks)])
     for block in range(blocks):
-        mode = "on" if block % 4 in (1, 2) else "off"
-        field.shadow.sample_rate = rate if mode == "on" else 0.0
+        field.shadow.sample_rate = rate if on_blocks[block] else 0.0
         for i in range(per_block):
             idle_until = time.perf_counter() + gap_s
             while time.perf_counter() < idle_until:  # idle, but on the CPU: a sleep's wake-up varies more than
                 time.sleep(0)                        # the effect measured; sleep(0) lets the shadow thread run
             start = time.perf_counter()
             field.predict(images[(block * per_block + i) % len(images)][None])
-            timings[mode].append((time.perf_counter() - start) * 1000)
-    on, off = float(np.percentile(timings["on"], 50)), float(np.percentile(timings["off"], 50))
-    return {"p50_ms_shadow_on": on, "p50_ms_shadow_off": off, "ratio": on / off - 1.0, "gap_ms": gap_s * 1000,
-            "shadow_runs": field.shadow.compared - compared, "shadow_skipped": field.shadow.skipped - skipped}
+            timings[block, i] = (time.perf_counter() - start) * 1000
+
+    def ratio(blocks_on: np.ndarray, blocks_off: np.ndarray) -> float:
+        return float(np.median(timings[blocks_on]) / np.median(timings[blocks_off]) - 1.0)
+
+    on_index, off_index = np.flatnonzero(on_blocks), np.flatnonzero(~on_blocks)
+    rng = np.random.default_rng(0)  # the spread: blocks resampled (a bootstrap), 90% of the ratios inside
+    spread = [ratio(rng.choice(on_index, len(on_index)), rng.choice(off_index, len(off_index))) for _ in range(200)]
+    return {"p50_ms_shadow_on": float(np.median(timings[on_index])),
+            "p50_ms_shadow_off": float(np.median(timings[off_index])), "ratio": ratio(on_index, off_index),
+            "ratio_90pct": [float(np.percentile(spread, 5)), float(np.percentile(spread, 95))],
+            "gap_ms": gap_s * 1000, "shadow_runs": field.shadow.compared - compared,
+            "shadow_skipped": field.shadow.skipped - skipped}
 
 
 def shadow_overhead(fleet: FleetSimulator, blocks: int = 192, per_block: int = 50, rate: float = 0.1) -> dict:
@@ -148,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             blast = fleet.blast_radius("3")
             without_model = fleet.devices_without_working_model()
             answers = sum(log.answers for log in fleet.logs.values())
+            # end to end, devices to decision: from the moment as many devices as the abort criterion needs
+            # answered with v3 (telemetry window, broker restart, collector and controller all included)
+            evidence_at = fleet.nth_first_answer("3", rules["abort_criteria"][2]["min_executed_devices"])
+            fleet.stop_devices()  # the overhead is the runtime's, not 40 other processes' noise
             overhead = shadow_overhead(fleet)
         lost, records, unsent = fleet.final_records_lost, fleet.final_records, fleet.final_unsent
     elapsed = time.monotonic() - started
@@ -157,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     met_at = minimum_met_at(bad.decisions, rules["abort_criteria"][2]["min_executed_devices"])
     abort_after_s = bad.duration_s
     abort_after_minimum_s = (bad.ended_at - met_at).total_seconds() if bad.ended_at and met_at else None
+    abort_after_answers_s = (bad.ended_at - evidence_at).total_seconds() if bad.ended_at and evidence_at else None
     result = {
         "devices": args.devices, "window_s": args.window_s, "first_stage_fraction": first,
         "good": {"outcome": good.outcome, "stages": good.stages, "duration_s": good.duration_s,
@@ -165,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                 if bad.decisions else [], "every_device_back_on_base": rolled_back},
         "blast_radius": blast, "devices_without_working_model": without_model, "telemetry_records_lost": lost,
         "telemetry_records": records, "telemetry_records_unsent_at_exit": unsent, "answers": answers, "abort_after_s": abort_after_s,
-        "abort_after_minimum_met_s": abort_after_minimum_s, "shadow_overhead": overhead["ratio"],
+        "abort_after_minimum_met_s": abort_after_minimum_s, "abort_after_devices_answered_s": abort_after_answers_s,
+        "shadow_overhead": overhead["ratio"],
         "shadow_overhead_detail": overhead, "wall_s": elapsed,
         "targets": {
             "good_release_completes": {"limit": "completed", "measured": good.outcome, "met": good.outcome == "completed"},
@@ -187,9 +202,13 @@ def main(argv: list[str] | None = None) -> int:
             ("telemetry records lost / stored", f"{lost} / {records} ({unsent} still spooled at exit)"),
             ("bad release: start -> abort", f"{abort_after_s:.1f} s" if abort_after_s else "-"),
             ("abort after first-stage minimum met", f"{abort_after_minimum_s:.1f} s" if abort_after_minimum_s is not None else "-"),
+            ("abort after that many devices answered", f"{abort_after_answers_s:.1f} s (windows, broker restart, "
+                                                       "collector, controller)" if abort_after_answers_s is not None
+                                                       else "-"),
             ("shadow overhead on primary p50", f"{overhead['ratio'] * 100:+.1f}% ({overhead['p50_ms_shadow_off']:.4f} -> "
-                                               f"{overhead['p50_ms_shadow_on']:.4f} ms, {overhead['shadow_runs']} "
-                                               f"shadow runs, requests 1 ms apart)")]
+                                               f"{overhead['p50_ms_shadow_on']:.4f} ms; 90% of resamples "
+                                               f"{overhead['ratio_90pct'][0] * 100:+.1f}..{overhead['ratio_90pct'][1] * 100:+.1f}%; "
+                                               f"{overhead['shadow_runs']} shadow runs, requests 1 ms apart)")]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

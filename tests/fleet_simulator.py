@@ -110,6 +110,7 @@ class DeviceLog:
     answers: int = 0
     failures: int = 0                 # requests that got no answer after the device first answered
     served: dict[str, int] = field(default_factory=dict)   # active version -> answers
+    first_served: dict[str, datetime] = field(default_factory=dict)  # active version -> its first answer here
     latencies_ms: list[float] = field(default_factory=list)
 
 
@@ -175,8 +176,8 @@ class FleetSimulator:
         for thread in self._feeders:
             thread.join()
 
-    def __exit__(self, *exc_info) -> None:
-        self.stop_feeding()
+    def stop_devices(self) -> None:
+        """Stop every device process (SIGTERM: each flushes its last window), killing any that hangs."""
         for process in self.processes.values():
             if process.poll() is None:
                 process.terminate()
@@ -186,6 +187,10 @@ class FleetSimulator:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop_feeding()
+        self.stop_devices()
         self.wait_for(lambda: self.records_lost() == 0, timeout_s=20, what="the last records", fail=False)
         self.final_records_lost = self.records_lost()
         self.final_records = self.store.count_records()
@@ -237,6 +242,7 @@ class FleetSimulator:
                 log.answers += 1
                 version = answer.headers["x-version"] if answer.headers["x-slot"] == "active" else "fallback"
                 log.served[version] = log.served.get(version, 0) + 1
+                log.first_served.setdefault(version, datetime.now(timezone.utc))
                 log.latencies_ms.append(float(answer.headers["x-latency-ms"]))
 
     # --- rollouts -------------------------------------------------------------------------
@@ -297,6 +303,11 @@ class FleetSimulator:
     def blast_radius(self, version: str) -> float:
         """Share of devices whose application was ever answered by `version` as the active model."""
         return sum(1 for log in self.logs.values() if log.served.get(version)) / len(self.logs)
+
+    def nth_first_answer(self, version: str, n: int) -> datetime | None:
+        """When the n-th device's application first got an answer from `version` (None: fewer did)."""
+        firsts = sorted(log.first_served[version] for log in self.logs.values() if version in log.first_served)
+        return firsts[n - 1] if len(firsts) >= n else None
 
     def devices_without_working_model(self) -> int:
         return sum(1 for log in self.logs.values() if log.failures)
