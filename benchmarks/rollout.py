@@ -61,6 +61,12 @@ def policy(devices: int, window_s: float, first: float = 0.25) -> dict:
                                for t in ("install", "probation", "latency", "disagreement")]}
 
 
+def timeline(scenario) -> list[dict]:
+    """The controller's decisions on a release: seconds since its start, action, the first reasons."""
+    return [{"t_s": round((d["at"] - scenario.started_at).total_seconds(), 2), "action": d["action"],
+             "reasons": d["reasons"][:3]} for d in scenario.decisions]
+
+
 def minimum_met_at(decisions: list[dict], minimum: int):
     """When the controller first had the latency abort criterion's minimum of executed devices."""
     for d in decisions:
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         "good": {"outcome": good.outcome, "stages": good.stages, "duration_s": good.duration_s,
                  "every_device_on_it": on_good, "last_reasons": good.decisions[-1]["reasons"] if good.decisions else []},
         "bad": {"outcome": bad.outcome, "stages": bad.stages, "abort_reasons": bad.decisions[-1]["reasons"]
-                if bad.decisions else [], "every_device_back_on_base": rolled_back},
+                if bad.decisions else [], "every_device_back_on_base": rolled_back, "timeline": timeline(bad)},
         "blast_radius": blast, "devices_without_working_model": without_model, "telemetry_records_lost": lost,
         "telemetry_records": records, "telemetry_records_unsent_at_exit": unsent, "answers": answers, "abort_after_s": abort_after_s,
         "abort_after_minimum_met_s": abort_after_minimum_s, "abort_after_devices_answered_s": abort_after_answers_s,
