@@ -13,16 +13,17 @@ from edgeship.device.telemetry import (Histogram, ShadowStats, SlotVersions, Tel
 T0 = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
 
 
-def latency(p50_ms: float, p99_ms: float, count: int = 200) -> Histogram:
+def latency(p50_ms: float, p99_ms: float, count: int = 200, tail_share: float = 0.02) -> Histogram:
+    """`count` answers at p50_ms but `tail_share` of them (at least one) at p99_ms: 2% puts the p99 there."""
     counts: dict[int, int] = {}
-    slow = max(1, count // 50)  # 2% at p99_ms so the 99th percentile lands there
+    slow = max(1, round(count * tail_share))
     for value, n in ((p50_ms, count - slow), (p99_ms, slow)):
         counts[latency_bucket(value)] = counts.get(latency_bucket(value), 0) + n
     return Histogram(counts=counts)
 
 
 def record(device: str, version: str, *, sequence: int = 1, device_class: str = "default", p50_ms: float = 2.0,
-           p99_ms: float = 4.0, classes: list[int] | None = None, shadow: tuple[str, int, int] | None = None,
+           p99_ms: float = 4.0, tail_share: float = 0.02, classes: list[int] | None = None, shadow: tuple[str, int, int] | None = None,
            events: list[tuple[str, str, str | None]] = (), fallback_activations: int = 0,
            at: datetime = T0 + timedelta(seconds=60), channel: str = "stable", target: str = "onnx-int8"
            ) -> TelemetryRecord:
@@ -32,7 +33,7 @@ def record(device: str, version: str, *, sequence: int = 1, device_class: str = 
         record_id=f"{device}/{sequence}", device_id=device, sequence=sequence, channel=channel, target=target,
         model_name="digits", device_class=device_class, window_start=at - timedelta(seconds=60), window_end=at,
         versions=SlotVersions(active=version, shadow=shadow[0] if shadow else None, fallback="1"),
-        inferences=sum(classes), latency=latency(p50_ms, p99_ms, sum(classes)),
+        inferences=sum(classes), latency=latency(p50_ms, p99_ms, sum(classes), tail_share),
         confidence=[0] * 8 + [sum(classes) // 2, sum(classes) - sum(classes) // 2], classes=classes,
         fallback_activations=fallback_activations,
         shadow=ShadowStats(version=shadow[0], agreements=shadow[1], samples=shadow[2]) if shadow else None,

@@ -83,6 +83,10 @@ def classifier_onnx(coef: np.ndarray, intercept: np.ndarray, slow_steps: int = 0
     return model.SerializeToString()
 
 
+BAD_SLOW_STEPS = 10_000  # ~20 ms per answer on this machine (2 us a step): twice the `small` class's 10 ms budget,
+                         # and cheap enough that a first stage of 10 devices does not take the host's two cores
+
+
 def digits_models() -> tuple[dict[str, bytes], np.ndarray, np.ndarray]:
     """Two good releases (logistic regressions on disjoint halves of the training split: they agree on ~96% of
     test images) and a bad one (the first with its classes rotated, inside a slow model), plus the test split."""
@@ -96,7 +100,7 @@ def digits_models() -> tuple[dict[str, bytes], np.ndarray, np.ndarray]:
     two = LogisticRegression(max_iter=500, C=0.5).fit(flat[train[600:]], y[train[600:]])
     rotated = np.roll(one.coef_, 1, axis=0), np.roll(one.intercept_, 1)
     return ({"good-1": classifier_onnx(one.coef_, one.intercept_), "good-2": classifier_onnx(two.coef_, two.intercept_),
-             "bad": classifier_onnx(*rotated, slow_steps=20000)}, x[test], y[test])
+             "bad": classifier_onnx(*rotated, slow_steps=BAD_SLOW_STEPS)}, x[test], y[test])
 
 
 @dataclass
@@ -106,6 +110,7 @@ class DeviceLog:
     answers: int = 0
     failures: int = 0                 # requests that got no answer after the device first answered
     served: dict[str, int] = field(default_factory=dict)   # active version -> answers
+    first_served: dict[str, datetime] = field(default_factory=dict)  # active version -> its first answer here
     latencies_ms: list[float] = field(default_factory=list)
 
 
@@ -165,10 +170,14 @@ class FleetSimulator:
             self._feeders.append(thread)
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def stop_feeding(self) -> None:
+        """The applications stop sending requests (the devices keep running)."""
         self._stop.set()
         for thread in self._feeders:
             thread.join()
+
+    def stop_devices(self) -> None:
+        """Stop every device process (SIGTERM: each flushes its last window), killing any that hangs."""
         for process in self.processes.values():
             if process.poll() is None:
                 process.terminate()
@@ -178,6 +187,10 @@ class FleetSimulator:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop_feeding()
+        self.stop_devices()
         self.wait_for(lambda: self.records_lost() == 0, timeout_s=20, what="the last records", fail=False)
         self.final_records_lost = self.records_lost()
         self.final_records = self.store.count_records()
@@ -229,6 +242,7 @@ class FleetSimulator:
                 log.answers += 1
                 version = answer.headers["x-version"] if answer.headers["x-slot"] == "active" else "fallback"
                 log.served[version] = log.served.get(version, 0) + 1
+                log.first_served.setdefault(version, datetime.now(timezone.utc))
                 log.latencies_ms.append(float(answer.headers["x-latency-ms"]))
 
     # --- rollouts -------------------------------------------------------------------------
@@ -289,6 +303,11 @@ class FleetSimulator:
     def blast_radius(self, version: str) -> float:
         """Share of devices whose application was ever answered by `version` as the active model."""
         return sum(1 for log in self.logs.values() if log.served.get(version)) / len(self.logs)
+
+    def nth_first_answer(self, version: str, n: int) -> datetime | None:
+        """When the n-th device's application first got an answer from `version` (None: fewer did)."""
+        firsts = sorted(log.first_served[version] for log in self.logs.values() if version in log.first_served)
+        return firsts[n - 1] if len(firsts) >= n else None
 
     def devices_without_working_model(self) -> int:
         return sum(1 for log in self.logs.values() if log.failures)

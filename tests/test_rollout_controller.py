@@ -69,9 +69,57 @@ def test_abort_on_probation_rollbacks_over_the_minimum_of_executed_devices():
 
 
 def test_abort_when_one_device_class_misses_its_p99_budget():
-    slow = healthy(3, device_class="pi4", p99_ms=60.0)  # the pi4 budget is 40 ms; default class 20 ms
+    # 2% of 1000 answers each at 60 ms: the pi4 budget is 40 ms (default class 20 ms); significant at 1%
+    slow = healthy(3, device_class="pi4", p99_ms=60.0, classes=[100] * 10)
     decision = decide_on(healthy(4) + slow)
     assert decision.action == "abort" and "latency failures on 3/7 devices" in decision.reasons[0]
+    tail = decision.evidence["abort_criteria"]["latency"]["over_budget"]["pi4-0"]
+    assert tail["over_budget"] == 20 and tail["answers"] == 1000 and tail["p_value"] < 0.01
+    # the same tail in 200 answers (4 over budget) is not evidence yet (P ~ 0.14): the stage holds for more
+    assert decide_on(healthy(4) + healthy(3, device_class="pi4", p99_ms=60.0)).action == "hold"
+
+
+SMALL = POLICY.model_copy(update={"success": POLICY.success.model_copy(update={"p99_budget_ms": {"small": 50.0}})})
+
+
+def loaded_host(version: str, n: int, tail_share: float = 0.03, first: int = 0, **kwargs):
+    """`small` devices on a loaded 2-core host: answers in ~1 ms, but `tail_share` of them preempted to 80 ms."""
+    return [record(f"{version}-small-{first + i}", version, device_class="small", p50_ms=1.0, p99_ms=80.0,
+                   tail_share=tail_share, classes=[10] * 10, events=[("installed", version, None),
+                                                                      ("confirmed", version, None)], **kwargs)
+            for i in range(n)]
+
+
+def test_a_noisy_tail_the_base_shares_on_a_loaded_host_does_not_abort():
+    # base and candidate both lose ~3-5% of their answers (100 each) to preemption: every device's p99 is over
+    # the 50 ms budget, and the old rule failed them all; against the base there it is no evidence
+    base, candidate = loaded_host("7", 10), loaded_host("8", 3, tail_share=0.05) + loaded_host("8", 2, first=3)
+    decision = decide_on(base + candidate, policy=SMALL)
+    assert decision.action == "advance", decision.reasons
+    latency = decision.evidence["abort_criteria"]["latency"]
+    assert latency["executed"] == 5 and latency["failed"] == []
+    assert latency["over_budget"]["8-small-0"]["allowed_share"] == pytest.approx(0.06)
+    # the incident of benchmarks/rollout.py --devices 20: two executed devices, one preempted answer in 40 on one
+    incident = [record("c-0", "8", device_class="small", p50_ms=1.0, p99_ms=70.0, tail_share=0.025,
+                       classes=[4] * 10), record("c-1", "8", device_class="small", p50_ms=1.0, classes=[4] * 10)]
+    policy = SMALL.model_copy(update={"min_samples_per_device": 40, "min_reporting_devices": 2, "abort_criteria": [
+        c.model_copy(update={"min_executed_devices": 2, "threshold_percentage": 40}) for c in SMALL.abort_criteria]})
+    assert decide_on(loaded_host("7", 10) + incident, policy=policy).action != "abort"
+    assert decide_on(incident, policy=policy).action != "abort"  # no base on the class: the budget alone, still 1 in 40
+
+
+def test_a_truly_slow_candidate_aborts_on_the_same_loaded_host():
+    base = loaded_host("7", 10)
+    slow = [record(f"slow-{i}", "8", device_class="small", p50_ms=60.0, p99_ms=80.0, classes=[1] * 10)
+            for i in range(3)]                               # every answer over budget, 10 answers each
+    decision = decide_on(base + slow, policy=SMALL, now=T0 + timedelta(seconds=30))
+    assert decision.action == "abort" and "latency failures on 3/3 devices" in decision.reasons[0]
+    # a tail far worse than the base's there (20% vs 3% of answers) is the candidate's doing too
+    heavy = loaded_host("8", 4, tail_share=0.2)
+    decision = decide_on(base + heavy, policy=SMALL)
+    assert decision.action == "abort" and "latency failures on 4/4 devices" in decision.reasons[0]
+    over = decision.evidence["abort_criteria"]["latency"]["over_budget"]["8-small-0"]
+    assert over["allowed_share"] == pytest.approx(0.06) and over["over_budget"] == 20
 
 
 def test_abort_when_the_shadow_disagrees_with_the_active_model():
@@ -122,3 +170,6 @@ def test_a_grossly_slow_release_fails_devices_before_their_minimum_of_answers():
     few_spikes = [record(f"q{i}", "8", device_class="pi4", p50_ms=1.0, p99_ms=900.0, classes=[1] * 10,
                          events=[("installed", "8", None)]) for i in range(3)]
     assert decide_on(few_spikes, now=T0 + timedelta(seconds=5)).action == "hold"  # one spike each: not yet
+    cold = [record(f"c{i}", "8", device_class="pi4", p50_ms=900.0, p99_ms=900.0, classes=[1] * 3,
+                   events=[("installed", "8", None)]) for i in range(3)]
+    assert decide_on(cold, now=T0 + timedelta(seconds=5)).action == "hold"  # three slow first answers: not yet

@@ -85,9 +85,13 @@ class FieldRuntime:
 
     def predict(self, batch: np.ndarray):
         """The active model's (or the fallback's) answer; the shadow sees a sample of it afterwards."""
-        with self._lock:
-            prediction = self.runtime.predict(batch)
-            self.answered += 1
+        self.shadow.primary_started()
+        try:
+            with self._lock:
+                prediction = self.runtime.predict(batch)
+                self.answered += 1
+        finally:
+            self.shadow.primary_done()
         self.shadow.offer(batch, prediction)
         return prediction
 

@@ -6,8 +6,14 @@ it); a background thread runs the shadow model (the state directory's shadow slo
 updater for the shadow cohort) and reports top-1 agreement, the confidence difference and the shadow's
 own latency to the telemetry aggregator (`WindowAggregator.on_shadow`).
 
+The shadow runs in the primary's idle time only: the caller brackets each answer with `primary_started()`
+and `primary_done()`, and a sample waits until no answer is in progress and none has finished for
+`idle_gap_s` (a burst of requests is not interleaved with shadow runs, which in one process would hold
+the interpreter between two answers); a sample that finds no such gap within `max_wait_s` is skipped
+and counted. What remains is a request that arrives while a shadow run is under way.
+
     >>> shadow = ShadowRunner(state_dir, aggregator.on_shadow, sample_rate=0.1)
-    >>> prediction = runtime.predict(batch)
+    >>> shadow.primary_started(); prediction = runtime.predict(batch); shadow.primary_done()
     >>> shadow.offer(batch, prediction)          # returns at once
     >>> shadow.stop()
 
@@ -43,12 +49,18 @@ class ShadowRunner:
             latency_ms, error=False, skipped=0).
         sample_rate: share of offered batches the shadow sees (the channel entry's shadow_sample_rate).
         queue_size: batches waiting at most; more are skipped rather than delaying anything.
+        idle_gap_s: how long the primary must have been idle before a shadow run starts.
+        max_wait_s: a sample that finds no idle gap this long is skipped (and counted).
     """
 
     def __init__(self, state_dir: str | Path, report: ShadowReport, sample_rate: float = 0.1, threads: int = 1,
-                 queue_size: int = 4, seed: int | None = None):
+                 queue_size: int = 4, seed: int | None = None, idle_gap_s: float = 0.0005, max_wait_s: float = 2.0):
         self.state_dir = Path(state_dir)
         self.report, self.sample_rate, self.threads = report, sample_rate, threads
+        self.idle_gap_s, self.max_wait_s = idle_gap_s, max_wait_s
+        self._answers = threading.Lock()
+        self._busy = 0
+        self._last_answer = 0.0
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._random = random.Random(seed)
         self._generation = object()
@@ -57,6 +69,30 @@ class ShadowRunner:
         self.compared = self.skipped = 0
         self._thread = threading.Thread(target=self._loop, name="edgeship-shadow", daemon=True)
         self._thread.start()
+
+    def primary_started(self) -> None:
+        """An answer is being computed: no shadow run starts until it is done and the gap has passed."""
+        with self._answers:
+            self._busy += 1
+
+    def primary_done(self) -> None:
+        with self._answers:
+            self._busy -= 1
+            self._last_answer = time.monotonic()
+
+    def _wait_for_idle(self) -> bool:
+        """Poll until the primary has been idle for idle_gap_s; False when max_wait_s passes first. Polling, not a
+        notification per answer: waking this thread after every answer of a burst would itself slow them."""
+        deadline = time.monotonic() + self.max_wait_s
+        poll_s = max(self.idle_gap_s, 0.001)
+        while True:
+            now = time.monotonic()
+            quiet = now - self._last_answer
+            if not self._busy and quiet >= self.idle_gap_s:
+                return True
+            if now >= deadline:
+                return False
+            time.sleep(min(deadline - now, poll_s if self._busy else max(self.idle_gap_s - quiet, 0.0001)))
 
     def offer(self, batch: np.ndarray, prediction) -> bool:
         """Maybe give this input and the active answer to the shadow; never blocks. True when queued."""
@@ -105,6 +141,10 @@ class ShadowRunner:
             try:
                 session = self._load()
                 if session is None:
+                    continue
+                if not self._wait_for_idle():
+                    self.skipped += 1
+                    self.report(self._version, 0, 0, 0.0, None, skipped=1)
                     continue
                 start = time.perf_counter()
                 outputs = np.asarray(session.run(batch))

@@ -76,6 +76,10 @@ class Histogram(_Wire):
         lower = {i: (LATENCY_EDGES_MS[i - 1] if i > 0 else 0.0) for i in self.counts}
         return sum(c for i, c in self.counts.items() if lower[i] >= limit_ms)
 
+    def count_possibly_above(self, limit_ms: float) -> int:
+        """Values perhaps above `limit_ms` (in buckets whose upper edge is above it; the overflow bucket too)."""
+        return sum(c for i, c in self.counts.items() if i >= len(LATENCY_EDGES_MS) or LATENCY_EDGES_MS[i] > limit_ms)
+
     def merged(self, other: Histogram) -> Histogram:
         counts = dict(self.counts)
         for index, count in other.counts.items():

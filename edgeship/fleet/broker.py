@@ -1,14 +1,12 @@
-"""A local MQTT broker for when params.yaml names none: a Mosquitto process on a free loopback port.
+"""A Mosquitto broker process on a free loopback port, with persistence on disk, owned by this process.
 
-`edgeship fleet collect` with no `fleet.broker` starts one, so a laptop demo needs no set-up; tests and
-the fleet simulator use the same object to kill and restart a broker mid-stream.
+What fault tests and the fleet simulator use to kill a broker abruptly (SIGKILL) and restart it
+mid-stream. The default broker of `edgeship fleet collect` (no `fleet.broker` in params.yaml) is the
+in-process one in edgeship.fleet.embedded_broker.
 
     >>> with LocalBroker() as broker:        # /usr/sbin/mosquitto -p <free port>, stopped on exit
     ...     settings = MqttSettings(host="127.0.0.1", port=broker.port, fleet="lab")
     ...     broker.restart(down_s=2.0)      # an outage: same port, fresh process
-
-An in-process broker (amqtt) was the first choice; amqtt 0.12 pins websockets==15.0.1, which conflicts
-with the websockets already pinned here (16.x), so it is not installed.
 """
 
 from __future__ import annotations
@@ -37,8 +35,7 @@ def mosquitto_binary() -> str:
         found = shutil.which(candidate)
         if found:
             return found
-    raise ConfigError("no MQTT broker configured and no mosquitto binary found; install mosquitto "
-                      "(apt-get install mosquitto) or set fleet.broker in params.yaml")
+    raise ConfigError("no mosquitto binary found; install mosquitto (apt-get install mosquitto)")
 
 
 class LocalBroker:
@@ -88,3 +85,4 @@ class LocalBroker:
     def __exit__(self, *exc_info) -> None:
         self.kill()
         shutil.rmtree(self._dir, ignore_errors=True)
+

@@ -1,6 +1,6 @@
 """`edgeship fleet ...`: collect telemetry, show the fleet, run the rollout controller, steer by hand.
 
-    edgeship fleet collect                  # subscribe and store (starts a local broker if none is configured)
+    edgeship fleet collect                  # subscribe and store (starts an in-process broker if none is configured)
     edgeship fleet status                   # per version and device class: p50/p95/p99, shadow agreement, drift
     edgeship fleet rollout [--dry-run]      # one controller pass (what the `rollout` deployment runs)
     edgeship fleet pause --target onnx-int8 --reason "holiday freeze"
@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edgeship.errors import EdgeshipError
+from edgeship.errors import ConfigError, EdgeshipError
 
 fleet_app = typer.Typer(no_args_is_help=True, help="The fleet loop: telemetry, status, rollout control.")
 console = Console(stderr=True)
@@ -63,14 +63,29 @@ def mqtt_settings(settings, port: int | None = None):
                         username=broker.username, password_env=broker.password_env)
 
 
+def _local_broker(kind: str, port: int | None):
+    if kind == "embedded":
+        from edgeship.fleet.embedded_broker import EmbeddedBroker
+
+        return EmbeddedBroker(port=port)
+    if kind == "mosquitto":
+        from edgeship.fleet.broker import LocalBroker
+
+        return LocalBroker(port=port)
+    raise ConfigError(f"--local-broker must be 'embedded' or 'mosquitto', not {kind!r}")
+
+
 @fleet_app.command("collect")
 def collect(params: Path = ParamsOption, workdir: Path = WorkdirOption,
             for_s: Optional[float] = typer.Option(None, "--for", help="stop after this many seconds"),
-            port: Optional[int] = typer.Option(None, help="port of the local broker when none is configured")) -> None:
+            port: Optional[int] = typer.Option(None, help="port of the local broker when none is configured"),
+            local_broker: str = typer.Option("embedded", help="the local broker when none is configured: "
+                                             "'embedded' (amqtt in this process) or 'mosquitto' (a process that "
+                                             "also redelivers what was in flight when the collector reconnects)")
+            ) -> None:
     """Subscribe to every device's telemetry and state topics and store them (until Ctrl-C)."""
     from contextlib import ExitStack
 
-    from edgeship.fleet.broker import LocalBroker
     from edgeship.fleet.collector import Collector
 
     settings = _load(workdir, params)
@@ -79,8 +94,9 @@ def collect(params: Path = ParamsOption, workdir: Path = WorkdirOption,
     with ExitStack() as stack:
         try:
             if settings.fleet.broker is None:
-                broker = stack.enter_context(LocalBroker(port=port))
-                console.print(f"no fleet.broker configured: started a local broker on 127.0.0.1:{broker.port}")
+                broker = stack.enter_context(_local_broker(local_broker, port))
+                console.print(f"no fleet.broker configured: started a local broker ({local_broker}) on "
+                              f"127.0.0.1:{broker.port}")
                 mqtt = mqtt_settings(settings, broker.port)
             else:
                 mqtt = mqtt_settings(settings)

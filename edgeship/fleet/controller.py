@@ -6,11 +6,17 @@ A rollout of one target is a small state machine:
           any stage -> aborted   (an abort criterion met: candidate removed, devices back on base)
           any stage -> paused -> (resume) -> the same stage
 
-Each run of the controller reads one `FleetSnapshot` (aggregated since the current stage started) and
+Each run of the controller reads one `FleetSnapshot` (edgeship.fleet.rollout aggregates the rollout so far) and
 returns one `Decision`: `abort` as soon as an abort criterion holds (no soak: the blast radius is what
 counts), else `advance` (or `complete`) when the stage has soaked, enough devices report the candidate
 and every success criterion holds, else `hold` with the criteria still missing. The decision carries
 the evidence it used, so every transition can be logged and explained.
+
+Latency is judged as canary analysis (edgeship.fleet.latency): a device fails its class's p99 budget only
+when its answers over budget are significantly more than allowed, and what is allowed is the budget's 1%
+or, where the base release misses the budget too on that class over the same time (a loaded host), a
+multiple of the base's share (`policy.latency`). A noisy host therefore holds nobody back and aborts
+nothing; a candidate slower than the budget fails devices within a handful of answers.
 
     >>> decision = decide(snapshot, status, params.rollout.policy_for("stable"), now=datetime.now(timezone.utc))
     >>> decision.action, decision.fraction_after, decision.reasons
@@ -24,10 +30,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgeship.fleet.aggregate import FleetSnapshot, VersionStats
+from edgeship.fleet.latency import allowed_tail, class_over_budget, judge_device
 from edgeship.fleet.policy import AbortCriterion, ChannelPolicy
 
 Action = Literal["advance", "complete", "hold", "abort", "none"]
-CONCLUSIVE_OVER_BUDGET = 5  # answers over the p99 budget that fail a device before it has min_samples_per_device
+# Before its minimum of answers a device fails on latency only with this many over budget as well: answers
+# are not independent (a cold start after the hand-over, one preemption burst), two slow ones are no verdict.
+EARLY_OVER_BUDGET = 5
 
 
 class RolloutStatus(BaseModel):
@@ -62,14 +71,20 @@ def _budget(policy: ChannelPolicy, status: RolloutStatus, device_class: str) -> 
     return policy.success.p99_budget_ms.get(device_class, status.latency_budget_ms)
 
 
-def _failures(criterion: AbortCriterion, stats: VersionStats, policy: ChannelPolicy,
-              status: RolloutStatus) -> tuple[set[str], set[str]]:
-    """(executed devices, failed devices) of one failure type."""
+def _base_latency(base: VersionStats | None, device_class: str):
+    cls = base.classes.get(device_class) if base is not None else None
+    return cls.latency if cls is not None else None
+
+
+def _failures(criterion: AbortCriterion, stats: VersionStats, policy: ChannelPolicy, status: RolloutStatus,
+              base: VersionStats | None = None) -> tuple[set[str], set[str], dict]:
+    """(executed devices, failed devices, per-device detail) of one failure type."""
     events = stats.events
     kinds = [criterion.failure_type] if criterion.failure_type != "all" else [
         "install", "probation", "latency", "disagreement", "fallback"]
     executed: set[str] = set()
     failed: set[str] = set()
+    detail: dict = {}
     for kind in kinds:
         if kind == "install":
             executed |= set(events.installed) | set(events.refused)
@@ -78,17 +93,24 @@ def _failures(criterion: AbortCriterion, stats: VersionStats, policy: ChannelPol
             executed |= set(events.confirmed) | set(events.rolled_back)
             failed |= set(events.rolled_back)
         elif kind == "latency":
-            for device, p99 in stats.device_p99_ms.items():
-                budget = _budget(policy, status, stats.device_class_of.get(device, "default"))
-                over = stats.device_latency[device].count_above(budget) if budget is not None else 0
-                # A p99 of a few answers is their maximum: not evidence yet, unless so many answers are
-                # over budget already that no number of good ones to come could bring the p99 under it.
-                conclusive = over >= CONCLUSIVE_OVER_BUDGET and over > 0.01 * stats.device_samples.get(device, 0)
-                if stats.device_samples.get(device, 0) < policy.min_samples_per_device and not conclusive:
+            for device, latency in stats.device_latency.items():
+                device_class = stats.device_class_of.get(device, "default")
+                budget = _budget(policy, status, device_class)
+                if budget is None:
+                    continue
+                allowed = allowed_tail(_base_latency(base, device_class), budget, policy.latency,
+                                       policy.min_samples_per_device)
+                verdict = judge_device(latency, budget, allowed, policy.latency)
+                # A device counts once it has its minimum of answers, or earlier when its tail already proves it
+                # over budget (a grossly slow release must not wait for 50 answers per device).
+                early = verdict.failed and verdict.over_budget >= EARLY_OVER_BUDGET
+                if verdict.answers < policy.min_samples_per_device and not early:
                     continue
                 executed.add(device)
-                if budget is not None and p99 > budget:
+                if verdict.failed:
                     failed.add(device)
+                if verdict.over_budget:
+                    detail[device] = verdict.model_dump()
         elif kind == "disagreement":
             for device, agreement in stats.shadow.by_device.items():
                 if stats.shadow.samples_by_device.get(device, 0) < policy.min_samples_per_device:
@@ -99,16 +121,19 @@ def _failures(criterion: AbortCriterion, stats: VersionStats, policy: ChannelPol
         elif kind == "fallback":
             executed |= set(stats.devices)
             failed |= {d for d, n in stats.device_fallbacks.items() if n > 0}
-    return executed, failed
+    return executed, failed, detail
 
 
-def _abort_reasons(stats: VersionStats, policy: ChannelPolicy, status: RolloutStatus) -> tuple[list[str], dict]:
+def _abort_reasons(stats: VersionStats, policy: ChannelPolicy, status: RolloutStatus,
+                   base: VersionStats | None = None) -> tuple[list[str], dict]:
     reasons, evidence = [], {}
     for criterion in policy.abort_criteria:
-        executed, failed = _failures(criterion, stats, policy, status)
+        executed, failed, detail = _failures(criterion, stats, policy, status, base)
         share = 100.0 * len(failed) / len(executed) if executed else 0.0
         evidence[criterion.failure_type] = {"executed": len(executed), "failed": sorted(failed),
                                             "failure_percentage": round(share, 2)}
+        if detail:
+            evidence[criterion.failure_type]["over_budget"] = detail
         if len(executed) >= criterion.min_executed_devices and share >= criterion.threshold_percentage:
             reasons.append(f"abort: {criterion.failure_type} failures on {len(failed)}/{len(executed)} devices "
                            f"({share:.0f}% >= {criterion.threshold_percentage:g}%)")
@@ -141,8 +166,15 @@ def _unmet_success(stats: VersionStats | None, policy: ChannelPolicy, status: Ro
             unmet.append(f"probation success {rate:.2f} < {success.min_probation_success}")
     for device_class, cls in sorted(stats.classes.items()):
         budget = _budget(policy, status, device_class)
-        if budget is not None and cls.p99_ms is not None and cls.p99_ms > budget:
-            unmet.append(f"p99 on {device_class} {cls.p99_ms:.2f} ms > budget {budget:g} ms")
+        if budget is None:
+            continue
+        # Over budget counts against the candidate only where it is worse than the base on this class here.
+        allowed = allowed_tail(_base_latency(base, device_class), budget, policy.latency,
+                               policy.min_samples_per_device, certain=True)
+        if class_over_budget(cls.latency, budget, allowed):
+            unmet.append(f"p99 on {device_class} {cls.p99_ms:.2f} ms > budget {budget:g} ms "
+                         f"(over budget: {cls.latency.count_possibly_above(budget)}/{cls.latency.total} answers, "
+                         f"{allowed:.1%} allowed)")
     if stats.shadow.agreement is not None and stats.shadow.agreement < success.min_shadow_agreement:
         unmet.append(f"shadow agreement {stats.shadow.agreement:.3f} < {success.min_shadow_agreement}")
     if stats.drift is not None and stats.drift.score > success.max_drift_psi:
@@ -185,16 +217,16 @@ def decide(snapshot: FleetSnapshot, status: RolloutStatus, policy: ChannelPolicy
     if status.rollout_state != "in_progress":
         return decision("none", status.fraction, [f"rollout is {status.rollout_state}"])
     stats = snapshot.version(status.candidate_version)
-    evidence = {"candidate": evidence_of(stats), "base": evidence_of(snapshot.version(status.base_version))}
+    base = snapshot.version(status.base_version)
+    evidence = {"candidate": evidence_of(stats), "base": evidence_of(base)}
     if stats is not None:
-        reasons, criteria = _abort_reasons(stats, policy, status)
+        reasons, criteria = _abort_reasons(stats, policy, status, base)
         evidence["abort_criteria"] = criteria
         if reasons:
             return decision("abort", 0.0, reasons, evidence)
     if status.fraction <= 0 and status.shadow_version != status.candidate_version:
         return decision("advance", policy.first_stage, [f"start: first stage {policy.first_stage:g}"], evidence)
     # Stage 0 of a shadowed candidate: the shadow cohort's comparison must pass before any device answers with it.
-    base = snapshot.version(status.base_version)
     unmet = (_unmet_shadow(stats, policy, status) if status.fraction <= 0
              else _unmet_success(stats, policy, status, base))
     if status.stage_started_at is not None:

@@ -9,6 +9,7 @@ familiar to an operator:
         stages: [0.01, 0.05, 0.25, 1.0]    # or exponential_rate: {base_fraction: 0.01, increment_factor: 2}
         min_reporting_devices: 5           # per stage, before its soak can end
         soak_s: 600
+        latency: {significance: 0.01, max_ratio_to_base: 2}   # a p99 over budget must be the candidate's doing
         success: {min_install_success: 0.95, min_probation_success: 0.95, min_shadow_agreement: 0.97,
                   max_drift_psi: 0.25, p99_budget_ms: {pi4: 40}}   # default budget: the gate's, per target
         abort_criteria:
@@ -72,6 +73,16 @@ class SuccessCriteria(_Section):
                                             description="per device class; others use the gate's p99 budget")
 
 
+class LatencyAnalysis(_Section):
+    """How a device's tail over its p99 budget becomes evidence against the candidate (edgeship.fleet.latency)."""
+
+    significance: float = Field(default=0.01, gt=0, lt=0.5, description="a device fails on latency when a "
+                                "one-sided binomial test of its over-budget answers rejects 'no worse than "
+                                "allowed' at this level")
+    max_ratio_to_base: float = Field(default=2.0, ge=1, description="the candidate may have this many times the "
+                                     "base's over-budget share on the same device class over the same time")
+
+
 class AbortCriterion(_Section):
     failure_type: FailureType
     min_executed_devices: int = Field(default=3, ge=1)
@@ -85,6 +96,7 @@ class ChannelPolicy(_Section):
     min_samples_per_device: int = Field(default=50, ge=1, description="answers (or shadow comparisons) before a "
                                         "device's own p99 or agreement counts toward an abort")
     soak_s: float = Field(default=600.0, ge=0)
+    latency: LatencyAnalysis = Field(default_factory=LatencyAnalysis)
     success: SuccessCriteria = Field(default_factory=SuccessCriteria)
     abort_criteria: list[AbortCriterion] = Field(default_factory=lambda: [
         AbortCriterion(failure_type="install"), AbortCriterion(failure_type="probation"),
