@@ -1,7 +1,7 @@
 """The fleet store: telemetry records, update events, device states and rollout decisions (SQLAlchemy 2).
 
 SQLite by default (`sqlite:///fleet.db`), PostgreSQL in the real-services stack
-(`postgresql+psycopg2://postgres@127.0.0.1:5432/fleet`). Writes are idempotent: a record is keyed by
+(`postgresql://postgres@127.0.0.1:5432/fleet`, through psycopg 3). Writes are idempotent: a record is keyed by
 its `record_id` and an event by (device, sequence), so MQTT QoS 1 redeliveries change nothing.
 
     >>> store = FleetStore("sqlite:///fleet.db")
@@ -88,6 +88,8 @@ class FleetStore:
     """Reads and writes the fleet tables; creates them on first use."""
 
     def __init__(self, url: str = "sqlite:///fleet.db"):
+        # A bare postgresql:// means SQLAlchemy's psycopg2 driver; the driver installed with edgeship is psycopg 3.
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://") if url.startswith("postgresql://") else url
         self.url = url
         sqlite = url.startswith("sqlite")
         self.engine = create_engine(url, future=True, pool_pre_ping=True,
