@@ -145,7 +145,7 @@ def run(params: Path = ParamsOption, workdir: Path = WorkdirOption,
         _fail_with_log(crash, log_path)
     log_path = _file_log_with_run(log_path, settings, workdir, result.run_id)
     _print_summary(result, Console())
-    console.print(f"[dim]log: {log_path}[/]")
+    console.print(f"[dim]log: {log_path}[/]", soft_wrap=True)  # a path to copy: never folded
     raise typer.Exit(code=0 if result.passed else GATE_FAILED)
 
 
@@ -162,9 +162,10 @@ def _fail_with_log(error: Exception, log_path: Path) -> None:
     """The error once, with its fix (EdgeshipError) or as a crash (anything else); details are in the log."""
     if isinstance(error, EdgeshipError):
         console.print(f"[bold red]error:[/] {error}")
-        console.print(f"[dim]log: {log_path}[/]")
+        console.print(f"[dim]log: {log_path}[/]", soft_wrap=True)  # a path to copy: never folded
         raise typer.Exit(code=2)
-    console.print(f"[bold red]crashed:[/] {type(error).__name__}: {error}\n[dim]traceback: {log_path}[/]")
+    console.print(f"[bold red]crashed:[/] {type(error).__name__}: {error}\n[dim]traceback: {log_path}[/]",
+                  soft_wrap=True)
     raise typer.Exit(code=1)
 
 

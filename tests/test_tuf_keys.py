@@ -147,4 +147,4 @@ def test_a_scheduled_resign_deployment_renews_metadata_before_it_expires(tmp_pat
     assert resign.schedules[0].schedule.interval.total_seconds() == 4 * 3600
     declared = yaml.safe_load((ROOT_DIR / "prefect.yaml").read_text())["deployments"]
     entry = next(d for d in declared if d["name"] == "resign")
-    assert entry["entrypoint"] == "edgeship/flows/publish.py:resign" and entry["schedules"][0]["interval"] < 24 * 3600
+    assert entry["entrypoint"] == "edgeship.flows.publish.resign" and entry["schedules"][0]["interval"] < 24 * 3600
