@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 import uuid
 
 import paho.mqtt.client as mqtt
@@ -15,20 +14,11 @@ import paho.mqtt.client as mqtt
 from edgeship.device.telemetry import DeviceIdentity, WindowAggregator
 from edgeship.device.telemetry_mqtt import MqttSettings, TelemetryReporter
 from edgeship.device.telemetry_spool import Spool
-from edgeship.fleet.collector import Collector
+from edgeship.fleet.collector import Collector, wait_until
 from edgeship.fleet.embedded_broker import EmbeddedBroker
 from edgeship.fleet.store import FleetStore
 
 from fleet_records import record
-
-
-def wait_until(condition, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def test_embedded_broker_carries_telemetry_and_keeps_the_collectors_session(tmp_path):

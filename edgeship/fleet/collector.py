@@ -27,6 +27,16 @@ logger = logging.getLogger(__name__)
 _STORE_ATTEMPTS = 5
 
 
+def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    """Poll `condition` every 50 ms until it holds or `timeout_s` passes; its last answer."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
 class Collector:
     """Stores what the fleet publishes, until stopped."""
 
@@ -61,12 +71,7 @@ class Collector:
         self.stop()
 
     def wait_for(self, condition: Callable[[], bool], timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if condition():
-                return True
-            time.sleep(0.05)
-        return condition()
+        return wait_until(condition, timeout_s)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
