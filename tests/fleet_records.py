@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from edgeship.device.telemetry import (Histogram, ShadowStats, SlotVersions, TelemetryEvent, TelemetryRecord,
+from edgeship.records.telemetry import (Histogram, ShadowStats, SlotVersions, TelemetryEvent, TelemetryRecord,
                                        latency_bucket)
 
 T0 = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)

@@ -11,7 +11,8 @@ import uuid
 
 import paho.mqtt.client as mqtt
 
-from edgeship.device.telemetry import DeviceIdentity, WindowAggregator
+from edgeship.device.telemetry import WindowAggregator
+from edgeship.records.telemetry import DeviceIdentity
 from edgeship.device.telemetry_mqtt import MqttSettings, TelemetryReporter
 from edgeship.device.telemetry_spool import Spool
 from edgeship.fleet.collector import Collector, wait_until

@@ -10,7 +10,8 @@ import psutil
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgeship.device.telemetry import DeviceIdentity, WindowAggregator
+from edgeship.device.telemetry import WindowAggregator
+from edgeship.records.telemetry import DeviceIdentity
 from edgeship.device.telemetry_mqtt import MqttSettings, TelemetryReporter
 from edgeship.device.telemetry_spool import Spool
 from edgeship.fleet.aggregate import aggregate

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 
 from edgeship.config import parse_params
-from edgeship.device.telemetry import DriftReference
+from edgeship.records.telemetry import DriftReference
 from edgeship.errors import ConfigError
 from edgeship.fleet.aggregate import aggregate
 from edgeship.fleet.controller import RolloutStatus, decide

@@ -14,9 +14,9 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgeship.device.telemetry import (LATENCY_EDGES_MS, DeviceIdentity, DriftReference, Histogram,
-                                       TelemetryRecord, WindowAggregator, drift_reference, drift_score,
-                                       latency_bucket, psi)
+from edgeship.device.telemetry import WindowAggregator, drift_reference, drift_score, psi
+from edgeship.records.telemetry import (LATENCY_EDGES_MS, DeviceIdentity, DriftReference, Histogram, TelemetryRecord,
+                                        latency_bucket)
 from edgeship.device.telemetry_mqtt import MqttSettings, TelemetryReporter
 from edgeship.device.telemetry_spool import Spool
 from edgeship.fleet.broker import LocalBroker

@@ -20,8 +20,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgeship.device.telemetry import (DriftReference, DriftScore, Histogram, TelemetryRecord, drift_score,
-                                       merge_histograms)
+from edgeship.device.telemetry import drift_score
+from edgeship.records.telemetry import DriftReference, DriftScore, Histogram, TelemetryRecord, merge_histograms
 
 # Event kinds (FLEET_CONTRACT.md UpdateEvent) and what they count as.
 INSTALL_OK, INSTALL_FAILED = {"installed"}, {"refused"}

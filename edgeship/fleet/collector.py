@@ -19,9 +19,9 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
-from edgeship.device.telemetry import TelemetryRecord
 from edgeship.device.telemetry_mqtt import MqttSettings, mqtt_client
 from edgeship.fleet.store import FleetStore
+from edgeship.records.telemetry import TelemetryRecord
 
 logger = logging.getLogger(__name__)
 _STORE_ATTEMPTS = 5

@@ -28,7 +28,7 @@ import math
 
 from pydantic import BaseModel, ConfigDict
 
-from edgeship.device.telemetry import Histogram
+from edgeship.records.telemetry import Histogram
 from edgeship.fleet.policy import LatencyAnalysis
 
 TAIL_SHARE = 0.01  # a p99 budget: at most 1% of answers over it

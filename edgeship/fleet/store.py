@@ -18,7 +18,7 @@ from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, Text, cr
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from edgeship.device.telemetry import TelemetryEvent, TelemetryRecord
+from edgeship.records.telemetry import TelemetryEvent, TelemetryRecord
 
 
 class Base(DeclarativeBase):

@@ -3,7 +3,8 @@
 - `wire`: what crosses the network between pipeline and device agent (requests, measurements, `/info`);
 - `pipeline`: what the release's stages hand each other (data, models, artifacts, gates, summaries);
 - `quantization`: the quantized model, per-layer sensitivity, the precision plan;
-- `pruning`: the pruning search's candidates and its choice.
+- `pruning`: the pruning search's candidates and its choice;
+- `telemetry`: what a device publishes each window over MQTT, and the fleet side reads.
 
 Import from here (`from edgeship.records import BenchmarkResult`); the submodules say where a record belongs.
 """
