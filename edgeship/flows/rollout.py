@@ -83,7 +83,8 @@ def check_drift(repository, store: FleetStore, channel: str, params, now: dateti
 def rollout_controller(params_path: str = "params.yaml", workdir: str = ".", channel: str | None = None,
             targets: list[str] | None = None, apply: bool = True, check_drift_too: bool = True) -> list[dict]:
     """One controller pass over a channel: each target's decision, applied unless `apply` is false."""
-    from edgeship.flows.publish import one_writer, open_repository
+    from edgeship.flows.publish import one_writer
+    from edgeship.ota.repository import open_repository
 
     root = Path(workdir).resolve()
     params = load_params(root / params_path)

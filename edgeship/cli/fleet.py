@@ -163,7 +163,7 @@ def rollout(params: Path = ParamsOption, workdir: Path = WorkdirOption, channel:
 
 
 def _hand(command: str, params: Path, workdir: Path, channel: str | None, target: str, reason: str) -> None:
-    from edgeship.flows.publish import open_repository
+    from edgeship.ota.repository import open_repository
     from edgeship.fleet.rollout import hand_command
 
     settings = _load(workdir, params)
