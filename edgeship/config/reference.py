@@ -168,8 +168,10 @@ def reference(schema: dict | None = None) -> str:
         "then regenerate; tests/test_docs.py fails while this file is stale -->", "",
         "`params.yaml` is the one config file: DVC reads its `data` section (the `prepare` stage's params), the "
         "flows read all of it. Unknown keys and impossible values stop a run before any work, naming the key; "
-        "`edgeship check` validates the file and prints it resolved. Every key is optional: what is left out "
-        "takes the default below.", "",
+        "`edgeship check` validates the file and prints it resolved. Every section is optional, and so is "
+        "every key not marked required: what is left out takes the default below. Some checks span keys "
+        "(a gate must name a listed target, distillation needs exactly one teacher): `edgeship check` runs "
+        "them, the JSON Schema does not.", "",
         f"Editors validate and complete it from [params.schema.json](params.schema.json) (JSON Schema, "
         "draft-07), which `params.yaml` names on its first line for yaml-language-server (VS Code's YAML "
         "extension, Neovim's yamlls):", "",
