@@ -195,7 +195,7 @@ def _print_summary(summary, out: Console) -> None:
         accuracy = target.host_check.accuracy if target.host_check else None
         for bench in target.benchmarks or [None]:
             latency = bench.latency_ms if bench else None
-            failed = [f"{c.name}: {c.reason or c.measured}" for c in target.gate.checks if not c.passed]
+            failed = [f"{c.name}: {c.reason or c.measured}" for c in target.gate.checks if c.fails_gate]
             table.add_row(target.target, size, f"{accuracy:.4f}" if accuracy is not None else "—",
                           bench.device if bench else "—", f"{latency.p50:.3f}" if latency else "—",
                           f"{latency.p99:.3f}" if latency else "—",
