@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from datetime import datetime, timedelta, timezone
@@ -18,30 +17,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from edgeship.cli.base import ChannelOption, ParamsOption, WorkdirOption, console, fail, guarded, load_settings, stdout
 from edgeship.errors import ConfigError, EdgeshipError
 
 fleet_app = typer.Typer(no_args_is_help=True, help="The fleet loop: telemetry, status, rollout control.")
-console = Console(stderr=True)
-ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="params.yaml to read")
-WorkdirOption = typer.Option(Path("."), "--workdir", "-C", help="project directory (holds params.yaml)")
-ChannelOption = typer.Option(None, "--channel", help="OTA channel (default: params.ota.channel)")
-
-
-def _fail(error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {error}")
-    raise typer.Exit(code=2)
-
-
-def _load(workdir: Path, params: Path):
-    from edgeship.config import load_params
-
-    try:
-        return load_params(workdir / params)
-    except EdgeshipError as error:
-        _fail(error)
 
 
 def _store(settings, workdir: Path):
@@ -88,7 +69,7 @@ def collect(params: Path = ParamsOption, workdir: Path = WorkdirOption,
 
     from edgeship.fleet.collector import Collector
 
-    settings = _load(workdir, params)
+    settings = load_settings(workdir, params)
     # SIGTERM (systemd, a test) stops like Ctrl-C, so the local broker is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     with ExitStack() as stack:
@@ -103,7 +84,7 @@ def collect(params: Path = ParamsOption, workdir: Path = WorkdirOption,
             store = _store(settings, workdir)
             collector = stack.enter_context(Collector(mqtt, store))
         except EdgeshipError as error:
-            _fail(error)
+            fail(error)
         console.print(f"collecting edgeship/{mqtt.fleet}/devices/+/telemetry from {mqtt.host}:{mqtt.port} "
                       f"into {store.url}", highlight=False)
         deadline = time.monotonic() + for_s if for_s else None
@@ -124,7 +105,7 @@ def status(params: Path = ParamsOption, workdir: Path = WorkdirOption, channel: 
     from edgeship.fleet.aggregate import aggregate
     from edgeship.fleet.report import STATUS_COLUMNS, status_rows
 
-    settings = _load(workdir, params)
+    settings = load_settings(workdir, params)
     channel = channel or settings.ota.channel
     store = _store(settings, workdir)
     since = datetime.now(timezone.utc) - timedelta(seconds=since_s)
@@ -135,10 +116,10 @@ def status(params: Path = ParamsOption, workdir: Path = WorkdirOption, channel: 
         table.add_column(column)
     for row in status_rows(snapshot):
         table.add_row(*row.values())
-    Console().print(table)
+    stdout().print(table)
     decisions = store.decisions(channel, target)[-5:]
     for d in decisions:
-        Console().print(f"{d['at']:%Y-%m-%d %H:%M:%S} {d['target']} v{d['version']}: {d['action']} "
+        stdout().print(f"{d['at']:%Y-%m-%d %H:%M:%S} {d['target']} v{d['version']}: {d['action']} "
                         f"{d['fraction_before']:g} -> {d['fraction_after']:g}  {'; '.join(d['reasons'])}",
                         highlight=False)
     store.close()
@@ -148,16 +129,13 @@ def status(params: Path = ParamsOption, workdir: Path = WorkdirOption, channel: 
 def rollout(params: Path = ParamsOption, workdir: Path = WorkdirOption, channel: Optional[str] = ChannelOption,
             dry_run: bool = typer.Option(False, "--dry-run", help="decide and record, but change nothing")) -> None:
     """One rollout controller pass over a channel (what the `rollout-controller` deployment runs)."""
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from edgeship.flows.rollout import rollout_controller
 
-    _load(workdir, params)
-    try:
-        decisions = rollout_controller(params_path=str(params), workdir=str(workdir), channel=channel, apply=not dry_run)
-    except EdgeshipError as error:
-        _fail(error)
+    load_settings(workdir, params)
+    decisions = guarded(rollout_controller, params_path=str(params), workdir=str(workdir), channel=channel,
+                        apply=not dry_run)
     for d in decisions:
-        Console().print(f"{d['target']} v{d['version']}: {d['action']} {d['fraction_before']:g} -> "
+        stdout().print(f"{d['target']} v{d['version']}: {d['action']} {d['fraction_before']:g} -> "
                         f"{d['fraction_after']:g}{'' if d['applied'] else ' (not applied)'}  {'; '.join(d['reasons'])}",
                         highlight=False)
 
@@ -166,13 +144,11 @@ def _hand(command: str, params: Path, workdir: Path, channel: str | None, target
     from edgeship.ota.repository import open_repository
     from edgeship.fleet.rollout import hand_command
 
-    settings = _load(workdir, params)
+    settings = load_settings(workdir, params)
     store = _store(settings, workdir)
     try:
-        hand_command(open_repository(settings.ota, workdir.resolve()), store, command,
-                     channel or settings.ota.channel, target, reason)
-    except EdgeshipError as error:
-        _fail(error)
+        guarded(hand_command, guarded(open_repository, settings.ota, workdir.resolve()), store, command,
+                channel or settings.ota.channel, target, reason)
     finally:
         store.close()
     console.print(f"{command}: {channel or settings.ota.channel}/{target} ({reason})")
