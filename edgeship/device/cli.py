@@ -69,8 +69,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     parser.add_argument("--version", action="version", version=f"edgeship-device {package_version()}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log detail on stderr: -v info, -vv debug")
-    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=None,
-                        help="log level (overrides -v)")
+    parser.add_argument("--log-level", type=str.lower, choices=[level.lower() for level in LOG_LEVELS],
+                        default=None, help="log level (overrides -v)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     agent = commands.add_parser("agent", help="serve benchmark jobs over HTTP",
