@@ -14,7 +14,6 @@ from edgeship.device.telemetry import WindowAggregator
 from edgeship.records.telemetry import DeviceIdentity
 from edgeship.device.telemetry_mqtt import MqttSettings, TelemetryReporter
 from edgeship.device.telemetry_spool import Spool
-from edgeship.fleet.aggregate import aggregate
 from edgeship.fleet.broker import LocalBroker
 from edgeship.fleet.collector import Collector
 from edgeship.fleet.store import FleetStore
@@ -74,7 +73,7 @@ def test_collector_stores_each_record_once_from_real_devices(tmp_path, store_url
                                       and collector.rejected == 1, 20)
     assert store.count_records() == 7
     assert "dev-0/1" in store.record_ids() and "dev-9/1" in store.record_ids()
-    snapshot = aggregate(store.records(channel="stable"))
+    snapshot = store.snapshot("stable")
     assert sorted(snapshot.versions) == ["7", "8"] and snapshot.versions["8"].classes["jetson"].devices == 1
     assert set(snapshot.versions["7"].devices) == {"dev-0", "dev-1", "dev-2"}
     store.close()

@@ -67,9 +67,15 @@ class MqttSettings:
         return [f"edgeship/{self.fleet}/devices/+/telemetry", f"edgeship/{self.fleet}/devices/+/state"]
 
 
-def mqtt_client(settings: MqttSettings, client_id: str, clean_session: bool = True) -> mqtt.Client:
-    """A paho client configured from settings (callback API version 2), not yet connected."""
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session)
+def mqtt_client(settings: MqttSettings, client_id: str, clean_session: bool = True, mqtt5: bool = False,
+                reconnect: bool = True) -> mqtt.Client:
+    """A paho client configured from settings (callback API version 2), not yet connected.
+
+    `mqtt5`: speak MQTT 5 (session expiry, Receive Maximum, shared subscriptions; the session is then chosen
+    at connect time, `clean_session` is not used); `reconnect=False`: do not reconnect after a disconnect."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         clean_session=None if mqtt5 else clean_session,
+                         protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311, reconnect_on_failure=reconnect)
     if settings.username:
         password = None
         if settings.password_env:
