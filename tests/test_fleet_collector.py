@@ -21,27 +21,6 @@ from edgeship.fleet.store import FleetStore
 from fleet_records import record
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/fleet.db"
-        return
-    import psycopg  # the PostgreSQL driver installed with edgeship (psycopg[binary], psycopg 3)
-
-    name = f"edgeship_fleet_{uuid.uuid4().hex[:10]}"
-    try:
-        admin = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3",
-                                autocommit=True)
-    except psycopg.OperationalError as error:
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 (trust auth, user postgres): {error}")
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
-
-
 def test_collector_stores_each_record_once_from_real_devices(tmp_path, store_url):
     fleet = f"t{uuid.uuid4().hex[:8]}"
     store = FleetStore(store_url)

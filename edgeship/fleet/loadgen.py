@@ -139,6 +139,7 @@ class FleetLoad:
         self.devices = [profile.device(i) for i in range(profile.devices)]
         self.published = 0
         self._acked = 0
+        self._stream: Iterator[tuple[str, bytes]] | None = None   # publish() continues where it stopped
         self._lock = threading.Lock()
 
     def windows(self, start: datetime, rounds: int | None = None, first_sequence: int = 1) -> Iterator[tuple[str, bytes]]:
@@ -171,7 +172,9 @@ class FleetLoad:
 
     def publish(self, rate: float, count: int | None = None, duration_s: float | None = None,
                 start: datetime | None = None, settle_s: float = 30.0) -> dict:
-        """Publish at `rate` records/s until `count` records or `duration_s` seconds; what was sent and acked."""
+        """Publish at `rate` records/s until `count` records or `duration_s` seconds; what was sent and acked.
+
+        A later call goes on with the next windows (the first call's `start`, default now, is window 1's end)."""
         clients = []
         for i in range(self.connections):
             client = mqtt_client(self.settings, client_id=f"edgeship-loadgen-{self.settings.fleet}-{i}")
@@ -181,13 +184,16 @@ class FleetLoad:
             client.connect(self.settings.host, self.settings.port, keepalive=self.settings.keepalive_s)
             client.loop_start()
             clients.append(client)
-        began = time.monotonic()
+        if self._stream is None:
+            self._stream = self.windows(start or datetime.now(timezone.utc))
+        began, sent = time.monotonic(), self.published
         deadline = began + duration_s if duration_s else None
         try:
-            for n, (device_id, payload) in enumerate(self.windows(start or datetime.now(timezone.utc))):
-                if (count is not None and n >= count) or (deadline is not None and time.monotonic() >= deadline):
-                    break
+            n = 0
+            while (count is None or n < count) and (deadline is None or time.monotonic() < deadline):
+                device_id, payload = next(self._stream)
                 ahead = began + n / rate - time.monotonic()
+                n += 1
                 if ahead > 0:
                     time.sleep(ahead)
                 client = clients[hash(device_id) % len(clients)]
@@ -202,4 +208,4 @@ class FleetLoad:
                 client.disconnect()
                 client.loop_stop()
         return {"published": self.published, "acknowledged": self._acked, "seconds": round(sent_s, 3),
-                "rate": round(self.published / sent_s, 1) if sent_s else None}
+                "rate": round((self.published - sent) / sent_s, 1) if sent_s else None}

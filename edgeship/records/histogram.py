@@ -236,7 +236,11 @@ def merge_all(histograms: Iterable[ExpHistogram]) -> ExpHistogram:
 
 
 def merge_many(histograms: list[ExpHistogram]) -> ExpHistogram:
-    """The sum of many histograms in one array: each adds a slice, no intermediate histogram per merge."""
+    """The sum of many histograms in one array: each adds a slice, no intermediate histogram per merge.
+
+    (A single histogram is returned as it is: callers treat histograms they merge as values, never change them.)"""
+    if len(histograms) == 1:
+        return histograms[0]
     filled = [h for h in histograms if len(h.counts)]
     scale = min((h.scale for h in filled), default=DEFAULT_SCALE)
     filled = [h if h.scale == scale else h.downscaled(scale) for h in filled]
