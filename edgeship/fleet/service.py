@@ -28,13 +28,15 @@ from edgeship.fleet.rollout import TargetResult, control_channel
 logger = logging.getLogger(__name__)
 
 
-def soak_ends(results: list[TargetResult], policy: ChannelPolicy) -> list[datetime]:
-    """When the stages the controller holds for their soak will have soaked."""
+def soak_ends(results: list[TargetResult], policy: ChannelPolicy, now: datetime) -> list[datetime]:
+    """When the stages the controller holds (and that have not soaked yet) will have soaked."""
     ends = []
     for result in results:
         status = result.status
         if status is not None and status.stage_started_at is not None and result.decision.action == "hold":
-            ends.append(status.stage_started_at + timedelta(seconds=policy.soak_s))
+            end = status.stage_started_at + timedelta(seconds=policy.soak_s)
+            if end > now:
+                ends.append(end)
     return ends
 
 
@@ -78,7 +80,7 @@ class ControllerService:
         except Exception:  # a failed pass (a store or repository outage) is retried on the next trigger
             logger.exception("controller pass failed (%s)", reason)
             return True
-        self._soaks = soak_ends(results, self.policy)
+        self._soaks = soak_ends(results, self.policy, now)
         self.passes.append((now, reason))
         return True
 
