@@ -27,7 +27,8 @@ from edgeship.device.telemetry import WindowAggregator, drift_reference
 from edgeship.device.telemetry_mqtt import MqttSettings, mqtt_client
 from edgeship.records.telemetry import DeviceIdentity, SlotVersions, TelemetryEvent, TelemetryRecord
 
-_DEVICE, _SEQUENCE, _START, _END = "__device__", 987654321, "1999-01-01T00:00:00Z", "1999-01-01T00:01:00Z"
+_DEVICE, _SEQUENCE = "__device__", 987654321
+_START, _EVENTS, _END = "1999-01-01T00:00:00Z", "1999-01-01T00:00:30Z", "1999-01-01T00:01:00Z"   # a template's times
 
 
 @dataclass(frozen=True)
@@ -82,12 +83,11 @@ class Inference:
         self.slot, self.ok, self.error = "active", True, None
 
 
-def make_templates(profile: FleetProfile) -> dict[tuple[str, str, bool, bool], list[bytes]]:
+def make_templates(profile: FleetProfile, reference) -> dict[tuple[str, str, bool, bool], list[bytes]]:
     """Serialized windows per (version, device class, shadowing, first window) from a WindowAggregator, with
     placeholders for the device id, sequence and window times."""
     rng = np.random.default_rng(profile.seed)
     candidate = list(profile.versions)[-1]
-    reference = drift_reference(np.eye(10)[rng.integers(0, 10, 500)] * 0.9 + 0.01, version=list(profile.versions)[0])
     templates = {}
     for version in profile.versions:
         for device_class, median_ms in profile.device_classes.items():
@@ -109,12 +109,11 @@ def _window(profile: FleetProfile, rng, version: str, device_class: str, median_
     versions = SlotVersions(active=version, fallback="1", shadow=candidate if shadowing else None)
     aggregator = WindowAggregator(identity, reference=reference, versions=lambda: versions, clock=lambda: next(clock))
     slower = 1.15 if version == candidate else 1.0
-    for latency in rng.lognormal(np.log(median_ms * slower), 0.25, profile.answers_per_window):
-        logits = rng.normal(0, 1, 10)
-        logits[rng.integers(0, 10)] += rng.uniform(2, 6)
-        aggregator.on_inference(Inference(float(latency), np.exp(logits) / np.exp(logits).sum(), version))
+    outputs = _answers(rng, profile.answers_per_window)
+    for latency, output in zip(rng.lognormal(np.log(median_ms * slower), 0.25, profile.answers_per_window), outputs):
+        aggregator.on_inference(Inference(float(latency), output[None], version))   # a batch of one
         if shadowing and rng.random() < 0.25:
-            aggregator.on_shadow(candidate, int(rng.random() < 0.96), 1, float(abs(rng.normal(0, 0.05))),
+            aggregator.on_shadow(candidate, int(rng.random() < 0.985), 1, float(abs(rng.normal(0, 0.05))),
                                  float(latency * 1.1))
     record = aggregator.close_window()
     if first:
@@ -126,6 +125,14 @@ def _window(profile: FleetProfile, rng, version: str, device_class: str, median_
     return record.to_bytes()
 
 
+def _answers(rng, count: int) -> np.ndarray:
+    """Class probabilities of `count` simulated answers (a confident top class, spread over ten classes)."""
+    logits = rng.normal(0, 1, (count, 10))
+    logits[np.arange(count), rng.integers(0, 10, count)] += rng.uniform(2, 6, count)
+    probs = np.exp(logits)
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
 def _iso(at: datetime) -> str:
     return at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -135,27 +142,36 @@ class FleetLoad:
 
     def __init__(self, profile: FleetProfile, settings: MqttSettings, connections: int = 4):
         self.profile, self.settings, self.connections = profile, settings, connections
-        self.templates = make_templates(profile)
+        # The release's drift reference: the simulated answers' own distribution (the fleet has not drifted).
+        self.reference = drift_reference(_answers(np.random.default_rng(profile.seed + 1), 2000),
+                                         version=list(profile.versions)[0])
+        self.templates = make_templates(profile, self.reference)
         self.devices = [profile.device(i) for i in range(profile.devices)]
         self.published = 0
         self._acked = 0
         self._stream: Iterator[tuple[str, bytes]] | None = None   # publish() continues where it stopped
         self._lock = threading.Lock()
 
+    def window(self, index: int, sequence: int, end: datetime) -> tuple[str, bytes]:
+        """(device id, record bytes) of device `index`'s window `sequence`, ending at `end`."""
+        device_id, version, device_class, shadowing = self.devices[index]
+        choices = self.templates[(version, device_class, shadowing, sequence == 1)]
+        template = choices[(index + sequence) % len(choices)]
+        begin = _iso(end - timedelta(seconds=self.profile.window_s)).encode()
+        return device_id, (template.replace(_DEVICE.encode(), device_id.encode())
+                           .replace(str(_SEQUENCE).encode(), str(sequence).encode())
+                           .replace(b'"' + _START.encode() + b'"', b'"' + begin + b'"')
+                           .replace(b'"' + _END.encode() + b'"', b'"' + _iso(end).encode() + b'"')
+                           .replace(b'"' + _EVENTS.encode() + b'"',
+                                    b'"' + _iso(end - timedelta(seconds=30)).encode() + b'"'))
+
     def windows(self, start: datetime, rounds: int | None = None, first_sequence: int = 1) -> Iterator[tuple[str, bytes]]:
-        """(device id, record bytes) for every device, window after window from `start`."""
+        """(device id, record bytes) for every device, window after window; window 1 ends at `start`."""
         sequence = first_sequence
         while rounds is None or sequence < first_sequence + rounds:
-            end = start + timedelta(seconds=self.profile.window_s * (sequence - first_sequence + 1))
-            begin = _iso(end - timedelta(seconds=self.profile.window_s)).encode()
-            stamp = _iso(end).encode()
-            for index, (device_id, version, device_class, shadowing) in enumerate(self.devices):
-                choices = self.templates[(version, device_class, shadowing, sequence == 1)]
-                template = choices[(index + sequence) % len(choices)]
-                yield device_id, (template.replace(_DEVICE.encode(), device_id.encode())
-                                  .replace(str(_SEQUENCE).encode(), str(sequence).encode())
-                                  .replace(b'"' + _START.encode() + b'"', b'"' + begin + b'"')
-                                  .replace(b'"1999-01-01T00:01:00Z"', b'"' + stamp + b'"'))
+            end = start + timedelta(seconds=self.profile.window_s * (sequence - first_sequence))
+            for index in range(len(self.devices)):
+                yield self.window(index, sequence, end)
             sequence += 1
 
     def records(self, start: datetime, rounds: int) -> Iterator[TelemetryRecord]:
