@@ -126,3 +126,31 @@ def test_two_collectors_share_the_topics_and_one_killed_is_adopted(fleet_world, 
     assert wait_until(lambda: members.states.get("b") == "cleared", 20)
     store.close()
     stored_once_and_rolled_up(store_url, 900)
+
+
+def test_loadgen_status_replay_and_prune_from_the_command_line(fleet_world, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from edgeship.cli import app
+
+    project, collector, _, _ = fleet_world
+    project(f"sqlite:///{tmp_path}/fleet.db")
+    collector("a")
+    monkeypatch.setenv("COLUMNS", "250")
+
+    def run(*args: str) -> str:   # in this process: the commands as typed, without a Python start each
+        done = CliRunner().invoke(app, ["fleet", *args, "-C", str(tmp_path)])
+        assert done.exit_code == 0, done.output
+        return done.output
+
+    said = run("loadgen", "--devices", "40", "--rate", "400", "--count", "120")
+    assert "published 120 records" in said and "120 acknowledged" in said
+    store = FleetStore(f"sqlite:///{tmp_path}/fleet.db")
+    assert wait_until(lambda: store.count_records() >= 120, 60)
+    before = summary(store.snapshot(None))
+    table = run("status")
+    assert "│ base " in table and "│ candidate " in table          # both versions, per device class
+    assert "replayed 120 records" in run("replay")
+    assert summary(store.snapshot(None)) == before
+    assert "records: 0" in run("prune")                               # nothing past the 7-day retention
+    store.close()
