@@ -128,29 +128,37 @@ def test_two_collectors_share_the_topics_and_one_killed_is_adopted(fleet_world, 
     stored_once_and_rolled_up(store_url, 900)
 
 
-def test_loadgen_status_replay_and_prune_from_the_command_line(fleet_world, tmp_path, monkeypatch):
+def test_loadgen_status_replay_and_prune_as_the_docs_type_them(fleet_world, tmp_path, monkeypatch):
+    """docs/fleet-loop.md's block, line by line, in this process (no Python start per command)."""
+    import shlex
+
     from typer.testing import CliRunner
 
     from edgeship.cli import app
+
+    from doc_blocks import doc_block
 
     project, collector, _, _ = fleet_world
     project(f"sqlite:///{tmp_path}/fleet.db")
     collector("a")
     monkeypatch.setenv("COLUMNS", "250")
-
-    def run(*args: str) -> str:   # in this process: the commands as typed, without a Python start each
-        done = CliRunner().invoke(app, ["fleet", *args, "-C", str(tmp_path)])
+    monkeypatch.chdir(tmp_path)
+    script = doc_block("docs/fleet-loop.md", "fleet-at-scale",
+                       replace={"--devices 10000 --rate 2000 --for 60": "--devices 40 --rate 400 --count 120"})
+    said = []
+    for line in script.splitlines():
+        words = shlex.split(line, comments=True)
+        assert words[0] == ".venv/bin/edgeship", line
+        done = CliRunner().invoke(app, words[1:])
         assert done.exit_code == 0, done.output
-        return done.output
-
-    said = run("loadgen", "--devices", "40", "--rate", "400", "--count", "120")
-    assert "published 120 records" in said and "120 acknowledged" in said
-    store = FleetStore(f"sqlite:///{tmp_path}/fleet.db")
-    assert wait_until(lambda: store.count_records() >= 120, 60)
-    before = summary(store.snapshot(None))
-    table = run("status")
-    assert "│ base " in table and "│ candidate " in table          # both versions, per device class
-    assert "replayed 120 records" in run("replay")
-    assert summary(store.snapshot(None)) == before
-    assert "records: 0" in run("prune")                               # nothing past the 7-day retention
+        said.append(done.output)
+        if words[2] == "loadgen":
+            store = FleetStore(f"sqlite:///{tmp_path}/fleet.db")
+            assert wait_until(lambda: store.count_records() >= 120, 60)
+            before = summary(store.snapshot(None))
+    loadgen, status, replay, prune = said
+    assert "published 120 records" in loadgen and "120 acknowledged" in loadgen
+    assert "│ base " in status and "│ candidate " in status          # both versions, per device class
+    assert "replayed 120 records" in replay and summary(store.snapshot(None)) == before
+    assert "records: 0" in prune                                       # nothing past the 7-day retention
     store.close()

@@ -69,7 +69,8 @@ class FleetParams(_Section):
     broker: BrokerParams | None = Field(default=None, description="none: `fleet collect` starts a local broker")
     store: str = Field(default="sqlite:///fleet.db", description="SQLAlchemy URL of the fleet store")
     window_s: float = Field(default=60.0, gt=0, description="devices' telemetry window")
-    collector: CollectorParams = Field(default_factory=CollectorParams)
+    collector: CollectorParams = Field(default_factory=CollectorParams, description="batches, receive window and "
+                                       "shared subscription of `edgeship fleet collect`")
     rollup_bucket_s: float = Field(default=300.0, gt=0, description="time bucket of the fleet-wide rollups; a change "
                                    "needs `edgeship fleet replay`")
     retention_days: float = Field(default=7.0, gt=0, description="raw records are kept this long (replayable)")
