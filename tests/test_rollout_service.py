@@ -94,3 +94,39 @@ def test_the_service_runs_a_pass_on_new_telemetry_a_soak_ending_and_its_heartbea
     time.sleep(0.2)
     assert service.step() and reasons[-1] == "heartbeat"
     store.close()
+
+
+def test_a_service_pass_decides_applies_and_checks_drift_on_its_heartbeat(tmp_path):
+    from edgeship.config import parse_params
+    from edgeship.fleet.service import controller_pass
+
+    world = OtaWorld(tmp_path)
+    reference = {"classes": 10, "class_distribution": [0.1] * 10, "confidence_histogram": [0.0] * 8 + [0.5, 0.5]}
+    world.publish("1", drift_reference=reference)
+    world.publish("2", rollout_fraction=0.5, drift_reference=reference)
+    params = parse_params({"rollout": {"default": POLICY.model_dump(),
+                                       "retraining": {"max_drift_psi": 0.2, "min_samples": 10}}})
+    store = FleetStore(f"sqlite:///{tmp_path}/fleet.db")
+    started: list[str] = []
+
+    def run(reason: str):
+        return controller_pass(world.repository, store, "stable", params, reason,
+                               start_retraining=lambda deployment, why: started.append(why) or "run-1")
+
+    assert [r.decision.action for r in run("first pass")] == ["hold"]
+    healthy_reports(store, "2", 3)
+    [result] = run("new telemetry")
+    assert result.decision.action == "advance" and result.applied
+    world.repository.refresh()
+    assert read_channel(world.repository, "stable").targets[TARGET].base.version == "2"
+    # the new production version drifts (every answer one class): only the heartbeat checks drift
+    at = datetime.now(timezone.utc)
+    store.add_batch([record(f"d{i}", "2", sequence=2, at=at, target=TARGET, classes=[200] + [0] * 9)
+                     for i in range(3)])
+    run("new telemetry")
+    assert not started
+    run("heartbeat")
+    assert len(started) == 1 and "fleet drift on production v2" in started[0]
+    assert store.decisions("stable", TARGET, action="retrain", evidence=False)
+    store.close()
+    world.close()

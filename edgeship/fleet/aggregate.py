@@ -8,6 +8,10 @@ scratch, which is what tests compare the rollups with and what recorded fleet st
     >>> snapshot.versions["8"].classes["pi4"].p99_ms
     >>> snapshot.versions["8"].shadow.agreement       # candidate running as shadow beside version 7
 
+Class rows are cut at `since` by time bucket; a device row holds a device's whole life on a version, and is
+read when the device reported since `since` (a candidate's rows are its rollout; the base's per-device sums
+go back further, which no decision reads: the base is judged by its class rows).
+
 Latency quantiles come from the merged exponential histograms (within 2%); fleet drift is the PSI of the
 summed class and confidence counts against the release's reference (not a mean of per-window scores, which
 small windows would inflate).
