@@ -78,7 +78,7 @@ def hold_until(started: datetime) -> TargetResult:
 
 def test_the_service_runs_a_pass_on_new_telemetry_a_soak_ending_and_its_heartbeat(tmp_path):
     store = FleetStore(f"sqlite:///{tmp_path}/fleet.db")
-    policy = POLICY.model_copy(update={"soak_s": 0.6})
+    policy = POLICY.model_copy(update={"soak_s": 3.0})   # long enough that a loaded host is not past it too early
     stage_start = datetime.now(timezone.utc)
     reasons: list[str] = []
     service = ControllerService(lambda reason: reasons.append(reason) or [hold_until(stage_start)], store, "stable",
@@ -88,7 +88,7 @@ def test_the_service_runs_a_pass_on_new_telemetry_a_soak_ending_and_its_heartbea
     healthy_reports(store, "2", 1)
     assert service.step() and reasons[-1] == "new telemetry"
     assert not service.step()
-    time.sleep(0.7)
+    time.sleep(max(0.0, (stage_start + timedelta(seconds=3.05) - datetime.now(timezone.utc)).total_seconds()))
     assert service.step() and reasons[-1] == "a stage's soak ended"
     service.max_interval_s = 0.1
     time.sleep(0.2)
