@@ -18,7 +18,7 @@ after) and on SQLite:
   histogram   p50/p95/p99 of merged exponential histograms against the exact quantiles of the same samples,
               beside the old fixed buckets' error.
 
-    .venv/bin/python benchmarks/fleet_scale.py                  # about 10 minutes on 2 shared cores
+    .venv/bin/python benchmarks/fleet_scale.py                  # about 7 minutes on 2 shared cores
     .venv/bin/python benchmarks/fleet_scale.py --quick          # smaller sizes, a smoke run
 
 Prints a table, writes benchmarks/results/fleet_scale.json (with a `targets` section); exits 1 when a target
