@@ -162,3 +162,38 @@ def test_loadgen_status_replay_and_prune_as_the_docs_type_them(fleet_world, tmp_
     assert "replayed 120 records" in replay and summary(store.snapshot(None)) == before
     assert "records: 0" in prune                                       # nothing past the 7-day retention
     store.close()
+
+
+def test_a_broker_restart_loses_nothing_on_a_shared_subscription(tmp_path):
+    """Mosquitto 2.0 restores no shared subscription from its persistence file: what devices send between its
+    restart and the collector's next subscribe goes nowhere, unless the collector asks them to resend."""
+    from edgeship.device.telemetry import WindowAggregator
+    from edgeship.device.telemetry_mqtt import TelemetryReporter
+    from edgeship.device.telemetry_spool import Spool
+    from edgeship.fleet.collector import Collector, CollectorSettings
+    from edgeship.records.telemetry import DeviceIdentity
+
+    fleet = f"r{uuid.uuid4().hex[:8]}"
+    store = FleetStore(f"sqlite:///{tmp_path}/fleet.db")
+    with LocalBroker() as broker:
+        settings = MqttSettings(port=broker.port, fleet=fleet)
+        collector = Collector(settings, store, options=CollectorSettings(member="a")).start()
+        assert collector.connected.wait(10)
+        time.sleep(1.2)                               # the broker's autosave has the collector's session
+        reporters = [TelemetryReporter(WindowAggregator(DeviceIdentity(device_id=f"dev-{i}"),
+                                                        progress_dir=tmp_path / f"dev-{i}"),
+                                       Spool(tmp_path / f"dev-{i}"), settings, window_s=0.25) for i in range(3)]
+        for reporter in reporters:
+            reporter.__enter__()
+        assert wait_until(lambda: collector.stored >= 6, 20)
+        collector.client.reconnect_delay_set(min_delay=4, max_delay=4)   # it comes back after the devices
+        broker.restart(down_s=1.0)                    # devices reconnect within a second and send
+        time.sleep(6.0)
+        for reporter in reporters:
+            reporter.close()
+        made = sum(reporter.records for reporter in reporters)
+        assert all(len(reporter.spool) == 0 for reporter in reporters)   # the broker acknowledged every record
+        assert wait_until(lambda: store.count_records() >= made, 30), f"{store.count_records()} of {made} stored"
+        collector.stop()
+    assert store.count_records() == made and collector.duplicates >= 1      # some were sent twice: absorbed
+    store.close()

@@ -13,6 +13,9 @@ will that says `gone`; when a member is gone (killed: the broker publishes the w
 disconnects with its will), the first live member by name adopts its session: connects with its client id,
 unsubscribes it from the share (no new messages), stores what was queued and in flight, and ends the
 session. Nothing is lost, nothing waits for the member to come back; a member that returns starts afresh.
+A member that reconnects after losing its connection (or starts without a session) asks the devices, once
+subscribed, to resend what the broker acknowledged lately (`edgeship/<fleet>/replay`, retained): a Mosquitto
+restart loses shared subscriptions, and what devices sent before the collectors subscribed again.
 
 With `group=None` (MQTT 3.1.1, e.g. the in-process amqtt broker) the collector is alone: plain
 subscriptions on a persistent session that queues the fleet's records while it is away.
@@ -92,6 +95,8 @@ class Connection:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
+        self._replay_mid: int | None = None
         self.generation = self.received = self.settled = 0
         self.last_message = time.monotonic()
         self.connected = threading.Event()
@@ -153,13 +158,23 @@ class Connection:
             # Stop the share flowing to the adopted session; what it holds still comes.
             client.unsubscribe(topics)
         else:
-            client.subscribe([(topic, 1) for topic in topics])
+            _, mid = client.subscribe([(topic, 1) for topic in topics])
+            # Back after losing the connection (a broker restart: Mosquitto 2.0 restores no shared subscription,
+            # so what devices sent meanwhile went nowhere), or without a session: once subscribed, ask the
+            # devices to resend what the broker acknowledged lately; the store absorbs the duplicates.
+            self._replay_mid = mid if self.generation > 1 or not self.session_present else None
             if self.mqtt5:
                 client.subscribe(self.collector.status_topic("+"), qos=1)
                 client.publish(self.collector.status_topic(self.collector.options.member),
                                self.collector.status("up"), qos=1, retain=True)
         self.last_message = time.monotonic()
         self.connected.set()
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if mid == self._replay_mid:
+            self._replay_mid = None
+            client.publish(self.collector.settings.replay_topic(), self.collector.status("replay"), qos=1,
+                           retain=True)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
@@ -235,7 +250,7 @@ class Collector:
 
     def status(self, state: str) -> str:
         return json.dumps({"state": state, "client_id": self.client_id, "member": self.options.member,
-                           "at": datetime.now(timezone.utc).isoformat()})
+                           "by": self.options.member, "at": datetime.now(timezone.utc).isoformat()})
 
     def start(self) -> Collector:
         self.writer.start()
