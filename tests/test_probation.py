@@ -53,6 +53,37 @@ def test_a_device_id_is_generated_once_and_kept_never_the_hostname(tmp_path, wor
     assert state.active.version == "1" and (tmp_path / "p" / "root.json").is_file()
 
 
+def test_update_and_serve_tell_one_identity_story(tmp_path, world, capsys):
+    """Both refuse a state directory nobody provisioned, naming the command that does; both take provision's flags,
+    which provision the directory (keeping an id generated earlier), so the other command follows them."""
+    from edgeship.device.cli import main
+    from edgeship.device.serve import add_arguments
+
+    empty = tmp_path / "empty"
+    for command in ("update", "serve"):
+        assert main([command, "--state-dir", str(empty)]) == 2                   # bad input (docs/cli.md)
+        said = capsys.readouterr().err
+        assert f"{empty} is not provisioned" in said and f"edgeship-device provision --state-dir {empty}" in said
+        assert f"give `edgeship-device {command}` the same --repo-url, --root and --target" in said
+
+    world.publish("1")
+    state_dir = tmp_path / "d"
+    generated = device_identity(state_dir).device_id                              # e.g. the Python API ran first
+    assert main(["update", "--state-dir", str(state_dir), "--repo-url", world.url, "--root", str(world.root),
+                 "--target", TARGET]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "updated"
+    identity = json.loads((state_dir / "device.json").read_text())
+    assert identity | {"root": None} == {"device_id": generated, "channel": "stable", "target": TARGET,
+                                         "repository_url": world.url, "root": None, "provisioned": True}
+    assert (state_dir / "root.json").read_bytes() == world.root.read_bytes()      # kept beside it, as provision does
+    serve = argparse.ArgumentParser()
+    add_arguments(serve)
+    args = serve.parse_args(["--state-dir", str(state_dir), "--channel", "canary"])
+    assert updater_cli.settled_identity(args, "serve").channel == "canary"       # serve's flags provision too
+    assert json.loads((state_dir / "device.json").read_text())["channel"] == "canary"
+    assert json.loads((state_dir / "device.json").read_text())["device_id"] == generated
+
+
 def test_golden_vectors_refuse_a_model_that_runs_but_computes_the_wrong_thing(world):
     world.publish("1", golden=True)
     device = world.device(probation=QUICK_PROBATION)
