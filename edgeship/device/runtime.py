@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeship.device import probation
-from edgeship.device.runtimes import open_session
+from edgeship.device.detections import open_model
 from edgeship.device.state import InstalledModel, active_model, fallback_model
 from edgeship.errors import NoModelInstalled
 
@@ -54,6 +54,7 @@ class InferenceRecord:
     ok: bool
     error: str | None = None
     on_probation: bool = False
+    task: str = "classification"  # "detection": outputs are packed detections (edgeship.device.detections)
 
 
 Observer = Callable[[InferenceRecord], None]
@@ -62,7 +63,9 @@ Observer = Callable[[InferenceRecord], None]
 class _Loaded:
     def __init__(self, installed: InstalledModel, threads: int):
         self.installed = installed
-        self.session = open_session(installed.model.runtime, installed.path, threads=threads)
+        self.session = open_model(installed.model.runtime, installed.path, threads=threads,
+                                  postprocess=getattr(installed.model, "postprocess", None))
+        self.task = getattr(self.session, "task", "classification")
 
     @property
     def budget(self) -> float | None:
@@ -128,7 +131,8 @@ class DeviceRuntime:
         latency_ms = (time.perf_counter() - start) * 1000
         ok = error is None and bool(np.all(np.isfinite(outputs)))
         over = loaded.budget is not None and latency_ms > loaded.budget
-        self._notify(InferenceRecord(latency_ms, "active", loaded.installed.version, outputs, ok, error, on_probation))
+        self._notify(InferenceRecord(latency_ms, "active", loaded.installed.version, outputs, ok, error, on_probation,
+                                     loaded.task))
         if on_probation and probation.record_inference(self.state_dir, latency_ms, ok) is not None:
             self._maybe_reload()
         if self._on_fallback:
@@ -155,7 +159,8 @@ class DeviceRuntime:
         start = time.perf_counter()
         outputs = np.asarray(self.fallback.session.run(batch))
         latency_ms = (time.perf_counter() - start) * 1000
-        self._notify(InferenceRecord(latency_ms, "fallback", self.fallback.installed.version, outputs, True))
+        self._notify(InferenceRecord(latency_ms, "fallback", self.fallback.installed.version, outputs, True,
+                                     task=self.fallback.task))
         return Prediction(outputs, "fallback", self.fallback.installed.version, latency_ms)
 
     def _switch(self, reason: str) -> None:

@@ -5,7 +5,8 @@ declare (`CompiledArtifact.runtime`). Adapters import their runtime lazily, so a
 device installs only the runtimes it uses. No torch, TensorFlow, MLflow or Prefect.
 
 Every adapter takes the pipeline's batches as they are (float32 NCHW) and returns
-float32 logits: an adapter whose model wants something else (int8 input with a
+float32 logits from `run` (the first output) and every output by name from `run_all` (a detector's boxes,
+scores, classes: edgeship.device.detections turns them into detections): an adapter whose model wants something else (int8 input with a
 scale and zero point, a zipped .mlpackage) does the conversion itself, so the
 host check and the device agent measure the same thing.
 
@@ -58,6 +59,9 @@ class Session(Protocol):
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Run one batch through the model and return the first output."""
 
+    def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Run one batch (of the model's own batch size, when fixed) and return every output by name."""
+
 
 def _concrete(shape) -> tuple[int, ...]:
     """Replace symbolic dimensions (batch) with 1."""
@@ -91,6 +95,10 @@ class OnnxRuntimeSession:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self._session.run(None, {self._input_name: batch})[0]
+
+    def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        values = self._session.run(None, {self._input_name: batch})
+        return {spec.name: value for spec, value in zip(self.outputs, values)}
 
 
 def _ort_dtype(type_name: str) -> str:
@@ -168,6 +176,13 @@ class LiteRTSession:
         """The output tensor -> float32 logits (dequantized when integer)."""
         return _dequantize(output, self._output)
 
+    def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output tensor of one invocation (a batch of the model's size), dequantized when integer."""
+        self._interpreter.set_tensor(self._input["index"], self.prepare(batch))
+        self._interpreter.invoke()
+        return {detail["name"]: _dequantize(self._interpreter.get_tensor(detail["index"]), detail)
+                for detail in self._interpreter.get_output_details()}
+
 
 def _quantize(values: np.ndarray, detail: dict) -> np.ndarray:
     """float32 -> the tensor's dtype, with its scale and zero point when it is an integer tensor."""
@@ -229,6 +244,10 @@ class CoreMLSession:
         outputs = [self._model.predict({self._input_name: batch[start:start + self._batch]})[self._output_name]
                    for start in range(0, len(batch), self._batch)]
         return np.concatenate([np.asarray(o, dtype=np.float32) for o in outputs])
+
+    def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        answer = self._model.predict({self._input_name: batch})
+        return {name: np.asarray(value, dtype=np.float32) for name, value in answer.items()}
 
 
 def _unpacked_mlpackage(path: Path, owner: object) -> Path:
@@ -312,6 +331,11 @@ class TensorRTSession:
         outputs = [self._runner.infer({name: np.ascontiguousarray(batch[start:start + self._batch], dtype=dtype)})
                    [self.outputs[0].name] for start in range(0, len(batch), self._batch)]
         return np.concatenate([np.asarray(o, dtype=np.float32) for o in outputs])
+
+    def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        name, dtype = self.inputs[0].name, np.dtype(self.inputs[0].dtype)
+        answer = self._runner.infer({name: np.ascontiguousarray(batch, dtype=dtype)})
+        return {spec.name: np.asarray(answer[spec.name]) for spec in self.outputs}
 
 
 def nvidia_gpu_present() -> bool:

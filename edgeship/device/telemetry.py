@@ -33,13 +33,13 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from edgeship.device.telemetry_detection import CONFIDENCE_BINS, DetectionWindow, summarize
 from edgeship.files import write_atomic
 
 SCHEMA_VERSION = 1
 # Latency bucket upper edges in ms: geometric, 1.2x apart, 0.01 ms .. ~60 s, plus one overflow bucket.
 # Fixed so that histograms from every device and every window add up bucket by bucket.
 LATENCY_EDGES_MS: tuple[float, ...] = tuple(round(0.01 * 1.2 ** i, 6) for i in range(86))
-CONFIDENCE_BINS = 10
 DRIFT_TEST = "psi"
 DRIFT_REFERENCE_FILE = "drift_reference.json"  # in the state directory: the channel entry's reference, kept by the updater
 _PSI_FLOOR = 1e-4  # empty bins would make PSI infinite; this is the usual smoothing
@@ -100,7 +100,10 @@ def merge_histograms(histograms: Iterable[Histogram]) -> Histogram:
 
 
 class DriftReference(_Wire):
-    """What the release's own test split looked like; signed into the channel entry (`drift_reference`)."""
+    """What the release's own test split looked like; signed into the channel entry (`drift_reference`).
+
+    A detector's (task "detection") holds its detections' class mix and score histogram in the same fields,
+    and the shares of detections per frame and of box sizes (edgeship.device.telemetry_detection)."""
 
     test: str = DRIFT_TEST
     classes: int
@@ -108,15 +111,20 @@ class DriftReference(_Wire):
     confidence_histogram: list[float]     # share of test inputs per top-1 confidence bin (CONFIDENCE_BINS on [0, 1])
     samples: int = 0
     version: str | None = None            # the model version the reference was computed with
+    task: str = "classification"
+    per_frame_histogram: list[float] | None = None  # detection: share of frames per detection count
+    box_size_histogram: list[float] | None = None   # detection: share of detections per box size bin
 
 
 class DriftScore(_Wire):
     test: str = DRIFT_TEST
     class_psi: float
     confidence_psi: float
-    score: float                          # max of the two
+    score: float                          # max of the two (of the four for a detector)
     samples: int
     reference_version: str | None = None
+    per_frame_psi: float | None = None    # detection: detections per frame
+    box_size_psi: float | None = None     # detection: box sizes
 
 
 class ShadowStats(_Wire):
@@ -185,7 +193,8 @@ class TelemetryRecord(_Wire):
     fallback_activations: int = 0         # switches from the active model to the fallback this window
     latency: Histogram = Field(default_factory=Histogram)   # answers of the active model, ms
     confidence: list[int] = Field(default_factory=list)     # top-1 confidence, CONFIDENCE_BINS bins on [0, 1]
-    classes: list[int] = Field(default_factory=list)        # predicted-class counts
+    classes: list[int] = Field(default_factory=list)        # predicted-class counts (a detector: its detections')
+    detections: DetectionWindow | None = None               # a detector's answers (confidence: their scores)
     drift: DriftScore | None = None
     shadow: ShadowStats | None = None
     events: list[TelemetryEvent] = Field(default_factory=list)
@@ -237,16 +246,23 @@ def psi(expected: Iterable[float], observed_counts: Iterable[float]) -> float:
     return float(np.sum((q - p) * np.log(q / p)))
 
 
-def drift_score(reference: DriftReference, classes: list[int], confidence: list[int]) -> DriftScore | None:
-    """PSI of a window's (or a fleet's) class and confidence counts against the release's reference."""
-    samples = int(sum(classes))
+def drift_score(reference: DriftReference, classes: list[int], confidence: list[int],
+                detections: DetectionWindow | None = None) -> DriftScore | None:
+    """PSI of a window's (or a fleet's) class and confidence counts against the release's reference; for a detector
+    (given its window) also of detections per frame and box sizes, where the reference has them."""
+    samples = int(sum(classes)) if detections is None else detections.frames
     if samples == 0:
         return None
-    class_psi = psi(reference.class_distribution, classes)
-    confidence_psi = psi(reference.confidence_histogram, confidence)
+    class_psi = psi(reference.class_distribution, classes) if sum(classes) else 0.0
+    confidence_psi = psi(reference.confidence_histogram, confidence) if sum(confidence) else 0.0
+    extra = {}
+    if detections is not None and reference.per_frame_histogram is not None:
+        extra["per_frame_psi"] = round(psi(reference.per_frame_histogram, detections.per_frame), 6)
+    if detections is not None and reference.box_size_histogram is not None and detections.detections:
+        extra["box_size_psi"] = round(psi(reference.box_size_histogram, detections.box_sizes), 6)
     return DriftScore(class_psi=round(class_psi, 6), confidence_psi=round(confidence_psi, 6),
-                      score=round(max(class_psi, confidence_psi), 6), samples=samples,
-                      reference_version=reference.version)
+                      score=round(max(class_psi, confidence_psi, *extra.values()), 6), samples=samples,
+                      reference_version=reference.version, **extra)
 
 
 def read_events(path: Path, offset: int) -> tuple[list[TelemetryEvent], int]:
@@ -307,12 +323,16 @@ class WindowAggregator:
         self._classes = np.zeros(0, dtype=np.int64)
         self._shadow: dict[str, Any] = {}
         self._shadow_latency: dict[int, int] = {}
+        self._detections: DetectionWindow | None = None
 
     def on_inference(self, record: Any) -> None:
         """Runtime observer: `record` has latency_ms, slot, version, outputs, ok, error (an InferenceRecord)."""
         ok, slot = bool(getattr(record, "ok", True)), getattr(record, "slot", "active")
         outputs = getattr(record, "outputs", None)
-        probs = probabilities(outputs) if ok and outputs is not None and np.size(outputs) else None
+        detector = getattr(record, "task", "classification") == "detection"
+        answered = ok and outputs is not None and np.size(outputs) > 0
+        probs = probabilities(outputs) if answered and not detector else None
+        found = summarize(outputs) if answered and detector else None
         with self._lock:
             self._inferences += 1
             if not ok:
@@ -327,9 +347,14 @@ class WindowAggregator:
                 bucket = latency_bucket(float(record.latency_ms))
                 self._latency[bucket] = self._latency.get(bucket, 0) + 1
             self._last_slot = slot
-            if probs is not None:
-                self._confidence += np.bincount(confidence_bins(probs.max(axis=1)), minlength=CONFIDENCE_BINS)
-                counts = np.bincount(probs.argmax(axis=1), minlength=probs.shape[1])
+            if found is not None:  # a detector: its detections' scores and classes, and its window's counts
+                self._confidence += found.confidence
+                self._detections = found.added_to(self._detections)
+            if probs is not None or found is not None:
+                if probs is not None:
+                    self._confidence += np.bincount(confidence_bins(probs.max(axis=1)), minlength=CONFIDENCE_BINS)
+                counts = np.bincount(probs.argmax(axis=1), minlength=probs.shape[1]) if probs is not None \
+                    else found.classes
                 if len(counts) > len(self._classes):
                     self._classes = np.pad(self._classes, (0, len(counts) - len(self._classes)))
                 self._classes[:len(counts)] += counts
@@ -359,7 +384,7 @@ class WindowAggregator:
         versions = self._versions()
         sensors = self._read_sensors()
         with self._lock:
-            classes, confidence = self._classes.tolist(), self._confidence.tolist()
+            classes, confidence, detections = self._classes.tolist(), self._confidence.tolist(), self._detections
             shadow = None
             if self._shadow:
                 shadow = ShadowStats(**self._shadow, latency=Histogram(counts=dict(self._shadow_latency)))
@@ -371,8 +396,8 @@ class WindowAggregator:
                 window_start=self._start, window_end=end, versions=versions, inferences=self._inferences,
                 errors=self._errors, error_kinds=dict(self._error_kinds), fallback_inferences=self._fallback,
                 fallback_activations=self._activations, latency=Histogram(counts=dict(self._latency)),
-                confidence=confidence, classes=classes,
-                drift=drift_score(self.reference, classes, confidence) if self.reference else None,
+                confidence=confidence, classes=classes, detections=detections,
+                drift=drift_score(self.reference, classes, confidence, detections) if self.reference else None,
                 shadow=shadow, events=events, sensors=sensors, spool_dropped=spool_dropped)
             self._events_offset = offset
             self._reset(end)

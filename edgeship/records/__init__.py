@@ -3,7 +3,8 @@
 - `wire`: what crosses the network between pipeline and device agent (requests, measurements, `/info`);
 - `pipeline`: what the release's stages hand each other (data, models, artifacts, gates, summaries);
 - `quantization`: the quantized model, per-layer sensitivity, the precision plan;
-- `pruning`: the pruning search's candidates and its choice.
+- `pruning`: the pruning search's candidates and its choice;
+- `detection`: how a detector's outputs decode, and what a compiled detector's file outputs.
 
 Import from here (`from edgeship.records import BenchmarkResult`); the submodules say where a record belongs.
 """
@@ -11,6 +12,7 @@ Import from here (`from edgeship.records import BenchmarkResult`); the submodule
 from edgeship.records.base import Record, WireRecord
 from edgeship.records.pipeline import (CompiledArtifact, CompileOutcome, GateCheck, GateComparator, GateReport, HostCheck,
                                        PreparedData, ReleaseSummary, TargetSummary, TrainedModel)
+from edgeship.records.detection import DetectionFormat, DetectionHead, DetectionOutputs, NmsSettings
 from edgeship.records.pruning import PruningCandidate, PruningReport
 from edgeship.records.quantization import (LayerSensitivity, PlanCandidate, PrecisionPlan, QuantizedModel,
                                            SensitivityReport)
@@ -21,7 +23,8 @@ from edgeship.records.wire import (BenchmarkRequest, BenchmarkResult, ChannelSta
                                    UpdateReport, UpdateStatus)
 
 __all__ = [
-    "MIN_AGENT_PROTOCOL", "PROTOCOL", "WireRecord", "BenchmarkRequest", "BenchmarkResult", "ChannelStats", "CompileOutcome", "CompiledArtifact", "DeviceInfo",
+    "MIN_AGENT_PROTOCOL", "PROTOCOL", "WireRecord", "DetectionFormat", "DetectionHead", "DetectionOutputs",
+    "NmsSettings", "BenchmarkRequest", "BenchmarkResult", "ChannelStats", "CompileOutcome", "CompiledArtifact", "DeviceInfo",
     "EvaluationRequest", "EvaluationResult", "GateCheck", "GateComparator", "GateReport", "HostCheck",
     "LatencyHistogram", "LatencyStats", "LatencyWindow", "LayerSensitivity", "PlanCandidate", "PrecisionPlan",
     "PreparedData", "PruningCandidate", "PruningReport", "QuantizedModel", "Record", "ReleaseSummary", "RuntimeOption", "SensitivityReport",
