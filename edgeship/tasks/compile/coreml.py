@@ -62,6 +62,10 @@ class _Coreml:
 
         output_dir = Path(inputs.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+        if inputs.trained.detection is not None:  # an ML Program and Core ML's NMS, one pipeline
+            from edgeship.tasks.compile.detection import coreml_detector
+
+            return coreml_detector(self, inputs, output_dir)
         package = output_dir / f"model_{self._suffix}.mlpackage"
         torch.manual_seed(0)
         with TORCH_CAPTURE, _quiet():  # tracing, coremltools' torch frontend and FX are not thread-safe

@@ -64,12 +64,18 @@ class _Tensorrt:
         output_dir = Path(inputs.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         path = output_dir / f"model_{self.precision}_static.onnx"
-        notes = self._source(inputs, path)
-        make_static(path, inputs.trained.input_shape, inputs.trained.num_classes)
-        notes["constant_folding"] = fold_constants(path)
-        notes.update(check_onnx(path, int8=self.precision == "int8"))
-        notes["lint"] = polygraphy_lint(path)
-        notes["onnxrt_vs_torch"] = compare_with_torch(path, inputs)
+        postprocess = None
+        if inputs.trained.detection is not None:  # decode in the graph, EfficientNMS_TRT after it
+            from edgeship.tasks.compile.detection import tensorrt_detector
+
+            notes, postprocess = tensorrt_detector(inputs, path)
+        else:
+            notes = self._source(inputs, path)
+            make_static(path, inputs.trained.input_shape, inputs.trained.num_classes)
+            notes["constant_folding"] = fold_constants(path)
+            notes.update(check_onnx(path, int8=self.precision == "int8"))
+            notes["lint"] = polygraphy_lint(path)
+            notes["onnxrt_vs_torch"] = compare_with_torch(path, inputs)
         notes["engine"] = ("built on the NVIDIA device by its agent (edgeship.device.tensorrt_build), "
                            f"flags: {'INT8+FP16 (explicit Q/DQ)' if self.precision == 'int8' else 'FP16'}")
         from edgeship.device.runtimes import unavailable_reason
@@ -85,7 +91,7 @@ class _Tensorrt:
                                 precision=self.precision, runtime=self.runtime, inputs=_specs(graph.input, graph),
                                 outputs=_specs(graph.output, graph),
                                 converter={"torch": torch.__version__, "onnx": onnx.__version__,
-                                           "polygraphy": polygraphy.__version__}, notes=notes)
+                                           "polygraphy": polygraphy.__version__}, notes=notes, postprocess=postprocess)
 
     def _source(self, inputs: CompileInputs, path: Path) -> dict:
         raise NotImplementedError
