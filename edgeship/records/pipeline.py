@@ -133,8 +133,10 @@ class ReleaseSummary(Record):
     model_name: str
     model_version: str | None
     run_id: str | None
-    fp32_test_accuracy: float
+    fp32_test_accuracy: float  # the task's metric (detection: mAP@0.5:0.95)
     data_hash: str | None
     targets: list[TargetSummary]
     passed: bool
     aliases: list[str] = Field(default_factory=list)
+    task: str = "classification"
+    fp32_metrics: dict[str, float] = Field(default_factory=dict)  # the task's other test metrics (map50, ...)
