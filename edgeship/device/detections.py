@@ -104,7 +104,13 @@ def unpack(packed: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndar
 
 def trimmed(packed: np.ndarray) -> list[list[list[float]]]:
     """Packed detections as lists without padding (what an evaluate job answers)."""
-    return [np.asarray(rows[rows[:, 5] >= 0], dtype=np.float64).round(4).tolist() for rows in np.asarray(packed)]
+    return [np.asarray(rows[rows[:, 5] >= 0], dtype=np.float64).tolist() for rows in np.asarray(packed)]  # exact
+
+
+def as_objects(packed: np.ndarray) -> list[list[dict]]:
+    """Packed detections as what an application reads: per image [{"box": [x1, y1, x2, y2], "score", "class"}]."""
+    return [[{"box": [round(float(v), 2) for v in box], "score": round(float(score), 4), "class": int(cls)}
+             for box, score, cls in zip(boxes, scores, classes)] for boxes, scores, classes in unpack(packed)]
 
 
 def repack(rows_per_image: list[list[list[float]]], max_detections: int) -> np.ndarray:

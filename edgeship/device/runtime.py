@@ -39,10 +39,18 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Prediction:
-    outputs: np.ndarray
+    outputs: np.ndarray  # logits; a detector's packed detections (N, K, 6)
     slot: str  # "active" | "fallback"
     version: str
     latency_ms: float
+    task: str = "classification"
+
+    @property
+    def detections(self) -> list[list[dict]] | None:
+        """A detector's answer per image: [{"box": [x1, y1, x2, y2], "score": s, "class": c}, ...]; else None."""
+        from edgeship.device.detections import as_objects
+
+        return as_objects(self.outputs) if self.task == "detection" else None
 
 
 @dataclass(frozen=True)
@@ -150,7 +158,7 @@ class DeviceRuntime:
                              f"{self.window} requests")
         if not ok:
             return None
-        return Prediction(outputs, "active", loaded.installed.version, latency_ms)
+        return Prediction(outputs, "active", loaded.installed.version, latency_ms, loaded.task)
 
     def _run_fallback(self, batch: np.ndarray) -> Prediction:
         if self.fallback is None:
@@ -161,7 +169,7 @@ class DeviceRuntime:
         latency_ms = (time.perf_counter() - start) * 1000
         self._notify(InferenceRecord(latency_ms, "fallback", self.fallback.installed.version, outputs, True,
                                      task=self.fallback.task))
-        return Prediction(outputs, "fallback", self.fallback.installed.version, latency_ms)
+        return Prediction(outputs, "fallback", self.fallback.installed.version, latency_ms, self.fallback.task)
 
     def _switch(self, reason: str) -> None:
         if self.fallback is None:
