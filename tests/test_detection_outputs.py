@@ -7,20 +7,18 @@ is the post-processing, which must give the same detections wherever it runs.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from edgeship.config import DataParams, parse_params
+from edgeship.config import parse_params
 from edgeship.device.detections import agreement, empty, nms, open_model, unpack
 from edgeship.errors import ModelLoadError
-from edgeship.records import NmsSettings, TrainedModel
-from edgeship.tasks.detection.data import prepare_detection
+from edgeship.records import NmsSettings
 from edgeship.tasks.detection.metric import mean_average_precision
-from edgeship.tasks.detection.shapes import export_shapes
 from edgeship.tasks.detection.train import build_detector, predict_detections
+
+from detection_models import shapes_data, untrained_detector
 
 SETTINGS = NmsSettings(score_threshold=0.3, iou_threshold=0.5, max_detections=10)
 
@@ -60,29 +58,7 @@ def test_map_from_pycocotools_on_known_boxes():
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    export_shapes(root / "raw", count=24, size=64, seed=1)
-    return prepare_detection(root / "raw", root / "prepared", DataParams(input_size=64, channels=3))
-
-
-def _untrained(data, directory: Path, layout: str) -> TrainedModel:
-    """A random-weight detector as a TrainedModel, its class bias raised so it detects plenty."""
-    factory = {"concat": "yolo_detector", "separate": "split_head_detector"}[layout]
-    params = parse_params({"task": "detection", "targets": ["onnx-fp32"],
-                           "model": {"factory": f"edgeship.models.detectors:{factory}",
-                                     "kwargs": {"width_mult": 0.25, "neck_channels": 16}},
-                           "detection": {"layout": layout, "score_threshold": 0.3, "max_detections": 20}})
-    torch.manual_seed(0)
-    model, head = build_detector(params, data)
-    for branch in (*model.class_branch, *model.box_branch):  # outputs that vary from point to point: many
-        torch.nn.init.normal_(branch[-1].weight, 0.0, 0.5)       # detections of all sizes, and no tied scores
-        torch.nn.init.zeros_(branch[-1].bias)
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), directory / "model_fp32.pt")
-    return TrainedModel(checkpoint=directory / "model_fp32.pt", factory=params.model.factory,
-                        factory_kwargs=params.model.kwargs, num_classes=len(data.classes),
-                        input_shape=data.input_shape, val_accuracy=0.0, test_accuracy=0.0, task="detection",
-                        detection=head)
+    return shapes_data(tmp_path_factory.mktemp("shapes"))
 
 
 @pytest.mark.parametrize("layout", ["concat", "separate"])
@@ -92,7 +68,7 @@ def test_the_onnx_graph_with_non_max_suppression_matches_the_numpy_decode(shapes
     from edgeship.tasks.host_check import host_check, reference_logits
     from edgeship.tasks.train import load_model
 
-    trained = _untrained(shapes, tmp_path / "model", layout)
+    trained = untrained_detector(shapes, tmp_path / "model", layout)
     artifact = get_target("onnx-fp32").compile(CompileInputs(trained=trained, data=shapes, output_dir=tmp_path))
     assert artifact.postprocess.format == "nms_flat"
     import onnx
@@ -126,7 +102,7 @@ def test_a_device_agent_evaluates_a_detector_and_the_pipeline_scores_its_detecti
     from edgeship.tasks.detection.task import Detection
     from edgeship.tasks.host_check import host_check
 
-    trained = _untrained(shapes, tmp_path / "model", "concat")
+    trained = untrained_detector(shapes, tmp_path / "model", "concat")
     artifact = get_target("onnx-fp32").compile(CompileInputs(trained=trained, data=shapes, output_dir=tmp_path))
     batch = validation_batch(shapes, tmp_path)
     with np.load(batch.path) as arrays:
@@ -150,7 +126,7 @@ def test_golden_vectors_and_the_shadow_compare_detections_iou_matched(shapes, tm
     from edgeship.tasks.data import load_split
     from edgeship.tasks.train import load_model
 
-    trained = _untrained(shapes, tmp_path / "model", "separate")
+    trained = untrained_detector(shapes, tmp_path / "model", "separate")
     images, _ = load_split(shapes, "test")
     reference = predict_detections(load_model(trained), trained.detection, images[:6])
     spec = GoldenVectors(target_path="g.npz", sha256="0" * 64, bytes=1, kind="detections", atol=0.05)
@@ -175,7 +151,7 @@ def test_telemetry_of_a_detector_summarizes_its_answers_and_scores_drift(shapes,
     from edgeship.tasks.data import load_split
     from edgeship.tasks.train import load_model
 
-    trained = _untrained(shapes, tmp_path / "model", "concat")
+    trained = untrained_detector(shapes, tmp_path / "model", "concat")
     images, _ = load_split(shapes, "test")
     packed = predict_detections(load_model(trained), trained.detection, images)
     reference = DriftReference.model_validate(detection_drift_reference(packed, num_classes=4, version="3"))

@@ -74,10 +74,14 @@ class Detector(nn.Module):
                                         for _ in STRIDES)
         self.class_branch = nn.ModuleList(nn.Sequential(_separable(neck_channels),
                                                         nn.Conv2d(neck_channels, num_classes, 1)) for _ in STRIDES)
+        for module in self.modules():  # as the zoo's MobileNetV2: PyTorch's default init shrinks the signal per layer
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out")
+        for branch in (*self.class_branch, *self.box_branch):  # heads start small: boxes of about a stride
+            nn.init.normal_(branch[-1].weight, 0.0, 0.01)
+            nn.init.zeros_(branch[-1].bias)
         for branch in self.class_branch:
             nn.init.constant_(branch[-1].bias, -math.log((1 - _PRIOR) / _PRIOR))
-        for branch in self.box_branch:
-            nn.init.zeros_(branch[-1].bias)
         if layout == "concat":  # the decode lives inside the model, as in Ultralytics' exports
             from edgeship.records import DetectionHead
             from edgeship.tasks.detection.decode import anchor_points
