@@ -199,9 +199,10 @@ def _file_log_with_run(log_path: Path, settings, workdir: Path, run_id: str | No
 
 
 def _print_summary(summary, out: Console) -> None:
-    table = Table(title=f"{summary.model_name} v{summary.model_version}  (fp32 test accuracy "
+    metric = "mAP@0.5:0.95" if summary.task == "detection" else "accuracy"
+    table = Table(title=f"{summary.model_name} v{summary.model_version}  (fp32 test {metric} "
                         f"{summary.fp32_test_accuracy:.4f})")
-    for column in ("target", "size", "accuracy", "device", "p50 ms", "p99 ms", "gate"):
+    for column in ("target", "size", metric, "device", "p50 ms", "p99 ms", "gate"):
         table.add_column(column)
     for target in summary.targets:
         size = f"{target.artifact.bytes / 1e3:.0f} kB" if target.artifact else "—"

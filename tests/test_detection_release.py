@@ -85,7 +85,10 @@ def test_a_detection_release_is_registered_with_map_metrics_and_map_gates(releas
 
 
 def test_the_detection_release_is_published_installed_and_answers_detections(released, tmp_path, static_server):
+    from fastapi.testclient import TestClient
+
     from edgeship.device.serve import FieldRuntime
+    from edgeship.device.serve_http import create_app
     from edgeship.device.state import provision
     from edgeship.device.updater import DeviceUpdater, UpdaterConfig
     from edgeship.flows.publish import publish
@@ -110,6 +113,9 @@ def test_the_detection_release_is_published_installed_and_answers_detections(rel
     with FieldRuntime(state, window_s=3600) as field:
         answers = [field.predict(images[i:i + 1]) for i in range(len(images))]
         record = field.aggregator.close_window()
+        with TestClient(create_app(field)) as http:  # what `edgeship-device serve` answers an app in any language
+            served = http.post("/predict", json={"inputs": images[:1].tolist()}).json()
+    assert served["detections"] == answers[0].detections and served["version"] == summary.model_version
     assert all(a.task == "detection" and len(a.detections) == 1 for a in answers)
     found = [obj for a in answers for obj in a.detections[0]]
     for obj in found:

@@ -85,14 +85,7 @@ class _Coreml:
             notes["proxy"] = _proxy_metrics(self._proxy_logits, model, inputs, notes.pop("proxy_description"))
         notes["deployment_target"] = "iOS17 / macOS14 (mlprogram)"
         notes["torch_tested_by_coremltools"] = "up to 2.7"
-        path = zip_package(package, output_dir / f"model_{self._suffix}.mlpackage.zip")
-        shutil.rmtree(package, ignore_errors=True)
-        description = spec.description
-        return CompiledArtifact(target=self.name, path=path, sha256=sha256_of(path), bytes=path.stat().st_size,
-                                precision=self.precision, runtime=self.runtime,
-                                inputs=[_spec(f) for f in description.input],
-                                outputs=[_spec(f) for f in description.output],
-                                converter={"coremltools": ct.__version__, "torch": torch.__version__}, notes=notes)
+        return packaged(self, package, output_dir / f"model_{self._suffix}.mlpackage.zip", spec, notes)
 
     def _prepare(self, inputs: CompileInputs):
         raise NotImplementedError
@@ -269,6 +262,22 @@ def _proxy_metrics(proxy_logits, model, inputs: CompileInputs, description: str)
             "description": description}
 
 
+def packaged(target, package: Path, path: Path, spec, notes: dict, postprocess=None) -> CompiledArtifact:
+    """Zip the .mlpackage to `path` (removing the directory) and describe it as the target's CompiledArtifact."""
+    import coremltools as ct
+    import torch
+
+    zip_package(package, path)
+    shutil.rmtree(package, ignore_errors=True)
+    description = spec.description
+    return CompiledArtifact(target=target.name, path=path, sha256=sha256_of(path), bytes=path.stat().st_size,
+                            precision=target.precision, runtime=target.runtime,
+                            inputs=[_spec(f) for f in description.input],
+                            outputs=[_spec(f) for f in description.output],
+                            converter={"coremltools": ct.__version__, "torch": torch.__version__}, notes=notes,
+                            postprocess=postprocess)
+
+
 def zip_package(package: Path, path: Path) -> Path:
     """Zip an .mlpackage directory with sorted entries and fixed timestamps (the artifact that travels)."""
     path.unlink(missing_ok=True)
@@ -311,10 +320,7 @@ def coreml_detector(target, inputs, output_dir: Path):
     pipeline whose outputs are Vision's (`confidence` (K, C), `coordinates` (K, 4) normalized cx, cy, w, h), so
     Vision returns recognized objects. Checked here: conversion, the pipeline's spec and census; its mAP is the
     torch model's in float16 plus the numpy NMS, labelled as a proxy (Core ML runs on macOS only)."""
-    import shutil
-
     import coremltools as ct
-    import torch
 
     from edgeship.tasks.compile import exportable_model
     from edgeship.tasks.compile.detection import outputs_of
@@ -334,16 +340,8 @@ def coreml_detector(target, inputs, output_dir: Path):
         notes = {"weights": "trained-fp32", "route": "torch.export", "pipeline": kinds,
                  "census": census(spec.pipeline.models[0]),
                  "proxy": _fp16_proxy(decoded, inputs), "deployment_target": "iOS17 / macOS14 (mlprogram + NMS)"}
-    path = zip_package(package, Path(output_dir) / "model_fp16.mlpackage.zip")
-    shutil.rmtree(package, ignore_errors=True)
-    description = spec.description
-    return CompiledArtifact(target=target.name, path=path, sha256=sha256_of(path), bytes=path.stat().st_size,
-                            precision=target.precision, runtime=target.runtime,
-                            inputs=[_spec(f) for f in description.input],
-                            outputs=[_spec(f) for f in description.output],
-                            converter={"coremltools": ct.__version__, "torch": torch.__version__}, notes=notes,
-                            postprocess=outputs_of(head, "vision", {"confidence": "confidence",
-                                                                    "coordinates": "coordinates"}))
+    return packaged(target, package, Path(output_dir) / "model_fp16.mlpackage.zip", spec, notes,
+                    postprocess=outputs_of(head, "vision", {"confidence": "confidence", "coordinates": "coordinates"}))
 
 
 class _VisionOutputs:
