@@ -86,7 +86,7 @@ def registered_versions(tracking_uri: str, model_name: str) -> list[VersionStatu
 
 def published_channels(params: Params, root: Path) -> tuple[str, list[ChannelStatus], str | None]:
     """The OTA repository's location, its channels (with what they ship per target), and a note when there are none."""
-    from edgeship.flows.publish import open_repository
+    from edgeship.ota.repository import open_repository
     from edgeship.ota.publish import read_channel
     from edgeship.ota.storage import open_storage
 

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import threading
+import uuid
 
 import pytest
 
@@ -68,3 +69,25 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """A fleet store URL: a SQLite file, and a PostgreSQL database of its own on 127.0.0.1:5432 (dropped after)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/fleet.db"
+        return
+    import psycopg  # the PostgreSQL driver installed with edgeship (psycopg[binary], psycopg 3)
+
+    name = f"edgeship_fleet_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3",
+                                autocommit=True)
+    except psycopg.OperationalError as error:
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 (trust auth, user postgres): {error}")
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

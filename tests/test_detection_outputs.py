@@ -160,13 +160,16 @@ def test_telemetry_of_a_detector_summarizes_its_answers_and_scores_drift(shapes,
         aggregator.on_inference(InferenceRecord(1.0, "active", "3", frame[None], True, task="detection"))
     same = aggregator.close_window()
     found = int((packed[..., 5] >= 0).sum())
-    assert same.detections.frames == len(images) and same.detections.detections == found
-    assert sum(same.classes) == found and sum(same.confidence) == found and sum(same.detections.box_sizes) == found
+    assert same.sums == {"detection.frames": len(images), "detection.detections": found, "detection.empty_frames": 0}
+    assert sum(same.classes) == found and sum(same.confidence) == found and same.confidence_histogram.total == found
+    per_frame, box_sizes = same.histograms["detection.per_frame"], same.histograms["detection.box_size_px"]
+    assert per_frame.total == len(images) and box_sizes.total == found  # the fleet's rollups read these by name
     assert same.drift.score < 1e-6 and same.drift.per_frame_psi == 0 and same.drift.box_size_psi == 0
     for _ in range(len(images)):  # the camera went dark: no detections at all
         aggregator.on_inference(InferenceRecord(1.0, "active", "3", empty(1, 20), True, task="detection"))
     dark = aggregator.close_window()
-    assert dark.detections.empty_share == 1.0 and dark.drift.per_frame_psi > 1 and dark.drift.score > 1
+    assert dark.sums["detection.empty_frames"] == dark.sums["detection.frames"] == len(images)
+    assert dark.drift.per_frame_psi > 1 and dark.drift.score > 1
 
 
 def test_a_detector_whose_outputs_do_not_match_the_declared_layout_is_refused_by_name(shapes):

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from datetime import timedelta
 
-from edgeship.device.telemetry import DriftReference
+from edgeship.records.telemetry import DriftReference
 from edgeship.fleet.aggregate import aggregate
 from edgeship.fleet.drift import retraining_trigger, start_retraining
 from edgeship.fleet.policy import RetrainingPolicy

@@ -113,7 +113,7 @@ def test_cli_promote_rollout_and_channels(project):
     assert listing.exit_code == 0 and "onnx-int8" in listing.stdout and "50%" in listing.stdout
     resign = runner.invoke(app, ["resign", "-C", str(root)])
     assert resign.exit_code == 0 and "timestamp" in resign.output
-    from edgeship.flows.publish import open_repository
+    from edgeship.ota.repository import open_repository
     from edgeship.config import load_params
     repository = open_repository(load_params(root / "params.yaml").ota, Path(root))
     assert read_channel(repository, "stable").targets["onnx-int8"].candidate.version == "2"
@@ -137,6 +137,6 @@ def test_the_webhook_handler_publishes_the_events_version_not_the_alias(project)
         handler(MODEL, "2")
     handler(MODEL, "1")
     from edgeship.config import load_params
-    from edgeship.flows.publish import open_repository
+    from edgeship.ota.repository import open_repository
     descriptor = read_channel(open_repository(load_params(root / "params.yaml").ota, Path(root)), "stable")
     assert descriptor.source == "version 1" and descriptor.targets["onnx-int8"].base.version == "1"

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from edgeship.device.shadow import ShadowRunner
-from edgeship.device.telemetry import (DRIFT_REFERENCE_FILE, DeviceIdentity, DriftReference, WindowAggregator,
-                                       sensor_reader)
+from edgeship.device.telemetry import DRIFT_REFERENCE_FILE, WindowAggregator, sensor_reader
+from edgeship.records.telemetry import DeviceIdentity, DriftReference
 from edgeship.device.telemetry_mqtt import MqttSettings, TelemetryReporter
 from edgeship.device.telemetry_spool import Spool
 

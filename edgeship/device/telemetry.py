@@ -3,8 +3,9 @@
 A `WindowAggregator` is an observer on the on-device runtime (`on_inference`), and of the shadow runner
 (`on_shadow`). Every window (60 s in the field, about 1 s in tests) `close_window()` returns one
 `TelemetryRecord`: versions per slot, the update events written since the last window (the state
-directory's events.jsonl, read from the last offset), latency as a fixed-bucket histogram (p50/p95/p99
-are read from it), the top-1 confidence histogram, the predicted-class distribution, a drift score
+directory's events.jsonl, read from the last offset), latency and top-1 confidence as exponential
+histograms (edgeship.records.histogram: p50/p95/p99 within 2%, mergeable across windows and devices),
+the 10-bin confidence histogram and the predicted-class distribution, a drift score
 against the reference signed into the release, fallback activations, errors, and sensor readings.
 
 Drift test: PSI (population stability index) of the predicted-class distribution and of the top-1
@@ -23,7 +24,6 @@ device's records still parse in an older collector. No torch, TensorFlow, MLflow
 from __future__ import annotations
 
 import json
-import math
 import threading
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
@@ -31,183 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
-from edgeship.device.telemetry_detection import CONFIDENCE_BINS, DetectionWindow, summarize
+from edgeship.device.telemetry_detection import DetectionWindow, summarize
 from edgeship.files import write_atomic
+from edgeship.records.histogram import DEFAULT_SCALE, ExpHistogram, bucket_index
+from edgeship.records.telemetry import (CONFIDENCE_BINS, DeviceIdentity, DriftReference, DriftScore, Histogram,
+                                       ShadowStats, SlotVersions, TelemetryEvent, TelemetryRecord)
 
-SCHEMA_VERSION = 1
-# Latency bucket upper edges in ms: geometric, 1.2x apart, 0.01 ms .. ~60 s, plus one overflow bucket.
-# Fixed so that histograms from every device and every window add up bucket by bucket.
-LATENCY_EDGES_MS: tuple[float, ...] = tuple(round(0.01 * 1.2 ** i, 6) for i in range(86))
-DRIFT_TEST = "psi"
 DRIFT_REFERENCE_FILE = "drift_reference.json"  # in the state directory: the channel entry's reference, kept by the updater
 _PSI_FLOOR = 1e-4  # empty bins would make PSI infinite; this is the usual smoothing
-
-
-class _Wire(BaseModel):
-    # Wire records: a collector must keep parsing records from newer devices.
-    model_config = ConfigDict(frozen=True, extra="ignore")
-
-
-class Histogram(_Wire):
-    """Counts per fixed latency bucket (sparse: bucket index -> count); bucket i holds values <= edge i."""
-
-    counts: dict[int, int] = Field(default_factory=dict)
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def quantile(self, q: float) -> float | None:
-        """The q-quantile in ms: the upper edge of the bucket holding it (never below the true value)."""
-        total = self.total
-        if total == 0:
-            return None
-        rank, seen = math.ceil(q * total), 0
-        for index in sorted(self.counts):
-            seen += self.counts[index]
-            if seen >= rank:
-                return LATENCY_EDGES_MS[index] if index < len(LATENCY_EDGES_MS) else math.inf
-        return math.inf
-
-    def count_above(self, limit_ms: float) -> int:
-        """Values certainly above `limit_ms` (in buckets whose lower edge is at or above it)."""
-        lower = {i: (LATENCY_EDGES_MS[i - 1] if i > 0 else 0.0) for i in self.counts}
-        return sum(c for i, c in self.counts.items() if lower[i] >= limit_ms)
-
-    def count_possibly_above(self, limit_ms: float) -> int:
-        """Values perhaps above `limit_ms` (in buckets whose upper edge is above it; the overflow bucket too)."""
-        return sum(c for i, c in self.counts.items() if i >= len(LATENCY_EDGES_MS) or LATENCY_EDGES_MS[i] > limit_ms)
-
-    def merged(self, other: Histogram) -> Histogram:
-        counts = dict(self.counts)
-        for index, count in other.counts.items():
-            counts[index] = counts.get(index, 0) + count
-        return Histogram(counts=counts)
-
-
-def latency_bucket(latency_ms: float) -> int:
-    """The bucket a latency falls in (the last index is the overflow bucket)."""
-    return int(np.searchsorted(LATENCY_EDGES_MS, latency_ms, side="left"))
-
-
-def merge_histograms(histograms: Iterable[Histogram]) -> Histogram:
-    total = Histogram()
-    for histogram in histograms:
-        total = total.merged(histogram)
-    return total
-
-
-class DriftReference(_Wire):
-    """What the release's own test split looked like; signed into the channel entry (`drift_reference`).
-
-    A detector's (task "detection") holds its detections' class mix and score histogram in the same fields,
-    and the shares of detections per frame and of box sizes (edgeship.device.telemetry_detection)."""
-
-    test: str = DRIFT_TEST
-    classes: int
-    class_distribution: list[float]       # share of test inputs predicted as each class
-    confidence_histogram: list[float]     # share of test inputs per top-1 confidence bin (CONFIDENCE_BINS on [0, 1])
-    samples: int = 0
-    version: str | None = None            # the model version the reference was computed with
-    task: str = "classification"
-    per_frame_histogram: list[float] | None = None  # detection: share of frames per detection count
-    box_size_histogram: list[float] | None = None   # detection: share of detections per box size bin
-
-
-class DriftScore(_Wire):
-    test: str = DRIFT_TEST
-    class_psi: float
-    confidence_psi: float
-    score: float                          # max of the two (of the four for a detector)
-    samples: int
-    reference_version: str | None = None
-    per_frame_psi: float | None = None    # detection: detections per frame
-    box_size_psi: float | None = None     # detection: box sizes
-
-
-class ShadowStats(_Wire):
-    """How the shadow model compared with the active one on the inputs it saw this window."""
-
-    version: str | None = None
-    samples: int = 0
-    agreements: int = 0                   # top-1 equal to the active model's
-    confidence_diff_sum: float = 0.0      # sum over samples of |shadow top-1 conf - active top-1 conf|
-    latency: Histogram = Field(default_factory=Histogram)
-    skipped: int = 0                      # sampled inputs dropped because the shadow queue was full
-    errors: int = 0
-
-    @property
-    def agreement(self) -> float | None:
-        return self.agreements / self.samples if self.samples else None
-
-
-class TelemetryEvent(_Wire):
-    """An update event as the state directory's events.jsonl holds it (issue-9's UpdateEvent)."""
-
-    at: datetime | None = None
-    kind: str
-    version: str | None = None
-    target: str | None = None
-    slot: str | None = None
-    reason: str | None = None
-    sequence: int = 0
-
-
-class SlotVersions(_Wire):
-    active: str | None = None
-    shadow: str | None = None
-    fallback: str | None = None
-    on_probation: bool = False
-
-
-class DeviceIdentity(_Wire):
-    """Who is reporting: from the provisioned device.json, plus the device class the operator assigned."""
-
-    device_id: str
-    channel: str = "stable"
-    target: str = "onnx-int8"
-    model_name: str = ""
-    device_class: str = "default"
-
-
-class TelemetryRecord(_Wire):
-    """One device's window: everything the collector and the rollout controller read."""
-
-    schema_version: int = SCHEMA_VERSION
-    record_id: str                         # "<device_id>/<sequence>": the collector's de-duplication key
-    device_id: str
-    sequence: int
-    channel: str = "stable"
-    target: str = ""
-    model_name: str = ""
-    device_class: str = "default"
-    window_start: datetime
-    window_end: datetime
-    versions: SlotVersions = Field(default_factory=SlotVersions)
-    inferences: int = 0
-    errors: int = 0
-    error_kinds: dict[str, int] = Field(default_factory=dict)
-    fallback_inferences: int = 0
-    fallback_activations: int = 0         # switches from the active model to the fallback this window
-    latency: Histogram = Field(default_factory=Histogram)   # answers of the active model, ms
-    confidence: list[int] = Field(default_factory=list)     # top-1 confidence, CONFIDENCE_BINS bins on [0, 1]
-    classes: list[int] = Field(default_factory=list)        # predicted-class counts (a detector: its detections')
-    detections: DetectionWindow | None = None               # a detector's answers (confidence: their scores)
-    drift: DriftScore | None = None
-    shadow: ShadowStats | None = None
-    events: list[TelemetryEvent] = Field(default_factory=list)
-    sensors: dict[str, float] = Field(default_factory=dict)
-    spool_dropped: int = 0                # records this device's spool ever had to drop (budget exceeded)
-
-    def to_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> TelemetryRecord:
-        """Parse a published record; pydantic.ValidationError when it is not one."""
-        return cls.model_validate_json(data)
 
 
 def probabilities(outputs: np.ndarray) -> np.ndarray:
@@ -319,7 +151,9 @@ class WindowAggregator:
         self._inferences = self._errors = self._fallback = self._activations = 0
         self._error_kinds: dict[str, int] = {}
         self._latency: dict[int, int] = {}
+        self._latency_zero = 0
         self._confidence = np.zeros(CONFIDENCE_BINS, dtype=np.int64)
+        self._confidence_exp = ExpHistogram(DEFAULT_SCALE)
         self._classes = np.zeros(0, dtype=np.int64)
         self._shadow: dict[str, Any] = {}
         self._shadow_latency: dict[int, int] = {}
@@ -344,15 +178,23 @@ class WindowAggregator:
                 if self._last_slot != "fallback":
                     self._activations += 1
             elif ok:
-                bucket = latency_bucket(float(record.latency_ms))
-                self._latency[bucket] = self._latency.get(bucket, 0) + 1
+                latency_ms = float(record.latency_ms)
+                if latency_ms > 0:
+                    bucket = bucket_index(latency_ms)
+                    self._latency[bucket] = self._latency.get(bucket, 0) + 1
+                else:
+                    self._latency_zero += 1
             self._last_slot = slot
             if found is not None:  # a detector: its detections' scores and classes, and its window's counts
                 self._confidence += found.confidence
+                if len(found.scores):
+                    self._confidence_exp.add(ExpHistogram.of(found.scores))
                 self._detections = found.added_to(self._detections)
             if probs is not None or found is not None:
                 if probs is not None:
-                    self._confidence += np.bincount(confidence_bins(probs.max(axis=1)), minlength=CONFIDENCE_BINS)
+                    top = probs.max(axis=1)
+                    self._confidence += np.bincount(confidence_bins(top), minlength=CONFIDENCE_BINS)
+                    self._confidence_exp.add(_exp_of(top))
                 counts = np.bincount(probs.argmax(axis=1), minlength=probs.shape[1]) if probs is not None \
                     else found.classes
                 if len(counts) > len(self._classes):
@@ -371,8 +213,8 @@ class WindowAggregator:
             shadow["confidence_diff_sum"] = shadow.get("confidence_diff_sum", 0.0) + confidence_diff_sum
             shadow["errors"] = shadow.get("errors", 0) + int(error)
             shadow["skipped"] = shadow.get("skipped", 0) + skipped
-            if latency_ms is not None:
-                bucket = latency_bucket(latency_ms)
+            if latency_ms is not None and latency_ms > 0:
+                bucket = bucket_index(latency_ms)
                 self._shadow_latency[bucket] = self._shadow_latency.get(bucket, 0) + 1
 
     def close_window(self, spool_dropped: int = 0) -> TelemetryRecord:
@@ -387,7 +229,8 @@ class WindowAggregator:
             classes, confidence, detections = self._classes.tolist(), self._confidence.tolist(), self._detections
             shadow = None
             if self._shadow:
-                shadow = ShadowStats(**self._shadow, latency=Histogram(counts=dict(self._shadow_latency)))
+                shadow = ShadowStats(**self._shadow,
+                                     latency=Histogram.from_sketch(ExpHistogram.from_counts(self._shadow_latency)))
             self._sequence += 1
             record = TelemetryRecord(
                 record_id=f"{self.identity.device_id}/{self._sequence}", device_id=self.identity.device_id,
@@ -395,10 +238,13 @@ class WindowAggregator:
                 model_name=self.identity.model_name, device_class=self.identity.device_class,
                 window_start=self._start, window_end=end, versions=versions, inferences=self._inferences,
                 errors=self._errors, error_kinds=dict(self._error_kinds), fallback_inferences=self._fallback,
-                fallback_activations=self._activations, latency=Histogram(counts=dict(self._latency)),
-                confidence=confidence, classes=classes, detections=detections,
+                fallback_activations=self._activations,
+                latency=Histogram.from_sketch(ExpHistogram.from_counts(self._latency, zero=self._latency_zero)),
+                confidence=confidence, classes=classes,
+                confidence_histogram=Histogram.from_sketch(self._confidence_exp),
                 drift=drift_score(self.reference, classes, confidence, detections) if self.reference else None,
-                shadow=shadow, events=events, sensors=sensors, spool_dropped=spool_dropped)
+                shadow=shadow, events=events, sensors=sensors, spool_dropped=spool_dropped,
+                **(detections.as_record_fields() if detections is not None else {}))
             self._events_offset = offset
             self._reset(end)
             sequence = self._sequence
@@ -413,6 +259,14 @@ class WindowAggregator:
             return {key: float(value) for key, value in self._sensors().items()}
         except Exception:  # a sensor that fails now must not cost the window
             return {}
+
+
+def _exp_of(values: np.ndarray) -> ExpHistogram:
+    # Top-1 confidences of one batch (usually one answer): a zero confidence counts in the zero bucket.
+    positive = values[values > 0]
+    if len(positive) == 1:
+        return ExpHistogram.from_counts({bucket_index(float(positive[0])): 1}, zero=len(values) - 1)
+    return ExpHistogram.of(values)
 
 
 def _error_kind(error: Any) -> str:

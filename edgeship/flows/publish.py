@@ -29,29 +29,15 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from edgeship.config import OtaParams, Params, load_params
+from edgeship.config import Params, load_params
 from edgeship.ota.channel import ChannelDescriptor
+from edgeship.ota.repository import open_repository
 from edgeship.ota.rollout import describe
 from edgeship.registry.model_registry import ResolvedRelease, record_publish, resolve_release
 from edgeship.registry.tracking import tracking_uri_for
 
 CONCURRENCY_LIMIT = "edgeship-ota-writer"
 logger = logging.getLogger(__name__)
-
-
-def open_repository(settings: OtaParams, root: Path):
-    """The OTA repository and keystore named in params.yaml, relative paths against the project."""
-    from edgeship.ota.keys import Keystore
-    from edgeship.ota.repository import OtaRepository
-    from edgeship.ota.storage import open_storage
-
-    location = settings.repository
-    if "://" not in location:
-        location = str((root / location).resolve())
-    return OtaRepository(open_storage(location, settings.s3_endpoint_url), Keystore(root / settings.keystore),
-                         expiry_days=settings.metadata_expiry_days,
-                         timestamp_expiry_hours=settings.timestamp_expiry_hours,
-                         snapshot_expiry_days=settings.snapshot_expiry_days)
 
 
 @contextlib.contextmanager

@@ -54,10 +54,11 @@ from tuf.api.metadata import Metadata, MetaFile, Root, Signed, Snapshot, TargetF
 from tuf.api.serialization.json import JSONSerializer
 from tuf.repository import Repository
 
+from edgeship.config.shipping import OtaParams
 from edgeship.errors import ConfigError, SignatureError
 from edgeship.ota.keys import ROLES, Keystore
 from edgeship.ota.lock import writer_lock
-from edgeship.ota.storage import Storage, StorageError
+from edgeship.ota.storage import Storage, StorageError, open_storage
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,12 @@ class OtaRepository(Repository):
             finally:
                 self._writing = False
                 self._staged.clear()
+
+    def refresh(self) -> None:
+        """Reload the committed metadata without the writer lock: what a reader (the rollout controller deciding)
+        sees between two commits. A change is still made under `writing()`, which reloads again."""
+        if not self._writing:
+            self._load()
 
     # --- the steps a publisher takes -------------------------------------------------
 
@@ -377,3 +384,14 @@ def _stored_path(info: TargetFile) -> str:
     """Where a target's bytes live: the name ngclient asks for with consistent snapshots."""
     directory, sep, name = info.path.rpartition("/")
     return f"targets/{directory}{sep}{info.hashes['sha256']}.{name}"
+
+
+def open_repository(settings: OtaParams, root: Path) -> OtaRepository:
+    """The OTA repository and keystore named in params.yaml, relative paths against the project."""
+    location = settings.repository
+    if "://" not in location:
+        location = str((root / location).resolve())
+    return OtaRepository(open_storage(location, settings.s3_endpoint_url), Keystore(root / settings.keystore),
+                         expiry_days=settings.metadata_expiry_days,
+                         timestamp_expiry_hours=settings.timestamp_expiry_hours,
+                         snapshot_expiry_days=settings.snapshot_expiry_days)

@@ -4,7 +4,8 @@
 - `pipeline`: what the release's stages hand each other (data, models, artifacts, gates, summaries);
 - `quantization`: the quantized model, per-layer sensitivity, the precision plan;
 - `pruning`: the pruning search's candidates and its choice;
-- `detection`: how a detector's outputs decode, and what a compiled detector's file outputs.
+- `detection`: how a detector's outputs decode, and what a compiled detector's file outputs;
+- `telemetry`: what a device publishes each window over MQTT, and the fleet side reads.
 
 Import from here (`from edgeship.records import BenchmarkResult`); the submodules say where a record belongs.
 """

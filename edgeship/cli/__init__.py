@@ -9,10 +9,10 @@
     edgeship publish --alias production --rollout 0.1
     edgeship rollout stable --target onnx-int8 --fraction 0.5
     edgeship rollback --channel stable
-    edgeship channels | resign | keys ...    # see edgeship/ota/cli.py
+    edgeship channels | resign | keys ...    # see edgeship/cli/ota.py
     edgeship serve                  # the deployments, on a Prefect server
     edgeship webhook serve          # publish when MLflow says `production` moved
-    edgeship fleet collect|status|rollout|pause|resume|abort   # the fleet loop (edgeship/fleet/cli.py)
+    edgeship fleet collect|status|rollout|pause|resume|abort   # the fleet loop (edgeship/cli/fleet.py)
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Data: reference data set and 
 app.add_typer(data_app, name="data")
 webhook_app = typer.Typer(no_args_is_help=True, help="Publish on promotion: the MLflow webhook receiver.")
 app.add_typer(webhook_app, name="webhook")
-from edgeship.fleet.cli import fleet_app  # noqa: E402 - typer and rich only; the fleet loop's commands
+from edgeship.cli.fleet import fleet_app  # noqa: E402 - typer and rich only; the fleet loop's commands
 
 app.add_typer(fleet_app, name="fleet")
 console = Console(stderr=True)
@@ -305,7 +305,7 @@ def webhook_register(url: str = typer.Option(..., help="this receiver's URL, e.g
     console.print(f"webhook {register_webhook(tracking, url, _webhook_secret(secret_env))} -> {url}")
 
 
-from edgeship.ota.cli import register as _register_ota  # noqa: E402  (after _fail/_quiet_prefect exist)
+from edgeship.cli.ota import register as _register_ota  # noqa: E402  (after _fail/_quiet_prefect exist)
 
 _register_ota(app, _fail, _quiet_prefect)
 

@@ -92,7 +92,8 @@ def register(app: typer.Typer, fail, quiet) -> None:
                 params: Path = ParamsOption, workdir: Path = WorkdirOption) -> None:
         """Widen, narrow, pause, resume or abort one target's rollout of the candidate already in the channel."""
         from edgeship.config import load_params
-        from edgeship.flows.publish import one_writer, open_repository
+        from edgeship.flows.publish import one_writer
+        from edgeship.ota.repository import open_repository
         from edgeship.ota import rollout as rollouts
 
         chosen = [x for x in (fraction is not None, pause is not None, resume, abort is not None) if x]
@@ -117,7 +118,7 @@ def register(app: typer.Typer, fail, quiet) -> None:
     def channels(params: Path = ParamsOption, workdir: Path = WorkdirOption) -> None:
         """List the channels and, per target, base, candidate, fraction, state and fallback."""
         from edgeship.config import load_params
-        from edgeship.flows.publish import open_repository
+        from edgeship.ota.repository import open_repository
         from edgeship.ota.rollout import read_channel
 
         settings = guarded(load_params, workdir / params)
@@ -147,7 +148,7 @@ def register(app: typer.Typer, fail, quiet) -> None:
 
     def _keys_repository(params: Path, workdir: Path):
         from edgeship.config import load_params
-        from edgeship.flows.publish import open_repository
+        from edgeship.ota.repository import open_repository
 
         settings = guarded(load_params, workdir / params)
         return guarded(open_repository, settings.ota, workdir.resolve())
