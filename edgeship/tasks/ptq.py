@@ -80,7 +80,6 @@ def quantize_onnx(fp32_onnx: Path, calibration: np.ndarray, out_path: Path, meth
     52 convs unfused here and ran at 0.5x the speed).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
@@ -88,19 +87,7 @@ def quantize_onnx(fp32_onnx: Path, calibration: np.ndarray, out_path: Path, meth
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="edgeship-ptq-") as tmp:
         source = Path(tmp) / "preprocessed.onnx"
-        try:
-            quant_pre_process(str(fp32_onnx), str(source))
-        except Exception as error:  # noqa: BLE001  (ORT raises a bare Exception)
-            # Symbolic shape inference gives up on graphs with Resize ("Incomplete symbolic shape inference"):
-            # ONNX's own shape inference and the graph optimizations still run without it.
-            logger.info("quantization pre-processing of %s: symbolic shape inference failed (%s); skipping it",
-                        Path(fp32_onnx).name, error)
-            try:
-                quant_pre_process(str(fp32_onnx), str(source), skip_symbolic_shape=True)
-            except Exception as again:  # noqa: BLE001
-                raise CompileError(f"ONNX Runtime's quantization pre-processing failed on {Path(fp32_onnx).name}, "
-                                   f"with and without symbolic shape inference: {type(again).__name__}: {again}"
-                                   ) from again
+        preprocess(Path(fp32_onnx), source)
         cache = entropy_ranges(source, calibration, Path(tmp)) if method == "entropy" else None
         try:
             quantize_static(str(source), str(out_path), _batches(calibration), quant_format=QuantFormat.QDQ,
@@ -110,6 +97,30 @@ def quantize_onnx(fp32_onnx: Path, calibration: np.ndarray, out_path: Path, meth
             raise CompileError(f"ONNX Runtime's static quantization failed: {type(error).__name__}: {error}"
                                ) from error
     return out_path
+
+
+def preprocess(model: Path, out: Path) -> None:
+    """ONNX Runtime's quantization pre-processing (shape inference, graph optimizations), without symbolic shape
+    inference where it gives up: on graphs with Resize ("Incomplete symbolic shape inference", and it leaves
+    sym_shape_infer_temp.onnx in the working directory), and on any graph where it fails; both logged."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if "Resize" in {node.op_type for node in onnx.load(str(model), load_external_data=False).graph.node}:
+        logger.info("quantization pre-processing of %s: the graph has Resize, which ONNX Runtime's symbolic shape "
+                    "inference cannot complete; skipping it", model.name)
+    else:
+        try:
+            quant_pre_process(str(model), str(out))
+            return
+        except Exception as error:  # noqa: BLE001  (ORT raises a bare Exception)
+            logger.info("quantization pre-processing of %s: symbolic shape inference failed (%s); skipping it",
+                        model.name, error)
+    try:
+        quant_pre_process(str(model), str(out), skip_symbolic_shape=True)
+    except Exception as error:  # noqa: BLE001
+        raise CompileError(f"ONNX Runtime's quantization pre-processing failed on {model.name}, even without "
+                           f"symbolic shape inference: {type(error).__name__}: {error}") from error
 
 
 def _batches(images: np.ndarray, batch_size: int = 16):
