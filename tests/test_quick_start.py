@@ -70,5 +70,12 @@ def test_the_ci_check_names_what_a_user_would_not_expect_in_git_status():
                "targets": [{"target": "onnx-fp32", "artifact": {"sha256": "0"}, "benchmarks": [{"status": "ok"}],
                             "gate": {"checks": [{"passed": True}]}}]}
     assert check_quick_start.problems(passing, " M dvc.lock\n") == []
+    # The quick start's int8 slower than its float sibling: an advisory check that failed, in a passing release.
+    advisory = {"name": "p50_vs_float", "measured": 1.32, "limit": 1.0, "passed": False, "advisory": True}
+    passing["targets"][0]["gate"]["checks"].append(advisory)
+    assert check_quick_start.problems(passing, "") == []
+    advisory["advisory"] = False  # the same failure where params.yaml makes it fail the gate
+    assert check_quick_start.problems(passing, "") == ["onnx-fp32: its gate failed"]
+    advisory["advisory"] = True
     found = check_quick_start.problems({**passing, "passed": False}, "?? onnxruntime_profile.json\n M params.yaml\n")
     assert len(found) == 3 and "'?? onnxruntime_profile.json'" in found[1] and "' M params.yaml'" in found[2]

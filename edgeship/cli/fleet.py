@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from datetime import datetime, timedelta, timezone
@@ -22,41 +21,20 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from edgeship.cli.base import ChannelOption, ParamsOption, WorkdirOption, console, fail, guarded, load_settings, stdout
 from edgeship.errors import ConfigError, EdgeshipError
 
 fleet_app = typer.Typer(no_args_is_help=True, help="The fleet loop: telemetry, status, rollout control.")
-console = Console(stderr=True)
-ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="params.yaml to read")
-WorkdirOption = typer.Option(Path("."), "--workdir", "-C", help="project directory (holds params.yaml)")
-ChannelOption = typer.Option(None, "--channel", help="OTA channel (default: params.ota.channel)")
-
-
-def _fail(error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {error}")
-    raise typer.Exit(code=2)
-
-
-def _load(workdir: Path, params: Path):
-    from edgeship.config import load_params
-
-    try:
-        return load_params(workdir / params)
-    except EdgeshipError as error:
-        _fail(error)
 
 
 def _store(settings, workdir: Path, check: bool = True):
     from edgeship.fleet.policy import store_url_for
     from edgeship.fleet.store import FleetStore
 
-    try:
-        return FleetStore(store_url_for(settings.fleet.store, workdir), bucket_s=settings.fleet.rollup_bucket_s,
-                          check=check)
-    except EdgeshipError as error:
-        _fail(error)
+    return guarded(FleetStore, store_url_for(settings.fleet.store, workdir), bucket_s=settings.fleet.rollup_bucket_s,
+                   check=check)
 
 
 def mqtt_settings(settings, port: int | None = None):
@@ -97,7 +75,7 @@ def collect(params: Path = ParamsOption, workdir: Path = WorkdirOption,
 
     from edgeship.fleet.collector import Collector, CollectorSettings
 
-    settings = _load(workdir, params)
+    settings = load_settings(workdir, params)
     # SIGTERM (systemd, a test) stops like Ctrl-C, so the local broker is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     options = settings.fleet.collector
@@ -118,7 +96,7 @@ def collect(params: Path = ParamsOption, workdir: Path = WorkdirOption,
                                        max_delay_s=options.max_delay_s, **({"member": member} if member else {}))
             collector = stack.enter_context(Collector(mqtt, store, options=chosen))
         except EdgeshipError as error:
-            _fail(error)
+            fail(error)
         console.print(f"collecting edgeship/{mqtt.fleet}/devices/+/telemetry from {mqtt.host}:{mqtt.port} "
                       f"into {store.url} as {collector.client_id}"
                       f"{f' (shared group {chosen.group})' if chosen.group else ''}", highlight=False)
@@ -143,7 +121,7 @@ def status(params: Path = ParamsOption, workdir: Path = WorkdirOption, channel: 
     """The fleet as a table: per version and device class, latency quantiles, shadow agreement, drift, events."""
     from edgeship.fleet.report import STATUS_COLUMNS, status_rows
 
-    settings = _load(workdir, params)
+    settings = load_settings(workdir, params)
     channel = channel or settings.ota.channel
     store = _store(settings, workdir)
     since = datetime.now(timezone.utc) - timedelta(seconds=since_s)
@@ -154,10 +132,10 @@ def status(params: Path = ParamsOption, workdir: Path = WorkdirOption, channel: 
         table.add_column(column)
     for row in status_rows(snapshot):
         table.add_row(*row.values())
-    Console().print(table)
+    stdout().print(table)
     decisions = store.decisions(channel, target, evidence=False)[-5:]
     for d in decisions:
-        Console().print(f"{d['at']:%Y-%m-%d %H:%M:%S} {d['target']} v{d['version']}: {d['action']} "
+        stdout().print(f"{d['at']:%Y-%m-%d %H:%M:%S} {d['target']} v{d['version']}: {d['action']} "
                         f"{d['fraction_before']:g} -> {d['fraction_after']:g}  {'; '.join(d['reasons'])}",
                         highlight=False)
     store.close()
@@ -167,16 +145,13 @@ def status(params: Path = ParamsOption, workdir: Path = WorkdirOption, channel: 
 def rollout(params: Path = ParamsOption, workdir: Path = WorkdirOption, channel: Optional[str] = ChannelOption,
             dry_run: bool = typer.Option(False, "--dry-run", help="decide and record, but change nothing")) -> None:
     """One rollout controller pass over a channel (what the `rollout-controller` deployment runs)."""
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from edgeship.flows.rollout import rollout_controller
 
-    _load(workdir, params)
-    try:
-        decisions = rollout_controller(params_path=str(params), workdir=str(workdir), channel=channel, apply=not dry_run)
-    except EdgeshipError as error:
-        _fail(error)
+    load_settings(workdir, params)
+    decisions = guarded(rollout_controller, params_path=str(params), workdir=str(workdir), channel=channel,
+                        apply=not dry_run)
     for d in decisions:
-        Console().print(f"{d['target']} v{d['version']}: {d['action']} {d['fraction_before']:g} -> "
+        stdout().print(f"{d['target']} v{d['version']}: {d['action']} {d['fraction_before']:g} -> "
                         f"{d['fraction_after']:g}{'' if d['applied'] else ' (not applied)'}  {'; '.join(d['reasons'])}",
                         highlight=False)
 
@@ -185,17 +160,14 @@ def _hand(command: str, params: Path, workdir: Path, channel: str | None, target
     from edgeship.ota.repository import open_repository
     from edgeship.fleet.rollout import hand_command
 
-    settings = _load(workdir, params)
+    settings = load_settings(workdir, params)
     store = _store(settings, workdir)
     try:
-        hand_command(open_repository(settings.ota, workdir.resolve()), store, command,
-                     channel or settings.ota.channel, target, reason)
-    except EdgeshipError as error:
-        _fail(error)
+        guarded(hand_command, guarded(open_repository, settings.ota, workdir.resolve()), store, command,
+                channel or settings.ota.channel, target, reason)
     finally:
         store.close()
     console.print(f"{command}: {channel or settings.ota.channel}/{target} ({reason})")
-
 
 
 @fleet_app.command("controller")
@@ -213,11 +185,11 @@ def controller(params: Path = ParamsOption, workdir: Path = WorkdirOption, chann
     from edgeship.ota.repository import open_repository
     from edgeship.registry.tracking import tracking_uri_for
 
-    settings = _load(workdir, params)
+    settings = load_settings(workdir, params)
     channel = channel or settings.ota.channel
     root = workdir.resolve()
     store = _store(settings, workdir)
-    repository = open_repository(settings.ota, root)
+    repository = guarded(open_repository, settings.ota, root)
     tracking_uri = tracking_uri_for(settings.registry, root)
 
     def run_pass(reason: str):
@@ -225,7 +197,7 @@ def controller(params: Path = ParamsOption, workdir: Path = WorkdirOption, chann
                                   writer=one_writer)
         for r in results:
             d = r.decision
-            Console().print(f"[{reason}] {d.target} v{d.version}: {d.action} {d.fraction_before:g} -> "
+            stdout().print(f"[{reason}] {d.target} v{d.version}: {d.action} {d.fraction_before:g} -> "
                             f"{d.fraction_after:g}{'' if r.applied or d.action in ('hold', 'none') else ' (not applied)'}"
                             f"  {'; '.join(d.reasons[:2])}", highlight=False)
         return results
@@ -248,7 +220,7 @@ def controller(params: Path = ParamsOption, workdir: Path = WorkdirOption, chann
 @fleet_app.command("replay")
 def replay(params: Path = ParamsOption, workdir: Path = WorkdirOption) -> None:
     """Rebuild the rollups from the raw records still kept (stop the collectors first)."""
-    settings = _load(workdir, params)
+    settings = load_settings(workdir, params)
     store = _store(settings, workdir, check=False)
     from rich.progress import Progress
 
@@ -262,7 +234,7 @@ def replay(params: Path = ParamsOption, workdir: Path = WorkdirOption) -> None:
 @fleet_app.command("prune")
 def prune(params: Path = ParamsOption, workdir: Path = WorkdirOption) -> None:
     """Drop raw records past fleet.retention_days and rollups past fleet.rollup_retention_days."""
-    settings = _load(workdir, params)
+    settings = load_settings(workdir, params)
     store = _store(settings, workdir)
     counts = store.prune(settings.fleet.retention_days * 86400, settings.fleet.rollup_retention_days * 86400)
     store.close()
@@ -281,8 +253,8 @@ def loadgen(params: Path = ParamsOption, workdir: Path = WorkdirOption,
     from edgeship.fleet.loadgen import FleetLoad, FleetProfile
 
     if for_s is None and count is None:
-        _fail(ConfigError("say how much to publish: --for SECONDS or --count RECORDS"))
-    settings = _load(workdir, params)
+        fail(ConfigError("say how much to publish: --for SECONDS or --count RECORDS"))
+    settings = load_settings(workdir, params)
     profile = FleetProfile(devices=devices, versions={"base": 1 - candidate_share, "candidate": candidate_share},
                            channel=settings.ota.channel, model_name=settings.project.name)
     with console.status(f"publishing {devices} devices' telemetry at {rate:g}/s"):
