@@ -35,6 +35,7 @@ from edgeship.ota.repository import OtaRepository
 from edgeship.ota.storage import open_storage
 from edgeship.records import CompiledArtifact, TensorSpec
 from onnx_models import tiny_classifier
+from timing import scaled
 
 MODEL = "tiny"
 TARGET = "onnx-int8"
@@ -180,7 +181,7 @@ class OtaWorld:
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + scaled(timeout_s)
     while not path.exists():
         if process.poll() is not None:
             raise AssertionError(f"process ended ({process.returncode}) before {path.name}: {process.stderr.read()}")

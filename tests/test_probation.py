@@ -18,8 +18,10 @@ from edgeship.device import updater_cli
 from edgeship.device.probation import ProbationPolicy
 from edgeship.device.runtime import DeviceRuntime
 from edgeship.device.state import DeviceState, active_model, device_identity, fallback_model, read_events
+from edgeship.device.runtimes import open_session
 from ota_world import QUICK_PROBATION, TARGET, OtaWorld, golden_inputs
 from onnx_models import tiny_classifier
+from timing import scaled
 
 
 @pytest.fixture
@@ -140,9 +142,11 @@ def test_an_unconfirmed_model_is_rolled_back_at_its_deadline_and_confirm_works_f
     world.publish("1")
     world.device(probation=QUICK_PROBATION).update()
     world.publish("2")
-    short = world.device(probation=ProbationPolicy(required=5, max_failures=1, deadline_s=0.2), self_check=False)
+    # the deadline must pass between two checks, and must not before a confirm that follows an install at once
+    short = world.device(probation=ProbationPolicy(required=5, max_failures=1, deadline_s=scaled(0.2)),
+                         self_check=False)
     assert short.update().on_probation
-    time.sleep(0.3)
+    time.sleep(scaled(0.3))
     report = short.update()  # the next check finds the deadline passed
     assert report.status == "refused" and "probation: deadline" in report.reason
     world.assert_runs("device-1", "1")
@@ -153,7 +157,7 @@ def test_an_unconfirmed_model_is_rolled_back_at_its_deadline_and_confirm_works_f
     updater_cli.wire("confirm", parser)
     args = parser.parse_args(["--state-dir", str(world.tmp_path / "device-1")])
     assert args.run(args) == 0 and json.loads(capsys.readouterr().out)["kind"] == "confirmed"
-    time.sleep(0.3)
+    time.sleep(scaled(0.3))
     assert short.update().status == "up_to_date"
     world.assert_runs("device-1", "3")
 
@@ -180,6 +184,29 @@ def test_the_runtime_switches_to_the_fallback_when_the_primary_is_slow_and_back_
         "active")
     slots = [runtime.predict(batch).slot for _ in range(8)]
     assert slots[-1] == "active", slots
+
+
+def test_the_runtime_answers_from_the_fallback_when_the_primary_raises_and_returns_when_it_answers_again(world):
+    """A model exported for single images (batch fixed at 1) passes its checks, then raises on the batch of two an
+    application sends: the fallback answers that request, the primary is tried again every `retry_every` requests,
+    and `recover_after` good tries in a row hand the answers back to it."""
+    world.publish("1", content=tiny_classifier(batch=1).SerializeToString(), fallback="9")
+    assert world.device(probation=QUICK_PROBATION).update().status == "updated"     # its own checks: one image each
+    seen = []
+    runtime = DeviceRuntime(world.tmp_path / "device-1", observers=[seen.append], retry_every=3, recover_after=2)
+    pair, single = golden_inputs(2), golden_inputs(1)
+    answer = runtime.predict(pair)
+    assert (answer.slot, answer.version, answer.outputs.shape) == ("fallback", "9", (2, 10))
+    fallback = fallback_model(world.tmp_path / "device-1").path
+    np.testing.assert_allclose(answer.outputs, open_session("onnxruntime", fallback, threads=1).run(pair), rtol=1e-6)
+    assert runtime.slot == "fallback" and runtime.reason.startswith("primary raised: ")
+    assert [(r.slot, r.version, r.ok) for r in seen] == [("active", "1", False), ("fallback", "9", True)]
+    assert "invalid dimensions" in seen[0].error.lower()                             # ONNX Runtime's own words
+    # every third request tries the primary (its answer is the primary's); the second good try in a row switches back
+    assert [runtime.predict(single).slot for _ in range(7)] == ["fallback", "fallback", "active", "fallback",
+                                                                 "fallback", "active", "active"]
+    assert (runtime.slot, runtime.reason) == ("active", "")
+    assert runtime.predict(pair).slot == "fallback"                                  # and falls back again at once
 
 
 def test_the_runtime_answers_from_the_fallback_when_the_primary_does_not_load(world):

@@ -38,7 +38,7 @@ def scaled(seconds: float) -> float:
     return seconds * TIME_SCALE
 
 
-def wait_until(condition, timeout_s: float, what: str = "the condition", interval_s: float = 0.1):
+def wait_until(condition, timeout_s: float = 60.0, what: str = "the condition", interval_s: float = 0.1):
     """Poll `condition` until it returns something true (returned) or `scaled(timeout_s)` passes (AssertionError)."""
     deadline = time.monotonic() + scaled(timeout_s)
     while True:
