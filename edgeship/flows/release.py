@@ -130,7 +130,7 @@ def _release(root: Path, params, run: ReleaseRun, out_dir: Path, cache: ProjectC
     gates = [s.gate for s in summaries]
     release_tasks.publish_reports(gates, summaries, trained.test_accuracy, run)
 
-    version = release_tasks.register(params, trained, artifacts, gates, run, lineage=lineage)
+    version = release_tasks.register(params, trained, summaries, run, lineage=lineage)
     passed = release_passes(gates)
     return ReleaseSummary(model_name=params.project.name, model_version=version, run_id=run.run_id,
                           fp32_test_accuracy=trained.test_accuracy, data_hash=data.dvc_hash, targets=summaries,

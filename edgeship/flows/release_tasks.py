@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from edgeship.config import Params
 from edgeship.progress import progress
 from edgeship.records import (BenchmarkResult, CompileOutcome, CompiledArtifact, GateReport, HostCheck, PreparedData,
-                              QuantizedModel, TrainedModel)
+                              QuantizedModel, TargetSummary, TrainedModel)
 from edgeship.registry.tracking import ReleaseRun
 from edgeship.targets import KNOWN_TARGETS
 
@@ -76,7 +76,6 @@ def compile_target(target: str, trained: TrainedModel, quantized: QuantizedModel
     Any exception: a converter is third-party code that raises what it likes (TypeError on an
     unsupported op, ImportError for a missing backend); it fails this target's gate, not the release.
     """
-    from edgeship.registry.model_registry import log_compiled
     from edgeship.tasks.compile import CompileInputs, get_target
 
     progress().start(f"compile {target}", total=1)
@@ -87,8 +86,7 @@ def compile_target(target: str, trained: TrainedModel, quantized: QuantizedModel
     except Exception as error:  # noqa: BLE001 - see the docstring: one target never stops the others
         run.set_tags({f"edgeship.compile.{target}": f"failed: {str(error)[:4000]}"})
         outcome = CompileOutcome(target=target, error=f"{type(error).__name__}: {error}")
-    else:
-        log_compiled(run, artifact)
+    else:  # the file becomes a logged model at registration, with its measurements and verdict
         run.log_metrics({f"{target}/bytes": float(artifact.bytes)})
         outcome = CompileOutcome(target=target, artifact=artifact)
     progress().finish(f"compile {target}", note=compile_note(outcome))
@@ -139,7 +137,8 @@ def check_on_host(artifact: CompiledArtifact, data: PreparedData, reference: Pat
     """Load the artifact in its own runtime here and measure accuracy and agreement with fp32.
 
     Also keeps `golden_count` test images and this runtime's outputs for them as the release's
-    golden vectors (compiled/<target>/golden.npz): what a device must reproduce before it installs the file.
+    golden vectors (golden.npz beside the file, logged with the target's model at registration): what a device
+    must reproduce before it installs the file.
     """
     from edgeship.tasks.data import load_split
     from edgeship.tasks.host_check import host_check
@@ -155,13 +154,7 @@ def check_on_host(artifact: CompiledArtifact, data: PreparedData, reference: Pat
 
 
 def log_host_check(run: ReleaseRun, artifact: CompiledArtifact, result: HostCheck) -> None:
-    """The host check's metrics, and the golden vectors beside the artifact (a reused check logs them again:
-    publishing reads them from the version's own run)."""
-    from edgeship.registry.model_registry import compiled_artifact_dir
-
-    golden = artifact.path.parent / "golden.npz"
-    if golden.is_file():
-        run.log_artifact(golden, compiled_artifact_dir(artifact.target))
+    """The host check's metrics (a reused check logs them again, into this run)."""
     target = artifact.target
     run.log_metrics({f"{target}/host_accuracy": result.accuracy, f"{target}/top1_agreement": result.top1_agreement,
                      f"{target}/max_abs_logit_diff": result.max_abs_logit_diff})
@@ -287,11 +280,8 @@ def reused_model(run: ReleaseRun, trained: TrainedModel, stage: str = "train") -
 
 
 def reused_compile(run: ReleaseRun, outcome: CompileOutcome) -> None:
-    """A reused artifact is logged into this run too: publishing downloads it from the version's own run."""
-    from edgeship.registry.model_registry import log_compiled
-
+    """A reused artifact's size goes into this run too (registration logs its file as this run's model)."""
     if outcome.artifact:
-        log_compiled(run, outcome.artifact)
         run.log_metrics({f"{outcome.target}/bytes": float(outcome.artifact.bytes)})
     reused(f"compile {outcome.target}", run, compile_note(outcome))
 
@@ -326,17 +316,18 @@ def publish_reports(gates: list[GateReport], summaries, fp32_accuracy: float, ru
 
 
 @task(name="register", cache_policy=NO_CACHE)
-def register(params: Params, trained: TrainedModel, artifacts: list[CompiledArtifact], gates: list[GateReport],
-             run: ReleaseRun, lineage: dict[str, str] | None = None) -> str:
-    """Register the model version with its artifacts, verdicts and lineage (the stages its model went through,
-    in order); alias it `candidate` when the gates pass."""
+def register(params: Params, trained: TrainedModel, summaries: list[TargetSummary], run: ReleaseRun,
+             lineage: dict[str, str] | None = None) -> str:
+    """Register the model version with its verdicts and lineage (the stages its model went through, in order),
+    each compiled target as a model of the run with its measurements; alias it `candidate` when the gates pass."""
     from edgeship.registry.model_registry import register_release
 
     tags = {}
     if lineage:
         tags = {"edgeship.lineage": " -> ".join(k for k in lineage if "." not in k),
                 **{f"edgeship.lineage.{stage}": detail for stage, detail in lineage.items()}}
-    version = register_release(run, params.project.name, trained.model_uri, artifacts, gates,
+    progress().start("register")
+    version = register_release(run, params.project.name, trained.model_uri, summaries,
                                alias=params.registry.candidate_alias,
                                metrics={"fp32_test_accuracy": trained.test_accuracy}, tags=tags)
     progress().finish("register", note=f"{params.project.name} v{version}")
