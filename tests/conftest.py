@@ -8,9 +8,14 @@ suite behaves the same on a 2-core CI machine.
 import functools
 import http.server
 import os
+import shlex
 import shutil
+import socket
+import subprocess
 import tempfile
 import threading
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +73,49 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield PREFECT_API_URL.value()
+
+
+PG = "postgresql://postgres@127.0.0.1:5432"
+
+
+def psql(sql: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["psql", f"{PG}/postgres", "-qtAc", sql], capture_output=True, text=True, timeout=60)
+
+
+def _read_env(path: Path) -> dict[str, str]:
+    """The variables `source stack.env` would export."""
+    env = {}
+    for line in path.read_text().splitlines():
+        for word in shlex.split(line.removeprefix("export ")):
+            key, _, value = word.partition("=")
+            env[key] = value
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """`infra/local-stack.sh start` on free ports and a unique database prefix, once for the session (every test
+    on it uses names of its own); stopped and its databases dropped after. (env as stack.env sets it, its root)"""
+    if psql("SELECT 1").returncode != 0:
+        pytest.skip(f"PostgreSQL is not reachable at {PG} (trust auth, user postgres): the stack stores MLflow, "
+                    f"Prefect and the OTA writer lock there")
+    root = tmp_path_factory.mktemp("stack")
+    db = f"edgeship_test_{uuid.uuid4().hex[:10]}"
+    ports = {name: str(_free_port()) for name in ("S3", "OTA_HTTP", "MLFLOW", "PREFECT")}
+    env = {**os.environ, "EDGESHIP_STACK_DIR": str(root / "stack"), "EDGESHIP_STACK_DB": db,
+           "PREFECT_HOME": str(root / "prefect-home"), **{f"EDGESHIP_{k}_PORT": v for k, v in ports.items()}}
+    script = [str(Path(__file__).resolve().parents[1] / "infra" / "local-stack.sh")]
+    try:
+        started = subprocess.run(["bash", *script, "start"], env=env, capture_output=True, text=True, timeout=300)
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield {**env, **_read_env(root / "stack.env")}, root
+    finally:
+        subprocess.run(["bash", *script, "stop"], env=env, capture_output=True, timeout=120)
+        for suffix in ("mlflow", "prefect", "ota"):
+            psql(f'DROP DATABASE IF EXISTS "{db}_{suffix}" WITH (FORCE)')

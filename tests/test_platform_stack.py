@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
-import shlex
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -32,47 +29,10 @@ from test_release_e2e import make_project
 from test_webhook import free_port, stop_session, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
-PG = "postgresql://postgres@127.0.0.1:5432"
 BIN = Path(sys.executable).parent
 POOL = "edgeship"  # prefect.yaml's work pool
 WORKERS = ("edgeship-worker-1", "edgeship-worker-2")
 pytestmark = pytest.mark.e2e
-
-
-def _psql(sql: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["psql", f"{PG}/postgres", "-qtAc", sql], capture_output=True, text=True, timeout=60)
-
-
-def _read_env(path: Path) -> dict[str, str]:
-    """The variables `source stack.env` would export."""
-    env = {}
-    for line in path.read_text().splitlines():
-        for word in shlex.split(line.removeprefix("export ")):
-            key, _, value = word.partition("=")
-            env[key] = value
-    return env
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """`infra/local-stack.sh start` on free ports and a unique database prefix; stopped and dropped after."""
-    if _psql("SELECT 1").returncode != 0:
-        pytest.skip(f"PostgreSQL is not reachable at {PG} (trust auth, user postgres): the stack stores MLflow "
-                    f"and Prefect there")
-    root = tmp_path_factory.mktemp("stack")
-    db = f"edgeship_test_{uuid.uuid4().hex[:10]}"
-    ports = {name: str(free_port()) for name in ("S3", "OTA_HTTP", "MLFLOW", "PREFECT")}
-    env = {**os.environ, "EDGESHIP_STACK_DIR": str(root / "stack"), "EDGESHIP_STACK_DB": db,
-           "PREFECT_HOME": str(root / "prefect-home"), **{f"EDGESHIP_{k}_PORT": v for k, v in ports.items()}}
-    script = [str(REPO / "infra" / "local-stack.sh")]
-    try:
-        started = subprocess.run(["bash", *script, "start"], env=env, capture_output=True, text=True, timeout=300)
-        assert started.returncode == 0, started.stdout + started.stderr
-        yield {**env, **_read_env(root / "stack.env")}, root
-    finally:
-        subprocess.run(["bash", *script, "stop"], env=env, capture_output=True, timeout=120)
-        for name in (f"{db}_mlflow", f"{db}_prefect"):
-            _psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class Processes:
@@ -229,8 +189,9 @@ def test_release_promote_publish_and_install_on_the_real_stack(stack, processes,
     version = client.get_model_version(summary["model_name"], "1")
     assert version.tags["edgeship.gate"] == "pass"
     assert client.get_registered_model(summary["model_name"]).aliases == {"candidate": "1"}
-    stored = list((root / "stack" / "s3" / "edgeship-mlflow").rglob("compiled/onnx-fp32/*.onnx"))
-    assert stored, "the compiled artifacts are in the MLflow bucket"
+    model_id = version.tags["edgeship.model.onnx-fp32"]  # the target's logged model, in the MLflow bucket
+    stored = list((root / "stack" / "s3" / "edgeship-mlflow").rglob(f"models/{model_id}/artifacts/model.onnx"))
+    assert stored, "the compiled target's model is in the MLflow bucket"
 
     port = free_port()
     receiver = f"http://127.0.0.1:{port}/webhooks/mlflow"
