@@ -14,6 +14,7 @@ Prefect deployment on a schedule, or from the Prefect UI with parameters.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from edgeship.config import load_params
 from edgeship.flows import pruning_tasks, quantization_tasks, release_tasks
 from edgeship.flows.caching import ProjectCache
 from edgeship.flows.fan_out import fan_out
+from edgeship.progress import PrefectProgress, listening, reporting
 from edgeship.records import ReleaseSummary, TargetSummary
 from edgeship.registry.tracking import ReleaseRun
 from edgeship.tasks.gate import earns_its_place, evaluate_gate, float_sibling, release_passes
@@ -47,8 +49,11 @@ def release(params_path: str = "params.yaml", workdir: str = ".", summary_path: 
     out_dir = root / ".edgeship" / "runs" / run.run_id
     out_dir.mkdir(parents=True, exist_ok=True)
     run.log_params(params.model_dump(mode="json"))
+    # Started where no terminal shows progress (a deployment, the Prefect UI): long stages as progress artifacts.
+    shown = contextlib.nullcontext() if listening() else reporting(PrefectProgress(prefix="release"))
     try:
-        summary = _release(root, params, run, out_dir, cache)
+        with shown:
+            summary = _release(root, params, run, out_dir, cache)
     except BaseException:
         run.finish("FAILED")
         raise

@@ -15,6 +15,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from edgeship.config import Params
+from edgeship.flows.retries import SERVICE_CALL, benchmark_timeout_s
 from edgeship.progress import progress
 from edgeship.records import (BenchmarkResult, CompileOutcome, CompiledArtifact, GateReport, HostCheck, PreparedData,
                               QuantizedModel, TargetSummary, TrainedModel)
@@ -34,7 +35,7 @@ def epoch_logger(run: ReleaseRun, stage: str, total: int):
     return on_epoch
 
 
-@task(name="prepare-data", cache_policy=NO_CACHE)
+@task(name="prepare-data", cache_policy=NO_CACHE, **SERVICE_CALL)
 def prepare_data(workdir: Path, params: Params, run: ReleaseRun) -> PreparedData:
     """Reproduce the DVC `prepare` stage when stale; record the data hash as lineage."""
     from edgeship.tasks import data_version
@@ -193,6 +194,7 @@ def log_benchmark(run: ReleaseRun, result: BenchmarkResult, figures: bool = True
     Figures: the latency histogram, and latency per window over the run with the device's sensors
     (a measurement reused from the cache has its figures in the run that measured it).
     """
+    from edgeship.flows.figures import artifact_key, show_figure
     from edgeship.reports import FIGURE_LOCK, latency_histogram_figure, timeline_figure
 
     base = f"benchmarks/{result.target}/{result.device}"
@@ -211,12 +213,14 @@ def log_benchmark(run: ReleaseRun, result: BenchmarkResult, figures: bool = True
             f"{prefix}/energy_per_inference_mj": sensors.energy_per_inference_mj if sensors else None,
             f"{prefix}/throttled": float(sensors.throttled) if sensors and sensors.throttled is not None else None,
         })
-        for name, draw in (("latency_histogram", latency_histogram_figure), ("timeline", timeline_figure)
-                           ) if figures else ():
+        for name, draw, what in (("latency_histogram", latency_histogram_figure, "latency histogram"),
+                                 ("timeline", timeline_figure, "latency and sensors over the sustained run")
+                                 ) if figures else ():
             with FIGURE_LOCK:
                 figure = draw(result)
                 if figure is not None:
-                    run.log_figure(figure, f"{base}/{name}.png")
+                    show_figure(figure, run, f"{base}/{name}.png", artifact_key(name, result.target, result.device),
+                                f"{result.target} on {result.device}: {what}")
     if result.engine_path:  # a TensorRT engine built on the device: an artifact like any other
         run.log_artifact(Path(result.engine_path), base)
     run.log_json(result.model_dump(mode="json"), f"{base}.json")
@@ -242,7 +246,8 @@ def benchmark_on_devices(artifacts: list[CompiledArtifact], data: PreparedData, 
         jobs, unserved = pool.plan(artifacts)
         for result in unserved:
             log_benchmark(run, result)
-        task = cache.task(benchmark_on_device) if cache else benchmark_on_device
+        task = (cache.task(benchmark_on_device) if cache else benchmark_on_device).with_options(
+            timeout_seconds=benchmark_timeout_s(len(jobs), pool.job_time_limit_s()))
         futures = []
         for job in jobs:
             if remote(runner):
@@ -296,26 +301,28 @@ def needs_quantized_model(targets: list[str]) -> bool:
     return any(KNOWN_TARGETS[t].precision in ("int8", "mixed") for t in targets)
 
 
-@task(name="publish-reports", cache_policy=NO_CACHE)
+@task(name="publish-reports", cache_policy=NO_CACHE, **SERVICE_CALL)
 def publish_reports(gates: list[GateReport], summaries, fp32_accuracy: float, run: ReleaseRun) -> str:
     """The gate table and accuracy/latency plot, as Prefect artifacts and MLflow artifacts."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+    from edgeship.flows.figures import show_figure
     from edgeship.reports import accuracy_latency_figure, target_rows
     from edgeship.tasks.gate import render_markdown
 
     markdown = render_markdown(gates)
     run.log_text(markdown, "gate/gate_report.md")
     run.log_json([g.model_dump(mode="json") for g in gates], "gate/gate_report.json")
-    figure = accuracy_latency_figure(summaries, fp32_accuracy)
-    run.log_figure(figure, "reports/accuracy_vs_latency.png")
     create_markdown_artifact(markdown, key="gate-report", description="Gate verdict per target and check")
     create_table_artifact(target_rows(summaries), key="release-targets",
                           description="Per target and device: size, accuracy, latency")
+    show_figure(accuracy_latency_figure(summaries, fp32_accuracy), run, "reports/accuracy_vs_latency.png",
+                key="accuracy-vs-latency", description="Accuracy on each target's runtime against its worst-device "
+                                                       "p99 latency (green: gate passed)")
     return markdown
 
 
-@task(name="register", cache_policy=NO_CACHE)
+@task(name="register", cache_policy=NO_CACHE, **SERVICE_CALL)
 def register(params: Params, trained: TrainedModel, summaries: list[TargetSummary], run: ReleaseRun,
              lineage: dict[str, str] | None = None) -> str:
     """Register the model version with its verdicts and lineage (the stages its model went through, in order),

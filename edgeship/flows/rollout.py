@@ -22,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from edgeship.config import load_params
+from edgeship.flows.figures import show_png
 from edgeship.fleet.drift import retraining_trigger, start_retraining
 from edgeship.fleet.policy import store_url_for
 from edgeship.fleet.report import decision_markdown, log_decision, log_fleet_metrics, status_rows
@@ -43,7 +44,11 @@ def record_decision(result: TargetResult, store: FleetStore, tracking_uri: str, 
         create_table_artifact(rows, key=f"fleet-{decision.channel}-{decision.target}".lower(),
                               description="Fleet telemetry per version and device class")
     try:
-        log_decision(tracking_uri, model_name, decision, store.decisions(decision.channel, decision.target))
+        plot = log_decision(tracking_uri, model_name, decision, store.decisions(decision.channel, decision.target))
+        if plot is not None:
+            run_id, artifact_file, png = plot
+            show_png(png, tracking_uri, run_id, artifact_file, key=f"{key}-timeline",
+                     description=f"Rollout of {decision.channel}/{decision.target}: fraction and decisions over time")
         for version in {decision.version, result.base_version} - {None}:
             stats = result.snapshot.version(version)
             if stats is not None:

@@ -78,7 +78,11 @@ def register_release(run: ReleaseRun, model_name: str, model_uri: str, targets: 
                                                               "model that ships is a logged model named by the "
                                                               "version's edgeship.model.<target> tag.")
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
-    version = client.create_model_version(model_name, source=model_uri, run_id=run.run_id, model_id=model_id)
+    # One version per release run: a retried registration (a server blip after the version was created) takes
+    # that version up again instead of registering a second one.
+    earlier = client.search_model_versions(f"name='{model_name}' and run_id='{run.run_id}'")
+    version = earlier[0] if earlier else client.create_model_version(model_name, source=model_uri, run_id=run.run_id,
+                                                                     model_id=model_id)
     gates = [t.gate for t in targets]
     tags = dict(tags or {})
     for target in targets:
