@@ -7,6 +7,7 @@ return small records and paths, never tensors.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from edgeship.config import Params
-from edgeship.flows.retries import SERVICE_CALL, benchmark_timeout_s
+from edgeship.flows.retries import SERVICE_CALL
 from edgeship.progress import progress
 from edgeship.records import (BenchmarkResult, CompileOutcome, CompiledArtifact, GateReport, HostCheck, PreparedData,
                               QuantizedModel, TargetSummary, TrainedModel)
@@ -35,14 +36,15 @@ def epoch_logger(run: ReleaseRun, stage: str, total: int):
     return on_epoch
 
 
-@task(name="prepare-data", cache_policy=NO_CACHE, **SERVICE_CALL)
-def prepare_data(workdir: Path, params: Params, run: ReleaseRun) -> PreparedData:
-    """Reproduce the DVC `prepare` stage when stale; record the data hash as lineage."""
+@task(name="prepare-data", cache_policy=NO_CACHE)
+def prepare_data(workdir: Path, params: Params, run: ReleaseRun, preparing=None) -> PreparedData:
+    """Reproduce the DVC `prepare` stage when stale (`preparing`: the reproduction the flow already started,
+    edgeship.tasks.data_version.Reproduction); record the data hash as lineage."""
     from edgeship.tasks import data_version
     from edgeship.tasks.data import read_prepared
 
     progress().start("data", total=1)
-    data_hash = data_version.reproduce(workdir)
+    data_hash = (preparing or data_version.Reproduction(workdir)).result()
     data = read_prepared(workdir / params.data.prepared_dir).model_copy(update={"dvc_hash": data_hash})
     run.set_tags({"edgeship.data_hash": data_hash or "unlocked", "edgeship.data_classes": len(data.classes)})
     run.log_params({"data.counts": data.counts})
@@ -227,27 +229,28 @@ def log_benchmark(run: ReleaseRun, result: BenchmarkResult, figures: bool = True
 
 
 def benchmark_on_devices(artifacts: list[CompiledArtifact], data: PreparedData, params: Params, run: ReleaseRun,
-                         cache=None, runner=None) -> dict[str, list[BenchmarkResult]]:
+                         cache=None, runner=None, devices=None) -> dict[str, list[BenchmarkResult]]:
     """Every artifact on every device that serves it: one Prefect task per (artifact, device), all submitted
     at once (to `runner`, edgeship.flows.fan_out; None: the flow's own); the pool of benchmark devices keeps
     each device to one job at a time (the agent queues jobs from other processes too). On-device accuracy on
     the test split. With a `cache` (edgeship.flows.caching.ProjectCache), a measurement of the same artifact
-    on the same device with the same benchmark params is reused."""
+    on the same device with the same benchmark params is reused. `devices` (edgeship.flows.devices.DevicesStarting):
+    the devices the flow started connecting earlier; None: connected here."""
     import tempfile
 
     from edgeship.flows.fan_out import remote, submit
     from edgeship.tasks.benchmark import BenchmarkDevices, collect_results, connected_devices, validation_batch
 
-    with tempfile.TemporaryDirectory(prefix="edgeship-batch-") as scratch, \
-            connected_devices(params.devices, params.benchmark) as devices:
+    with tempfile.TemporaryDirectory(prefix="edgeship-batch-") as scratch, contextlib.ExitStack() as stack:
+        devices = devices.endpoints() if devices is not None else stack.enter_context(
+            connected_devices(params.devices, params.benchmark))
         batch = validation_batch(data, Path(scratch), params.benchmark) if params.benchmark.evaluate else None
         pool = BenchmarkDevices(devices, params.benchmark)
         pool.probe()
         jobs, unserved = pool.plan(artifacts)
         for result in unserved:
             log_benchmark(run, result)
-        task = (cache.task(benchmark_on_device) if cache else benchmark_on_device).with_options(
-            timeout_seconds=benchmark_timeout_s(len(jobs), pool.job_time_limit_s()))
+        task = cache.task(benchmark_on_device) if cache else benchmark_on_device
         futures = []
         for job in jobs:
             if remote(runner):

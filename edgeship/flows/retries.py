@@ -2,22 +2,24 @@
 
 | task | talks to | retried | bounded by |
 | --- | --- | --- | --- |
-| prepare-data | a DVC remote (S3) when the data is not local | twice | - (data size decides) |
-| benchmark | device agents | inside the benchmark pool (`benchmark.retries`; a lost device's job moves) | each request (`benchmark.timeout_s`), and the task as a backstop (`benchmark_timeout_s`) |
+| benchmark | device agents | inside the benchmark pool (`benchmark.retries`; a lost device's job moves) | each request: the agent's job timeout (`benchmark.timeout_s`, plus a sustained run) and a client timeout a little longer |
 | publish-reports, register | MLflow (server, artifact store), Prefect's API | twice (a retried registration takes up the version it created) | - |
 | resolve-release, record-publish | MLflow | twice | 30 min (downloads) |
+
+A Prefect task timeout would add nothing to the benchmark: the tasks run on the flow's worker threads,
+where Prefect cannot interrupt a blocking call (it says so), and every call to a device is bounded already.
 
 Only what may pass on its own is retried (`transient`): a connection refused or reset, a timeout, an
 HTTP client's or boto's error, MLflow's "internal error" or "temporarily unavailable". An edgeship error
 (no such version, a failed gate, a hash mismatch, bad config) says what to fix, and a bug (a TypeError)
-fails the same way every time: retrying either would only delay the message. Writes to the OTA bucket are not retried here: boto3 retries each request
-(edgeship.ota.storage), and the writer lease keeps a half-done publish from being repeated over another's.
+fails the same way every time: retrying either would only delay the message. Writes to the OTA bucket
+are not retried here: boto3 retries each request (edgeship.ota.storage), and the writer lease keeps a
+half-done publish from being repeated over another's.
 """
 
 from __future__ import annotations
 
 from edgeship.errors import EdgeshipError
-
 
 _NETWORK_CLIENTS = ("requests", "urllib3", "httpx", "httpcore", "botocore", "boto3")
 _MLFLOW_TRANSIENT = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED")
@@ -47,13 +49,3 @@ def transient(task, task_run, state) -> bool:
 SERVICE_CALL = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_jitter_factor": 0.5,
                 "retry_condition_fn": transient}
 DOWNLOAD_TIMEOUT_S = 1800
-
-
-def benchmark_timeout_s(jobs: int, job_time_limit_s: float) -> float:
-    """A backstop for one benchmark task: every job of the stage, one after another (a lost device's jobs move to
-    another, so any one device may end up running them all), each with all its attempts, plus a minute.
-
-    The pool bounds each request itself (the agent's job timeout plus a margin); this catches what it cannot
-    (a stuck connection pool, a hung probe), so the gate sees "failed" instead of a flow that never ends.
-    """
-    return max(1, jobs) * job_time_limit_s + 60.0

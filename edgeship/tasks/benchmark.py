@@ -272,11 +272,6 @@ class BenchmarkDevices:
             if name != job.device and set(device.tags) == tags and self.serves(name, job.artifact.runtime):
                 yield name
 
-    def job_time_limit_s(self) -> float:
-        """The longest one job can take on any device here, every attempt included (a task's backstop)."""
-        longest = max((d.sustained_s or 0 for d in self.devices.values()), default=0)
-        return _client_timeout(self.params.timeout_s + longest) * (self.params.retries + 1)
-
     def _run_on(self, name: str, job: BenchmarkJob, batch: ValidationBatch | None) -> BenchmarkResult:
         """Benchmark (and evaluate) on one device, holding its lock; raise _Lost when it stops answering."""
         from edgeship.device.client import AgentClient
