@@ -1,10 +1,39 @@
-"""Error types. Each message says what went wrong and what to do about it."""
+"""Error types, and the exit codes both command lines (`edgeship`, `edgeship-device`) end with.
+
+Each message says what went wrong and what to do about it. Each error type carries its exit code,
+so a command exits the same way for the same cause whichever command it is:
+
+    0  ok
+    1  crashed: a bug in edgeship (the traceback is in the log, or on stderr)
+    2  bad input (arguments, params.yaml, files, a version or alias that does not exist) or a service that
+       could not be used (unreachable agent, server or bucket; a repository another writer holds)
+    3  refused by a gate or a policy (a failed required gate, a signature or smoke test a device refused,
+       a model that failed probation)
+"""
 
 from __future__ import annotations
 
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What `edgeship` and `edgeship-device` exit with (docs/cli.md)."""
+
+    OK = 0
+    CRASHED = 1
+    BAD_INPUT = 2
+    REFUSED = 3
+
+
+def exit_code_for(error: BaseException) -> ExitCode:
+    """The exit code an error ends a command with: its type's, or CRASHED for anything edgeship did not raise."""
+    return error.exit_code if isinstance(error, EdgeshipError) else ExitCode.CRASHED
+
 
 class EdgeshipError(Exception):
-    """Base class: every error edgeship raises on purpose."""
+    """Base class: every error edgeship raises on purpose (exit code 2 unless the type says otherwise)."""
+
+    exit_code = ExitCode.BAD_INPUT
 
 
 class ConfigError(EdgeshipError):
@@ -46,6 +75,8 @@ class DeviceJobFailed(EdgeshipError):
 class GateFailed(EdgeshipError):
     """A required gate check failed or could not be measured."""
 
+    exit_code = ExitCode.REFUSED
+
 
 class RegistryError(EdgeshipError):
     """MLflow does not hold what was asked for (no such alias, missing artifact tags)."""
@@ -54,9 +85,13 @@ class RegistryError(EdgeshipError):
 class SignatureError(EdgeshipError):
     """OTA metadata or a model file failed verification."""
 
+    exit_code = ExitCode.REFUSED
+
 
 class SmokeTestFailed(EdgeshipError):
     """A downloaded model verified but did not run correctly on the device runtime."""
+
+    exit_code = ExitCode.REFUSED
 
 
 class ReleaseError(EdgeshipError):

@@ -75,6 +75,28 @@ def prefect_api():
         yield PREFECT_API_URL.value()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """A fleet store URL: a SQLite file, and a PostgreSQL database of its own on 127.0.0.1:5432 (dropped after)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/fleet.db"
+        return
+    import psycopg  # the PostgreSQL driver installed with edgeship (psycopg[binary], psycopg 3)
+
+    name = f"edgeship_fleet_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3",
+                                autocommit=True)
+    except psycopg.OperationalError as error:
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 (trust auth, user postgres): {error}")
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
 PG = "postgresql://postgres@127.0.0.1:5432"
 
 
@@ -82,14 +104,10 @@ def psql(sql: str) -> subprocess.CompletedProcess:
     return subprocess.run(["psql", f"{PG}/postgres", "-qtAc", sql], capture_output=True, text=True, timeout=60)
 
 
-def _read_env(path: Path) -> dict[str, str]:
-    """The variables `source stack.env` would export."""
-    env = {}
-    for line in path.read_text().splitlines():
-        for word in shlex.split(line.removeprefix("export ")):
-            key, _, value = word.partition("=")
-            env[key] = value
-    return env
+def _shell_env(path: Path) -> dict[str, str]:
+    """The environment `env -0` wrote: what the user's shell holds after a block (bash's own variables left out)."""
+    pairs = (entry.partition("=") for entry in path.read_text().split("\0") if entry)
+    return {key: value for key, _, value in pairs if key not in ("PWD", "OLDPWD", "SHLVL", "_")}
 
 
 def _free_port() -> int:
@@ -100,8 +118,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
-    """`infra/local-stack.sh start` on free ports and a unique database prefix, once for the session (every test
-    on it uses names of its own); stopped and its databases dropped after. (env as stack.env sets it, its root)"""
+    """`infra/local-stack.sh start` on free ports and a unique database prefix, once for the session (each test on
+    it uses names of its own), as docs/real-services.md types it; stopped and its databases dropped after.
+
+    Yields the shell's environment after `source .edgeship/stack.env`, and the stack's root directory."""
+    from doc_blocks import doc_block, run_shell
+
     if psql("SELECT 1").returncode != 0:
         pytest.skip(f"PostgreSQL is not reachable at {PG} (trust auth, user postgres): the stack stores MLflow, "
                     f"Prefect and the OTA writer lock there")
@@ -110,12 +132,13 @@ def stack(tmp_path_factory):
     ports = {name: str(_free_port()) for name in ("S3", "OTA_HTTP", "MLFLOW", "PREFECT")}
     env = {**os.environ, "EDGESHIP_STACK_DIR": str(root / "stack"), "EDGESHIP_STACK_DB": db,
            "PREFECT_HOME": str(root / "prefect-home"), **{f"EDGESHIP_{k}_PORT": v for k, v in ports.items()}}
-    script = [str(Path(__file__).resolve().parents[1] / "infra" / "local-stack.sh")]
-    try:
-        started = subprocess.run(["bash", *script, "start"], env=env, capture_output=True, text=True, timeout=300)
-        assert started.returncode == 0, started.stdout + started.stderr
-        yield {**env, **_read_env(root / "stack.env")}, root
+    repo = Path(__file__).resolve().parents[1]
+    try:  # docs/real-services.md's `infra/local-stack.sh start && source .edgeship/stack.env`, then the shell's env
+        start = doc_block("docs/real-services.md", "stack-start", replace={".edgeship/stack.env": str(root / "stack.env")})
+        run_shell(f"{start}\nenv -0 > {shlex.quote(str(root / 'shell.env'))}", cwd=repo, env=env, timeout_s=300)
+        yield _shell_env(root / "shell.env"), root
     finally:
-        subprocess.run(["bash", *script, "stop"], env=env, capture_output=True, timeout=120)
+        subprocess.run(["bash", str(repo / "infra" / "local-stack.sh"), "stop"], env=env, capture_output=True,
+                       timeout=120)
         for suffix in ("mlflow", "prefect", "ota"):
             psql(f'DROP DATABASE IF EXISTS "{db}_{suffix}" WITH (FORCE)')

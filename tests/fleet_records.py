@@ -1,6 +1,9 @@
 """Recorded fleet states for tests: telemetry records as devices send them, built from a few numbers.
 
-    >>> records = fleet(versions={"7": 20, "8": 4}, device_class="pi4", p99_ms={"8": 9.0})
+    >>> records = [record(f"d{i}", "8", device_class="pi4", p99_ms=9.0) for i in range(4)]
+
+Latency histograms are exponential (schema 2) unless `HISTOGRAMS["format"]` is "fixed" (schema 1 records, as
+devices of an older edgeship still send them).
 """
 
 from __future__ import annotations
@@ -11,12 +14,15 @@ from edgeship.records.telemetry import (Histogram, ShadowStats, SlotVersions, Te
                                        latency_bucket)
 
 T0 = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
+HISTOGRAMS = {"format": "exponential"}
 
 
 def latency(p50_ms: float, p99_ms: float, count: int = 200, tail_share: float = 0.02) -> Histogram:
     """`count` answers at p50_ms but `tail_share` of them (at least one) at p99_ms: 2% puts the p99 there."""
-    counts: dict[int, int] = {}
     slow = max(1, round(count * tail_share))
+    if HISTOGRAMS["format"] == "exponential":
+        return Histogram.of([p50_ms] * (count - slow) + [p99_ms] * slow)
+    counts: dict[int, int] = {}
     for value, n in ((p50_ms, count - slow), (p99_ms, slow)):
         counts[latency_bucket(value)] = counts.get(latency_bucket(value), 0) + n
     return Histogram(counts=counts)
@@ -34,6 +40,7 @@ def record(device: str, version: str, *, sequence: int = 1, device_class: str = 
         model_name="digits", device_class=device_class, window_start=at - timedelta(seconds=60), window_end=at,
         versions=SlotVersions(active=version, shadow=shadow[0] if shadow else None, fallback="1"),
         inferences=sum(classes), latency=latency(p50_ms, p99_ms, sum(classes), tail_share),
+        schema_version=2 if HISTOGRAMS["format"] == "exponential" else 1,
         confidence=[0] * 8 + [sum(classes) // 2, sum(classes) - sum(classes) // 2], classes=classes,
         fallback_activations=fallback_activations,
         shadow=ShadowStats(version=shadow[0], agreements=shadow[1], samples=shadow[2]) if shadow else None,

@@ -196,6 +196,12 @@ class FleetSimulator:
         self.final_records = self.store.count_records()
         self.final_unsent = self.unsent()
         self.final_missing = self.missing()
+        c = self.collector
+        self.collector_state = {"connected": c.own.connected.is_set(), "generation": c.own.generation,
+                                "received": c.own.received, "settled": c.own.settled, "stored": c.writer.stored,
+                                "duplicates": c.writer.duplicates, "batches": c.writer.batches,
+                                "failures": c.writer.failures, "adopted": c.adopted, "members": c.members,
+                                "taken_over": c.taken_over.is_set()}
         self.collector.stop()
         self.broker.__exit__(None, None, None)
         self.world.close()

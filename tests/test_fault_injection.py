@@ -134,7 +134,7 @@ def test_a_full_disk_during_the_download(world):
 
     process = world.device_process("device-1", TARGET, None, preexec_fn=small_disk)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 1 and '"installed_version":"1"' in out, (out, err)
+    assert process.returncode == 2 and '"installed_version":"1"' in out, (out, err)  # an error, not a refusal
     settled(world, "device-1", "1")
     assert device.update().installed_version == "2"
     settled(world, "device-1", "2")

@@ -15,7 +15,7 @@ from edgeship.device.telemetry import WindowAggregator
 from edgeship.records.telemetry import DeviceIdentity
 from edgeship.device.telemetry_mqtt import MqttSettings, TelemetryReporter
 from edgeship.device.telemetry_spool import Spool
-from edgeship.fleet.collector import Collector, wait_until
+from edgeship.fleet.collector import Collector, CollectorSettings, wait_until
 from edgeship.fleet.embedded_broker import EmbeddedBroker
 from edgeship.fleet.store import FleetStore
 
@@ -28,7 +28,8 @@ def test_embedded_broker_carries_telemetry_and_keeps_the_collectors_session(tmp_
     with EmbeddedBroker() as broker:
         settings = MqttSettings(port=broker.port, fleet=fleet)
         collector_id = f"collector-{fleet}"
-        collector = Collector(settings, store, client_id=collector_id).start()
+        alone = CollectorSettings(group=None)   # amqtt speaks MQTT 3.1.1: plain subscriptions, one collector
+        collector = Collector(settings, store, client_id=collector_id, options=alone).start()
         assert collector.connected.wait(10)
         identity = DeviceIdentity(device_id="dev-1", model_name="digits", device_class="pi4")
         aggregator = WindowAggregator(identity, progress_dir=tmp_path / "dev-1",
@@ -43,7 +44,7 @@ def test_embedded_broker_carries_telemetry_and_keeps_the_collectors_session(tmp_
             for _ in range(3):
                 reporter.flush()
             assert wait_until(lambda: len(reporter.spool) == 0)  # the broker acknowledged all three
-            back = Collector(settings, store, client_id=collector_id).start()
+            back = Collector(settings, store, client_id=collector_id, options=alone).start()
             assert back.wait_for(lambda: back.stored == 3, 10), back.stored
 
             # the retained state topic: a subscriber that comes later still gets each device's last state

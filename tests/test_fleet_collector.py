@@ -14,33 +14,11 @@ from edgeship.device.telemetry import WindowAggregator
 from edgeship.records.telemetry import DeviceIdentity
 from edgeship.device.telemetry_mqtt import MqttSettings, TelemetryReporter
 from edgeship.device.telemetry_spool import Spool
-from edgeship.fleet.aggregate import aggregate
 from edgeship.fleet.broker import LocalBroker
 from edgeship.fleet.collector import Collector
 from edgeship.fleet.store import FleetStore
 
 from fleet_records import record
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/fleet.db"
-        return
-    import psycopg  # the PostgreSQL driver installed with edgeship (psycopg[binary], psycopg 3)
-
-    name = f"edgeship_fleet_{uuid.uuid4().hex[:10]}"
-    try:
-        admin = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3",
-                                autocommit=True)
-    except psycopg.OperationalError as error:
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 (trust auth, user postgres): {error}")
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def test_collector_stores_each_record_once_from_real_devices(tmp_path, store_url):
@@ -74,7 +52,7 @@ def test_collector_stores_each_record_once_from_real_devices(tmp_path, store_url
                                       and collector.rejected == 1, 20)
     assert store.count_records() == 7
     assert "dev-0/1" in store.record_ids() and "dev-9/1" in store.record_ids()
-    snapshot = aggregate(store.records(channel="stable"))
+    snapshot = store.snapshot("stable")
     assert sorted(snapshot.versions) == ["7", "8"] and snapshot.versions["8"].classes["jetson"].devices == 1
     assert set(snapshot.versions["7"].devices) == {"dev-0", "dev-1", "dev-2"}
     store.close()

@@ -33,4 +33,4 @@ def test_good_release_reaches_everyone_bad_release_is_aborted(tmp_path):
         assert 0 < fleet.blast_radius("3") < 1
         assert fleet.devices_without_working_model() == 0
     print("sequences before the bad release", restart_marks)
-    assert fleet.final_records_lost == 0 and fleet.final_records > 8, fleet.final_missing
+    assert fleet.final_records_lost == 0 and fleet.final_records > 8, (fleet.final_missing, fleet.collector_state)

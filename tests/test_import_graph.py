@@ -83,3 +83,10 @@ def test_no_upward_imports():
     assert {m: t for m, t in upward.items() if t} == {}
     records = {t for m, targets in graph.items() if m.startswith("edgeship.records") for t in targets}
     assert all(t.startswith("edgeship.records") for t in records), records  # the records stand on pydantic alone
+
+
+def test_no_module_over_450_lines():
+    """Small modules that each do one thing: past 450 lines a module is split by what its parts do."""
+    long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 450}
+    assert not long, f"split these modules: {long}"

@@ -269,9 +269,16 @@ def test_cli_update_checks_once_and_prints_the_report(fleet, capsys):
     assert args.run(args) == 0
     assert json.loads(capsys.readouterr().out)["installed_version"] == "1"
 
-    args.target = "tflite-int8"  # the channel ships no such target
-    assert args.run(args) == 1
+    args.target = "tflite-int8"  # the channel ships no such target: bad input, exit 2 (docs/cli.md)
+    assert args.run(args) == 2
     assert "ships no model for target" in json.loads(capsys.readouterr().out)["reason"]
+
+    args.target = TARGET
+    fleet.publish("2")
+    served = fleet.served_model("2")
+    served.write_bytes(served.read_bytes() + b"\0")  # the file no longer matches its signed length and hash
+    assert args.run(args) == 3  # refused by policy
+    assert json.loads(capsys.readouterr().out)["status"] == "refused"
 
 
 def test_publish_into_s3_and_update_straight_from_the_endpoint(tmp_path, monkeypatch):

@@ -9,15 +9,17 @@ delivers its signed webhook -> `edgeship webhook serve` runs the publish deploym
 -> the signed OTA repository lands in the S3 bucket (an endpoint that checks SigV4 signatures) -> a device
 installs it over plain HTTP from the read-only server in front of the bucket. Each run says which worker
 executed it: the worker labels the flow run (`prefect.worker.name`, prefect/workers/base.py) when it submits it.
+
+The commands a user types are read from docs/real-services.md and docs/past-one-machine.md and run as typed
+(tests/doc_blocks.py), changing only ports, paths and the target.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import secrets
+import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,18 +27,20 @@ import httpx
 import psutil
 import pytest
 import yaml
+from doc_blocks import doc_block, link_venv, run_shell
 from test_release_e2e import make_project
-from test_webhook import free_port, stop_session, wait_healthy
+from test_webhook import free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 POOL = "edgeship"  # prefect.yaml's work pool
 WORKERS = ("edgeship-worker-1", "edgeship-worker-2")
 pytestmark = pytest.mark.e2e
 
 
 class Processes:
-    """Long-running CLI processes of the test (each in its own session), stopped in reverse order."""
+    """Long-running CLI processes of the test, each in a session of its own, stopped in reverse order.
+
+    A doc block's background jobs (`... &`) outlive its bash: they are found by the session they share."""
 
     def __init__(self, logs: Path):
         self.logs, self.running = logs, []
@@ -48,20 +52,49 @@ class Processes:
         self.running.append((name, process, log))
         return process
 
-    def alive(self, name: str) -> bool:
-        return any(started == name and process.poll() is None for started, process, _ in self.running)
+    def start_block(self, name: str, script: str, cwd: Path, env: dict) -> None:
+        """Run a doc block as a user's shell would; its foreground commands must succeed, its jobs keep running."""
+        shell = self.start(name, ["bash", "-e", "-o", "pipefail", "-c", script], cwd, env)
+        assert shell.wait(timeout=300) == 0, f"{script}\n{self.log(name)}"
+
+    def session(self, name: str) -> list[psutil.Process]:
+        """What the named command started: its session's processes and their children (a worker starts each
+        flow run in a session of its own)."""
+        leaders = [process.pid for started, process, _ in self.running if started == name]
+        members = []
+        for candidate in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if os.getsid(candidate.pid) in leaders:
+                    members.append(candidate)
+        children = []
+        for member in members:
+            with contextlib.suppress(psutil.Error):
+                children += member.children(recursive=True)
+        return members + [child for child in children if child not in members]
+
+    def alive(self, name: str, text: str = "") -> bool:
+        """Whether a process of the named command (whose command line contains `text`) still runs."""
+        for process in self.session(name):
+            with contextlib.suppress(psutil.Error):
+                if process.status() != psutil.STATUS_ZOMBIE and text in " ".join(process.cmdline()):
+                    return True
+        return False
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text()[-3000:]
 
     def stop(self) -> None:
-        for _, process, log in reversed(self.running):
-            # A worker starts each flow run in a session of its own: stop those children too.
-            children = psutil.Process(process.pid).children(recursive=True) if process.poll() is None else []
-            stop_session(process)
-            for child in children:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    child.kill()
+        for name, process, log in reversed(self.running):
+            everything = self.session(name)
+            for each in everything:
+                with contextlib.suppress(psutil.Error):
+                    each.terminate()
+            _, left = psutil.wait_procs(everything, timeout=20)
+            for each in left:
+                with contextlib.suppress(psutil.Error):
+                    each.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=5)
             log.close()
 
 
@@ -128,20 +161,13 @@ def _runs_of(api: str, deployment_id: str) -> list[str]:
     return [run["id"] for run in answer.json()]
 
 
-def _prefect(args: list[str], project: Path, env: dict) -> str:
-    done = subprocess.run([str(BIN / "prefect"), *args], cwd=project, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
-
-
 def _deploy_to_work_pool(api: str, project: Path, env: dict, processes: Processes) -> dict[str, str]:
-    """prefect.yaml's deployments on a process work pool with two workers, as the README types it; their ids.
-
-    The schedules are registered and then paused: every run this test checks, it starts itself.
-    """
-    _prefect(["work-pool", "create", POOL, "--type", "process"], project, env)
-    _prefect(["deploy", "--all", "--prefect-file", str(REPO / "prefect.yaml"), "--no-prompt"], project, env)
+    """prefect.yaml's deployments on a process work pool with two workers, as docs/past-one-machine.md types it;
+    their ids. The schedules are registered and then paused: every run this test checks, it starts itself."""
+    link_venv(project)
+    run_shell(doc_block("docs/past-one-machine.md", "work-pool-deploy",
+                        replace={"path/to/edgeship/prefect.yaml": str(REPO / "prefect.yaml")}),
+              cwd=project, env=env, timeout_s=300)
     names = {"release": "release/scheduled-retraining", "publish": "publish/publish",
              "controller": "rollout-controller/rollout-controller", "resign": "resign/resign"}
     ids = {key: _deployment_id(api, name) for key, name in names.items()}
@@ -149,12 +175,12 @@ def _deploy_to_work_pool(api: str, project: Path, env: dict, processes: Processe
         deployment = httpx.get(f"{api}/deployments/{ids[key]}", timeout=10).json()
         assert deployment["work_pool_name"] == POOL and deployment["schedules"], deployment
         assert httpx.patch(f"{api}/deployments/{ids[key]}", json={"paused": True}, timeout=10).status_code == 204
-    for name in WORKERS:  # one flow run at a time each: a second run goes to the other worker
-        processes.start(name, [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process",
-                               "--name", name, "--limit", "1"], project, env)
+    workers = doc_block("docs/past-one-machine.md", "work-pool-workers")  # one flow run at a time each: a
+    assert all(f"--pool {POOL} " in workers and f"--name {name} " in workers for name in WORKERS)  # second run
+    processes.start_block("workers", workers, project, env)                                     # goes to the other
     _wait_for("both workers to poll the pool", lambda: {w["name"] for w in httpx.post(
         f"{api}/work_pools/{POOL}/workers/filter", json={}, timeout=10).json()} >= set(WORKERS), 120,
-              lambda: "".join(processes.log(name) for name in WORKERS))
+              lambda: processes.log("workers"))
     return ids
 
 
@@ -166,11 +192,9 @@ def test_release_promote_publish_and_install_on_the_real_stack(stack, processes,
     env, root = stack
     api, tracking, ota_url = env["PREFECT_API_URL"], env["MLFLOW_TRACKING_URI"], env["EDGESHIP_OTA_URL"]
     project = _tiny_project(tmp_path / "project", env)
-    secret = secrets.token_hex(16)
-    env = {**env, "EDGESHIP_WEBHOOK_SECRET": secret, "OMP_NUM_THREADS": "1", "EDGESHIP_PROJECT_DIR": str(project),
-           "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    env = {**env, "OMP_NUM_THREADS": "1", "PREFECT_WORKER_QUERY_SECONDS": "1"}
     ids = _deploy_to_work_pool(api, project, env, processes)
-    workers_log = lambda: "".join(processes.log(name) for name in WORKERS)  # noqa: E731
+    workers_log = lambda: processes.log("workers")  # noqa: E731
     run_id = _run_from_ui(api, ids["release"], {"params_path": "params.yaml", "workdir": str(project),
                                                 "summary_path": "release.json"})
     release_worker = _wait_for("a worker to take the release", lambda: _worker_of(api, run_id), 120, workers_log)
@@ -193,14 +217,10 @@ def test_release_promote_publish_and_install_on_the_real_stack(stack, processes,
     stored = list((root / "stack" / "s3" / "edgeship-mlflow").rglob(f"models/{model_id}/artifacts/model.onnx"))
     assert stored, "the compiled target's model is in the MLflow bucket"
 
-    port = free_port()
-    receiver = f"http://127.0.0.1:{port}/webhooks/mlflow"
-    processes.start("webhook", [str(BIN / "edgeship"), "webhook", "serve", "--port", str(port),
-                                "--deployment", "publish/publish"], project, env)
+    port = free_port()  # the receiver, and its registration with MLflow, as docs/real-services.md types them
+    processes.start_block("webhook", doc_block("docs/real-services.md", "webhook", replace={"8787": str(port)}),
+                          project, env)
     wait_healthy(f"http://127.0.0.1:{port}/health", timeout_s=60)
-    registered = subprocess.run([str(BIN / "edgeship"), "webhook", "register", "--url", receiver], cwd=project,
-                                env=env, capture_output=True, text=True, timeout=120)
-    assert registered.returncode == 0, registered.stderr
 
     client.set_registered_model_alias(summary["model_name"], "production", "1")  # the reviewer, in MLflow's UI
     publish_run = _wait_for("the webhook to start the publish deployment", lambda: _runs_of(api, ids["publish"]), 120,
@@ -209,18 +229,16 @@ def test_release_promote_publish_and_install_on_the_real_stack(stack, processes,
                       lambda: _final_state(api, publish_run), 300, lambda: processes.log("webhook") + workers_log())
     assert state == "COMPLETED" and _worker_of(api, publish_run) in WORKERS, workers_log()
 
-    root_json = tmp_path / "root.json"  # what the device was provisioned with
-    root_json.write_bytes(httpx.get(f"{ota_url}/releases/metadata/1.root.json", timeout=5).content)
-    device = subprocess.run([str(BIN / "edgeship-device"), "update", "--repo-url", f"{ota_url}/releases",
-                             "--root", str(root_json), "--state-dir", str(tmp_path / "device"),
-                             "--target", "onnx-fp32", "--device-id", "device-0001"],
-                            capture_output=True, text=True, timeout=300)
-    assert device.returncode == 0, device.stdout + device.stderr
+    # The device was provisioned with the root metadata; the tiny project ships onnx-fp32 alone.
+    (project / "root.json").write_bytes(httpx.get(f"{ota_url}/releases/metadata/1.root.json", timeout=5).content)
+    device = run_shell(doc_block("docs/real-services.md", "device-from-bucket",
+                                 replace={"/tmp/device": str(tmp_path / "device"), "onnx-int8": "onnx-fp32"}),
+                       cwd=project, env=env, timeout_s=300)
     report = json.loads(device.stdout.strip().splitlines()[-1])
     assert report["status"] == "updated" and report["installed_version"] == "1", report
     fp32 = summary["targets"][0]
     assert Path(report["model_path"]).read_bytes() == Path(fp32["artifact"]["path"]).read_bytes()
-    assert all(processes.alive(name) for name in WORKERS)
+    assert all(processes.alive("workers", f"--name {name} ") for name in WORKERS)
 
     # The bucket checks signatures as AWS does: a wrong secret is refused, with the fix named.
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", env["AWS_ACCESS_KEY_ID"])

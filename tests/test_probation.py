@@ -185,7 +185,7 @@ def test_device_cli_status_and_rollback_as_real_processes(world):
     assert rolled.returncode == 0 and json.loads(rolled.stdout)["installed_version"] == "1", rolled.stderr
     world.assert_runs("device-1", "1")
     assert device.update().status == "refused"  # v2 is marked bad here now
-    assert device_cli("rollback").returncode == 1  # nothing left to roll back to
+    assert device_cli("rollback").returncode == 2  # nothing left to roll back to: bad input (docs/cli.md)
 
 
 def test_devices_in_the_shadow_cohort_install_the_shadow_beside_the_active_model(world):

@@ -160,7 +160,9 @@ def test_cli_promote_rollout_and_channels(project):
     root, _ = project
     runner = CliRunner()
     refused = runner.invoke(app, ["promote", "2", "-C", str(root)])
-    assert refused.exit_code == 2 and "failed its required gate" in refused.output
+    assert refused.exit_code == 3 and "failed its required gate" in refused.stderr  # refused by the gate
+    unpublished = runner.invoke(app, ["publish", "--version", "2", "-C", str(root)])
+    assert unpublished.exit_code == 3 and "refusing to publish it" in unpublished.stderr  # as `run` exits
     widened = runner.invoke(app, ["rollout", "stable", "--target", "onnx-int8", "--fraction", "0.5",
                                   "--expect-version", "2", "-C", str(root)])
     assert widened.exit_code == 0, widened.output

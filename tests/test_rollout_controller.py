@@ -1,4 +1,8 @@
-"""The rollout controller's decisions on recorded fleet states: advance, hold, abort, complete."""
+"""The rollout controller's decisions on recorded fleet states: advance, hold, abort, complete.
+
+Every state is stored in a fleet store and decided on from its rollups, as the controller reads them, with the
+records' latency in exponential histograms and again in the fixed buckets of older devices (schema 1): the same
+verdicts as the controller gave when it aggregated records one by one."""
 
 from __future__ import annotations
 
@@ -9,11 +13,11 @@ import pytest
 from edgeship.config import parse_params
 from edgeship.records.telemetry import DriftReference
 from edgeship.errors import ConfigError
-from edgeship.fleet.aggregate import aggregate
 from edgeship.fleet.controller import RolloutStatus, decide
 from edgeship.fleet.policy import ChannelPolicy
+from edgeship.fleet.store import FleetStore
 
-from fleet_records import T0, events_of, record
+from fleet_records import HISTOGRAMS, T0, record
 
 POLICY = ChannelPolicy.model_validate({
     "stages": [0.05, 0.25, 1.0], "min_reporting_devices": 4, "soak_s": 600,
@@ -30,17 +34,33 @@ def healthy(n=5, version="8", device_class="default", **kwargs):
                    events=[("installed", version, None), ("confirmed", version, None)], **kwargs) for i in range(n)]
 
 
+@pytest.fixture(autouse=True, params=["exponential", "fixed"])
+def histograms(request, monkeypatch):
+    """Each scenario with today's exponential histograms and with the old fixed buckets (schema 1 records)."""
+    monkeypatch.setitem(HISTOGRAMS, "format", request.param)
+    return request.param
+
+
 def decide_on(records, status=STATUS, policy=POLICY, now=NOW, reference=None):
-    return decide(aggregate(records, events_of(records), reference=reference, since=status.stage_started_at),
-                  status, policy, now)
+    """The decision on these records as the controller reads them: stored, then read back from the rollups."""
+    store = FleetStore("sqlite://")
+    try:
+        store.add_batch(records)
+        snapshot = store.snapshot(status.channel, status.target, since=status.stage_started_at, reference=reference,
+                                  versions=[status.candidate_version, status.base_version])
+    finally:
+        store.close()
+    return decide(snapshot, status, policy, now)
 
 
-def test_advance_when_soaked_enough_devices_and_every_criterion_met():
+def test_advance_when_soaked_enough_devices_and_every_criterion_met(histograms):
     base = [record(f"old-{i}", "7") for i in range(20)]
     decision = decide_on(base + healthy(5) + healthy(2, device_class="pi4", p99_ms=30.0))
     assert decision.action == "advance" and decision.fraction_after == 0.25, decision.reasons
     assert decision.evidence["candidate"]["devices"] == 7
-    assert decision.evidence["candidate"]["p99_ms_by_device_class"]["pi4"] >= 30.0
+    # within 2% on exponential buckets; inside the old 1.2x-wide bucket for schema 1 records
+    p99 = decision.evidence["candidate"]["p99_ms_by_device_class"]["pi4"]
+    assert p99 == pytest.approx(30.0, rel=0.02 if histograms == "exponential" else 0.2)
 
 
 def test_hold_while_soaking_or_too_few_devices_report():

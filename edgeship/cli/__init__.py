@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from typer.core import TyperGroup
 from rich.table import Table
+from typer.core import TyperGroup
 
-from edgeship.errors import EdgeshipError
+from edgeship.cli.base import (ParamsOption, WorkdirOption, console, fail, guarded, load_settings, print_json,
+                               root_options, stdout)
+from edgeship.errors import EdgeshipError, ExitCode, exit_code_for
 
 JOURNEY = ("data", "check", "run", "status", "promote", "publish", "rollback", "serve", "webhook")
 
@@ -40,7 +41,7 @@ class JourneyGroup(TyperGroup):
         return sorted(names, key=lambda name: JOURNEY.index(name) if name in JOURNEY else len(JOURNEY))
 
 
-app = typer.Typer(cls=JourneyGroup, add_completion=False, no_args_is_help=True,
+app = typer.Typer(cls=JourneyGroup, no_args_is_help=True,  # --install-completion / --show-completion: typer's
                   help="Release pipeline for edge ML, from data to devices: `data digits` (or your own image "
                        "folder), `check`, `run` (train, quantize, compile, benchmark, gate, register), `status`, "
                        "`promote`, `publish` (signed OTA), `rollback`; `serve` and `webhook` run the same on a "
@@ -52,18 +53,7 @@ app.add_typer(webhook_app, name="webhook")
 from edgeship.cli.fleet import fleet_app  # noqa: E402 - typer and rich only; the fleet loop's commands
 
 app.add_typer(fleet_app, name="fleet")
-console = Console(stderr=True)
-
-ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="params.yaml to read")
-WorkdirOption = typer.Option(Path("."), "--workdir", "-C", help="project directory (holds params.yaml, dvc.yaml)")
-
-
-GATE_FAILED = 3  # exit code: the release ran, a required gate failed (2: bad input; 1: a crash)
-
-
-def _fail(error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {error}")
-    raise typer.Exit(code=2)
+app.callback()(root_options)  # --version, -v/--log-level (edgeship/cli/base.py)
 
 
 @data_app.command("digits")
@@ -85,46 +75,30 @@ def data_prepare(params: Path = ParamsOption) -> None:
         settings = load_params(params)
         prepared = prepare(settings.data.raw_dir, settings.data.prepared_dir, settings.data)
     except EdgeshipError as error:
-        _fail(error)
+        fail(error)
     console.print(f"prepared {prepared.counts} from {len(prepared.classes)} classes into {prepared.directory}")
 
 
 @app.command("check")
 def check(params: Path = ParamsOption) -> None:
-    """Validate params.yaml and print the resolved config."""
-    from edgeship.config import load_params
-
-    try:
-        settings = load_params(params)
-    except EdgeshipError as error:
-        _fail(error)
-    console.print_json(settings.model_dump_json())
-
-
-def _quiet_prefect() -> None:
-    # The rich display is the CLI's output; Prefect's own log lines would interleave with it.
-    from edgeship.console import quiet_libraries
-
-    quiet_libraries()
+    """Validate params.yaml and print the resolved config as JSON (stdout: `edgeship check > params.json`)."""
+    print_json(load_settings(Path("."), params))
 
 
 @app.command("run")
 def run(params: Path = ParamsOption, workdir: Path = WorkdirOption,
-        summary: Optional[Path] = typer.Option(None, help="also write the release summary as JSON here"),
+        summary: Optional[Path] = typer.Option(None, help="also write the release summary as JSON here (-: stdout)"),
         fresh: bool = typer.Option(False, "--fresh", help="recompute every stage, reusing nothing from earlier "
                                                          "runs (.edgeship/cache)")) -> None:
     """Run the whole release: data, train, QAT, compile, host check, benchmark, gate, register.
 
-    Progress per stage and the final table go to the terminal; library warnings and runtime logs go to
-    the run's log file (.edgeship/runs/<run id>/release.log, also in MLflow). Unchanged stages are reused.
-    """
-    from edgeship.config import load_params
+    Progress goes to stderr, the final table to stdout (with `--summary -`: the JSON on stdout, the table on stderr).
 
-    try:
-        settings = load_params(workdir / params)  # fail on a bad config before anything starts
-    except EdgeshipError as error:
-        _fail(error)
-    _quiet_prefect()
+    Library warnings and runtime logs go to the run's log (.edgeship/runs/<run id>/release.log, also in MLflow).
+
+    Unchanged stages are reused. Exit code 0: every required gate passed; 3: a gate failed; 2: bad input.
+    """
+    settings = load_settings(workdir, params)  # fail on a bad config before anything starts
     import time
 
     from edgeship.cli.startup import PrefectApiInBackground
@@ -135,7 +109,8 @@ def run(params: Path = ParamsOption, workdir: Path = WorkdirOption,
     with library_output_to(log_path, console):  # first: the API's server process writes to the log too
         api = PrefectApiInBackground()  # starts while the pipeline imports
         try:
-            result = _release_with_progress(params, workdir, summary, fresh, api, settings)
+            result = _release_with_progress(params, workdir, None if summary == Path("-") else summary, fresh, api,
+                                            settings)
         except EdgeshipError as error:
             crash = error
         except Exception as error:  # a bug: its traceback is in the log, the terminal gets one line
@@ -146,9 +121,13 @@ def run(params: Path = ParamsOption, workdir: Path = WorkdirOption,
     if crash is not None:
         _fail_with_log(crash, log_path)
     log_path = _file_log_with_run(log_path, settings, workdir, result.run_id)
-    _print_summary(result, Console())
+    if summary == Path("-"):
+        _print_summary(result, console)
+        print_json(result)
+    else:
+        _print_summary(result, stdout())
     console.print(f"[dim]log: {log_path}[/]", soft_wrap=True)  # a path to copy: never folded
-    raise typer.Exit(code=0 if result.passed else GATE_FAILED)
+    raise typer.Exit(code=ExitCode.OK if result.passed else ExitCode.REFUSED)
 
 
 def _release_with_progress(params: Path, workdir: Path, summary: Optional[Path], fresh: bool, api=None,
@@ -171,10 +150,10 @@ def _fail_with_log(error: Exception, log_path: Path) -> None:
     if isinstance(error, EdgeshipError):
         console.print(f"[bold red]error:[/] {error}")
         console.print(f"[dim]log: {log_path}[/]", soft_wrap=True)  # a path to copy: never folded
-        raise typer.Exit(code=2)
-    console.print(f"[bold red]crashed:[/] {type(error).__name__}: {error}\n[dim]traceback: {log_path}[/]",
-                  soft_wrap=True)
-    raise typer.Exit(code=1)
+    else:
+        console.print(f"[bold red]crashed:[/] {type(error).__name__}: {error}\n[dim]traceback: {log_path}[/]",
+                      soft_wrap=True)
+    raise typer.Exit(code=exit_code_for(error))
 
 
 def _file_log_with_run(log_path: Path, settings, workdir: Path, run_id: str | None) -> Path:
@@ -193,7 +172,7 @@ def _file_log_with_run(log_path: Path, settings, workdir: Path, run_id: str | No
     return target
 
 
-def _print_summary(summary, out: Console) -> None:
+def _print_summary(summary, out) -> None:
     table = Table(title=f"{summary.model_name} v{summary.model_version}  (fp32 test accuracy "
                         f"{summary.fp32_test_accuracy:.4f})")
     for column in ("target", "size", "accuracy", "device", "p50 ms", "p99 ms", "gate"):
@@ -203,7 +182,7 @@ def _print_summary(summary, out: Console) -> None:
         accuracy = target.host_check.accuracy if target.host_check else None
         for bench in target.benchmarks or [None]:
             latency = bench.latency_ms if bench else None
-            failed = [f"{c.name}: {c.reason or c.measured}" for c in target.gate.checks if not c.passed]
+            failed = [f"{c.name}: {c.reason or c.measured}" for c in target.gate.checks if c.fails_gate]
             table.add_row(target.target, size, f"{accuracy:.4f}" if accuracy is not None else "—",
                           bench.device if bench else "—", f"{latency.p50:.3f}" if latency else "—",
                           f"{latency.p99:.3f}" if latency else "—",
@@ -217,17 +196,13 @@ def _print_summary(summary, out: Console) -> None:
 def status(params: Path = ParamsOption, workdir: Path = WorkdirOption,
            as_json: bool = typer.Option(False, "--json", help="print the status as JSON instead of tables")) -> None:
     """Registered versions with gate verdicts and aliases; each OTA channel with what it ships per target."""
-    from edgeship.config import load_params
     from edgeship.status import project_status, render
 
-    try:
-        report = project_status(load_params(workdir / params), workdir.resolve())
-    except EdgeshipError as error:
-        _fail(error)
+    report = guarded(project_status, load_settings(workdir, params), workdir.resolve())
     if as_json:
-        print(report.model_dump_json(indent=2))
+        print_json(report)
     else:
-        render(report, Console())
+        render(report, stdout())
 
 
 def _verdict(gate, failed: list[str]) -> str:
@@ -248,7 +223,7 @@ def serve(workdir: Path = WorkdirOption, params: Path = ParamsOption,
     from edgeship.flows.deployments import deployments
 
     if not os.environ.get("PREFECT_API_URL"):
-        _fail(EdgeshipError("PREFECT_API_URL is not set; start a server (infra/local-stack.sh start) and "
+        fail(EdgeshipError("PREFECT_API_URL is not set; start a server (infra/local-stack.sh start) and "
                             "export PREFECT_API_URL=http://127.0.0.1:4200/api"))
     prefect.serve(*deployments(workdir, cron or None, str(params)))
 
@@ -256,7 +231,7 @@ def serve(workdir: Path = WorkdirOption, params: Path = ParamsOption,
 def _webhook_secret(secret_env: str) -> str:
     secret = os.environ.get(secret_env)
     if not secret:
-        _fail(EdgeshipError(f"${secret_env} is empty; set it to the secret shared with the MLflow webhook "
+        fail(EdgeshipError(f"${secret_env} is empty; set it to the secret shared with the MLflow webhook "
                             f"(e.g. export {secret_env}=$(openssl rand -hex 32))"))
     return secret
 
@@ -272,14 +247,10 @@ def webhook_serve(params: Path = ParamsOption, workdir: Path = WorkdirOption,
     """Receive MLflow's signed alias deliveries and publish the promoted version."""
     import uvicorn
 
-    from edgeship.config import load_params
     from edgeship.flows.webhook import (DeliveryStore, WatchedAlias, create_app, publish_in_process,
                                         publish_via_deployment)
 
-    try:
-        settings = load_params(workdir / params)
-    except EdgeshipError as error:
-        _fail(error)
+    settings = load_settings(workdir, params)
     watched = WatchedAlias(settings.project.name, alias, _webhook_secret(secret_env))
     handler = publish_via_deployment(deployment) if deployment else publish_in_process(workdir, str(params))
     store = DeliveryStore(workdir / ".edgeship" / "webhook-deliveries.sqlite")  # survives restarts
@@ -294,14 +265,14 @@ def webhook_register(url: str = typer.Option(..., help="this receiver's URL, e.g
 
     tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not tracking.startswith("http"):
-        _fail(EdgeshipError("webhooks need an MLflow server with a SQL backend; export MLFLOW_TRACKING_URI="
+        fail(EdgeshipError("webhooks need an MLflow server with a SQL backend; export MLFLOW_TRACKING_URI="
                             "http://HOST:PORT (infra/local-stack.sh start starts one)"))
     console.print(f"webhook {register_webhook(tracking, url, _webhook_secret(secret_env))} -> {url}")
 
 
-from edgeship.cli.ota import register as _register_ota  # noqa: E402  (after _fail/_quiet_prefect exist)
+from edgeship.cli.ota import register as _register_ota  # noqa: E402  (the field side's commands)
 
-_register_ota(app, _fail, _quiet_prefect)
+_register_ota(app)
 
 
 def main() -> None:

@@ -1,8 +1,12 @@
 """`edgeship fleet ...`: collect telemetry, show the fleet, run the rollout controller, steer by hand.
 
-    edgeship fleet collect                  # subscribe and store (starts an in-process broker if none is configured)
+    edgeship fleet collect [--member a]     # subscribe and store (starts an in-process broker if none is configured)
     edgeship fleet status                   # per version and device class: p50/p95/p99, shadow agreement, drift
     edgeship fleet rollout [--dry-run]      # one controller pass (what the `rollout` deployment runs)
+    edgeship fleet controller               # passes when telemetry arrives or a soak ends (a service)
+    edgeship fleet replay                   # rebuild the rollups from the raw records
+    edgeship fleet prune                    # drop raw records and rollups past their retention
+    edgeship fleet loadgen --devices 10000 --rate 2000 --for 60   # simulated fleet telemetry
     edgeship fleet pause --target onnx-int8 --reason "holiday freeze"
     edgeship fleet resume --target onnx-int8
     edgeship fleet abort --target onnx-int8 --reason "customer report"
@@ -10,7 +14,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from datetime import datetime, timedelta, timezone
@@ -18,37 +21,20 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from edgeship.cli.base import ChannelOption, ParamsOption, WorkdirOption, console, fail, guarded, load_settings, stdout
 from edgeship.errors import ConfigError, EdgeshipError
 
 fleet_app = typer.Typer(no_args_is_help=True, help="The fleet loop: telemetry, status, rollout control.")
-console = Console(stderr=True)
-ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="params.yaml to read")
-WorkdirOption = typer.Option(Path("."), "--workdir", "-C", help="project directory (holds params.yaml)")
-ChannelOption = typer.Option(None, "--channel", help="OTA channel (default: params.ota.channel)")
 
 
-def _fail(error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {error}")
-    raise typer.Exit(code=2)
-
-
-def _load(workdir: Path, params: Path):
-    from edgeship.config import load_params
-
-    try:
-        return load_params(workdir / params)
-    except EdgeshipError as error:
-        _fail(error)
-
-
-def _store(settings, workdir: Path):
+def _store(settings, workdir: Path, check: bool = True):
     from edgeship.fleet.policy import store_url_for
     from edgeship.fleet.store import FleetStore
 
-    return FleetStore(store_url_for(settings.fleet.store, workdir))
+    return guarded(FleetStore, store_url_for(settings.fleet.store, workdir), bucket_s=settings.fleet.rollup_bucket_s,
+                   check=check)
 
 
 def mqtt_settings(settings, port: int | None = None):
@@ -81,18 +67,21 @@ def collect(params: Path = ParamsOption, workdir: Path = WorkdirOption,
             port: Optional[int] = typer.Option(None, help="port of the local broker when none is configured"),
             local_broker: str = typer.Option("embedded", help="the local broker when none is configured: "
                                              "'embedded' (amqtt in this process) or 'mosquitto' (a process that "
-                                             "also redelivers what was in flight when the collector reconnects)")
-            ) -> None:
+                                             "also redelivers what was in flight when the collector reconnects)"),
+            member: Optional[str] = typer.Option(None, help="this collector's name in the group of collectors "
+                                                 "(each its own; default: the host name)")) -> None:
     """Subscribe to every device's telemetry and state topics and store them (until Ctrl-C)."""
     from contextlib import ExitStack
 
-    from edgeship.fleet.collector import Collector
+    from edgeship.fleet.collector import Collector, CollectorSettings
 
-    settings = _load(workdir, params)
+    settings = load_settings(workdir, params)
     # SIGTERM (systemd, a test) stops like Ctrl-C, so the local broker is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    options = settings.fleet.collector
     with ExitStack() as stack:
         try:
+            embedded = settings.fleet.broker is None and local_broker == "embedded"
             if settings.fleet.broker is None:
                 broker = stack.enter_context(_local_broker(local_broker, port))
                 console.print(f"no fleet.broker configured: started a local broker ({local_broker}) on "
@@ -101,15 +90,24 @@ def collect(params: Path = ParamsOption, workdir: Path = WorkdirOption,
             else:
                 mqtt = mqtt_settings(settings)
             store = _store(settings, workdir)
-            collector = stack.enter_context(Collector(mqtt, store))
+            chosen = CollectorSettings(group=None if embedded else options.group,  # amqtt speaks MQTT 3.1.1 only
+                                       session_expiry_s=options.session_expiry_s,
+                                       receive_maximum=options.receive_maximum, batch_size=options.batch_size,
+                                       max_delay_s=options.max_delay_s, **({"member": member} if member else {}))
+            collector = stack.enter_context(Collector(mqtt, store, options=chosen))
         except EdgeshipError as error:
-            _fail(error)
+            fail(error)
         console.print(f"collecting edgeship/{mqtt.fleet}/devices/+/telemetry from {mqtt.host}:{mqtt.port} "
-                      f"into {store.url}", highlight=False)
+                      f"into {store.url} as {collector.client_id}"
+                      f"{f' (shared group {chosen.group})' if chosen.group else ''}", highlight=False)
         deadline = time.monotonic() + for_s if for_s else None
+        prune_every, pruned = 3600.0, time.monotonic()
         try:
-            while deadline is None or time.monotonic() < deadline:
+            while (deadline is None or time.monotonic() < deadline) and not collector.taken_over.is_set():
                 time.sleep(0.2)
+                if time.monotonic() - pruned > prune_every:
+                    pruned = time.monotonic()
+                    store.prune(settings.fleet.retention_days * 86400, settings.fleet.rollup_retention_days * 86400)
         except KeyboardInterrupt:
             pass
         console.print(f"stored {collector.stored} records ({collector.duplicates} duplicates, "
@@ -121,24 +119,23 @@ def status(params: Path = ParamsOption, workdir: Path = WorkdirOption, channel: 
            target: Optional[str] = typer.Option(None, help="one target only"),
            since_s: float = typer.Option(3600.0, "--since", help="telemetry this recent (seconds)")) -> None:
     """The fleet as a table: per version and device class, latency quantiles, shadow agreement, drift, events."""
-    from edgeship.fleet.aggregate import aggregate
     from edgeship.fleet.report import STATUS_COLUMNS, status_rows
 
-    settings = _load(workdir, params)
+    settings = load_settings(workdir, params)
     channel = channel or settings.ota.channel
     store = _store(settings, workdir)
     since = datetime.now(timezone.utc) - timedelta(seconds=since_s)
-    snapshot = aggregate(store.records(channel, target, since=since), store.events(channel, since=since), since=since)
+    snapshot = store.snapshot(channel, target, since=since)   # the rollups: one row per device, not every record
     table = Table(title=f"fleet: channel {channel}{f' / {target}' if target else ''}, {snapshot.devices} devices, "
                         f"{snapshot.records} records in the last {since_s:g} s")
     for column in STATUS_COLUMNS:
         table.add_column(column)
     for row in status_rows(snapshot):
         table.add_row(*row.values())
-    Console().print(table)
-    decisions = store.decisions(channel, target)[-5:]
+    stdout().print(table)
+    decisions = store.decisions(channel, target, evidence=False)[-5:]
     for d in decisions:
-        Console().print(f"{d['at']:%Y-%m-%d %H:%M:%S} {d['target']} v{d['version']}: {d['action']} "
+        stdout().print(f"{d['at']:%Y-%m-%d %H:%M:%S} {d['target']} v{d['version']}: {d['action']} "
                         f"{d['fraction_before']:g} -> {d['fraction_after']:g}  {'; '.join(d['reasons'])}",
                         highlight=False)
     store.close()
@@ -148,16 +145,13 @@ def status(params: Path = ParamsOption, workdir: Path = WorkdirOption, channel: 
 def rollout(params: Path = ParamsOption, workdir: Path = WorkdirOption, channel: Optional[str] = ChannelOption,
             dry_run: bool = typer.Option(False, "--dry-run", help="decide and record, but change nothing")) -> None:
     """One rollout controller pass over a channel (what the `rollout-controller` deployment runs)."""
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from edgeship.flows.rollout import rollout_controller
 
-    _load(workdir, params)
-    try:
-        decisions = rollout_controller(params_path=str(params), workdir=str(workdir), channel=channel, apply=not dry_run)
-    except EdgeshipError as error:
-        _fail(error)
+    load_settings(workdir, params)
+    decisions = guarded(rollout_controller, params_path=str(params), workdir=str(workdir), channel=channel,
+                        apply=not dry_run)
     for d in decisions:
-        Console().print(f"{d['target']} v{d['version']}: {d['action']} {d['fraction_before']:g} -> "
+        stdout().print(f"{d['target']} v{d['version']}: {d['action']} {d['fraction_before']:g} -> "
                         f"{d['fraction_after']:g}{'' if d['applied'] else ' (not applied)'}  {'; '.join(d['reasons'])}",
                         highlight=False)
 
@@ -166,16 +160,107 @@ def _hand(command: str, params: Path, workdir: Path, channel: str | None, target
     from edgeship.ota.repository import open_repository
     from edgeship.fleet.rollout import hand_command
 
-    settings = _load(workdir, params)
+    settings = load_settings(workdir, params)
     store = _store(settings, workdir)
     try:
-        hand_command(open_repository(settings.ota, workdir.resolve()), store, command,
-                     channel or settings.ota.channel, target, reason)
-    except EdgeshipError as error:
-        _fail(error)
+        guarded(hand_command, guarded(open_repository, settings.ota, workdir.resolve()), store, command,
+                channel or settings.ota.channel, target, reason)
     finally:
         store.close()
     console.print(f"{command}: {channel or settings.ota.channel}/{target} ({reason})")
+
+
+@fleet_app.command("controller")
+def controller(params: Path = ParamsOption, workdir: Path = WorkdirOption, channel: Optional[str] = ChannelOption,
+               min_interval_s: float = typer.Option(10.0, "--min-interval", help="at most one pass this often"),
+               max_interval_s: float = typer.Option(300.0, "--max-interval", help="a pass at least this often "
+                                                    "(with the drift check and fleet metrics)"),
+               for_s: Optional[float] = typer.Option(None, "--for", help="stop after this many seconds"),
+               dry_run: bool = typer.Option(False, "--dry-run", help="decide and record, but change nothing")) -> None:
+    """The rollout controller as a service: a pass when new telemetry arrives or a stage's soak ends."""
+    import threading
+
+    from edgeship.flows.publish import one_writer
+    from edgeship.fleet.service import ControllerService, controller_pass
+    from edgeship.ota.repository import open_repository
+    from edgeship.registry.tracking import tracking_uri_for
+
+    settings = load_settings(workdir, params)
+    channel = channel or settings.ota.channel
+    root = workdir.resolve()
+    store = _store(settings, workdir)
+    repository = guarded(open_repository, settings.ota, root)
+    tracking_uri = tracking_uri_for(settings.registry, root)
+
+    def run_pass(reason: str):
+        results = controller_pass(repository, store, channel, settings, reason, tracking_uri, apply=not dry_run,
+                                  writer=one_writer)
+        for r in results:
+            d = r.decision
+            stdout().print(f"[{reason}] {d.target} v{d.version}: {d.action} {d.fraction_before:g} -> "
+                            f"{d.fraction_after:g}{'' if r.applied or d.action in ('hold', 'none') else ' (not applied)'}"
+                            f"  {'; '.join(d.reasons[:2])}", highlight=False)
+        return results
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if for_s:
+        threading.Timer(for_s, stop.set).start()
+    service = ControllerService(run_pass, store, channel, settings.rollout.policy_for(channel),
+                                min_interval_s=min_interval_s, max_interval_s=max_interval_s)
+    try:
+        service.run(stop)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        store.close()
+    console.print(f"{len(service.passes)} passes")
+
+
+@fleet_app.command("replay")
+def replay(params: Path = ParamsOption, workdir: Path = WorkdirOption) -> None:
+    """Rebuild the rollups from the raw records still kept (stop the collectors first)."""
+    settings = load_settings(workdir, params)
+    store = _store(settings, workdir, check=False)
+    from rich.progress import Progress
+
+    with Progress(console=console) as progress:
+        task = progress.add_task("replaying raw records into rollups", total=store.count_records())
+        done = store.replay(progress=lambda n: progress.update(task, completed=n))
+    store.close()
+    console.print(f"replayed {done} records into rollups")
+
+
+@fleet_app.command("prune")
+def prune(params: Path = ParamsOption, workdir: Path = WorkdirOption) -> None:
+    """Drop raw records past fleet.retention_days and rollups past fleet.rollup_retention_days."""
+    settings = load_settings(workdir, params)
+    store = _store(settings, workdir)
+    counts = store.prune(settings.fleet.retention_days * 86400, settings.fleet.rollup_retention_days * 86400)
+    store.close()
+    console.print(", ".join(f"{k}: {v}" for k, v in counts.items()))
+
+
+@fleet_app.command("loadgen")
+def loadgen(params: Path = ParamsOption, workdir: Path = WorkdirOption,
+            devices: int = typer.Option(1000, min=1, help="simulated devices"),
+            rate: float = typer.Option(100.0, min=0.001, help="records per second"),
+            for_s: Optional[float] = typer.Option(None, "--for", help="publish for this many seconds"),
+            count: Optional[int] = typer.Option(None, help="publish this many records"),
+            candidate_share: float = typer.Option(0.1, min=0, max=1, help="share of devices on the candidate"),
+            port: Optional[int] = typer.Option(None, help="broker port when params.yaml names no broker")) -> None:
+    """Publish realistic telemetry of N simulated devices over MQTT at a chosen rate (size a broker and store)."""
+    from edgeship.fleet.loadgen import FleetLoad, FleetProfile
+
+    if for_s is None and count is None:
+        fail(ConfigError("say how much to publish: --for SECONDS or --count RECORDS"))
+    settings = load_settings(workdir, params)
+    profile = FleetProfile(devices=devices, versions={"base": 1 - candidate_share, "candidate": candidate_share},
+                           channel=settings.ota.channel, model_name=settings.project.name)
+    with console.status(f"publishing {devices} devices' telemetry at {rate:g}/s"):
+        outcome = FleetLoad(profile, mqtt_settings(settings, port)).publish(rate, count=count, duration_s=for_s)
+    console.print(f"published {outcome['published']} records at {outcome['rate']}/s, "
+                  f"{outcome['acknowledged']} acknowledged by the broker")
 
 
 TargetOption = typer.Option(..., "--target", help="the target whose rollout to change, e.g. onnx-int8")

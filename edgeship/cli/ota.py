@@ -18,26 +18,17 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from edgeship.cli.base import (ChannelOption, ParamsOption, WorkdirOption, console, fail, guarded, load_settings,
+                               print_json, stdout)
 from edgeship.errors import EdgeshipError
 
-ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="params.yaml to read")
-WorkdirOption = typer.Option(Path("."), "--workdir", "-C", help="project directory (holds params.yaml)")
-ChannelOption = typer.Option(None, help="OTA channel (default: params.ota.channel)")
 keys_app = typer.Typer(no_args_is_help=True, help="TUF keys: the only commands that need the root keys.")
 
 
-def register(app: typer.Typer, fail, quiet) -> None:
-    """Add these commands to the main `edgeship` app (`fail` prints an EdgeshipError and exits 2)."""
-
-    def guarded(function, *args, **kwargs):
-        quiet()
-        try:
-            return function(*args, **kwargs)
-        except EdgeshipError as error:
-            fail(error)
+def register(app: typer.Typer) -> None:
+    """Add these commands to the main `edgeship` app."""
 
     @app.command("publish")
     def publish(alias: str = typer.Option("production", help="registry alias whose version to publish"),
@@ -62,14 +53,13 @@ def register(app: typer.Typer, fail, quiet) -> None:
                 params: Path = ParamsOption, workdir: Path = WorkdirOption,
                 allow_failed_gate: Optional[str] = typer.Option(None, metavar="REASON")) -> None:
         """Point an alias at a version; refused when its required gates failed (unless overridden, recorded)."""
-        from edgeship.config import load_params
         from edgeship.registry.model_registry import promote as promote_version
         from edgeship.registry.tracking import tracking_uri_for
 
-        settings = guarded(load_params, workdir / params)
+        settings = load_settings(workdir, params)
         tracking = tracking_uri_for(settings.registry, workdir.resolve())
         guarded(promote_version, tracking, settings.project.name, version, alias, allow_failed_gate)
-        Console(stderr=True).print(f"{settings.project.name} v{version} is now '{alias}'"
+        console.print(f"{settings.project.name} v{version} is now '{alias}'"
                                    + (f" (over a failed gate: {allow_failed_gate})" if allow_failed_gate else ""))
 
     @app.command("rollback")
@@ -91,7 +81,6 @@ def register(app: typer.Typer, fail, quiet) -> None:
                 abort: Optional[str] = typer.Option(None, metavar="REASON", help="withdraw the candidate"),
                 params: Path = ParamsOption, workdir: Path = WorkdirOption) -> None:
         """Widen, narrow, pause, resume or abort one target's rollout of the candidate already in the channel."""
-        from edgeship.config import load_params
         from edgeship.flows.publish import one_writer
         from edgeship.ota.repository import open_repository
         from edgeship.ota import rollout as rollouts
@@ -99,7 +88,7 @@ def register(app: typer.Typer, fail, quiet) -> None:
         chosen = [x for x in (fraction is not None, pause is not None, resume, abort is not None) if x]
         if len(chosen) != 1:
             fail(EdgeshipError("give exactly one of --fraction F, --pause REASON, --resume, --abort REASON"))
-        settings = guarded(load_params, workdir / params)
+        settings = load_settings(workdir, params)
 
         def act():
             with one_writer():
@@ -117,11 +106,10 @@ def register(app: typer.Typer, fail, quiet) -> None:
     @app.command("channels")
     def channels(params: Path = ParamsOption, workdir: Path = WorkdirOption) -> None:
         """List the channels and, per target, base, candidate, fraction, state and fallback."""
-        from edgeship.config import load_params
         from edgeship.ota.repository import open_repository
         from edgeship.ota.rollout import read_channel
 
-        settings = guarded(load_params, workdir / params)
+        settings = load_settings(workdir, params)
         repository = guarded(open_repository, settings.ota, workdir.resolve())
         table = Table(title=f"channels of {repository.storage}")
         for column in ("channel", "target", "base", "candidate", "fraction", "state", "fallback", "note"):
@@ -133,9 +121,9 @@ def register(app: typer.Typer, fail, quiet) -> None:
                               f"{entry.fraction:.0%}" if entry.candidate else "—", entry.rollout_state,
                               entry.fallback.label if entry.fallback else "—",
                               entry.allow_failed_gate or entry.state_reason)
-        Console().print(table)
+        stdout().print(table)
         expires = repository.expires()
-        Console().print("expires: " + ", ".join(f"{r} {t:%Y-%m-%d %H:%M}Z" for r, t in sorted(expires.items())))
+        stdout().print("expires: " + ", ".join(f"{r} {t:%Y-%m-%d %H:%M}Z" for r, t in sorted(expires.items())))
 
     @app.command("resign")
     def resign(params: Path = ParamsOption, workdir: Path = WorkdirOption,
@@ -144,13 +132,12 @@ def register(app: typer.Typer, fail, quiet) -> None:
         from edgeship.flows.publish import resign as resign_flow
 
         renewed = guarded(resign_flow, params_path=str(params), workdir=str(workdir), force=force)
-        Console(stderr=True).print(f"re-signed {', '.join(renewed)}")
+        console.print(f"re-signed {', '.join(renewed)}")
 
     def _keys_repository(params: Path, workdir: Path):
-        from edgeship.config import load_params
         from edgeship.ota.repository import open_repository
 
-        settings = guarded(load_params, workdir / params)
+        settings = load_settings(workdir, params)
         return guarded(open_repository, settings.ota, workdir.resolve())
 
     @keys_app.command("init")
@@ -158,18 +145,17 @@ def register(app: typer.Typer, fail, quiet) -> None:
                   root_threshold: int = typer.Option(1, help="how many root keys must sign"),
                   params: Path = ParamsOption, workdir: Path = WorkdirOption) -> None:
         """Create the repository and one key per role (root: --root-keys, --root-threshold)."""
-        from edgeship.config import load_params
         from edgeship.ota.keys import Keystore
         from edgeship.ota.root import init_repository
         from edgeship.ota.storage import open_storage
 
-        settings = guarded(load_params, workdir / params).ota
+        settings = load_settings(workdir, params).ota
         location = settings.repository if "://" in settings.repository else str((workdir / settings.repository).resolve())
         repository = guarded(init_repository, open_storage(location, settings.s3_endpoint_url),
                              Keystore(workdir / settings.keystore), root_keys=root_keys, root_threshold=root_threshold,
                              expiry_days=settings.metadata_expiry_days,
                              timestamp_expiry_hours=settings.timestamp_expiry_hours)
-        Console(stderr=True).print(f"created {repository.storage}; provision devices with "
+        console.print(f"created {repository.storage}; provision devices with "
                                    f"{location}/metadata/root.json. Now move {settings.keystore}/root offline.")
 
     @keys_app.command("rotate")
@@ -177,7 +163,7 @@ def register(app: typer.Typer, fail, quiet) -> None:
         """Replace a role's keys with one new key (root re-signed)."""
         from edgeship.ota.root import rotate
 
-        Console(stderr=True).print(f"new {role} key {guarded(rotate, _keys_repository(params, workdir), role)}")
+        console.print(f"new {role} key {guarded(rotate, _keys_repository(params, workdir), role)}")
 
     @keys_app.command("add")
     def keys_add(role: str, params: Path = ParamsOption, workdir: Path = WorkdirOption,
@@ -195,7 +181,7 @@ def register(app: typer.Typer, fail, quiet) -> None:
 
             key = SSlibKey.from_crypto(load_pem_public_key(public_key.read_bytes()))
         keyid = guarded(add, _keys_repository(params, workdir), role, signer_uri, key)
-        Console(stderr=True).print(f"added {role} key {keyid}")
+        console.print(f"added {role} key {keyid}")
 
     @keys_app.command("revoke")
     def keys_revoke(role: str, keyid: str, params: Path = ParamsOption, workdir: Path = WorkdirOption) -> None:
@@ -216,7 +202,7 @@ def register(app: typer.Typer, fail, quiet) -> None:
         """Renew root's expiry (a year) with the same keys; needs the root threshold of keys."""
         from edgeship.ota.root import resign_root
 
-        Console(stderr=True).print(f"root is now v{guarded(resign_root, _keys_repository(params, workdir))}")
+        console.print(f"root is now v{guarded(resign_root, _keys_repository(params, workdir))}")
 
     @keys_app.command("list")
     def keys_list(params: Path = ParamsOption, workdir: Path = WorkdirOption) -> None:
@@ -229,7 +215,7 @@ def register(app: typer.Typer, fail, quiet) -> None:
             held = {k.keyid for k in repository.keystore.public_keys(role)}
             for keyid in info.keyids:
                 table.add_row(role, str(info.threshold), keyid[:16], "yes" if keyid in held else "no (offline)")
-        Console().print(table)
+        stdout().print(table)
 
     app.add_typer(keys_app, name="keys")
 
@@ -239,4 +225,4 @@ def _v(model) -> str:
 
 
 def _print_channel(descriptor) -> None:
-    Console().print_json(descriptor.model_dump_json())
+    print_json(descriptor)

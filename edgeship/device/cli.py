@@ -11,8 +11,11 @@
     edgeship-device update --state-dir D                 # the OTA updater (edgeship.device.updater)
     edgeship-device status|confirm|rollback --state-dir D
     edgeship-device serve --state-dir D --uds /run/edgeship.sock --broker 127.0.0.1:1883 --device-class pi4
+    edgeship-device --version | -v COMMAND | --log-level debug COMMAND
+    source <(edgeship-device --show-completion)          # bash completion (zsh: after bashcompinit)
 
-Also runnable as `python -m edgeship.device.cli`.
+Also runnable as `python -m edgeship.device.cli`. Exit codes as `edgeship`'s (edgeship.errors.ExitCode):
+0 ok, 2 bad input or unreachable service, 3 refused by a policy (a signature, a smoke test, probation).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import socket
 import sys
 from pathlib import Path
 
-from edgeship.errors import EdgeshipError
+from edgeship.command_line import LOG_LEVELS, configure_logging, log_level_for, package_version
+from edgeship.errors import EdgeshipError, ExitCode, exit_code_for
 
 DEFAULT_PORT = 8765
 TOKEN_ENV = "EDGESHIP_AGENT_TOKEN"
@@ -36,19 +40,37 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, updater_parsers = _build_parser()
     # The updater is imported only when asked for, so the agent runs on a device without it.
-    if argv[:1] and argv[0] in updater_parsers and not _wire_updater(argv[0], updater_parsers[argv[0]]):
-        return 2
+    command = _command_in(argv, updater_parsers)
+    if command is not None and not _wire_updater(command, updater_parsers[command]):
+        return ExitCode.BAD_INPUT
     args = parser.parse_args(argv)
+    configure_logging(log_level_for(args.verbose, args.log_level))
     try:
         return args.run(args)
     except EdgeshipError as error:
         print(f"edgeship-device: {error}", file=sys.stderr)
-        return 1
+        return exit_code_for(error)
+
+
+def _command_in(argv: list[str], commands) -> str | None:
+    """The command word of `argv` if it is one of `commands`, past the options that come before it."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word if word in commands else None
+    return None
 
 
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(prog="edgeship-device", description="Run on an edge device: the benchmark "
                                      "agent, a local measurement, or the OTA updater.")
+    parser.add_argument("--version", action="version", version=f"edgeship-device {package_version()}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log detail on stderr: -v info, -vv debug")
+    parser.add_argument("--log-level", type=str.lower, choices=[level.lower() for level in LOG_LEVELS],
+                        default=None, help="log level (overrides -v)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     agent = commands.add_parser("agent", help="serve benchmark jobs over HTTP",
@@ -119,7 +141,18 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
              "confirm": "confirm the model on probation (the application found it good)",
              "rollback": "go back to the last-known-good model and mark the active one bad"}
     updaters = {name: commands.add_parser(name, help=text) for name, text in helps.items()}
+    from edgeship.device.completion import ShowCompletion
+
+    parser.add_argument("--show-completion", action=ShowCompletion, wire=lambda: _wire_all(updaters),
+                        help="print a bash completion script (source it; zsh: after `autoload bashcompinit; "
+                             "bashcompinit`)")
     return parser, updaters
+
+
+def _wire_all(updaters: dict[str, argparse.ArgumentParser]) -> None:
+    for command, parser in updaters.items():
+        if parser.get_default("run") is None:  # main() may have wired the one on the command line already
+            _wire_updater(command, parser)
 
 
 def _wire_updater(command: str, parser: argparse.ArgumentParser) -> bool:

@@ -3,8 +3,9 @@
 A `WindowAggregator` is an observer on the on-device runtime (`on_inference`), and of the shadow runner
 (`on_shadow`). Every window (60 s in the field, about 1 s in tests) `close_window()` returns one
 `TelemetryRecord`: versions per slot, the update events written since the last window (the state
-directory's events.jsonl, read from the last offset), latency as a fixed-bucket histogram (p50/p95/p99
-are read from it), the top-1 confidence histogram, the predicted-class distribution, a drift score
+directory's events.jsonl, read from the last offset), latency and top-1 confidence as exponential
+histograms (edgeship.records.histogram: p50/p95/p99 within 2%, mergeable across windows and devices),
+the 10-bin confidence histogram and the predicted-class distribution, a drift score
 against the reference signed into the release, fallback activations, errors, and sensor readings.
 
 Drift test: PSI (population stability index) of the predicted-class distribution and of the top-1
@@ -32,8 +33,9 @@ from typing import Any
 import numpy as np
 
 from edgeship.files import write_atomic
+from edgeship.records.histogram import DEFAULT_SCALE, ExpHistogram, bucket_index
 from edgeship.records.telemetry import (CONFIDENCE_BINS, DeviceIdentity, DriftReference, DriftScore, Histogram,
-                                       ShadowStats, SlotVersions, TelemetryEvent, TelemetryRecord, latency_bucket)
+                                       ShadowStats, SlotVersions, TelemetryEvent, TelemetryRecord)
 
 DRIFT_REFERENCE_FILE = "drift_reference.json"  # in the state directory: the channel entry's reference, kept by the updater
 _PSI_FLOOR = 1e-4  # empty bins would make PSI infinite; this is the usual smoothing
@@ -141,7 +143,9 @@ class WindowAggregator:
         self._inferences = self._errors = self._fallback = self._activations = 0
         self._error_kinds: dict[str, int] = {}
         self._latency: dict[int, int] = {}
+        self._latency_zero = 0
         self._confidence = np.zeros(CONFIDENCE_BINS, dtype=np.int64)
+        self._confidence_exp = ExpHistogram(DEFAULT_SCALE)
         self._classes = np.zeros(0, dtype=np.int64)
         self._shadow: dict[str, Any] = {}
         self._shadow_latency: dict[int, int] = {}
@@ -162,11 +166,17 @@ class WindowAggregator:
                 if self._last_slot != "fallback":
                     self._activations += 1
             elif ok:
-                bucket = latency_bucket(float(record.latency_ms))
-                self._latency[bucket] = self._latency.get(bucket, 0) + 1
+                latency_ms = float(record.latency_ms)
+                if latency_ms > 0:
+                    bucket = bucket_index(latency_ms)
+                    self._latency[bucket] = self._latency.get(bucket, 0) + 1
+                else:
+                    self._latency_zero += 1
             self._last_slot = slot
             if probs is not None:
-                self._confidence += np.bincount(confidence_bins(probs.max(axis=1)), minlength=CONFIDENCE_BINS)
+                top = probs.max(axis=1)
+                self._confidence += np.bincount(confidence_bins(top), minlength=CONFIDENCE_BINS)
+                self._confidence_exp.add(_exp_of(top))
                 counts = np.bincount(probs.argmax(axis=1), minlength=probs.shape[1])
                 if len(counts) > len(self._classes):
                     self._classes = np.pad(self._classes, (0, len(counts) - len(self._classes)))
@@ -184,8 +194,8 @@ class WindowAggregator:
             shadow["confidence_diff_sum"] = shadow.get("confidence_diff_sum", 0.0) + confidence_diff_sum
             shadow["errors"] = shadow.get("errors", 0) + int(error)
             shadow["skipped"] = shadow.get("skipped", 0) + skipped
-            if latency_ms is not None:
-                bucket = latency_bucket(latency_ms)
+            if latency_ms is not None and latency_ms > 0:
+                bucket = bucket_index(latency_ms)
                 self._shadow_latency[bucket] = self._shadow_latency.get(bucket, 0) + 1
 
     def close_window(self, spool_dropped: int = 0) -> TelemetryRecord:
@@ -200,7 +210,8 @@ class WindowAggregator:
             classes, confidence = self._classes.tolist(), self._confidence.tolist()
             shadow = None
             if self._shadow:
-                shadow = ShadowStats(**self._shadow, latency=Histogram(counts=dict(self._shadow_latency)))
+                shadow = ShadowStats(**self._shadow,
+                                     latency=Histogram.from_sketch(ExpHistogram.from_counts(self._shadow_latency)))
             self._sequence += 1
             record = TelemetryRecord(
                 record_id=f"{self.identity.device_id}/{self._sequence}", device_id=self.identity.device_id,
@@ -208,8 +219,10 @@ class WindowAggregator:
                 model_name=self.identity.model_name, device_class=self.identity.device_class,
                 window_start=self._start, window_end=end, versions=versions, inferences=self._inferences,
                 errors=self._errors, error_kinds=dict(self._error_kinds), fallback_inferences=self._fallback,
-                fallback_activations=self._activations, latency=Histogram(counts=dict(self._latency)),
+                fallback_activations=self._activations,
+                latency=Histogram.from_sketch(ExpHistogram.from_counts(self._latency, zero=self._latency_zero)),
                 confidence=confidence, classes=classes,
+                confidence_histogram=Histogram.from_sketch(self._confidence_exp),
                 drift=drift_score(self.reference, classes, confidence) if self.reference else None,
                 shadow=shadow, events=events, sensors=sensors, spool_dropped=spool_dropped)
             self._events_offset = offset
@@ -226,6 +239,14 @@ class WindowAggregator:
             return {key: float(value) for key, value in self._sensors().items()}
         except Exception:  # a sensor that fails now must not cost the window
             return {}
+
+
+def _exp_of(values: np.ndarray) -> ExpHistogram:
+    # Top-1 confidences of one batch (usually one answer): a zero confidence counts in the zero bucket.
+    positive = values[values > 0]
+    if len(positive) == 1:
+        return ExpHistogram.from_counts({bucket_index(float(positive[0])): 1}, zero=len(values) - 1)
+    return ExpHistogram.of(values)
 
 
 def _error_kind(error: Any) -> str:

@@ -3,10 +3,14 @@
 Topics, per fleet and device:
     edgeship/<fleet>/devices/<device_id>/telemetry   one TelemetryRecord per window (QoS 1)
     edgeship/<fleet>/devices/<device_id>/state       retained: versions per slot, last window, online
+    edgeship/<fleet>/replay                          retained, from the collectors: "resend what you sent lately"
 
 A record leaves the spool only when the broker acknowledged it (PUBACK). A broker outage or a process
 restart therefore loses nothing within the spool's budget; it can deliver a record twice, which the
-collector absorbs (records carry a unique `record_id`).
+collector absorbs (records carry a unique `record_id`). It also resends what the broker acknowledged in the
+last `replay_s` when a collector asks (`.../replay`): a collector that reconnected after a broker restart
+(Mosquitto 2.0 does not restore shared subscriptions from its persistence file, so what devices published
+before the collectors subscribed again went nowhere) or that starts without a session.
 
     >>> settings = MqttSettings(host="127.0.0.1", port=1883, fleet="lab")
     >>> reporter = TelemetryReporter(aggregator, Spool(state_dir / "telemetry"), settings, window_s=60)
@@ -63,13 +67,22 @@ class MqttSettings:
     def state_topic(self, device_id: str) -> str:
         return f"edgeship/{self.fleet}/devices/{device_id}/state"
 
+    def replay_topic(self) -> str:
+        return f"edgeship/{self.fleet}/replay"
+
     def subscriptions(self) -> list[str]:
         return [f"edgeship/{self.fleet}/devices/+/telemetry", f"edgeship/{self.fleet}/devices/+/state"]
 
 
-def mqtt_client(settings: MqttSettings, client_id: str, clean_session: bool = True) -> mqtt.Client:
-    """A paho client configured from settings (callback API version 2), not yet connected."""
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session)
+def mqtt_client(settings: MqttSettings, client_id: str, clean_session: bool = True, mqtt5: bool = False,
+                reconnect: bool = True) -> mqtt.Client:
+    """A paho client configured from settings (callback API version 2), not yet connected.
+
+    `mqtt5`: speak MQTT 5 (session expiry, Receive Maximum, shared subscriptions; the session is then chosen
+    at connect time, `clean_session` is not used); `reconnect=False`: do not reconnect after a disconnect."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         clean_session=None if mqtt5 else clean_session,
+                         protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311, reconnect_on_failure=reconnect)
     if settings.username:
         password = None
         if settings.password_env:
@@ -96,6 +109,8 @@ class TelemetryPublisher:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_replay_request
+        self._replay_requests: set[str] = set()
         self._inflight: dict[int, str] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -142,8 +157,23 @@ class TelemetryPublisher:
             replayed = self.spool.replay(self.replay_s)
             logger.info("reconnected; replaying %d recently sent records", replayed)
         self._connected_before = True
+        client.subscribe(self.settings.replay_topic(), qos=1)
         if self._state is not None:
             client.publish(self.settings.state_topic(self.device_id), json.dumps(self._state), qos=1, retain=True)
+        self._wake.set()
+
+    def _on_replay_request(self, client, userdata, message) -> None:
+        """A collector asks for what the broker acknowledged lately (each request once per process)."""
+        try:
+            request = json.loads(message.payload) if message.payload else {}
+        except ValueError:
+            return
+        key = f"{request.get('by')}@{request.get('at')}"
+        if not request.get("at") or key in self._replay_requests:
+            return
+        self._replay_requests.add(key)
+        replayed = self.spool.replay(self.replay_s)
+        logger.info("collector %s asked for a replay; resending %d records", request.get("by"), replayed)
         self._wake.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:

@@ -17,12 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
-from edgeship.errors import ConfigError
+from edgeship.errors import ConfigError, ExitCode
 
 COMMANDS = ("provision", "update", "status", "rollback", "confirm")
+# What `update` exits with per report status: the scheme of both command lines (edgeship.errors.ExitCode).
+UPDATE_EXIT_CODES = {
+    "updated": ExitCode.OK, "up_to_date": ExitCode.OK, "not_in_cohort": ExitCode.OK,
+    "refused": ExitCode.REFUSED,      # a signature, hash, smoke test or policy refused the model
+    "rolled_back": ExitCode.REFUSED,  # the new model failed probation; the last-known-good runs
+    "stale": ExitCode.BAD_INPUT,      # the repository's metadata expired: its publisher must re-sign
+    "error": ExitCode.BAD_INPUT,      # the repository could not be reached or used (network, disk, no such target)
+}
 
 
 def wire(command: str, parser: argparse.ArgumentParser) -> None:
@@ -66,11 +75,12 @@ def run_update(args: argparse.Namespace) -> int:
     """Run checks as the flags say, printing each UpdateReport as one JSON line.
 
     Returns:
-        The exit status of the last check: 0 for updated, up_to_date or not_in_cohort, else 1.
+        The exit status of the last check (UPDATE_EXIT_CODES): 0 for updated, up_to_date or not_in_cohort,
+        3 refused or rolled back, 2 stale or unreachable.
     """
     from edgeship.device.probation import ProbationPolicy
     from edgeship.device.state import load_identity
-    from edgeship.device.updater import SUCCESS, DeviceUpdater, UpdaterConfig
+    from edgeship.device.updater import DeviceUpdater, UpdaterConfig
 
     identity = load_identity(args.state_dir)
     repo_url = args.repo_url or (identity.repository_url if identity else None)
@@ -88,7 +98,7 @@ def run_update(args: argparse.Namespace) -> int:
     while True:
         report = updater.update()
         print(report.model_dump_json(), flush=True)
-        code = 0 if report.status in SUCCESS else 1
+        code = UPDATE_EXIT_CODES[report.status]
         if args.interval <= 0:
             return code
         try:
@@ -123,6 +133,7 @@ def run_confirm(args: argparse.Namespace) -> int:
     event = confirm(args.state_dir)
     if event is None:
         print(json.dumps({"confirmed": None, "reason": "nothing is on probation"}), flush=True)
-        return 1
+        print(f"edgeship-device: nothing is on probation in {args.state_dir}: nothing to confirm", file=sys.stderr)
+        return ExitCode.BAD_INPUT
     print(event.model_dump_json(), flush=True)
     return 0

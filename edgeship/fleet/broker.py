@@ -21,6 +21,7 @@ from pathlib import Path
 
 from edgeship.errors import ConfigError
 
+MAX_INFLIGHT = 1000
 _CANDIDATES = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 
 
@@ -51,7 +52,10 @@ class LocalBroker:
         # Run as whoever started it: as root, mosquitto would otherwise switch to user `mosquitto`, which
         # cannot write the persistence file in our directory (and sessions would not survive a restart).
         config.write_text(f"user {getpass.getuser()}\nlistener {self.port} 127.0.0.1\nallow_anonymous true\n"
-                          "max_queued_messages 100000\n"
+                          "max_queued_messages 1000000\n"
+                          # Mosquitto's default of 20 unacknowledged messages per client would cap the collector's
+                          # batches: its Receive Maximum (edgeship.fleet.collector) asks for 1000.
+                          f"max_inflight_messages {MAX_INFLIGHT}\n"
                           # Persistent sessions survive a restart, so a collector's queued messages do too.
                           f"persistence true\npersistence_location {self._dir}/\nautosave_interval 1\n")
         self.process = subprocess.Popen([mosquitto_binary(), "-c", str(config)], stdout=subprocess.DEVNULL,

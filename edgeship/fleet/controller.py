@@ -37,6 +37,8 @@ Action = Literal["advance", "complete", "hold", "abort", "none"]
 # Before its minimum of answers a device fails on latency only with this many over budget as well: answers
 # are not independent (a cold start after the hand-over, one preemption burst), two slow ones are no verdict.
 EARLY_OVER_BUDGET = 5
+# Evidence stays small at any fleet size: devices are listed up to this many per criterion (the counts are whole).
+EVIDENCE_DEVICES = 100
 
 
 class RolloutStatus(BaseModel):
@@ -130,10 +132,11 @@ def _abort_reasons(stats: VersionStats, policy: ChannelPolicy, status: RolloutSt
     for criterion in policy.abort_criteria:
         executed, failed, detail = _failures(criterion, stats, policy, status, base)
         share = 100.0 * len(failed) / len(executed) if executed else 0.0
-        evidence[criterion.failure_type] = {"executed": len(executed), "failed": sorted(failed),
-                                            "failure_percentage": round(share, 2)}
+        evidence[criterion.failure_type] = {"executed": len(executed), "failed": sorted(failed)[:EVIDENCE_DEVICES],
+                                            "failed_devices": len(failed), "failure_percentage": round(share, 2)}
         if detail:
-            evidence[criterion.failure_type]["over_budget"] = detail
+            worst = sorted(detail, key=lambda d: detail[d]["p_value"])[:EVIDENCE_DEVICES]
+            evidence[criterion.failure_type]["over_budget"] = {d: detail[d] for d in sorted(worst)}
         if len(executed) >= criterion.min_executed_devices and share >= criterion.threshold_percentage:
             reasons.append(f"abort: {criterion.failure_type} failures on {len(failed)}/{len(executed)} devices "
                            f"({share:.0f}% >= {criterion.threshold_percentage:g}%)")

@@ -4,8 +4,8 @@ scheduled-retraining deployment through Prefect's API with the reason as a param
     >>> trigger = retraining_trigger(snapshot.version("7"), params.rollout.retraining, last_started_at, now)
     >>> if trigger: start_retraining(params.rollout.retraining.deployment, trigger.reason)
 
-The drift is the PSI of the fleet's summed class and confidence counts against the reference the
-release carries (edgeship.device.telemetry); at least `min_samples` answers, and at most one start per
+The drift is the PSI of the fleet's summed class and confidence counts (the base version's rollups over
+`window_s`) against the reference the release carries (edgeship.device.telemetry); at least `min_samples` answers, and at most one start per
 `cooldown_s`, so one bad afternoon does not queue a dozen retrainings.
 """
 
@@ -40,6 +40,37 @@ def retraining_trigger(stats: VersionStats | None, policy: RetrainingPolicy, las
               f"(classes {drift.class_psi:.3f}, confidence {drift.confidence_psi:.3f}) over {drift.samples} "
               f"answers from {len(stats.devices)} devices")
     return RetrainingTrigger(stats.version, reason, {"drift": drift.model_dump(), "devices": len(stats.devices)})
+
+
+def drift_checks(repository, store, channel: str, policy: RetrainingPolicy, now: datetime,
+                 start=None) -> list[tuple[str, RetrainingTrigger, str]]:
+    """For each target whose production version drifted over the last `policy.window_s` (read from the rollups),
+    start retraining (`start(deployment, reason)`, default `start_retraining`) and record it as a `retrain`
+    decision; returns (target, trigger, flow run id) for each start."""
+    from datetime import timedelta
+
+    from edgeship.fleet.rollout import base_snapshot
+    from edgeship.ota.rollout import read_channel
+
+    start = start or start_retraining
+    repository.refresh()
+    descriptor = read_channel(repository, channel)
+    started = []
+    for target, entry in sorted((descriptor.targets if descriptor else {}).items()):
+        if entry.base is None:
+            continue
+        snapshot = base_snapshot(store, channel, target, entry, since=now - timedelta(seconds=policy.window_s))
+        previous = store.decisions(channel, target, action="retrain", evidence=False)
+        trigger = retraining_trigger(snapshot.version(entry.base.version), policy,
+                                     previous[-1]["at"] if previous else None, now)
+        if trigger is None:
+            continue
+        run_id = start(policy.deployment, trigger.reason)
+        store.add_decision(channel=channel, target=target, version=trigger.version, action="retrain",
+                           fraction_before=1.0, fraction_after=1.0, reasons=[trigger.reason],
+                           evidence={**trigger.evidence, "flow_run_id": run_id}, applied=True, at=now)
+        started.append((target, trigger, run_id))
+    return started
 
 
 def start_retraining(deployment: str, reason: str, parameters: dict | None = None) -> str:

@@ -28,7 +28,7 @@ import math
 
 from pydantic import BaseModel, ConfigDict
 
-from edgeship.records.telemetry import Histogram
+from edgeship.records.histogram import ExpHistogram as Histogram
 from edgeship.fleet.policy import LatencyAnalysis
 
 TAIL_SHARE = 0.01  # a p99 budget: at most 1% of answers over it
@@ -46,7 +46,10 @@ class TailVerdict(BaseModel):
 
 
 def binomial_sf(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p), exact (summed in log space; n is a device's answers in a snapshot)."""
+    """P(X >= k) for X ~ Binomial(n, p), exact to double precision (summed in log space).
+
+    Past the mean the terms fall at least geometrically, so the sum stops once they no longer change it: a
+    device with a day of answers (n in the hundreds of thousands) costs a few hundred terms, not n."""
     if k <= 0:
         return 1.0
     if k > n or p <= 0.0:
@@ -54,10 +57,19 @@ def binomial_sf(k: int, n: int, p: float) -> float:
     if p >= 1.0:
         return 1.0
     log_p, log_q = math.log(p), math.log1p(-p)
-    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
-             for i in range(k, n + 1)]
-    top = max(terms)
-    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+    head = math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * log_p + (n - k) * log_q
+    if k <= n * p:  # at or below the mean: sum every term (rare here: the caller asks only above allowed * n)
+        terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
+                 for i in range(k, n + 1)]
+        top = max(terms)
+        return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+    total, term, ratio = 1.0, 1.0, p / (1.0 - p)
+    for i in range(k, n):
+        term *= (n - i) / (i + 1) * ratio      # term(i + 1) / term(k)
+        total += term
+        if term < total * 1e-17:
+            break
+    return min(1.0, math.exp(head) * total)
 
 
 def allowed_tail(base: Histogram | None, budget_ms: float, analysis: LatencyAnalysis, min_samples: int,

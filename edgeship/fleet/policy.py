@@ -51,12 +51,37 @@ def store_url_for(url: str, root) -> str:
     return url
 
 
+class CollectorParams(_Section):
+    """How each collector receives and stores (edgeship.fleet.collector.CollectorSettings)."""
+
+    group: str = Field(default="edgeship", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                       description="MQTT 5 shared subscription group of the collectors")
+    session_expiry_s: int = Field(default=600, ge=0, description="how long the broker keeps a member's session")
+    receive_maximum: int = Field(default=1000, ge=1, le=65535, description="messages in flight to one collector "
+                                 "(MQTT 5 Receive Maximum); the broker's own cap must be at least this")
+    batch_size: int = Field(default=500, ge=1, description="records stored per transaction")
+    max_delay_s: float = Field(default=0.2, gt=0, description="a batch waits at most this for more records")
+
+
 class FleetParams(_Section):
     name: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                       description="topic namespace: edgeship/<name>/devices/<id>/...")
     broker: BrokerParams | None = Field(default=None, description="none: `fleet collect` starts a local broker")
     store: str = Field(default="sqlite:///fleet.db", description="SQLAlchemy URL of the fleet store")
     window_s: float = Field(default=60.0, gt=0, description="devices' telemetry window")
+    collector: CollectorParams = Field(default_factory=CollectorParams, description="batches, receive window and "
+                                       "shared subscription of `edgeship fleet collect`")
+    rollup_bucket_s: float = Field(default=300.0, gt=0, description="time bucket of the fleet-wide rollups; a change "
+                                   "needs `edgeship fleet replay`")
+    retention_days: float = Field(default=7.0, gt=0, description="raw records are kept this long (replayable)")
+    rollup_retention_days: float = Field(default=90.0, gt=0, description="rollups are kept this long")
+
+
+def open_store(fleet: FleetParams, root):
+    """The fleet store params.yaml names (a relative SQLite path resolved against `root`)."""
+    from edgeship.fleet.store import FleetStore
+
+    return FleetStore(store_url_for(fleet.store, root), bucket_s=fleet.rollup_bucket_s)
 
 
 class ExponentialRate(_Section):

@@ -114,6 +114,19 @@ def log_decision(tracking_uri: str, model_name: str, decision: Decision, timelin
     return version.run_id, f"fleet/{name}.png", png
 
 
+def record_in_mlflow(tracking_uri: str, model_name: str, result, store) -> tuple[str, str, bytes] | None:
+    """One target's pass where people look in MLflow: the decision (tag, timeline plot, evidence) on the candidate's
+    model version, fleet metrics on the candidate's and the base's. Returns the plot as log_decision does."""
+    decision = result.decision
+    timeline = store.decisions(decision.channel, decision.target, version=decision.version, evidence=False)
+    plot = log_decision(tracking_uri, model_name, decision, timeline)
+    for version in {decision.version, result.base_version} - {None}:
+        stats = result.snapshot.version(version)
+        if stats is not None:
+            log_fleet_metrics(tracking_uri, model_name, stats)
+    return plot
+
+
 def timeline_figure(decisions: list[dict], title: str):
     """Rollout fraction over time, one marker per decision (advance, hold, abort, complete)."""
     import matplotlib

@@ -130,6 +130,12 @@ class OtaRepository(Repository):
                 self._writing, self._lease = False, None
                 self._staged.clear()
 
+    def refresh(self) -> None:
+        """Reload the committed metadata without the writer lock: what a reader (the rollout controller deciding)
+        sees between two commits. A change is still made under `writing()`, which reloads again."""
+        if not self._writing:
+            self._load()
+
     # --- the steps a publisher takes -------------------------------------------------
 
     def add_target(self, target_path: str, content: bytes | PathLike) -> TargetFile:

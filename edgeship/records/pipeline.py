@@ -7,9 +7,9 @@ names where an artifact lives and what it is (hash, size, precision, input spec)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from edgeship.records.base import Record
 from edgeship.records.wire import BenchmarkResult, TensorSpec
@@ -76,7 +76,12 @@ GateComparator = Literal["<=", ">="]
 
 
 class GateCheck(Record):
-    """One check of a gate: measured value against its limit."""
+    """One check of a gate: measured value against its limit.
+
+    `passed` says only whether the measurement met the limit (a missing one did not). An `advisory` check
+    (int8 against its float sibling, unless params.yaml makes it fail) is reported but never fails the gate:
+    it can read `passed: false, advisory: true` in a gate that passed.
+    """
 
     name: str
     measured: float | None
@@ -84,7 +89,26 @@ class GateCheck(Record):
     comparator: GateComparator
     unit: str = ""
     passed: bool
+    advisory: bool = False
     reason: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_before_advisory(cls, data: Any) -> Any:
+        """A record written before `advisory` existed said `passed: true` for an advisory check over its limit:
+        read it as what it was, a failed advisory check."""
+        if not isinstance(data, dict) or "advisory" in data or not data.get("passed"):
+            return data
+        measured, limit = data.get("measured"), data.get("limit")
+        if measured is None or limit is None:
+            return data
+        met = measured <= limit if data.get("comparator", "<=") == "<=" else measured >= limit
+        return data if met else {**data, "passed": False, "advisory": True}
+
+    @property
+    def fails_gate(self) -> bool:
+        """Whether this check fails its gate: it did not pass and it is not advisory."""
+        return not self.passed and not self.advisory
 
 
 class GateReport(Record):
@@ -96,7 +120,8 @@ class GateReport(Record):
 
     @property
     def passed(self) -> bool:
-        return bool(self.checks) and all(c.passed for c in self.checks)
+        """Every check that can fail the gate passed (advisory ones are reported only); no checks: failed."""
+        return bool(self.checks) and not any(c.fails_gate for c in self.checks)
 
 
 class CompileOutcome(Record):

@@ -8,7 +8,6 @@ says which shape a record has.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from datetime import datetime
 
@@ -16,62 +15,63 @@ import numpy as np
 from pydantic import Field
 
 from edgeship.records.base import WireRecord
+from edgeship.records.histogram import (DEFAULT_SCALE, LEGACY_EDGES_MS, ExpHistogram, legacy_bucket,
+                                        merge_all)
 
-SCHEMA_VERSION = 1
-# Latency bucket upper edges in ms: geometric, 1.2x apart, 0.01 ms .. ~60 s, plus one overflow bucket.
-# Fixed so that histograms from every device and every window add up bucket by bucket.
-LATENCY_EDGES_MS: tuple[float, ...] = tuple(round(0.01 * 1.2 ** i, 6) for i in range(86))
+SCHEMA_VERSION = 2   # 2: exponential histograms (edgeship.records.histogram); 1: fixed 1.2x latency buckets
+LATENCY_EDGES_MS = LEGACY_EDGES_MS   # schema 1's bucket edges, still read
 CONFIDENCE_BINS = 10
 DRIFT_TEST = "psi"
 
 
 class Histogram(WireRecord):
-    """Counts per fixed latency bucket (sparse: bucket index -> count); bucket i holds values <= edge i."""
+    """A histogram as it travels: OpenTelemetry's exponential buckets (`scale`, `offset`, dense `buckets`,
+    `zero_count`), or, in a schema 1 record, `counts` per fixed bucket (index -> count, bucket i holding
+    values <= LATENCY_EDGES_MS[i]). Both read through `sketch()`; the methods below are shortcuts to it."""
 
-    counts: dict[int, int] = Field(default_factory=dict)
+    counts: dict[int, int] = Field(default_factory=dict)   # schema 1 fixed buckets
+    scale: int | None = None
+    offset: int = 0
+    buckets: list[int] = Field(default_factory=list)
+    zero_count: int = 0
+
+    @classmethod
+    def of(cls, values: Iterable[float], scale: int = DEFAULT_SCALE) -> Histogram:
+        return cls.from_sketch(ExpHistogram.of(values, scale))
+
+    @classmethod
+    def from_sketch(cls, sketch: ExpHistogram) -> Histogram:
+        trimmed = sketch.trimmed()
+        return cls(scale=trimmed.scale, offset=trimmed.offset, buckets=trimmed.counts.tolist(),
+                   zero_count=trimmed.zero, counts=dict(trimmed.legacy))
+
+    def sketch(self) -> ExpHistogram:
+        """The histogram as numpy counts, ready to merge and read."""
+        return ExpHistogram(self.scale if self.scale is not None else DEFAULT_SCALE, self.offset,
+                            np.asarray(self.buckets, dtype=np.int64), self.zero_count, self.counts)
 
     @property
     def total(self) -> int:
-        return sum(self.counts.values())
+        return sum(self.buckets) + self.zero_count + sum(self.counts.values())
 
     def quantile(self, q: float) -> float | None:
-        """The q-quantile in ms: the upper edge of the bucket holding it (never below the true value)."""
-        total = self.total
-        if total == 0:
-            return None
-        rank, seen = math.ceil(q * total), 0
-        for index in sorted(self.counts):
-            seen += self.counts[index]
-            if seen >= rank:
-                return LATENCY_EDGES_MS[index] if index < len(LATENCY_EDGES_MS) else math.inf
-        return math.inf
+        return self.sketch().quantile(q)
 
     def count_above(self, limit_ms: float) -> int:
-        """Values certainly above `limit_ms` (in buckets whose lower edge is at or above it)."""
-        lower = {i: (LATENCY_EDGES_MS[i - 1] if i > 0 else 0.0) for i in self.counts}
-        return sum(c for i, c in self.counts.items() if lower[i] >= limit_ms)
+        return self.sketch().count_above(limit_ms)
 
     def count_possibly_above(self, limit_ms: float) -> int:
-        """Values perhaps above `limit_ms` (in buckets whose upper edge is above it; the overflow bucket too)."""
-        return sum(c for i, c in self.counts.items() if i >= len(LATENCY_EDGES_MS) or LATENCY_EDGES_MS[i] > limit_ms)
-
-    def merged(self, other: Histogram) -> Histogram:
-        counts = dict(self.counts)
-        for index, count in other.counts.items():
-            counts[index] = counts.get(index, 0) + count
-        return Histogram(counts=counts)
+        return self.sketch().count_possibly_above(limit_ms)
 
 
 def latency_bucket(latency_ms: float) -> int:
-    """The bucket a latency falls in (the last index is the overflow bucket)."""
-    return int(np.searchsorted(LATENCY_EDGES_MS, latency_ms, side="left"))
+    """Schema 1: the fixed bucket a latency falls in (the last index is the overflow bucket)."""
+    return legacy_bucket(latency_ms)
 
 
-def merge_histograms(histograms: Iterable[Histogram]) -> Histogram:
-    total = Histogram()
-    for histogram in histograms:
-        total = total.merged(histogram)
-    return total
+def merge_histograms(histograms: Iterable[Histogram]) -> ExpHistogram:
+    """The sum of wire histograms, as one numpy histogram."""
+    return merge_all(h.sketch() for h in histograms)
 
 
 class DriftReference(WireRecord):
@@ -160,11 +160,16 @@ class TelemetryRecord(WireRecord):
     fallback_activations: int = 0         # switches from the active model to the fallback this window
     latency: Histogram = Field(default_factory=Histogram)   # answers of the active model, ms
     confidence: list[int] = Field(default_factory=list)     # top-1 confidence, CONFIDENCE_BINS bins on [0, 1]
+    confidence_histogram: Histogram | None = None           # top-1 confidence, exponential buckets (schema 2)
     classes: list[int] = Field(default_factory=list)        # predicted-class counts
     drift: DriftScore | None = None
     shadow: ShadowStats | None = None
     events: list[TelemetryEvent] = Field(default_factory=list)
     sensors: dict[str, float] = Field(default_factory=dict)
+    # Task telemetry (e.g. a detector's detections per frame, score and box-size distributions): named sums and
+    # histograms, rolled up by name (edgeship.fleet.rollup) without a change to the store.
+    sums: dict[str, float] = Field(default_factory=dict)
+    histograms: dict[str, Histogram] = Field(default_factory=dict)
     spool_dropped: int = 0                # records this device's spool ever had to drop (budget exceeded)
 
     def to_bytes(self) -> bytes:

@@ -81,8 +81,9 @@ def earns_its_place(report: GateReport, policy: GatePolicy, artifact: CompiledAr
     """Add to an int8 target's gate whether it is smaller and faster than its float sibling.
 
     Size: its bytes over the sibling's. Speed: on each device that measured both, its p50 over the sibling's;
-    the worst device counts. Bigger or slower is flagged in the check's reason; it fails the gate only with
-    `fail_if_bigger_than_fp32` / `fail_if_slower_than_fp32`. A comparison nothing measured is left out.
+    the worst device counts. Bigger or slower fails the check (`passed: false`); the check is advisory (reported,
+    not failing the gate) unless `fail_if_bigger_than_fp32` / `fail_if_slower_than_fp32` is on. A comparison
+    nothing measured is left out.
     """
     checks = list(report.checks)
     if artifact is not None and sibling_artifact is not None and sibling_artifact.bytes:
@@ -107,12 +108,12 @@ def _flag(name: str, ratio: float, sibling: str, fails: bool, detail: str, optio
     if worse:
         reason = f"int8 buys nothing here: {reason}" + ("" if fails else f"; flagged only ({option} fails it)")
     return GateCheck(name=name, measured=ratio, limit=1.0, comparator="<=", unit=f"x {sibling}",
-                     passed=not (worse and fails), reason=reason)
+                     passed=not worse, advisory=not fails, reason=reason)
 
 
 def flagged(check: GateCheck) -> bool:
-    """A check that passed although its measurement is over the limit: an advisory one (int8 vs float)."""
-    return check.passed and check.measured is not None and check.comparator == "<=" and check.measured > check.limit
+    """An advisory check that failed (int8 bigger or slower than its float sibling): worth saying, not gating."""
+    return check.advisory and not check.passed
 
 
 def flags(report: GateReport) -> list[str]:
@@ -134,7 +135,7 @@ def render_markdown(reports: list[GateReport]) -> str:
             measured = "—" if check.measured is None else f"{check.measured:g} {check.unit}".strip()
             verdict = "pass" if check.passed else f"**FAIL** {check.reason}".strip()
             if flagged(check):
-                verdict = f"pass, **flagged**: {check.reason}"
+                verdict = f"advisory, **flagged**: {check.reason}"
             lines.append(f"| {report.target} | {check.name} | {measured} | "
                          f"{check.comparator} {check.limit:g} {check.unit} | {verdict} |")
     overall = "PASS" if release_passes(reports) else "FAIL"
