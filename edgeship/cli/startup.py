@@ -43,6 +43,7 @@ class PrefectApiInBackground:
         self._process: subprocess.Popen | None = None
         if not os.environ.get("PREFECT_API_URL"):
             self._process = self._launch()
+            atexit.register(self._drop)  # never left running: a no-op once Prefect has it (and stops it itself)
         self._thread = threading.Thread(target=self._hand_over, name="edgeship-prefect-api", daemon=True)
         self._thread.start()
 
@@ -80,6 +81,7 @@ class PrefectApiInBackground:
                 return self._drop()
             server.port, server.server_process, server.running = self.port, self._process, True
             atexit.register(server.stop)
+            self._process = None  # Prefect's now
         except Exception as error:  # noqa: BLE001 - Prefect starts its own server and reports what fails
             self.error = error
             self._drop()
