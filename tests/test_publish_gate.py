@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from edgeship.cli import app
 from edgeship.config import RegistryParams
 from edgeship.errors import GateFailed
+from edgeship.files import sha256_of
 from edgeship.flows.publish import publish
 from edgeship.ota.rollout import read_channel
 from edgeship.records import BenchmarkResult, GateCheck, GateReport, HostCheck, LatencyStats, TargetSummary
@@ -201,3 +202,28 @@ def test_the_webhook_handler_publishes_the_events_version_not_the_alias(project)
     from edgeship.ota.repository import open_repository
     descriptor = read_channel(open_repository(load_params(root / "params.yaml").ota, Path(root)), "stable")
     assert descriptor.source == "version 1" and descriptor.targets["onnx-int8"].base.version == "1"
+
+
+def test_a_version_registered_before_targets_were_models_still_publishes(project, tmp_path):
+    """Old records still read: a version whose compiled files are run artifacts (compiled/<target>/), as versions
+    registered before per-target models kept them, resolves from there, checked against its recorded sha256."""
+    from mlflow import MlflowClient
+
+    from edgeship.registry.model_registry import resolve_release
+
+    root, tracking = project
+    client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+    run = ReleaseRun.start(RegistryParams(tracking_uri=tracking, artifact_location="mlartifacts"), root, "old-style")
+    artifact = make_artifact(tmp_path / "builds", "9", target="onnx-int8")
+    run.log_artifact(artifact.path, "compiled/onnx-int8")
+    run.log_text(artifact.model_copy(update={"path": Path(artifact.path.name)}).model_dump_json(),
+                 "compiled/onnx-int8/artifact.json")
+    client.create_registered_model("digits-old-style")
+    version = client.create_model_version("digits-old-style", source=f"runs:/{run.run_id}/model", run_id=run.run_id)
+    for key, value in {"edgeship.artifact.onnx-int8.sha256": artifact.sha256, "edgeship.gate.onnx-int8": "pass",
+                       "edgeship.gate": "pass", "edgeship.gate.required": "onnx-int8"}.items():
+        client.set_model_version_tag("digits-old-style", version.version, key, value)
+
+    release = resolve_release(tracking, "digits-old-style", tmp_path / "dl", version=version.version)
+    [resolved] = release.artifacts
+    assert resolved.sha256 == artifact.sha256 and sha256_of(resolved.path) == artifact.sha256
