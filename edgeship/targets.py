@@ -36,3 +36,7 @@ KNOWN_TARGETS: dict[str, TargetInfo] = {
     "tensorrt-fp16": TargetInfo("tensorrt-fp16", "tensorrt", "fp16", f"{_COMPILE}.tensorrt:TensorrtFp16", "nvidia"),
     "tensorrt-int8": TargetInfo("tensorrt-int8", "tensorrt", "int8", f"{_COMPILE}.tensorrt:TensorrtInt8", "nvidia"),
 }
+
+# The targets a detection release builds today: float ones, each with its post-processing (decode + NMS) chosen
+# per runtime (README, "Detection on each target"). int8 detection comes with the PT2E quantization path.
+DETECTION_TARGETS = frozenset(name for name, info in KNOWN_TARGETS.items() if info.precision in ("fp32", "fp16"))

@@ -65,15 +65,28 @@ def data_digits(out: Path = typer.Option(Path("data/raw"), help="image folder to
     console.print(f"wrote {count} images to {out}/<class>/")
 
 
+@data_app.command("shapes")
+def data_shapes(out: Path = typer.Option(Path("data/raw"), help="folder to write (images/ and annotations.json)"),
+                count: int = typer.Option(2000, min=3, help="images"),
+                size: int = typer.Option(128, min=16, help="image side, pixels"),
+                seed: int = typer.Option(0, help="the same seed writes the same bytes")) -> None:
+    """Write the reference detection set: RGB images of circles, squares, triangles and crosses, boxes exact (COCO)."""
+    from edgeship.tasks.detection.shapes import CLASSES, export_shapes
+
+    written = export_shapes(out, count=count, size=size, seed=seed)
+    console.print(f"wrote {written} images of {', '.join(CLASSES)} to {out}/images/ with {out}/annotations.json")
+
+
 @data_app.command("prepare")
 def data_prepare(params: Path = ParamsOption) -> None:
-    """Turn the image folder in params.data.raw_dir into splits in params.data.prepared_dir."""
+    """Turn the data in params.data.raw_dir (class folders; COCO or YOLO annotations for task: detection) into
+    splits in params.data.prepared_dir."""
     from edgeship.config import load_params
-    from edgeship.tasks.data import prepare
+    from edgeship.tasks.kinds import get_task
 
     try:
         settings = load_params(params)
-        prepared = prepare(settings.data.raw_dir, settings.data.prepared_dir, settings.data)
+        prepared = get_task(settings.task).prepare(settings.data.raw_dir, settings.data.prepared_dir, settings.data)
     except EdgeshipError as error:
         fail(error)
     console.print(f"prepared {prepared.counts} from {len(prepared.classes)} classes into {prepared.directory}")
@@ -173,9 +186,10 @@ def _file_log_with_run(log_path: Path, settings, workdir: Path, run_id: str | No
 
 
 def _print_summary(summary, out) -> None:
-    table = Table(title=f"{summary.model_name} v{summary.model_version}  (fp32 test accuracy "
+    metric = "mAP@0.5:0.95" if summary.task == "detection" else "accuracy"
+    table = Table(title=f"{summary.model_name} v{summary.model_version}  (fp32 test {metric} "
                         f"{summary.fp32_test_accuracy:.4f})")
-    for column in ("target", "size", "accuracy", "device", "p50 ms", "p99 ms", "gate"):
+    for column in ("target", "size", metric, "device", "p50 ms", "p99 ms", "gate"):
         table.add_column(column)
     for target in summary.targets:
         size = f"{target.artifact.bytes / 1e3:.0f} kB" if target.artifact else "—"

@@ -15,11 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from edgeship.config.devices import BenchmarkParams, DeviceParams, EmulationProfile, GatePolicy, TaskRunnerParams
 from edgeship.config.quantization import CompileOptions, PrecisionParams, PtqParams, QatParams, SensitivityParams
 from edgeship.config.section import Section
+from edgeship.config.task import DetectionParams, TaskName
 from edgeship.config.shipping import FallbackParams, OtaParams, RegistryParams
 from edgeship.config.training import (DataParams, DistillationParams, ModelParams, ProjectParams, PruningParams,
                                       TrainParams)
@@ -28,7 +29,7 @@ from edgeship.fleet.policy import FleetParams, RolloutParams
 from edgeship.targets import KNOWN_TARGETS
 
 __all__ = [
-    "BenchmarkParams", "CompileOptions", "DataParams", "DeviceParams", "DistillationParams", "EmulationProfile",
+    "BenchmarkParams", "CompileOptions", "DataParams", "DetectionParams", "TaskName", "DeviceParams", "DistillationParams", "EmulationProfile",
     "FallbackParams", "GatePolicy", "ModelParams", "OtaParams", "Params", "PrecisionParams", "ProjectParams",
     "PruningParams", "PtqParams", "QatParams", "RegistryParams", "Section", "SensitivityParams", "TaskRunnerParams",
     "TrainParams", "load_params", "parse_params",
@@ -39,6 +40,8 @@ class Params(Section):
     """The whole of params.yaml."""
 
     project: ProjectParams = ProjectParams()
+    task: TaskName = "classification"          # what the model predicts (edgeship.tasks.kinds)
+    detection: DetectionParams = DetectionParams()  # task: detection: the outputs' layout and the NMS
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
@@ -98,6 +101,34 @@ class Params(Section):
         if bad_io:
             raise ValueError(f"'io' applies to tflite-int8 on the tf (or auto) route only; remove it from {bad_io}")
         return options
+
+    @model_validator(mode="after")
+    def _fits_the_task(self) -> "Params":
+        """What a task cannot take yet, and gate limits written for the other task, refused by name."""
+        from edgeship.targets import DETECTION_TARGETS
+
+        other = "max_map_drop" if self.task == "classification" else "max_accuracy_drop"
+        crossed = sorted(t for t, g in self.gate.items() if other in g.model_fields_set)
+        if crossed:
+            metric = "top-1 accuracy (max_accuracy_drop)" if self.task == "classification" else \
+                "mAP@0.5:0.95 (max_map_drop)"
+            raise ValueError(f"gate {crossed} set '{other}', but task '{self.task}' gates on {metric}; rename it")
+        if self.task != "detection":
+            return self
+        unlimited = sorted(t for t, g in self.gate.items()
+                           if g.max_map_drop is None and g.p99_latency_ms is None and g.max_size_mb is None)
+        if unlimited:
+            raise ValueError(f"gate {unlimited} must set at least one of max_map_drop, p99_latency_ms, max_size_mb")
+        not_yet = [t for t in self.targets if t not in DETECTION_TARGETS]
+        if not_yet:
+            raise ValueError(f"task 'detection' builds float targets only for now: {not_yet} are int8, whose "
+                             f"detection QAT comes with the PT2E quantization path; list targets from "
+                             f"{sorted(DETECTION_TARGETS)}")
+        for section, name in ((self.distillation, "distillation"), (self.pruning, "pruning")):
+            if section.enabled:
+                raise ValueError(f"{name} is for classification for now; set {name}.enabled: false for task "
+                                 f"'detection'")
+        return self
 
     def gate_for(self, target: str) -> GatePolicy:
         """The gate policy of a target (the default policy when params.yaml sets none)."""

@@ -91,6 +91,8 @@ class DeviceParams(Section):
 class GatePolicy(Section):
     required: bool = True
     max_accuracy_drop: float | None = Field(default=1.0, ge=0, description="points below the fp32 torch model")
+    max_map_drop: float | None = Field(default=1.0, ge=0, description="task: detection: mAP@0.5:0.95 points below "
+                                                                      "the fp32 torch model")
     p99_latency_ms: float | None = Field(default=None, gt=0)
     max_size_mb: float | None = Field(default=None, gt=0)
     accept_proxy_accuracy: bool = Field(default=False, description="let a proxy's accuracy (e.g. Core ML's torch "
@@ -101,7 +103,7 @@ class GatePolicy(Section):
                                            "than the float sibling's (off: flagged only)")
 
     @model_validator(mode="after")
-    def _sets_a_limit(self) -> "GatePolicy":
+    def _sets_a_limit(self) -> "GatePolicy":  # max_map_drop's case: edgeship.config.Params (it knows the task)
         if self.max_accuracy_drop is None and self.p99_latency_ms is None and self.max_size_mb is None:
             raise ValueError("a gate must set at least one of max_accuracy_drop, p99_latency_ms, max_size_mb")
         return self

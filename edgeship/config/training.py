@@ -17,6 +17,10 @@ class ProjectParams(Section):
 
 class DataParams(Section):
     raw_dir: Path = Path("data/raw")
+    format: Literal["auto", "folders", "coco", "yolo"] = Field(
+        default="auto", description="folders: <class>/<image> (classification); coco: images/ + annotations.json; "
+                                    "yolo: images/ + labels/<image>.txt + classes.txt (detection); auto: by the task "
+                                    "and what raw_dir holds")
     prepared_dir: Path = Path("data/prepared")
     input_size: int = Field(default=32, ge=8, le=1024)
     channels: Literal[1, 3] = 1

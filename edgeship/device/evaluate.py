@@ -1,7 +1,8 @@
 """Run a validation batch through one compiled model in this process: what an evaluate job's child does.
 
 The batch is an .npz of `x` and, optionally, `y` that the pipeline sent; the answer is
-EvaluationResult fields (top-1 predictions, accuracy when labels came with it).
+EvaluationResult fields (top-1 predictions, accuracy when labels came with it; a detector's detections,
+per sample its rows [x1, y1, x2, y2, score, class], which the pipeline scores against its own boxes).
 No torch, TensorFlow, MLflow or Prefect here: this runs on the device.
 
     >>> evaluate("model.onnx", "batch.npz", EvaluationRequest(), max_batch_bytes=64 << 20)["accuracy"]
@@ -15,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeship.device.detections import open_model, trimmed
 from edgeship.device.measure import pin_cpus
-from edgeship.device.runtimes import open_session, predict_classes
+from edgeship.device.runtimes import predict_classes
 from edgeship.errors import DeviceJobFailed
 from edgeship.records import EvaluationRequest
 
@@ -31,7 +33,8 @@ def evaluate(path: str | Path, batch_path: str | Path, request: EvaluationReques
     pin_cpus(request.cpus)
     images, labels = load_batch(batch_path, max_batch_bytes)
     started = time.perf_counter_ns()
-    session = open_session(request.runtime, path, threads=request.threads, **request.runtime_options)
+    session = open_model(request.runtime, path, threads=request.threads, postprocess=request.postprocess,
+                         **request.runtime_options)
     load_ns = time.perf_counter_ns() - started
     expected = session.inputs[0].shape
     if images.ndim != len(expected) or tuple(images.shape[1:]) != tuple(expected[1:]):
@@ -40,6 +43,12 @@ def evaluate(path: str | Path, batch_path: str | Path, request: EvaluationReques
     if not session.dynamic_batch and len(images) % expected[0]:
         raise DeviceJobFailed(f"the model takes batches of exactly {expected[0]}; send a multiple of that "
                               f"many samples (got {len(images)})")
+    if request.postprocess is not None:  # a detector: its detections; the pipeline holds the boxes to score them
+        step = request.batch_size if session.dynamic_batch else expected[0]
+        detections = [row for start in range(0, len(images), step)
+                      for row in trimmed(session.run(images[start:start + step].astype(np.float32, copy=False)))]
+        return {"runtime": request.runtime, "samples": len(images), "detections": detections, "accuracy": None,
+                "load_ms": load_ns / 1e6}
     predictions = predict_classes(session, images, batch_size=request.batch_size)
     accuracy = float(np.mean(predictions == labels)) if labels is not None and len(labels) else None
     return {"runtime": request.runtime, "samples": len(images), "predictions": [int(p) for p in predictions],

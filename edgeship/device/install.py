@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeship.device.runtimes import open_session
+from edgeship.device.detections import agreement, open_model
 from edgeship.device.state import DeviceState, slot_path
 from edgeship.errors import SmokeTestFailed
 from edgeship.ota.channel import GoldenVectors, ReleasedModel
@@ -74,6 +74,14 @@ class Golden:
             return f"output shape {outputs.shape}, the reference has {reference.shape}"
         if not np.all(np.isfinite(outputs)):
             return "NaN or infinite outputs"
+        if self.spec.kind == "detections":
+            matched, score_diff = agreement(outputs, reference)
+            if matched < self.spec.min_matched:
+                return (f"detections match the reference's on {matched:.0%} (IoU-matched, same class), below "
+                        f"{self.spec.min_matched:.0%}")
+            if score_diff > self.spec.atol:
+                return f"matched detections' scores differ by {score_diff:.4g} on average (atol {self.spec.atol})"
+            return None
         if self.spec.top1 and outputs.ndim == 2:
             disagree = int(np.sum(outputs.argmax(1) != reference.argmax(1)))
             if disagree:
@@ -91,7 +99,7 @@ def smoke_test(model: ReleasedModel, path: Path, golden: Golden | None = None, t
         SmokeTestFailed: It does not load or run, or its outputs are wrong (the message says how).
     """
     try:
-        session = open_session(model.runtime, path, threads=threads)
+        session = open_model(model.runtime, path, threads=threads, postprocess=model.postprocess)
         if golden is not None:  # one input at a time: fixed-batch models take batches of one
             output = np.concatenate([np.asarray(session.run(golden.input(i))) for i in range(len(golden))])
         else:

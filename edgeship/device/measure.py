@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeship.device.runtimes import available_runtimes, open_session
+from edgeship.device.detections import open_model
+from edgeship.device.runtimes import available_runtimes
 from edgeship.errors import DeviceJobFailed
 from edgeship.records import BenchmarkRequest, TensorSpec
 
@@ -61,7 +62,8 @@ def measure(path: str | Path, runtime: str, request: BenchmarkRequest) -> Measur
     cpus = pin_cpus(request.cpus)
     rss_before = _rss_bytes()
     started = time.perf_counter_ns()
-    session = open_session(runtime, path, threads=request.threads, **request.runtime_options)
+    session = open_model(runtime, path, threads=request.threads, postprocess=request.postprocess,
+                         **request.runtime_options)
     load_ns = time.perf_counter_ns() - started
     rss_loaded = _rss_bytes()
     options = dict(getattr(session, "options", request.runtime_options))

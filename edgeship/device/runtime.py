@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeship.device import probation
-from edgeship.device.runtimes import open_session
+from edgeship.device.detections import open_model
 from edgeship.device.state import InstalledModel, active_model, fallback_model
 from edgeship.errors import NoModelInstalled
 
@@ -39,10 +39,18 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Prediction:
-    outputs: np.ndarray
+    outputs: np.ndarray  # logits; a detector's packed detections (N, K, 6)
     slot: str  # "active" | "fallback"
     version: str
     latency_ms: float
+    task: str = "classification"
+
+    @property
+    def detections(self) -> list[list[dict]] | None:
+        """A detector's answer per image: [{"box": [x1, y1, x2, y2], "score": s, "class": c}, ...]; else None."""
+        from edgeship.device.detections import as_objects
+
+        return as_objects(self.outputs) if self.task == "detection" else None
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ class InferenceRecord:
     ok: bool
     error: str | None = None
     on_probation: bool = False
+    task: str = "classification"  # "detection": outputs are packed detections (edgeship.device.detections)
 
 
 Observer = Callable[[InferenceRecord], None]
@@ -62,7 +71,9 @@ Observer = Callable[[InferenceRecord], None]
 class _Loaded:
     def __init__(self, installed: InstalledModel, threads: int):
         self.installed = installed
-        self.session = open_session(installed.model.runtime, installed.path, threads=threads)
+        self.session = open_model(installed.model.runtime, installed.path, threads=threads,
+                                  postprocess=getattr(installed.model, "postprocess", None))
+        self.task = getattr(self.session, "task", "classification")
 
     @property
     def budget(self) -> float | None:
@@ -128,7 +139,8 @@ class DeviceRuntime:
         latency_ms = (time.perf_counter() - start) * 1000
         ok = error is None and bool(np.all(np.isfinite(outputs)))
         over = loaded.budget is not None and latency_ms > loaded.budget
-        self._notify(InferenceRecord(latency_ms, "active", loaded.installed.version, outputs, ok, error, on_probation))
+        self._notify(InferenceRecord(latency_ms, "active", loaded.installed.version, outputs, ok, error, on_probation,
+                                     loaded.task))
         if on_probation and probation.record_inference(self.state_dir, latency_ms, ok) is not None:
             self._maybe_reload()
         if self._on_fallback:
@@ -146,7 +158,7 @@ class DeviceRuntime:
                              f"{self.window} requests")
         if not ok:
             return None
-        return Prediction(outputs, "active", loaded.installed.version, latency_ms)
+        return Prediction(outputs, "active", loaded.installed.version, latency_ms, loaded.task)
 
     def _run_fallback(self, batch: np.ndarray) -> Prediction:
         if self.fallback is None:
@@ -155,8 +167,9 @@ class DeviceRuntime:
         start = time.perf_counter()
         outputs = np.asarray(self.fallback.session.run(batch))
         latency_ms = (time.perf_counter() - start) * 1000
-        self._notify(InferenceRecord(latency_ms, "fallback", self.fallback.installed.version, outputs, True))
-        return Prediction(outputs, "fallback", self.fallback.installed.version, latency_ms)
+        self._notify(InferenceRecord(latency_ms, "fallback", self.fallback.installed.version, outputs, True,
+                                     task=self.fallback.task))
+        return Prediction(outputs, "fallback", self.fallback.installed.version, latency_ms, self.fallback.task)
 
     def _switch(self, reason: str) -> None:
         if self.fallback is None:

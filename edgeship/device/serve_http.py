@@ -1,6 +1,7 @@
 """The HTTP face of `edgeship-device serve` (FastAPI + uvicorn, on loopback or a Unix socket).
 
-    POST /predict   body: a .npy array (Content-Type application/x-npy) or JSON {"inputs": [[...]]}
+    POST /predict   body: a .npy array (Content-Type application/x-npy) or JSON {"inputs": [[...]]};
+                    a detector's answer adds "detections": per image [{"box", "score", "class"}, ...]
     GET  /health    versions per slot, the runtime's slot now, telemetry counters
 
 `field` is an edgeship.device.serve.FieldRuntime.
@@ -44,8 +45,11 @@ def create_app(field):
             return Response(out.getvalue(), media_type="application/x-npy",
                             headers={"x-slot": prediction.slot, "x-version": str(prediction.version),
                                      "x-latency-ms": f"{prediction.latency_ms:.4f}"})
-        return {"outputs": prediction.outputs.tolist(), "slot": prediction.slot, "version": prediction.version,
-                "latency_ms": prediction.latency_ms}
+        answer = {"outputs": prediction.outputs.tolist(), "slot": prediction.slot, "version": prediction.version,
+                  "latency_ms": prediction.latency_ms}
+        if prediction.detections is not None:  # a detector: per image its objects
+            answer["detections"] = prediction.detections
+        return answer
 
     return app
 

@@ -3,8 +3,8 @@
 The application's answer never waits for the shadow and never comes from it: `offer()` only draws the
 sample and puts (input, active outputs) on a short queue (a full queue skips the sample and counts
 it); a background thread runs the shadow model (the state directory's shadow slot, installed by the
-updater for the shadow cohort) and reports top-1 agreement, the confidence difference and the shadow's
-own latency to the telemetry aggregator (`WindowAggregator.on_shadow`).
+updater for the shadow cohort) and reports top-1 agreement (a detector's: IoU-matched detections, `compare`),
+the confidence difference and the shadow's own latency to the telemetry aggregator (`WindowAggregator.on_shadow`).
 
 The shadow runs in the primary's idle time only: the caller brackets each answer with `primary_started()`
 and `primary_done()`, and a sample waits until no answer is in progress and none has finished for
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeship.device.runtimes import open_session
+from edgeship.device.detections import frame_agreement, open_model
 from edgeship.device.telemetry import probabilities
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,8 @@ class ShadowRunner:
             self._session, self._version = None, None
         elif installed.version != self._version:
             try:
-                self._session = open_session(installed.model.runtime, installed.path, threads=self.threads)
+                self._session = open_model(installed.model.runtime, installed.path, threads=self.threads,
+                                           postprocess=getattr(installed.model, "postprocess", None))
                 self._version = installed.version
             except Exception as error:
                 logger.warning("shadow model v%s does not load: %s", installed.version, error)
@@ -149,11 +150,25 @@ class ShadowRunner:
                 start = time.perf_counter()
                 outputs = np.asarray(session.run(batch))
                 latency_ms = (time.perf_counter() - start) * 1000
-                mine, theirs = probabilities(outputs), probabilities(active_outputs)
-                agreements = int(np.sum(mine.argmax(axis=1) == theirs.argmax(axis=1)))
-                diff = float(np.sum(np.abs(mine.max(axis=1) - theirs.max(axis=1))))
+                agreements, samples, diff = compare(outputs, np.asarray(active_outputs),
+                                                    getattr(session, "task", "classification"))
                 self.compared += 1
-                self.report(self._version, agreements, len(mine), diff, latency_ms)
+                self.report(self._version, agreements, samples, diff, latency_ms)
             except Exception as error:  # a failing shadow is telemetry, never an outage
                 logger.warning("shadow run failed: %s", error)
                 self.report(self._version, 0, 0, 0.0, None, error=True)
+
+
+def compare(shadow: np.ndarray, active: np.ndarray, task: str) -> tuple[int, int, float]:
+    """(agreements, samples, summed confidence difference) of the shadow's answer against the active one's.
+
+    A classifier: per input, the same top-1 class, and |top-1 confidence difference|. A detector: per frame its
+    IoU-matched detections (same class, IoU >= 0.5) over the larger set (two empty answers agree: 1 of 1), and
+    the |score difference| of the matched pairs; so the window's agreement is the matched fraction.
+    """
+    if task == "detection":
+        totals = [frame_agreement(mine, theirs) for mine, theirs in zip(shadow, active)]
+        return sum(t[0] for t in totals), sum(t[1] for t in totals), float(sum(t[2] for t in totals))
+    mine, theirs = probabilities(shadow), probabilities(active)
+    return (int(np.sum(mine.argmax(axis=1) == theirs.argmax(axis=1))), len(mine),
+            float(np.sum(np.abs(mine.max(axis=1) - theirs.max(axis=1)))))

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeship.device.telemetry_detection import DetectionWindow, summarize
 from edgeship.files import write_atomic
 from edgeship.records.histogram import DEFAULT_SCALE, ExpHistogram, bucket_index
 from edgeship.records.telemetry import (CONFIDENCE_BINS, DeviceIdentity, DriftReference, DriftScore, Histogram,
@@ -77,16 +78,23 @@ def psi(expected: Iterable[float], observed_counts: Iterable[float]) -> float:
     return float(np.sum((q - p) * np.log(q / p)))
 
 
-def drift_score(reference: DriftReference, classes: list[int], confidence: list[int]) -> DriftScore | None:
-    """PSI of a window's (or a fleet's) class and confidence counts against the release's reference."""
-    samples = int(sum(classes))
+def drift_score(reference: DriftReference, classes: list[int], confidence: list[int],
+                detections: DetectionWindow | None = None) -> DriftScore | None:
+    """PSI of a window's (or a fleet's) class and confidence counts against the release's reference; for a detector
+    (given its window) also of detections per frame and box sizes, where the reference has them."""
+    samples = int(sum(classes)) if detections is None else detections.frames
     if samples == 0:
         return None
-    class_psi = psi(reference.class_distribution, classes)
-    confidence_psi = psi(reference.confidence_histogram, confidence)
+    class_psi = psi(reference.class_distribution, classes) if sum(classes) else 0.0
+    confidence_psi = psi(reference.confidence_histogram, confidence) if sum(confidence) else 0.0
+    extra = {}
+    if detections is not None and reference.per_frame_histogram is not None:
+        extra["per_frame_psi"] = round(psi(reference.per_frame_histogram, detections.per_frame), 6)
+    if detections is not None and reference.box_size_histogram is not None and detections.detections:
+        extra["box_size_psi"] = round(psi(reference.box_size_histogram, detections.box_sizes), 6)
     return DriftScore(class_psi=round(class_psi, 6), confidence_psi=round(confidence_psi, 6),
-                      score=round(max(class_psi, confidence_psi), 6), samples=samples,
-                      reference_version=reference.version)
+                      score=round(max(class_psi, confidence_psi, *extra.values()), 6), samples=samples,
+                      reference_version=reference.version, **extra)
 
 
 def read_events(path: Path, offset: int) -> tuple[list[TelemetryEvent], int]:
@@ -149,12 +157,16 @@ class WindowAggregator:
         self._classes = np.zeros(0, dtype=np.int64)
         self._shadow: dict[str, Any] = {}
         self._shadow_latency: dict[int, int] = {}
+        self._detections: DetectionWindow | None = None
 
     def on_inference(self, record: Any) -> None:
         """Runtime observer: `record` has latency_ms, slot, version, outputs, ok, error (an InferenceRecord)."""
         ok, slot = bool(getattr(record, "ok", True)), getattr(record, "slot", "active")
         outputs = getattr(record, "outputs", None)
-        probs = probabilities(outputs) if ok and outputs is not None and np.size(outputs) else None
+        detector = getattr(record, "task", "classification") == "detection"
+        answered = ok and outputs is not None and np.size(outputs) > 0
+        probs = probabilities(outputs) if answered and not detector else None
+        found = summarize(outputs) if answered and detector else None
         with self._lock:
             self._inferences += 1
             if not ok:
@@ -173,11 +185,18 @@ class WindowAggregator:
                 else:
                     self._latency_zero += 1
             self._last_slot = slot
-            if probs is not None:
-                top = probs.max(axis=1)
-                self._confidence += np.bincount(confidence_bins(top), minlength=CONFIDENCE_BINS)
-                self._confidence_exp.add(_exp_of(top))
-                counts = np.bincount(probs.argmax(axis=1), minlength=probs.shape[1])
+            if found is not None:  # a detector: its detections' scores and classes, and its window's counts
+                self._confidence += found.confidence
+                if len(found.scores):
+                    self._confidence_exp.add(ExpHistogram.of(found.scores))
+                self._detections = found.added_to(self._detections)
+            if probs is not None or found is not None:
+                if probs is not None:
+                    top = probs.max(axis=1)
+                    self._confidence += np.bincount(confidence_bins(top), minlength=CONFIDENCE_BINS)
+                    self._confidence_exp.add(_exp_of(top))
+                counts = np.bincount(probs.argmax(axis=1), minlength=probs.shape[1]) if probs is not None \
+                    else found.classes
                 if len(counts) > len(self._classes):
                     self._classes = np.pad(self._classes, (0, len(counts) - len(self._classes)))
                 self._classes[:len(counts)] += counts
@@ -207,7 +226,7 @@ class WindowAggregator:
         versions = self._versions()
         sensors = self._read_sensors()
         with self._lock:
-            classes, confidence = self._classes.tolist(), self._confidence.tolist()
+            classes, confidence, detections = self._classes.tolist(), self._confidence.tolist(), self._detections
             shadow = None
             if self._shadow:
                 shadow = ShadowStats(**self._shadow,
@@ -223,8 +242,9 @@ class WindowAggregator:
                 latency=Histogram.from_sketch(ExpHistogram.from_counts(self._latency, zero=self._latency_zero)),
                 confidence=confidence, classes=classes,
                 confidence_histogram=Histogram.from_sketch(self._confidence_exp),
-                drift=drift_score(self.reference, classes, confidence) if self.reference else None,
-                shadow=shadow, events=events, sensors=sensors, spool_dropped=spool_dropped)
+                drift=drift_score(self.reference, classes, confidence, detections) if self.reference else None,
+                shadow=shadow, events=events, sensors=sensors, spool_dropped=spool_dropped,
+                **(detections.as_record_fields() if detections is not None else {}))
             self._events_offset = offset
             self._reset(end)
             sequence = self._sequence

@@ -46,7 +46,7 @@ from tuf.ngclient import UpdaterConfig as TufUpdaterConfig
 from edgeship.device import probation
 from edgeship.device.install import Golden, clear_downloads, pause_point, place, prune, random_batch, smoke_test
 from edgeship.device.probation import ProbationPolicy
-from edgeship.device.runtimes import open_session
+from edgeship.device.detections import open_model
 from edgeship.device.state import (BadRelease, DeviceState, UpdateReport, changing_state, device_identity,
                                    installed_model, is_intact, log_event, slot_path)
 from edgeship.device.telemetry import keep_drift_reference
@@ -258,7 +258,7 @@ class DeviceUpdater:
         policy = self.config.probation
         path = slot_path(self.state_dir, model)
         try:
-            session = open_session(model.runtime, path, threads=self.config.threads)
+            session = open_model(model.runtime, path, threads=self.config.threads, postprocess=model.postprocess)
             inputs = [golden.input(i) for i in range(len(golden))] if golden else [random_batch(model, session)]
             session.run(inputs[0])  # warm-up: the first run pays for allocation, not the model
         except Exception as error:

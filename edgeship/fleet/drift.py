@@ -84,22 +84,27 @@ def start_retraining(deployment: str, reason: str, parameters: dict | None = Non
 
 def release_drift_reference(test_split: Path, artifacts, version: str, limit: int = 2000) -> dict | None:
     """The reference a release carries into its channel entries: its own class and confidence distributions
-    on the pipeline's test split (from the first artifact that runs here), or None without a test split."""
+    on the pipeline's test split (a detector's: of its detections, with detections per frame and box sizes),
+    from the first artifact that runs here; None without a test split."""
     import numpy as np
 
-    from edgeship.device.runtimes import open_session
+    from edgeship.device.detections import open_model
     from edgeship.device.telemetry import drift_reference
+    from edgeship.device.telemetry_detection import detection_drift_reference
+    from edgeship.tasks.data import images_of
 
     if not Path(test_split).is_file():
         return None
     with np.load(test_split) as arrays:
-        inputs = arrays["x"][:limit].astype(np.float32)
+        inputs = images_of(arrays, limit).astype(np.float32, copy=False)
     for artifact in artifacts:
         try:
-            session = open_session(artifact.runtime, artifact.path, threads=1)
-            outputs = np.concatenate([np.asarray(session.run(inputs[i:i + 1])).reshape(1, -1)
-                                      for i in range(len(inputs))])
+            session = open_model(artifact.runtime, artifact.path, threads=1, postprocess=artifact.postprocess)
+            outputs = [np.asarray(session.run(inputs[i:i + 1])) for i in range(len(inputs))]
         except Exception:  # a runtime that does not run here (Core ML on Linux): try the next target
             continue
-        return drift_reference(outputs, version=str(version)).model_dump()
+        if artifact.postprocess is not None:
+            return detection_drift_reference(np.concatenate(outputs), artifact.postprocess.num_classes,
+                                             version=str(version))
+        return drift_reference(np.concatenate([o.reshape(1, -1) for o in outputs]), version=str(version)).model_dump()
     return None

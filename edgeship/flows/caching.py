@@ -95,10 +95,30 @@ def _task_source(context) -> str:
 # --- one key function per cached task: (TaskRunContext, parameters) -> key --------------------------------
 
 
+def _detection(params) -> dict:
+    """What a detection release adds to the keys (nothing for classification, whose keys stay as they were)."""
+    if params.task != "detection":
+        return {}
+    return {"detection": params.detection, "detection_code": source_hash(*DETECTION_MODULES)}
+
+
+def _detector(trained) -> dict:
+    """A detector's head (its NMS included) and the detection code, for the keys of stages that take it."""
+    if trained.detection is None:
+        return {}
+    return {"detection": trained.detection, "detection_code": source_hash(*DETECTION_MODULES)}
+
+
+DETECTION_MODULES = ("edgeship.tasks.detection.train", "edgeship.tasks.detection.loss", "edgeship.tasks.detection.decode",
+                     "edgeship.tasks.detection.data", "edgeship.tasks.detection.metric", "edgeship.tasks.compile.detection",
+                     "edgeship.device.detections")
+
+
 def train_key(context, p: dict) -> str:
     params = p["params"]
     return digest(stage="train", data=data_hash(p["data"]), model=params.model, train=params.train,
-                  code=source_hash(params.model.factory, "edgeship.tasks.train"), task=_task_source(context))
+                  code=source_hash(params.model.factory, "edgeship.tasks.train"), task=_task_source(context),
+                  **_detection(params))
 
 
 def distillation_key(context, p: dict) -> str:
@@ -150,12 +170,13 @@ def compile_key(context, p: dict) -> str:
                   quantized=None if quantized is None else {
                       "onnx": file_hash(quantized.onnx_path), "float": file_hash(quantized.qat_float_checkpoint),
                       "plan": quantized.plan},
-                  code=source_hash(module, "edgeship.tasks.compile"), task=_task_source(context))
+                  code=source_hash(module, "edgeship.tasks.compile"), task=_task_source(context),
+                  **_detector(p["trained"]))
 
 
 def reference_key(context, p: dict) -> str:
     return digest(stage="reference-logits", **_trained(p), code=source_hash("edgeship.tasks.host_check"),
-                  task=_task_source(context))
+                  task=_task_source(context), **_detector(p["trained"]))
 
 
 def host_check_key(context, p: dict) -> str:

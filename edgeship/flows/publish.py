@@ -87,8 +87,10 @@ def golden_vectors(params: Params, root: Path, release: ResolvedRelease, dst: Pa
     if params.ota.golden_count == 0 or not test_split.is_file():
         logger.warning("no golden vectors: %s is missing (run `edgeship data prepare`)", test_split)
         return {}
+    from edgeship.tasks.data import images_of
+
     with np.load(test_split) as arrays:
-        inputs = arrays["x"][:params.ota.golden_count]
+        inputs = images_of(arrays, params.ota.golden_count)
     found = dict(release.golden)
     for artifact in (a for a in release.artifacts if a.target not in found):
         path = write_golden(artifact, inputs, dst / f"golden-{artifact.target}.npz")

@@ -30,6 +30,7 @@ from edgeship.records import ReleaseSummary, TargetSummary
 from edgeship.registry.tracking import ReleaseRun
 from edgeship.tasks.data_version import Reproduction
 from edgeship.tasks.gate import earns_its_place, evaluate_gate, float_sibling, release_passes
+from edgeship.tasks.kinds import get_task
 
 
 @flow(name="release", log_prints=True)
@@ -136,7 +137,7 @@ def _release(root: Path, params, run: ReleaseRun, out_dir: Path, cache: ProjectC
         on_device = [b.accuracy for b in measured if b.accuracy is not None]
         gate = evaluate_gate(target, params.gate_for(target), trained.test_accuracy, outcome.artifact,
                              host_checks.get(target), measured, device_accuracy=min(on_device, default=None),
-                             compile_error=outcome.error)
+                             compile_error=outcome.error, metric=get_task(params.task).metric)
         sibling = float_sibling(target, params.targets)
         if sibling:  # int8 earns its place: smaller and faster than the float target on the same runtime
             gate = earns_its_place(gate, params.gate_for(target), outcome.artifact, measured, sibling,
@@ -150,4 +151,5 @@ def _release(root: Path, params, run: ReleaseRun, out_dir: Path, cache: ProjectC
     passed = release_passes(gates)
     return ReleaseSummary(model_name=params.project.name, model_version=version, run_id=run.run_id,
                           fp32_test_accuracy=trained.test_accuracy, data_hash=data.dvc_hash, targets=summaries,
-                          passed=passed, aliases=[params.registry.candidate_alias] if passed else [])
+                          passed=passed, aliases=[params.registry.candidate_alias] if passed else [],
+                          task=params.task, fp32_metrics=trained.metrics)

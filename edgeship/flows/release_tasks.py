@@ -46,7 +46,15 @@ def prepare_data(workdir: Path, params: Params, run: ReleaseRun, preparing=None)
     progress().start("data", total=1)
     data_hash = (preparing or data_version.Reproduction(workdir)).result()
     data = read_prepared(workdir / params.data.prepared_dir).model_copy(update={"dvc_hash": data_hash})
-    run.set_tags({"edgeship.data_hash": data_hash or "unlocked", "edgeship.data_classes": len(data.classes)})
+    if data.task != params.task:
+        from edgeship.errors import DataError
+
+        raise DataError(f"{params.data.prepared_dir} was prepared for task '{data.task}', params.yaml says "
+                        f"'{params.task}'; run `dvc repro prepare` (dvc.yaml's prepare stage must list `task` in "
+                        f"its params)")
+    run.set_tags({"edgeship.data_hash": data_hash or "unlocked", "edgeship.data_classes": len(data.classes),
+                  "edgeship.task": params.task,
+                  **({"edgeship.data_annotations_sha256": data.annotations_sha256} if data.annotations_sha256 else {})})
     run.log_params({"data.counts": data.counts})
     lock = workdir / "dvc.lock"
     if lock.is_file():
@@ -60,14 +68,15 @@ def train_model(params: Params, data: PreparedData, out_dir: Path, run: ReleaseR
     """Train the fp32 model; log per-epoch metrics and the model itself (with signature) to MLflow."""
     from edgeship.registry.model_registry import log_torch_model
     from edgeship.tasks.data import load_split
-    from edgeship.tasks.train import load_model, train
+    from edgeship.tasks.kinds import get_task
+    from edgeship.tasks.train import load_model
 
-    trained = train(data, params.model, params.train, out_dir,
-                    on_epoch=epoch_logger(run, "train", params.train.epochs))
-    run.log_metrics({"fp32/val_accuracy": trained.val_accuracy, "fp32/test_accuracy": trained.test_accuracy})
+    task = get_task(params.task)
+    trained = task.train(data, params, out_dir, on_epoch=epoch_logger(run, "train", params.train.epochs))
+    log_fp32_metrics(run, trained)
     example, _ = load_split(data, "test")
     model_uri = log_torch_model(run, load_model(trained), example[:1])
-    progress().finish("train", note=f"test acc {trained.test_accuracy:.4f}")
+    progress().finish("train", note=f"test {task.metric} {trained.test_accuracy:.4f}")
     return trained.model_copy(update={"mlflow_run_id": run.run_id, "model_uri": model_uri})
 
 
@@ -160,7 +169,8 @@ def log_host_check(run: ReleaseRun, artifact: CompiledArtifact, result: HostChec
     """The host check's metrics (a reused check logs them again, into this run)."""
     target = artifact.target
     run.log_metrics({f"{target}/host_accuracy": result.accuracy, f"{target}/top1_agreement": result.top1_agreement,
-                     f"{target}/max_abs_logit_diff": result.max_abs_logit_diff})
+                     f"{target}/max_abs_logit_diff": result.max_abs_logit_diff,
+                     **{f"{target}/host_{k}": v for k, v in result.metrics.items()}})
 
 
 @task(name="benchmark", task_run_name="benchmark-{artifact.target}-on-{device}", cache_policy=NO_CACHE,
@@ -280,9 +290,18 @@ def reused(stage: str, run: ReleaseRun, note: str = "") -> None:
     run.set_tags({"edgeship.cached." + re.sub(r"[^A-Za-z0-9_.-]+", "_", stage): "true"})  # bench_onnx-int8_local
 
 
+def log_fp32_metrics(run: ReleaseRun, trained: TrainedModel) -> None:
+    """fp32/val_<metric>, fp32/test_<metric> (accuracy, or a detector's map) and the task's other test metrics."""
+    from edgeship.tasks.kinds import task_of
+
+    metric = task_of(trained).metric
+    run.log_metrics({f"fp32/val_{metric}": trained.val_accuracy, f"fp32/test_{metric}": trained.test_accuracy,
+                     **{f"fp32/test_{k}": v for k, v in trained.metrics.items()}})
+
+
 def reused_model(run: ReleaseRun, trained: TrainedModel, stage: str = "train") -> None:
     """The fp32 model comes from an earlier run (its model URI, checkpoint and epoch history are there)."""
-    run.log_metrics({"fp32/val_accuracy": trained.val_accuracy, "fp32/test_accuracy": trained.test_accuracy})
+    log_fp32_metrics(run, trained)
     run.set_tags({"edgeship.model_from_run": trained.mlflow_run_id or "unknown"})
     reused(stage, run, f"test acc {trained.test_accuracy:.4f} (run {str(trained.mlflow_run_id)[:8]})")
 
@@ -331,14 +350,17 @@ def register(params: Params, trained: TrainedModel, summaries: list[TargetSummar
     """Register the model version with its verdicts and lineage (the stages its model went through, in order),
     each compiled target as a model of the run with its measurements; alias it `candidate` when the gates pass."""
     from edgeship.registry.model_registry import register_release
+    from edgeship.tasks.kinds import get_task
 
     tags = {}
     if lineage:
         tags = {"edgeship.lineage": " -> ".join(k for k in lineage if "." not in k),
                 **{f"edgeship.lineage.{stage}": detail for stage, detail in lineage.items()}}
+    metric = get_task(params.task).metric
     progress().start("register")
     version = register_release(run, params.project.name, trained.model_uri, summaries,
                                alias=params.registry.candidate_alias,
-                               metrics={"fp32_test_accuracy": trained.test_accuracy}, tags=tags)
+                               metrics={f"fp32_test_{metric}": trained.test_accuracy,
+                                        **{f"fp32_test_{k}": v for k, v in trained.metrics.items()}}, tags=tags)
     progress().finish("register", note=f"{params.project.name} v{version}")
     return version

@@ -31,7 +31,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializationInfo, model_serializer
 
-from edgeship.records import TensorSpec
+from edgeship.records import DetectionOutputs, TensorSpec
 
 # Names that become path components on the device (versions/<version>/...) or
 # in the repository (channels/<channel>.json): no separators, no dot-dot.
@@ -63,6 +63,10 @@ class GoldenVectors(_Wire):
     rtol: float = Field(default=0.05, ge=0)
     top1: bool = True
     count: int = 0
+    # What the outputs are: "logits" (compared value by value, top-1 exactly), or a detector's "detections"
+    # (IoU-matched: at least `min_matched` of them matched, matched scores within atol; edgeship.device.install)
+    kind: Literal["logits", "detections"] = "logits"
+    min_matched: float = Field(default=0.9, ge=0, le=1)
 
 
 class ReleasedModel(_Wire):
@@ -77,6 +81,7 @@ class ReleasedModel(_Wire):
     model_name: str = ""
     latency_budget_ms: float | None = None  # the gate's p99 budget for this target
     golden: GoldenVectors | None = None
+    postprocess: DetectionOutputs | None = None  # a detector: its outputs, and the NMS after them (where not in it)
 
     @property
     def filename(self) -> str:

@@ -1,5 +1,6 @@
 """Golden vectors: a few real inputs and the outputs the pipeline's own runtime check gives for them.
 
+A detector's outputs are its packed detections (edgeship.device.detections), compared IoU-matched.
 They are signed with the release (an .npz target next to the model file) and the
 device's smoke test runs the same inputs through the file it is about to install
 and requires the same outputs within tolerance: a model that loads and runs but
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeship.device.runtimes import open_session, unavailable_reason
+from edgeship.device.detections import open_model
+from edgeship.device.runtimes import unavailable_reason
 from edgeship.records import CompiledArtifact
 
 logger = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ def write_golden(artifact: CompiledArtifact, inputs: np.ndarray, path: Path) -> 
     if reason:
         logger.warning("no golden vectors for %s: %s", artifact.target, reason)
         return None
-    session = open_session(artifact.runtime, artifact.path, threads=1)
+    session = open_model(artifact.runtime, artifact.path, threads=1, postprocess=artifact.postprocess)
     inputs = np.ascontiguousarray(inputs, dtype=np.dtype(artifact.inputs[0].dtype) if artifact.inputs else None)
     outputs = np.concatenate([np.asarray(session.run(inputs[i:i + 1])) for i in range(len(inputs))])
     path.parent.mkdir(parents=True, exist_ok=True)

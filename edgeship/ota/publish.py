@@ -59,10 +59,11 @@ def upload_model(repository: OtaRepository, model_name: str, version: str | int,
         with np.load(Path(golden)) as arrays:
             count = int(arrays["inputs"].shape[0])
         vectors = GoldenVectors(target_path=info.path, sha256=info.hashes["sha256"], bytes=info.length,
-                                atol=golden_tolerance[0], rtol=golden_tolerance[1], count=count)
+                                atol=golden_tolerance[0], rtol=golden_tolerance[1], count=count,
+                                kind="detections" if artifact.postprocess else "logits")
     return ReleasedModel(version=version, target_path=target_path, sha256=artifact.sha256, bytes=artifact.bytes,
                          runtime=artifact.runtime, inputs=artifact.inputs, model_name=model_name,
-                         latency_budget_ms=latency_budget_ms, golden=vectors)
+                         latency_budget_ms=latency_budget_ms, golden=vectors, postprocess=artifact.postprocess)
 
 
 def publish_release(

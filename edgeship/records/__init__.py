@@ -4,6 +4,7 @@
 - `pipeline`: what the release's stages hand each other (data, models, artifacts, gates, summaries);
 - `quantization`: the quantized model, per-layer sensitivity, the precision plan;
 - `pruning`: the pruning search's candidates and its choice;
+- `detection`: how a detector's outputs decode, and what a compiled detector's file outputs;
 - `telemetry`: what a device publishes each window over MQTT, and the fleet side reads.
 
 Import from here (`from edgeship.records import BenchmarkResult`); the submodules say where a record belongs.
@@ -12,6 +13,7 @@ Import from here (`from edgeship.records import BenchmarkResult`); the submodule
 from edgeship.records.base import Record, WireRecord
 from edgeship.records.pipeline import (CompiledArtifact, CompileOutcome, GateCheck, GateComparator, GateReport, HostCheck,
                                        PreparedData, ReleaseSummary, TargetSummary, TrainedModel)
+from edgeship.records.detection import DetectionFormat, DetectionHead, DetectionOutputs, NmsSettings
 from edgeship.records.pruning import PruningCandidate, PruningReport
 from edgeship.records.quantization import (LayerSensitivity, PlanCandidate, PrecisionPlan, QuantizedModel,
                                            SensitivityReport)
@@ -22,7 +24,8 @@ from edgeship.records.wire import (BenchmarkRequest, BenchmarkResult, ChannelSta
                                    UpdateReport, UpdateStatus)
 
 __all__ = [
-    "MIN_AGENT_PROTOCOL", "PROTOCOL", "WireRecord", "BenchmarkRequest", "BenchmarkResult", "ChannelStats", "CompileOutcome", "CompiledArtifact", "DeviceInfo",
+    "MIN_AGENT_PROTOCOL", "PROTOCOL", "WireRecord", "DetectionFormat", "DetectionHead", "DetectionOutputs",
+    "NmsSettings", "BenchmarkRequest", "BenchmarkResult", "ChannelStats", "CompileOutcome", "CompiledArtifact", "DeviceInfo",
     "EvaluationRequest", "EvaluationResult", "GateCheck", "GateComparator", "GateReport", "HostCheck",
     "LatencyHistogram", "LatencyStats", "LatencyWindow", "LayerSensitivity", "PlanCandidate", "PrecisionPlan",
     "PreparedData", "PruningCandidate", "PruningReport", "QuantizedModel", "Record", "ReleaseSummary", "RuntimeOption", "SensitivityReport",

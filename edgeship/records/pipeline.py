@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from edgeship.records.base import Record
+from edgeship.records.detection import DetectionHead, DetectionOutputs
 from edgeship.records.wire import BenchmarkResult, TensorSpec
 
 
@@ -23,6 +24,8 @@ class PreparedData(Record):
     input_shape: tuple[int, int, int]  # (channels, height, width)
     counts: dict[str, int]
     dvc_hash: str | None = None  # md5 of the prepared directory from dvc.lock (lineage)
+    task: str = "classification"  # what the labels are: class indices, or boxes (edgeship.tasks.kinds)
+    annotations_sha256: str | None = None  # detection: the source annotations' hash (lineage)
 
     def split_path(self, split: str) -> Path:
         return self.directory / f"{split}.npz"
@@ -36,8 +39,11 @@ class TrainedModel(Record):
     factory_kwargs: dict = Field(default_factory=dict)
     num_classes: int
     input_shape: tuple[int, int, int]
-    val_accuracy: float
+    val_accuracy: float  # the task's metric: top-1 accuracy, or mAP@0.5:0.95 for detection (a fraction)
     test_accuracy: float
+    task: str = "classification"
+    detection: DetectionHead | None = None  # task: detection: how its outputs decode
+    metrics: dict[str, float] = Field(default_factory=dict)  # the task's other test metrics (map50, ...)
     mlflow_run_id: str | None = None
     model_uri: str | None = None  # the logged fp32 model in MLflow (models:/...)
     teacher: str | None = None  # what it was distilled from (a factory or an MLflow URI), when it was
@@ -57,15 +63,18 @@ class CompiledArtifact(Record):
     converter: dict[str, str] = Field(default_factory=dict)  # tool -> version
     # What the target's converter did and checked: route, which weights, op census, a proxy's metrics, ...
     notes: dict = Field(default_factory=dict)
+    postprocess: DetectionOutputs | None = None  # a detector: its outputs and the NMS after them, where not in it
 
 
 class HostCheck(Record):
     """A compiled artifact loaded on its own runtime on this host and evaluated."""
 
     target: str
-    accuracy: float | None
+    accuracy: float | None  # the task's metric (detection: mAP@0.5:0.95)
     top1_agreement: float | None = None  # vs the fp32 torch model
     max_abs_logit_diff: float | None = None
+    metrics: dict[str, float | None] = Field(default_factory=dict)  # the task's others (detection: map50,
+    #                                                                  matched_fraction, score_diff)
     runtime: str
     error: str | None = None
     proxy: bool = False  # measured on a stand-in (e.g. torch fake-quant) because the runtime does not run here
@@ -149,8 +158,10 @@ class ReleaseSummary(Record):
     model_name: str
     model_version: str | None
     run_id: str | None
-    fp32_test_accuracy: float
+    fp32_test_accuracy: float  # the task's metric (detection: mAP@0.5:0.95)
     data_hash: str | None
     targets: list[TargetSummary]
     passed: bool
     aliases: list[str] = Field(default_factory=list)
+    task: str = "classification"
+    fp32_metrics: dict[str, float] = Field(default_factory=dict)  # the task's other test metrics (map50, ...)

@@ -75,7 +75,10 @@ def merge_histograms(histograms: Iterable[Histogram]) -> ExpHistogram:
 
 
 class DriftReference(WireRecord):
-    """What the release's own test split looked like; signed into the channel entry (`drift_reference`)."""
+    """What the release's own test split looked like; signed into the channel entry (`drift_reference`).
+
+    A detector's (task "detection") holds its detections' class mix and score histogram in the same fields,
+    and the shares of frames per detection count and of detections per box size (edgeship.device.telemetry_detection)."""
 
     test: str = DRIFT_TEST
     classes: int
@@ -83,15 +86,20 @@ class DriftReference(WireRecord):
     confidence_histogram: list[float]     # share of test inputs per top-1 confidence bin (CONFIDENCE_BINS on [0, 1])
     samples: int = 0
     version: str | None = None            # the model version the reference was computed with
+    task: str = "classification"
+    per_frame_histogram: list[float] | None = None  # detection: share of frames per detection count
+    box_size_histogram: list[float] | None = None   # detection: share of detections per box size bin
 
 
 class DriftScore(WireRecord):
     test: str = DRIFT_TEST
     class_psi: float
     confidence_psi: float
-    score: float                          # max of the two
+    score: float                          # max of the two (of the four for a detector)
     samples: int
     reference_version: str | None = None
+    per_frame_psi: float | None = None    # detection: detections per frame
+    box_size_psi: float | None = None     # detection: box sizes
 
 
 class ShadowStats(WireRecord):

@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import Field
 
 from edgeship.records.base import Record, WireRecord
+from edgeship.records.detection import DetectionOutputs
 
 PROTOCOL = 1  # the wire protocol this release speaks (agent and pipeline alike)
 MIN_AGENT_PROTOCOL = 1  # the oldest agent protocol this pipeline can use
@@ -160,6 +161,7 @@ class BenchmarkRequest(WireRecord):
     # Keyword options of the runtime's adapter (litert: xnnpack; coreml: compute_units); the agent
     # refuses one the adapter does not take (edgeship.device.runtimes.RUNTIME_OPTIONS).
     runtime_options: dict[str, RuntimeOption] = Field(default_factory=dict)
+    postprocess: DetectionOutputs | None = None  # a detector: its NMS, where not in the graph, is timed with it
 
 
 class EvaluationRequest(WireRecord):
@@ -170,6 +172,7 @@ class EvaluationRequest(WireRecord):
     cpus: list[int] | None = None
     batch_size: int = Field(default=64, ge=1)
     runtime_options: dict[str, RuntimeOption] = Field(default_factory=dict)  # as BenchmarkRequest's
+    postprocess: DetectionOutputs | None = None  # a detector: answer detections (edgeship.device.detections)
 
 
 class EvaluationResult(WireRecord):
@@ -181,7 +184,9 @@ class EvaluationResult(WireRecord):
     sha256: str
     batch_sha256: str
     samples: int
-    predictions: list[int]  # top-1 class per sample, in the batch's order
+    predictions: list[int] = Field(default_factory=list)  # top-1 class per sample, in the batch's order
+    # A detector: per sample its rows [x1, y1, x2, y2, score, class] in input pixels (the pipeline scores them)
+    detections: list[list[list[float]]] | None = None
     accuracy: float | None = None  # against the batch's labels, when it carried them
     load_ms: float | None = None
     emulated: bool = False
@@ -205,6 +210,7 @@ class BenchmarkResult(WireRecord):
     first_inference_ms: float | None = None
     peak_rss_mb: float | None = None
     accuracy: float | None = None  # on the device's own runtime, when the flow sent a validation batch
+    metrics: dict[str, float] = Field(default_factory=dict)  # the task's other metrics there (detection: map50)
     emulated: bool = False
     mode: Literal["iterations", "duration"] = "iterations"  # duration: a sustained run of duration_s
     duration_s: float | None = None  # how long the timed run took

@@ -53,7 +53,11 @@ def log_torch_model(run: ReleaseRun, model, example: np.ndarray) -> str:
     from mlflow.models import infer_signature
 
     with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
+        output = model(torch.from_numpy(example))
+    if isinstance(output, (tuple, list)):  # a detector with separate heads: one output each
+        output = {f"output_{i}": o.numpy() for i, o in enumerate(output)}
+    else:
+        output = output.numpy()
     signature = infer_signature(example, output)
     mlflow.set_tracking_uri(run.tracking_uri)
     with mlflow.start_run(run_id=run.run_id):

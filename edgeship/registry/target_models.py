@@ -42,13 +42,15 @@ def target_metrics(summary: TargetSummary) -> dict[str, float]:
     if summary.artifact:
         metrics[f"{target}/bytes"] = float(summary.artifact.bytes)
     check = summary.host_check
-    if check is not None:
-        metrics.update({f"{target}/host_accuracy": check.accuracy, f"{target}/top1_agreement": check.top1_agreement})
+    if check is not None:  # the task's metric on its runtime here ("accuracy": top-1, or a detector's mAP)
+        metrics.update({f"{target}/host_accuracy": check.accuracy, f"{target}/top1_agreement": check.top1_agreement,
+                        **{f"{target}/host_{k}": v for k, v in check.metrics.items()}})
     for result in summary.benchmarks:
         if result.status == "ok" and result.latency_ms:
             prefix = f"{target}/{result.device}"
             metrics.update({f"{prefix}/p50_ms": result.latency_ms.p50, f"{prefix}/p99_ms": result.latency_ms.p99,
-                            f"{prefix}/accuracy": result.accuracy})
+                            f"{prefix}/accuracy": result.accuracy,
+                            **{f"{prefix}/{k}": v for k, v in result.metrics.items()}})
     return {key: float(value) for key, value in metrics.items() if value is not None}
 
 

@@ -37,7 +37,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from edgeship.config import BenchmarkParams, DeviceParams
 from edgeship.errors import DeviceJobFailed, DeviceUnreachable
@@ -77,6 +76,8 @@ class ValidationBatch:
     path: Path
     sha256: str
     samples: int
+    task: str = "classification"  # who scores the device's answers (edgeship.tasks.kinds)
+    truth: Path | None = None  # detection: the prepared split holding the batch's boxes (not sent to devices)
 
 
 @contextlib.contextmanager
@@ -131,15 +132,15 @@ def tensorrt_build_options(params: BenchmarkParams, artifact: CompiledArtifact) 
 
 
 def validation_batch(data: PreparedData, directory: Path, params: BenchmarkParams | None = None) -> ValidationBatch:
-    """Write the test split as the .npz a device evaluates (capped at params.evaluate_max_samples)."""
-    from edgeship.tasks.data import load_split
+    """Write the test split as the .npz a device evaluates (capped at params.evaluate_max_samples); the task
+    decides what goes in it (classification: images and labels; detection: images only, boxes stay here)."""
+    from edgeship.tasks.kinds import task_of
 
-    images, labels = load_split(data, "test")
-    if params is not None and params.evaluate_max_samples:
-        images, labels = images[:params.evaluate_max_samples], labels[:params.evaluate_max_samples]
     path = Path(directory) / "validation.npz"
-    np.savez(path, x=images.astype(np.float32, copy=False), y=labels.astype(np.int64, copy=False))
-    return ValidationBatch(path=path, sha256=sha256_of(path), samples=len(labels))
+    limit = params.evaluate_max_samples if params is not None else None
+    samples = task_of(data).validation_batch(data, path, limit)
+    return ValidationBatch(path=path, sha256=sha256_of(path), samples=samples, task=data.task,
+                           truth=data.split_path("test"))
 
 
 class _Lost(Exception):
@@ -163,7 +164,6 @@ class BenchmarkDevices:
         self._locks = {name: threading.Lock() for name in self.devices}
         self._guard = threading.Lock()
         self._sleep = sleep
-        self._labels: dict[Path, np.ndarray] = {}
 
     def __getstate__(self) -> dict:
         """What a benchmark task in another process (a Dask worker) needs: devices, params, what was probed.
@@ -277,7 +277,8 @@ class BenchmarkDevices:
         from edgeship.device.client import AgentClient
 
         device, artifact = self.devices[name], job.artifact
-        request = benchmark_request(self.params, artifact.runtime, device.sustained_s)
+        request = benchmark_request(self.params, artifact.runtime, device.sustained_s).model_copy(
+            update={"postprocess": artifact.postprocess})  # a detector is timed with its NMS where it runs on the CPU
         timeout_s = _client_timeout(self.params.timeout_s + (device.sustained_s or 0))
         with self._locks[name], AgentClient(device.url, device.token, timeout_s=timeout_s,
                                             ca_file=device.ca_file) as client:
@@ -303,20 +304,15 @@ class BenchmarkDevices:
             if batch is None:
                 return result
             evaluation_request = EvaluationRequest(runtime=artifact.runtime, cpus=self.params.cpus,
-                                                   runtime_options=request.runtime_options)
+                                                   runtime_options=request.runtime_options,
+                                                   postprocess=artifact.postprocess)
             outcome, more = self._attempt(
                 client, lambda: client.evaluate(path, artifact.target, batch.path, evaluation_request, **model), name)
             update = {"attempts": attempts + more}
             if isinstance(outcome, Exception):
                 update.update(status="failed", error=f"on-device evaluation failed: {outcome}")
             else:
-                labels = self._batch_labels(batch)
-                predictions = np.asarray(outcome.predictions)
-                if predictions.shape != labels.shape:
-                    update.update(status="failed", error=f"on-device evaluation returned {predictions.shape[0]} "
-                                                         f"predictions for {labels.shape[0]} samples")
-                else:
-                    update.update(accuracy=float(np.mean(predictions == labels)), accuracy_samples=len(labels))
+                update.update(_device_score(outcome, batch))
             return result.model_copy(update=update)
 
     def _store_engine(self, client, name: str, artifact: CompiledArtifact, built: TensorRTBuild) -> dict:
@@ -362,12 +358,6 @@ class BenchmarkDevices:
             self.lost.setdefault(device, reason)
         raise _Lost(reason)
 
-    def _batch_labels(self, batch: ValidationBatch) -> np.ndarray:
-        with self._guard:
-            if batch.path not in self._labels:
-                with np.load(batch.path) as arrays:
-                    self._labels[batch.path] = arrays["y"]
-            return self._labels[batch.path]
 
 
 def benchmark_artifacts(artifacts: list[CompiledArtifact], devices: BenchmarkDevices,
@@ -391,6 +381,19 @@ def collect_results(artifacts: list[CompiledArtifact], unserved: list[BenchmarkR
                          key=lambda r: place.get(r.substitute_for or r.device, len(place))):
         results.setdefault(result.target, []).append(result)
     return results
+
+
+def _device_score(outcome, batch: ValidationBatch) -> dict:
+    """BenchmarkResult fields from a device's evaluate answer: the task's metric as `accuracy`, its others in
+    `metrics`; a failed result when the task cannot score the answer."""
+    from edgeship.tasks.kinds import get_task
+
+    task = get_task(batch.task)
+    scored = task.score_device(outcome, batch)
+    if isinstance(scored, str):
+        return {"status": "failed", "error": scored}
+    others = {k: v for k, v in scored.items() if k != task.metric}
+    return {"accuracy": scored[task.metric], "accuracy_samples": batch.samples, "metrics": others}
 
 
 def _with_notes(result: BenchmarkResult, update: dict) -> dict:

@@ -63,7 +63,7 @@ def prepare(raw_dir: Path, out_dir: Path, params: DataParams) -> PreparedData:
     indices = _split_indices(y, classes, params)
     out_dir.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
-        _write_npz(out_dir / f"{split}.npz", x=x[indices[split]], y=y[indices[split]])
+        write_npz(out_dir / f"{split}.npz", x=x[indices[split]], y=y[indices[split]])
     input_shape = (params.channels, params.input_size, params.input_size)
     counts = {split: int(len(indices[split])) for split in SPLITS}
     meta = {"classes": classes, "input_shape": list(input_shape), "counts": counts,
@@ -79,18 +79,25 @@ def read_prepared(out_dir: Path) -> PreparedData:
         raise DataError(f"{meta_path} not found; run the prepare stage first (`dvc repro prepare`)")
     meta = json.loads(meta_path.read_text())
     return PreparedData(directory=Path(out_dir), classes=meta["classes"],
-                        input_shape=tuple(meta["input_shape"]), counts=meta["counts"])
+                        input_shape=tuple(meta["input_shape"]), counts=meta["counts"],
+                        task=meta.get("task", "classification"), annotations_sha256=meta.get("annotations_sha256"))
 
 
 def load_split(data: PreparedData, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images (float32 NCHW in [0, 1]) and labels (int64) of one split."""
+    """Images (float32 NCHW in [0, 1]) and labels (int64; a detection split: objects per image) of one split."""
     if split not in SPLITS:
         raise DataError(f"unknown split '{split}'; splits are {list(SPLITS)}")
     path = data.split_path(split)
     if not path.is_file():
         raise DataError(f"{path} not found; run the prepare stage again")
     with np.load(path) as arrays:
-        return arrays["x"], arrays["y"]
+        return images_of(arrays), arrays["y"]
+
+
+def images_of(arrays, limit: int | None = None) -> np.ndarray:
+    """A split's images as float32 in [0, 1] (detection splits keep them as uint8 on disk: a quarter the size)."""
+    x = arrays["x"][:limit]
+    return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
 
 
 def _list_images(raw_dir: Path) -> dict[str, list[Path]]:
@@ -168,7 +175,7 @@ def _split_indices(y: np.ndarray, classes: list[str], params: DataParams) -> dic
     return indices
 
 
-def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+def write_npz(path: Path, **arrays: np.ndarray) -> None:
     """np.savez, but with fixed zip timestamps, so the same arrays give the same bytes."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:

@@ -31,10 +31,11 @@ def _why_missing(artifact: CompiledArtifact | None, error: str | None, *details:
 
 def evaluate_gate(target: str, policy: GatePolicy, fp32_accuracy: float, artifact: CompiledArtifact | None,
                   host: HostCheck | None, benchmarks: list[BenchmarkResult], device_accuracy: float | None = None,
-                  compile_error: str | None = None) -> GateReport:
+                  compile_error: str | None = None, metric: str = "accuracy") -> GateReport:
     """Check one target against its policy.
 
-    Accuracy is the device's own measurement when one exists, else the host
+    The quality check is the task's `metric` ("accuracy": top-1, limit max_accuracy_drop; "map": a detector's
+    mAP@0.5:0.95, limit max_map_drop), the device's own measurement when one exists, else the host
     check on the target's runtime. The drop is in points (percent) below the
     fp32 PyTorch model on the test split. Latency is the worst p99 over the
     devices that ran the target; one device that could not measure it fails the check.
@@ -43,13 +44,14 @@ def evaluate_gate(target: str, policy: GatePolicy, fp32_accuracy: float, artifac
     if artifact is None:
         checks.append(GateCheck(name="compiled", measured=None, limit=1, comparator=">=", passed=False,
                                 reason=f"not measured: target did not compile ({compile_error or 'no artifact'})"))
-    if policy.max_accuracy_drop is not None:
+    limit = policy.max_map_drop if metric == "map" else policy.max_accuracy_drop
+    if limit is not None:
         accuracy = device_accuracy if device_accuracy is not None else (host.accuracy if host else None)
         why = _why_missing(artifact, compile_error, host.error if host else "no host check ran")
         if device_accuracy is None and host is not None and host.proxy and not policy.accept_proxy_accuracy:
             accuracy, why = None, f"only a proxy was measured ({host.note}); accept_proxy_accuracy is off"
         drop = None if accuracy is None else round((fp32_accuracy - accuracy) * 100, 4)
-        checks.append(_check("accuracy_drop", drop, policy.max_accuracy_drop, "<=", "points", why))
+        checks.append(_check(f"{metric}_drop", drop, limit, "<=", "points", why))
     if policy.p99_latency_ms is not None:
         failed = [b for b in benchmarks if b.status != "ok" or b.latency_ms is None]
         p99 = None if failed or not benchmarks else max(b.latency_ms.p99 for b in benchmarks)

@@ -68,11 +68,7 @@ def fit(data: PreparedData, model_params: ModelParams, train_params: TrainParams
     x_train, y_train = (torch.from_numpy(a) for a in load_split(data, "train"))
     x_val, y_val = load_split(data, "val")
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=train_params.lr, momentum=0.9, nesterov=True,
-                                weight_decay=train_params.weight_decay)
-    steps_per_epoch = max(1, _num_batches(len(x_train), train_params.batch_size))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train_params.lr, epochs=train_params.epochs,
-                                                    steps_per_epoch=steps_per_epoch, pct_start=0.25)
+    optimizer, scheduler = sgd_one_cycle(model, train_params, len(x_train))
     best_accuracy, best_state = -1.0, copy.deepcopy(model.state_dict())
     for epoch in range(1, train_params.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
@@ -96,6 +92,16 @@ def fit(data: PreparedData, model_params: ModelParams, train_params: TrainParams
     return TrainedModel(checkpoint=checkpoint, factory=model_params.factory, factory_kwargs=dict(model_params.kwargs),
                         num_classes=len(data.classes), input_shape=data.input_shape, val_accuracy=best_accuracy,
                         test_accuracy=evaluate(model, *load_split(data, "test")), **record)
+
+
+def sgd_one_cycle(model: nn.Module, train_params: TrainParams, samples: int):
+    """SGD with Nesterov momentum under a one-cycle LR schedule, stepped per batch: every task's optimizer."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=train_params.lr, momentum=0.9, nesterov=True,
+                                weight_decay=train_params.weight_decay)
+    steps_per_epoch = max(1, num_batches(samples, train_params.batch_size))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train_params.lr, epochs=train_params.epochs,
+                                                    steps_per_epoch=steps_per_epoch, pct_start=0.25)
+    return optimizer, scheduler
 
 
 def load_model(trained: TrainedModel) -> nn.Module:
@@ -154,7 +160,7 @@ def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimize
     """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
-    for index in _batches(len(x), batch_size, generator):
+    for index in batches(len(x), batch_size, generator):
         images, labels = x[index], y[index]
         if augment:
             images = random_shift(images, generator)
@@ -185,12 +191,12 @@ def random_shift(images: torch.Tensor, generator: torch.Generator, max_fraction:
     return padded[batch, channel, rows, cols]
 
 
-def _num_batches(n: int, batch_size: int) -> int:
-    """How many batches `_batches` yields for n samples."""
+def num_batches(n: int, batch_size: int) -> int:
+    """How many batches `batches` yields for n samples."""
     return -(-n // batch_size) - (1 if n % batch_size == 1 else 0)
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Shuffled index batches; a trailing batch of one is dropped (BatchNorm cannot train on it)."""
     order = torch.randperm(n, generator=generator)
     for start in range(0, n, batch_size):

@@ -5,7 +5,8 @@ declare (`CompiledArtifact.runtime`). Adapters import their runtime lazily, so a
 device installs only the runtimes it uses. No torch, TensorFlow, MLflow or Prefect.
 
 Every adapter takes the pipeline's batches as they are (float32 NCHW) and returns
-float32 logits: an adapter whose model wants something else (int8 input with a
+float32 logits from `run` (the first output) and every output by name from `run_all` (a detector's boxes,
+scores, classes: edgeship.device.detections turns them into detections): an adapter whose model wants something else (int8 input with a
 scale and zero point, a zipped .mlpackage) does the conversion itself, so the
 host check and the device agent measure the same thing.
 

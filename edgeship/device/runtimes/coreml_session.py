@@ -59,6 +59,10 @@ class CoreMLSession:
                    for start in range(0, len(batch), self._batch)]
         return np.concatenate([np.asarray(o, dtype=np.float32) for o in outputs])
 
+    def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        answer = self._model.predict({self._input_name: batch})
+        return {name: np.asarray(value, dtype=np.float32) for name, value in answer.items()}
+
 
 def _unpacked_mlpackage(path: Path, owner: object) -> Path:
     """An .mlpackage directory for `path`: itself, or a zip's contents in a temporary directory kept while `owner` lives."""

@@ -81,6 +81,13 @@ class LiteRTSession:
         """The output tensor -> float32 logits (dequantized when integer)."""
         return _dequantize(output, self._output)
 
+    def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output tensor of one invocation (a batch of the model's size), dequantized when integer."""
+        self._interpreter.set_tensor(self._input["index"], self.prepare(batch))
+        self._interpreter.invoke()
+        return {detail["name"]: _dequantize(self._interpreter.get_tensor(detail["index"]), detail)
+                for detail in self._interpreter.get_output_details()}
+
 
 def _quantize(values: np.ndarray, detail: dict) -> np.ndarray:
     """float32 -> the tensor's dtype, with its scale and zero point when it is an integer tensor."""

@@ -39,6 +39,10 @@ class OnnxRuntimeSession:
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self._session.run(None, {self._input_name: batch})[0]
 
+    def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        values = self._session.run(None, {self._input_name: batch})
+        return {spec.name: value for spec, value in zip(self.outputs, values)}
+
 
 def _ort_dtype(type_name: str) -> str:
     """'tensor(float)' -> 'float32', 'tensor(int64)' -> 'int64'."""

@@ -20,6 +20,9 @@ class Session(Protocol):
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Run one batch through the model and return the first output."""
 
+    def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Run one batch (of the model's own batch size, when fixed) and return every output by name."""
+
 
 def concrete_shape(shape) -> tuple[int, ...]:
     """Replace symbolic dimensions (batch) with 1."""

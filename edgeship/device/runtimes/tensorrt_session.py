@@ -81,3 +81,8 @@ class TensorRTSession:
         outputs = [self._runner.infer({name: np.ascontiguousarray(batch[start:start + self._batch], dtype=dtype)})
                    [self.outputs[0].name] for start in range(0, len(batch), self._batch)]
         return np.concatenate([np.asarray(o, dtype=np.float32) for o in outputs])
+
+    def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        name, dtype = self.inputs[0].name, np.dtype(self.inputs[0].dtype)
+        answer = self._runner.infer({name: np.ascontiguousarray(batch, dtype=dtype)})
+        return {spec.name: np.asarray(answer[spec.name]) for spec in self.outputs}

@@ -53,6 +53,14 @@ def get_target(name: str) -> Target:
 
 
 
+def exportable_model(inputs: CompileInputs):
+    """The float module a float target converts: what the task exports (a classifier as trained; a detector with
+    its decode, ending at boxes and scores: edgeship.tasks.compile.detection adds the target's NMS)."""
+    from edgeship.tasks.kinds import task_of
+
+    return task_of(inputs.trained).exportable(inputs.trained)
+
+
 def float_model_for(inputs: CompileInputs):
     """The float model a converter should start from, and which weights it holds.
 

@@ -62,6 +62,8 @@ class _Coreml:
 
         output_dir = Path(inputs.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+        if inputs.trained.detection is not None:  # an ML Program and Core ML's NMS, one pipeline
+            return coreml_detector(self, inputs, output_dir)
         package = output_dir / f"model_{self._suffix}.mlpackage"
         torch.manual_seed(0)
         with TORCH_CAPTURE, _quiet():  # tracing, coremltools' torch frontend and FX are not thread-safe
@@ -83,14 +85,7 @@ class _Coreml:
             notes["proxy"] = _proxy_metrics(self._proxy_logits, model, inputs, notes.pop("proxy_description"))
         notes["deployment_target"] = "iOS17 / macOS14 (mlprogram)"
         notes["torch_tested_by_coremltools"] = "up to 2.7"
-        path = zip_package(package, output_dir / f"model_{self._suffix}.mlpackage.zip")
-        shutil.rmtree(package, ignore_errors=True)
-        description = spec.description
-        return CompiledArtifact(target=self.name, path=path, sha256=sha256_of(path), bytes=path.stat().st_size,
-                                precision=self.precision, runtime=self.runtime,
-                                inputs=[_spec(f) for f in description.input],
-                                outputs=[_spec(f) for f in description.output],
-                                converter={"coremltools": ct.__version__, "torch": torch.__version__}, notes=notes)
+        return packaged(self, package, output_dir / f"model_{self._suffix}.mlpackage.zip", spec, notes)
 
     def _prepare(self, inputs: CompileInputs):
         raise NotImplementedError
@@ -267,6 +262,22 @@ def _proxy_metrics(proxy_logits, model, inputs: CompileInputs, description: str)
             "description": description}
 
 
+def packaged(target, package: Path, path: Path, spec, notes: dict, postprocess=None) -> CompiledArtifact:
+    """Zip the .mlpackage to `path` (removing the directory) and describe it as the target's CompiledArtifact."""
+    import coremltools as ct
+    import torch
+
+    zip_package(package, path)
+    shutil.rmtree(package, ignore_errors=True)
+    description = spec.description
+    return CompiledArtifact(target=target.name, path=path, sha256=sha256_of(path), bytes=path.stat().st_size,
+                            precision=target.precision, runtime=target.runtime,
+                            inputs=[_spec(f) for f in description.input],
+                            outputs=[_spec(f) for f in description.output],
+                            converter={"coremltools": ct.__version__, "torch": torch.__version__}, notes=notes,
+                            postprocess=postprocess)
+
+
 def zip_package(package: Path, path: Path) -> Path:
     """Zip an .mlpackage directory with sorted entries and fixed timestamps (the artifact that travels)."""
     path.unlink(missing_ok=True)
@@ -302,3 +313,129 @@ class _quiet:
     def __exit__(self, *exc):
         logging.getLogger("coremltools").setLevel(self._level)
         return self._warnings.__exit__(*exc)
+
+
+def coreml_detector(target, inputs, output_dir: Path):
+    """coreml-fp16 for a detector: the decoded ML Program (fp16), then Core ML's NonMaximumSuppression model, in one
+    pipeline whose outputs are Vision's (`confidence` (K, C), `coordinates` (K, 4) normalized cx, cy, w, h), so
+    Vision returns recognized objects. Checked here: conversion, the pipeline's spec and census; its mAP is the
+    torch model's in float16 plus the numpy NMS, labelled as a proxy (Core ML runs on macOS only)."""
+    import coremltools as ct
+
+    from edgeship.tasks.compile import exportable_model
+    from edgeship.tasks.compile.detection import outputs_of
+
+    head, shape = inputs.trained.detection, inputs.trained.input_shape
+    package = Path(output_dir) / "model_fp16.mlpackage"
+    with TORCH_CAPTURE, _quiet():
+        decoded = exportable_model(inputs)
+        program = _coreml_program(_VisionOutputs(decoded, head.input_size).eval(), shape)
+        pipeline = _with_nms(program, head, inputs.data.classes, shape)
+        shutil.rmtree(package, ignore_errors=True)
+        pipeline.save(str(package))
+        spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+        kinds = [model.WhichOneof("Type") for model in spec.pipeline.models]
+        if kinds != ["mlProgram", "nonMaximumSuppression"]:
+            raise CompileError(f"the Core ML detector's pipeline holds {kinds}, not an ML Program then NMS")
+        notes = {"weights": "trained-fp32", "route": "torch.export", "pipeline": kinds,
+                 "census": census(spec.pipeline.models[0]),
+                 "proxy": _fp16_proxy(decoded, inputs), "deployment_target": "iOS17 / macOS14 (mlprogram + NMS)"}
+    return packaged(target, package, Path(output_dir) / "model_fp16.mlpackage.zip", spec, notes,
+                    postprocess=outputs_of(head, "vision", {"confidence": "confidence", "coordinates": "coordinates"}))
+
+
+class _VisionOutputs:
+    """The decoded detector for one image, as Vision's NMS takes it: confidence (A, C), coordinates (A, 4) normalized
+    cx, cy, w, h. (A torch module; defined lazily so importing this file needs no torch.)"""
+
+    def __new__(cls, decoded, size: int):
+        import torch
+
+        class VisionOutputs(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.decoded = decoded
+
+            def forward(self, images):
+                boxes, scores = self.decoded(images)
+                corners = boxes[0]
+                centre, extent = (corners[:, :2] + corners[:, 2:]) / 2, corners[:, 2:] - corners[:, :2]
+                return scores[0], torch.cat([centre, extent], dim=1) / size
+
+        return VisionOutputs()
+
+
+def _coreml_program(module, shape):
+    import coremltools as ct
+    import torch
+
+    program = torch.export.export(module, (torch.zeros(1, *shape),)).run_decompositions({})
+    return ct.convert(program, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17,
+                      compute_precision=ct.precision.FLOAT16,
+                      inputs=[ct.TensorType(name=INPUT_NAME, shape=(1, *shape), dtype=np.float32)],
+                      outputs=[ct.TensorType(name="raw_confidence", dtype=np.float32),
+                               ct.TensorType(name="raw_coordinates", dtype=np.float32)])
+
+
+def _with_nms(program, head, class_names: list[str], shape):
+    """The ML Program followed by Core ML's NonMaximumSuppression model (per class), as one pipeline."""
+    import coremltools as ct
+    from coremltools.models import datatypes
+    from coremltools.models.pipeline import Pipeline
+
+    float32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
+    nms = ct.proto.Model_pb2.Model()
+    nms.specificationVersion = 5
+    for name, width in (("raw_confidence", head.num_classes), ("raw_coordinates", 4)):
+        feature = nms.description.input.add()
+        feature.name, feature.type.multiArrayType.dataType = name, float32
+        feature.type.multiArrayType.shape.extend([head.points, width])
+    for name, width in (("confidence", head.num_classes), ("coordinates", 4)):
+        feature = nms.description.output.add()
+        feature.name, feature.type.multiArrayType.dataType = name, float32
+        for lower, upper in ((0, -1), (width, width)):  # any number of objects, `width` columns
+            size = feature.type.multiArrayType.shapeRange.sizeRanges.add()
+            size.lowerBound, size.upperBound = lower, upper
+    settings = nms.nonMaximumSuppression
+    settings.confidenceInputFeatureName, settings.coordinatesInputFeatureName = "raw_confidence", "raw_coordinates"
+    settings.confidenceOutputFeatureName, settings.coordinatesOutputFeatureName = "confidence", "coordinates"
+    settings.iouThreshold, settings.confidenceThreshold = head.nms.iou_threshold, head.nms.score_threshold
+    settings.pickTop.perClass = True
+    settings.stringClassLabels.vector.extend(class_names)
+    pipeline = Pipeline(input_features=[(INPUT_NAME, datatypes.Array(1, *shape))],
+                        output_features=["confidence", "coordinates"])
+    pipeline.add_model(program)
+    pipeline.add_model(nms)
+    spec = pipeline.spec
+    spec.specificationVersion = max(program.get_spec().specificationVersion, 5)
+    spec.description.input[0].CopyFrom(program.get_spec().description.input[0])
+    for index in range(2):
+        spec.description.output[index].CopyFrom(nms.description.output[index])
+    return ct.models.MLModel(spec, weights_dir=program.weights_dir)
+
+
+def _fp16_proxy(decoded, inputs) -> dict:
+    """The torch detector in float16 on this CPU with the numpy NMS: mAP and agreement with fp32, as a proxy."""
+    import copy
+
+    import torch
+
+    from edgeship.device.detections import agreement, nms
+    from edgeship.tasks.data import load_split
+    from edgeship.tasks.kinds import task_of
+
+    head, task = inputs.trained.detection, task_of(inputs.trained)
+    images, _ = load_split(inputs.data, "test")
+    half = copy.deepcopy(decoded).half().eval()
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(images), 64):
+            boxes, scores = half(torch.from_numpy(images[start:start + 64]).half())
+            chunks.append(nms(boxes.float().numpy(), scores.float().numpy(), head.nms))
+    packed = np.concatenate(chunks)
+    scores = task.score(packed, inputs.data)
+    matched, score_diff = agreement(packed, task.reference(inputs.trained, inputs.data))
+    return {"accuracy": scores.pop(task.metric), "metrics": {**scores, "matched_fraction": matched,
+                                                             "score_diff": score_diff},
+            "description": "the torch detector run in float16 on this CPU with the numpy NMS, standing in for "
+                           "Core ML's fp16 program and NMS"}

@@ -122,7 +122,12 @@ class _Tflite:
                 job["float_layers"] = plan_float_layers(inputs)  # the precision plan's, as onnx-int8 has them
             answer = run_converter(job, Path(tmp) / "job.json")
         notes = {**answer.get("notes", {}), "weights": weights, "layout": "NCHW"}
-        return describe(self, path, answer.get("versions", {}), notes)
+        artifact = describe(self, path, answer.get("versions", {}), notes)
+        if inputs.trained.detection is not None:  # NMS on the device in numpy: say which outputs it reads
+            from edgeship.tasks.compile.detection import litert_postprocess
+
+            artifact = artifact.model_copy(update={"postprocess": litert_postprocess(artifact, inputs)})
+        return artifact
 
 
 class TfliteFp32(_Tflite):
@@ -151,6 +156,10 @@ def export_program(inputs: CompileInputs, path: Path) -> str:
     import torch
 
     model, weights = float_model_for(inputs)
+    if inputs.trained.detection is not None:  # a detector converts with its decode (NMS follows on the device)
+        from edgeship.tasks.detection.decode import DecodedDetector
+
+        model = DecodedDetector(model, inputs.trained.detection)
     try:
         with TORCH_CAPTURE:
             program = torch.export.export(model.eval(), (torch.zeros(1, *inputs.trained.input_shape),))
@@ -279,6 +288,9 @@ def compile_with_tf(target, inputs: CompileInputs, path: Path, fallback_from: st
     from edgeship.tasks.compile.onnx import export_onnx
     from edgeship.tasks.compile.tensorrt import make_static
 
+    if inputs.trained.detection is not None:
+        raise CompileError("TensorFlow's LiteRT route does not take detectors yet; use route: litert-torch (the "
+                           "default) for detection targets")
     python = tf_converter_python()
     model, weights = float_model_for(inputs)
     with tempfile.TemporaryDirectory(prefix="edgeship-tf-") as tmp:

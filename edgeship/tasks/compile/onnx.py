@@ -28,8 +28,10 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
 
-def export_onnx(model: "nn.Module", input_shape: tuple[int, int, int], path: Path, opset: int = OPSET) -> Path:
-    """Export a torch module (float, or converted/fake-quant int8) with edgeship's ONNX conventions.
+def export_onnx(model: "nn.Module", input_shape: tuple[int, int, int], path: Path, opset: int = OPSET,
+                output_names: tuple[str, ...] = (OUTPUT_NAME,)) -> Path:
+    """Export a torch module (float, or converted/fake-quant int8) with edgeship's ONNX conventions (a detector's
+    decoded outputs: `output_names` ("boxes", "scores")).
 
     The TorchScript exporter (`dynamo=False`) is used on purpose: the dynamo exporter fails
     on quantized graphs in torch 2.13 (shared/notes/environment.md).
@@ -43,8 +45,8 @@ def export_onnx(model: "nn.Module", input_shape: tuple[int, int, int], path: Pat
     try:
         with TORCH_CAPTURE:  # torch's tracing is process-wide; other targets compile in parallel threads
             torch.onnx.export(model, (torch.zeros(1, *input_shape),), str(path), input_names=[INPUT_NAME],
-                              output_names=[OUTPUT_NAME], opset_version=opset, dynamo=False,
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+                              output_names=list(output_names), opset_version=opset, dynamo=False,
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in output_names}})
     finally:
         model.train(was_training)
     return path
@@ -59,17 +61,22 @@ class OnnxFp32:
     needs_quantized = False
 
     def compile(self, inputs: CompileInputs) -> CompiledArtifact:
-        """Export `inputs.trained` to `output_dir/model_fp32.onnx` and check it."""
-        from edgeship.tasks.train import load_model
+        """Export `inputs.trained` to `output_dir/model_fp32.onnx` and check it (a detector: decode and
+        NonMaxSuppression in the graph, float)."""
+        from edgeship.tasks.compile import exportable_model
+        from edgeship.tasks.compile.detection import BOXES, SCORES, add_onnx_nms
 
         path = Path(inputs.output_dir) / "model_fp32.onnx"
-        model = load_model(inputs.trained)  # a ModelLoadError says itself what is wrong
+        model = exportable_model(inputs)  # a ModelLoadError says itself what is wrong
+        head = inputs.trained.detection
         try:
-            export_onnx(model, inputs.trained.input_shape, path)
+            export_onnx(model, inputs.trained.input_shape, path, output_names=(BOXES, SCORES) if head else
+                        (OUTPUT_NAME,))
         except Exception as error:  # noqa: BLE001  (the exporter raises many types; its message is the news)
             raise CompileError(f"torch.onnx.export failed for '{inputs.trained.factory}': "
                                f"{type(error).__name__}: {error}") from error
-        return _artifact(self, path)
+        postprocess = add_onnx_nms(path, head) if head else None
+        return _artifact(self, path).model_copy(update={"postprocess": postprocess})
 
 
 class OnnxInt8:

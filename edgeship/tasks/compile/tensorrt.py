@@ -39,7 +39,7 @@ import numpy as np
 
 from edgeship.errors import CompileError
 from edgeship.files import sha256_of
-from edgeship.records import CompiledArtifact
+from edgeship.records import CompiledArtifact, DetectionOutputs
 from edgeship.tasks.compile import CompileInputs
 from edgeship.tasks.compile.tracing import TORCH_CAPTURE
 from edgeship.tasks.compile.onnx import INPUT_NAME, OUTPUT_NAME, _specs, export_onnx
@@ -64,12 +64,16 @@ class _Tensorrt:
         output_dir = Path(inputs.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         path = output_dir / f"model_{self.precision}_static.onnx"
-        notes = self._source(inputs, path)
-        make_static(path, inputs.trained.input_shape, inputs.trained.num_classes)
-        notes["constant_folding"] = fold_constants(path)
-        notes.update(check_onnx(path, int8=self.precision == "int8"))
-        notes["lint"] = polygraphy_lint(path)
-        notes["onnxrt_vs_torch"] = compare_with_torch(path, inputs)
+        postprocess = None
+        if inputs.trained.detection is not None:  # decode in the graph, EfficientNMS_TRT after it
+            notes, postprocess = tensorrt_detector(inputs, path)
+        else:
+            notes = self._source(inputs, path)
+            make_static(path, inputs.trained.input_shape, inputs.trained.num_classes)
+            notes["constant_folding"] = fold_constants(path)
+            notes.update(check_onnx(path, int8=self.precision == "int8"))
+            notes["lint"] = polygraphy_lint(path)
+            notes["onnxrt_vs_torch"] = compare_with_torch(path, inputs)
         notes["engine"] = ("built on the NVIDIA device by its agent (edgeship.device.tensorrt_build), "
                            f"flags: {'INT8+FP16 (explicit Q/DQ)' if self.precision == 'int8' else 'FP16'}")
         from edgeship.device.runtimes import unavailable_reason
@@ -85,7 +89,7 @@ class _Tensorrt:
                                 precision=self.precision, runtime=self.runtime, inputs=_specs(graph.input, graph),
                                 outputs=_specs(graph.output, graph),
                                 converter={"torch": torch.__version__, "onnx": onnx.__version__,
-                                           "polygraphy": polygraphy.__version__}, notes=notes)
+                                           "polygraphy": polygraphy.__version__}, notes=notes, postprocess=postprocess)
 
     def _source(self, inputs: CompileInputs, path: Path) -> dict:
         raise NotImplementedError
@@ -246,3 +250,57 @@ def compare_with_torch(path: Path, inputs: CompileInputs, limit: int | None = No
             "accuracy": float((predictions == y).mean()),
             "top1_agreement": float((predictions == reference.argmax(axis=1)).mean()),
             "max_abs_logit_diff": float(np.abs(logits.astype(np.float64) - reference).max())}
+
+
+def tensorrt_detector(inputs: CompileInputs, path: Path) -> tuple[dict, DetectionOutputs]:
+    """The tensorrt-fp16 detector: the decoded float graph made static (batch 1), folded, checked, linted and run
+    on ONNX Runtime against the torch reference (decode + numpy NMS on both sides), then EfficientNMS_TRT appended
+    and checked as far as a machine without TensorRT can."""
+    import onnx
+    from onnx.tools import update_model_dims
+
+    from edgeship.tasks.compile import exportable_model
+    from edgeship.tasks.compile.detection import BOXES, SCORES, add_efficient_nms, check_efficient_nms
+
+    head, shape = inputs.trained.detection, inputs.trained.input_shape
+    try:
+        with TORCH_CAPTURE:
+            export_onnx(exportable_model(inputs), shape, path, output_names=(BOXES, SCORES))
+    except Exception as error:  # noqa: BLE001  (the exporter raises many types)
+        raise CompileError(f"torch.onnx.export failed for '{inputs.trained.factory}': "
+                           f"{type(error).__name__}: {error}") from error
+    model = onnx.load(str(path))
+    del model.graph.value_info[:]
+    model = update_model_dims.update_inputs_outputs_dims(
+        model, {INPUT_NAME: [BUILD_BATCH, *shape]},
+        {BOXES: [BUILD_BATCH, head.points, 4], SCORES: [BUILD_BATCH, head.points, head.num_classes]})
+    onnx.save(onnx.shape_inference.infer_shapes(model, strict_mode=True), str(path))
+    notes = {"source": "trained fp32 detector with its decode, torch.onnx.export", "constant_folding":
+             fold_constants(path)}
+    notes.update(check_onnx(path, int8=False))
+    notes["lint"] = polygraphy_lint(path)
+    notes["onnxrt_vs_torch"] = _decoded_vs_torch(path, inputs)
+    postprocess = add_efficient_nms(path, head)
+    notes["nms"] = check_efficient_nms(path, head)
+    return notes, postprocess
+
+
+def _decoded_vs_torch(path: Path, inputs: CompileInputs) -> dict:
+    """The decoded graph on ONNX Runtime, then the one numpy NMS, against the fp32 torch reference on the test split."""
+    from edgeship.device.detections import agreement, nms
+    from edgeship.device.runtimes import OnnxRuntimeSession
+    from edgeship.tasks.compile.detection import BOXES, SCORES
+    from edgeship.tasks.data import load_split
+    from edgeship.tasks.kinds import task_of
+
+    task, head = task_of(inputs.trained), inputs.trained.detection
+
+    images, _ = load_split(inputs.data, "test")
+    session = OnnxRuntimeSession(path, threads=1)
+    packed = np.concatenate([nms(*(session.run_all(images[i:i + 1])[n] for n in (BOXES, SCORES)), head.nms)
+                             for i in range(len(images))])
+    with TORCH_CAPTURE:
+        reference = task.reference(inputs.trained, inputs.data)
+    matched, score_diff = agreement(packed, reference)
+    return {"runner": "ONNX Runtime CPU, then numpy NMS in place of EfficientNMS_TRT", "images": int(len(images)),
+            **task.score(packed, inputs.data), "matched_fraction": matched, "score_diff": score_diff}
