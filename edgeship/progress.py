@@ -1,7 +1,9 @@
 """Progress of long stages, shown by whoever is watching.
 
 Stages report through `progress()`; by default nobody listens. The CLI installs a
-rich progress display; in the Prefect UI the same stages show as task states.
+rich progress display; a flow run that no terminal watches (a deployment, the Prefect
+UI's Run button) installs `PrefectProgress`, so its long stages show as progress
+artifacts beside their task states.
 
     >>> with reporting(RichProgress(console)):
     ...     release_flow(...)
@@ -10,8 +12,13 @@ rich progress display; in the Prefect UI the same stages show as task states.
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 import threading
+import time
 from typing import Iterator, Protocol
+
+logger = logging.getLogger(__name__)
 
 
 class ProgressSink(Protocol):
@@ -37,6 +44,11 @@ _sink: ProgressSink = _Silent()
 def progress() -> ProgressSink:
     """The sink that stages report to."""
     return _sink
+
+
+def listening() -> bool:
+    """Whether anyone receives progress (a terminal's display, a benchmark's timer, Prefect artifacts)."""
+    return not isinstance(_sink, _Silent)
 
 
 @contextlib.contextmanager
@@ -95,3 +107,56 @@ class RichProgress:
             row = self._rows[stage]
             done = max(1, int(self._progress._tasks[row].completed))
             self._progress.update(row, total=done, completed=done, note=note)
+
+
+class PrefectProgress:
+    """Long stages as Prefect progress artifacts: one per stage whose length is known (epochs, layers), updated
+    at most every `interval_s` and at its end. Stages of one step show as their task's state alone."""
+
+    def __init__(self, prefix: str = "progress", interval_s: float = 2.0):
+        self.prefix, self.interval_s = prefix, interval_s
+        self._stages: dict[str, dict] = {}  # stage -> artifact id, total, done, last update
+        self._lock = threading.Lock()
+
+    def start(self, stage: str, total: int | None = None) -> None:
+        if not total or total <= 1:
+            return
+        key = f"{self.prefix}-" + re.sub(r"[^a-z0-9]+", "-", stage.lower()).strip("-")
+        artifact = self._call("create_progress_artifact", 0.0, key=key, description=f"{stage}: 0 of {total}")
+        if artifact is not None:
+            with self._lock:
+                self._stages[stage] = {"id": artifact, "total": total, "done": 0, "shown": time.monotonic()}
+
+    def advance(self, stage: str, steps: int = 1, note: str = "") -> None:
+        with self._lock:
+            entry = self._stages.get(stage)
+            if entry is None:
+                return
+            entry["done"] += steps
+            if time.monotonic() - entry["shown"] < self.interval_s:
+                return
+            entry["shown"] = time.monotonic()
+            done, total = entry["done"], entry["total"]
+        self._update(entry["id"], done, total, stage, note)
+
+    def finish(self, stage: str, note: str = "") -> None:
+        with self._lock:
+            entry = self._stages.pop(stage, None)
+        if entry is not None:
+            self._update(entry["id"], entry["total"], entry["total"], stage, note)
+
+    def _update(self, artifact, done: int, total: int, stage: str, note: str) -> None:
+        shown = re.sub(r"\[/?[a-z ]*\]", "", note)  # rich markup, as the terminal shows it
+        self._call("update_progress_artifact", artifact, min(100.0, 100.0 * done / total),
+                   description=f"{stage}: {min(done, total)} of {total}" + (f" ({shown})" if shown else ""))
+
+    @staticmethod
+    def _call(name: str, *args, **kwargs):
+        """A Prefect artifact call; a failure (no API, no run context) costs the display, never the stage."""
+        try:
+            from prefect import artifacts
+
+            return getattr(artifacts, name)(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - see the docstring
+            logger.debug("progress artifact %s failed: %s", name, error)
+            return None

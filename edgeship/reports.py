@@ -3,8 +3,9 @@
 Drawn here, on the pipeline side: the device needs no matplotlib.
 
     >>> figure = latency_histogram_figure(result)  # a BenchmarkResult; None when it carries no histogram
-    >>> with FIGURE_LOCK:
-    ...     run.log_figure(figure, "benchmarks/onnx-int8/pi4/latency_histogram.png")
+    >>> run.log_bytes(png_bytes(figure), "benchmarks/onnx-int8/pi4/latency_histogram.png")
+
+(edgeship.flows.figures logs them to MLflow and shows them in Prefect.)
 """
 
 from __future__ import annotations
@@ -15,7 +16,20 @@ from edgeship.records import BenchmarkResult, TargetSummary
 
 # Matplotlib is not thread-safe (its font and text caches), and benchmark tasks log from many threads:
 # hold this while drawing a figure and saving it.
-FIGURE_LOCK = threading.Lock()
+FIGURE_LOCK = threading.RLock()
+
+
+def png_bytes(figure) -> bytes:
+    """The figure as PNG (what MLflow and the Prefect UI show), then closed (pyplot keeps open figures alive)."""
+    import io
+
+    buffer = io.BytesIO()
+    with FIGURE_LOCK:
+        figure.savefig(buffer, format="png")
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+    return buffer.getvalue()
 
 
 def accuracy_latency_figure(targets: list[TargetSummary], fp32_accuracy: float):

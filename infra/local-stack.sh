@@ -3,7 +3,9 @@
 #   - an S3 endpoint that checks SigV4 signatures (`rclone serve s3`; buckets edgeship-mlflow, edgeship-ota,
 #     edgeship-dvc), and a read-only HTTP server in front of the OTA bucket (what a CDN is for devices);
 #   - MLflow on PostgreSQL, artifacts proxied to S3, webhooks on;
-#   - a Prefect server on PostgreSQL.
+#   - a Prefect server on PostgreSQL;
+#   - the OTA writer lock in PostgreSQL (EDGESHIP_OTA_LOCK): `rclone serve s3` ignores the conditional requests
+#     (If-None-Match, If-Match) that a lock in the bucket itself needs, so publishers take a lease row there instead.
 #
 #   infra/local-stack.sh start     # then: source .edgeship/stack.env
 #   infra/local-stack.sh status
@@ -12,7 +14,7 @@
 # PostgreSQL is expected at $EDGESHIP_PG (default postgresql://postgres@127.0.0.1:5432, trust auth).
 # Everything is configurable, so a test or a second stack can run beside the default one:
 #   EDGESHIP_S3_PORT (9000) EDGESHIP_OTA_HTTP_PORT (9001) EDGESHIP_MLFLOW_PORT (5000) EDGESHIP_PREFECT_PORT (4200)
-#   EDGESHIP_STACK_DB (edgeship: databases <name>_mlflow and <name>_prefect)
+#   EDGESHIP_STACK_DB (edgeship: databases <name>_mlflow, <name>_prefect and <name>_ota)
 #   EDGESHIP_STACK_DIR (.edgeship/stack: logs, pids, S3 data; stack.env is written next to it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,6 +62,7 @@ export MLFLOW_S3_ENDPOINT_URL=http://127.0.0.1:$S3_PORT EDGESHIP_S3_ENDPOINT_URL
 export EDGESHIP_OTA_URL=http://127.0.0.1:$OTA_HTTP_PORT
 export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT EDGESHIP_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
 export PREFECT_API_URL=http://127.0.0.1:$PREFECT_PORT/api
+export EDGESHIP_OTA_LOCK=$PG/${DB}_ota
 ENV
   # shellcheck disable=SC1090
   source "$ENV_FILE"
@@ -69,6 +72,7 @@ ENV
   start_bg ota-http "$BIN/rclone" serve http --read-only --dir-cache-time 1s --addr "127.0.0.1:$OTA_HTTP_PORT" "$STATE/s3/edgeship-ota"
   create_db "${DB}_mlflow"
   create_db "${DB}_prefect"
+  create_db "${DB}_ota"
   # Webhooks: plain http to loopback allowed (a local stack), a fixed key so a restart can read them back, and
   # the server's list of webhooks re-read every second (MLflow's default caches it 60 s: a webhook created
   # after an alias event would miss the next minute of promotions).

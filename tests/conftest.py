@@ -9,10 +9,14 @@ $EDGESHIP_TEST_TIME_SCALE for slow or emulated machines (tests/timing.py).
 import functools
 import http.server
 import os
+import shlex
 import shutil
+import socket
+import subprocess
 import tempfile
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +102,50 @@ def store_url(request, tmp_path):
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+PG = "postgresql://postgres@127.0.0.1:5432"
+
+
+def psql(sql: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["psql", f"{PG}/postgres", "-qtAc", sql], capture_output=True, text=True, timeout=60)
+
+
+def _shell_env(path: Path) -> dict[str, str]:
+    """The environment `env -0` wrote: what the user's shell holds after a block (bash's own variables left out)."""
+    pairs = (entry.partition("=") for entry in path.read_text().split("\0") if entry)
+    return {key: value for key, _, value in pairs if key not in ("PWD", "OLDPWD", "SHLVL", "_")}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """`infra/local-stack.sh start` on free ports and a unique database prefix, once for the session (each test on
+    it uses names of its own), as docs/real-services.md types it; stopped and its databases dropped after.
+
+    Yields the shell's environment after `source .edgeship/stack.env`, and the stack's root directory."""
+    from doc_blocks import doc_block, run_shell
+
+    if psql("SELECT 1").returncode != 0:
+        pytest.skip(f"PostgreSQL is not reachable at {PG} (trust auth, user postgres): the stack stores MLflow, "
+                    f"Prefect and the OTA writer lock there")
+    root = tmp_path_factory.mktemp("stack")
+    db = f"edgeship_test_{uuid.uuid4().hex[:10]}"
+    ports = {name: str(_free_port()) for name in ("S3", "OTA_HTTP", "MLFLOW", "PREFECT")}
+    env = {**os.environ, "EDGESHIP_STACK_DIR": str(root / "stack"), "EDGESHIP_STACK_DB": db,
+           "PREFECT_HOME": str(root / "prefect-home"), **{f"EDGESHIP_{k}_PORT": v for k, v in ports.items()}}
+    repo = Path(__file__).resolve().parents[1]
+    try:  # docs/real-services.md's `infra/local-stack.sh start && source .edgeship/stack.env`, then the shell's env
+        start = doc_block("docs/real-services.md", "stack-start", replace={".edgeship/stack.env": str(root / "stack.env")})
+        run_shell(f"{start}\nenv -0 > {shlex.quote(str(root / 'shell.env'))}", cwd=repo, env=env, timeout_s=300)
+        yield _shell_env(root / "shell.env"), root
+    finally:
+        subprocess.run(["bash", str(repo / "infra" / "local-stack.sh"), "stop"], env=env, capture_output=True,
+                       timeout=120)
+        for suffix in ("mlflow", "prefect", "ota"):
+            psql(f'DROP DATABASE IF EXISTS "{db}_{suffix}" WITH (FORCE)')

@@ -1,8 +1,12 @@
 """The release's compile fan-out on a real Dask LocalCluster (prefect-dask, worker processes) produces the same
-artifacts as the flow's thread pool: `task_runner: {kind: dask}` changes where targets compile, not what."""
+artifacts as the flow's thread pool: `task_runner: {kind: dask}` changes where targets compile, not what.
+
+Where they compiled is observed, not assumed: Dask's task stream names the worker that ran each task, and each
+of those workers is a process of its own (its pid, asked of the worker itself), not the flow's."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -25,13 +29,21 @@ TARGETS = ["onnx-fp32", "tensorrt-fp16"]  # both capture the model with torch in
 
 
 @flow(name="compile-fan-out")
-def compile_all(kind: str, root: str, trained, data, run_id: str, tracking_uri: str) -> dict:
+def compile_all(kind: str, root: str, trained, data, run_id: str, tracking_uri: str) -> tuple[dict, list]:
+    """The outcomes per target, and (on Dask) each task the cluster ran with the pid of the worker that ran it."""
     params = parse_params({"targets": TARGETS, "task_runner": {"kind": kind}})
     run = ReleaseRun(run_id, tracking_uri)
     out_dir = Path(root) / kind
+    cache = ProjectCache.open(Path(root) / kind, fresh=True)
     with fan_out(params.task_runner, len(TARGETS), Path(root)) as runner:
-        return compile_targets(params, trained, None, data, out_dir, run, ProjectCache.open(Path(root) / kind,
-                                                                                          fresh=True), runner)
+        if runner is None:
+            return compile_targets(params, trained, None, data, out_dir, run, cache, runner), []
+        from distributed import get_task_stream
+
+        with get_task_stream(client=runner.client) as stream:
+            outcomes = compile_targets(params, trained, None, data, out_dir, run, cache, runner)
+        pids = runner.client.run(os.getpid)  # worker address -> its process id, as the worker reports it
+        return outcomes, [(str(task["key"]), pids[task["worker"]]) for task in stream.data]
 
 
 def _content(artifact) -> dict[str, bytes]:
@@ -45,16 +57,21 @@ def _content(artifact) -> dict[str, bytes]:
 
 def test_dask_workers_compile_the_same_artifacts_as_threads(trained, digits, tmp_path):  # noqa: F811
     run = ReleaseRun.start(RegistryParams(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), tmp_path, "fan-out")
-    threads = compile_all("threads", str(tmp_path), trained, digits, run.run_id, run.tracking_uri)
-    dask = compile_all("dask", str(tmp_path), trained, digits, run.run_id, run.tracking_uri)
+    threads, _ = compile_all("threads", str(tmp_path), trained, digits, run.run_id, run.tracking_uri)
+    dask_run = ReleaseRun.start(RegistryParams(tracking_uri=run.tracking_uri), tmp_path, "fan-out-dask")
+    dask, ran = compile_all("dask", str(tmp_path), trained, digits, dask_run.run_id, run.tracking_uri)
+
+    compiled_on = {pid for key, pid in ran if "compile" in key}
+    assert len([key for key, _ in ran if "compile" in key]) == len(TARGETS), ran  # every target went to Dask
+    assert compiled_on and os.getpid() not in compiled_on, ran  # ... and ran in worker processes, not here
 
     for target in TARGETS:
         by_threads, by_dask = threads[target].artifact, dask[target].artifact
         assert by_threads and by_dask, (threads[target].error, dask[target].error)
         assert Path(by_dask.path).is_relative_to(tmp_path / "dask") and Path(by_dask.path).is_file()
         assert _content(by_dask) == _content(by_threads), f"{target} compiled differently on Dask"
-    logged = {f.path for f in run.client.list_artifacts(run.run_id, "compiled/onnx-fp32")}
-    assert logged, "the Dask worker logged its artifact into the release's MLflow run"
+    assert "onnx-fp32/bytes" in dask_run.client.get_run(dask_run.run_id).data.metrics, \
+        "the Dask worker logged into the release's MLflow run"
 
 
 def test_what_a_remote_task_takes_pickles(tmp_path):

@@ -27,6 +27,7 @@ from edgeship.ota.lock import RepositoryBusy, writer_lock
 from edgeship.ota.publish import read_channel
 from edgeship.ota.repository import OtaRepository
 from edgeship.ota.storage import StorageError, open_storage
+from contending_publishers import contend
 from ota_world import QUICK_PROBATION, ROOT_DIR, TARGET, OtaWorld, golden_inputs, wait_for
 from onnx_models import tiny_classifier
 from timing import scaled
@@ -140,35 +141,13 @@ def test_a_full_disk_during_the_download(world):
     settled(world, "device-1", "2")
 
 
-PUBLISHER = textwrap.dedent("""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, "tests")
-    from edgeship.ota.keys import Keystore
-    from edgeship.ota.publish import publish_release
-    from edgeship.ota.repository import OtaRepository
-    from edgeship.ota.storage import open_storage
-    from ota_world import make_artifact
-    directory, keys, version, target, start = sys.argv[1:]
-    import time
-    while time.time() < float(start):
-        time.sleep(0.001)
-    repository = OtaRepository(open_storage(directory), Keystore(keys))
-    artifact = make_artifact(Path(directory).parent / "builds", version, target=target)
-    publish_release(repository, "tiny", version, [artifact])
-""")
-
-
-def test_two_publishers_at_once_never_interleave(world):
+def test_two_publishers_forced_to_contend_never_interleave(world):
+    """Both ready, released by a barrier; the holder keeps the lock until the other has found it held."""
     world.publish("1", targets=(TARGET, "tflite-int8"))
     before = Metadata.from_file(str(world.directory / "metadata/timestamp.json")).signed.version
-    start = time.time() + 2
-    publishers = [subprocess.Popen([sys.executable, "-c", PUBLISHER, str(world.directory), str(world.keystore.directory),
-                                    version, target, str(start)], cwd=ROOT_DIR, stderr=subprocess.PIPE, text=True)
-                  for version, target in (("2", TARGET), ("3", "tflite-int8"))]
-    for publisher in publishers:
-        _, err = publisher.communicate(timeout=120)
-        assert publisher.returncode == 0, err
+    results = contend({"location": str(world.directory)}, world.keystore.directory, world.directory.parent / "builds",
+                      wait_s=300)
+    assert results == {"2": ("published", ""), "3": ("published", "")}, results
     reopened = OtaRepository(open_storage(str(world.directory)), world.keystore)
     descriptor = read_channel(reopened, "stable")
     # both writes landed (neither publisher overwrote the other's channel), one signed version each

@@ -21,6 +21,7 @@ import yaml
 
 from edgeship.files import sha256_of
 from edgeship.records import ReleaseSummary
+from edgeship.registry.target_models import version_models
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
@@ -58,9 +59,12 @@ def released(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     result = subprocess.run([str(edgeship), "run", "--summary", "release.json"], cwd=project, env=env,
                             capture_output=True, text=True, timeout=1200)
-    assert result.returncode in (0, 3), result.stderr[-4000:]  # 3 = ran fine, a gate failed
-    summary = ReleaseSummary.model_validate_json((project / "release.json").read_text())
-    assert (result.returncode == 0) == summary.passed
+    summary = ReleaseSummary.model_validate_json((project / "release.json").read_text()) \
+        if (project / "release.json").is_file() else None
+    # The default release passes: exit 3 (a gate failed) is a failure of this test, never a reason to override
+    failed = [f"{t.target}: {c.name} {c.measured} vs {c.limit}" for t in (summary.targets if summary else [])
+              for c in t.gate.checks if not c.passed]
+    assert result.returncode == 0 and summary.passed, (result.returncode, failed, result.stderr[-4000:])
     (project / "terminal.out").write_text(result.stdout)  # what the user saw, for the console test
     (project / "terminal.err").write_text(result.stderr)
     return project, summary
@@ -84,9 +88,8 @@ def test_release_registers_a_version_with_both_artifacts_and_metrics(released):
     history = client.get_metric_history(summary.run_id, "train/val_accuracy")
     assert [m.step for m in history] == [1, 2, 3]  # one point per epoch (params: 3 epochs)
     assert [t.target for t in summary.targets] == yaml.safe_load((project / "params.yaml").read_text())["targets"]
-    for target in summary.targets:
-        logged = {f.path for f in client.list_artifacts(summary.run_id, f"compiled/{target.target}")}
-        assert f"compiled/{target.target}/artifact.json" in logged
+    models = version_models(version.tags)
+    assert sorted(models) == sorted(t.target for t in summary.targets)  # each shipped target is a logged model
     for target in summary.targets:
         assert target.artifact is not None, target.error
         assert version.tags[f"edgeship.artifact.{target.target}.sha256"] == target.artifact.sha256
@@ -96,11 +99,41 @@ def test_release_registers_a_version_with_both_artifacts_and_metrics(released):
         bench = target.benchmarks[0]
         assert bench.status == "ok" and bench.latency_ms.p50 <= bench.latency_ms.p99 <= bench.latency_ms.max
         assert version.tags[f"edgeship.gate.{target.target}"] == ("pass" if target.gate.passed else "fail")
+        logged = client.get_logged_model(models[target.target])
+        assert logged.source_run_id == summary.run_id and logged.tags["edgeship.sha256"] == target.artifact.sha256
+        metrics = {m.key: m.value for m in logged.metrics}
+        assert metrics[f"{target.target}/host_accuracy"] == pytest.approx(target.host_check.accuracy)
+        assert metrics[f"{target.target}/local/p99_ms"] == pytest.approx(bench.latency_ms.p99)
     gate_files = {f.path for f in client.list_artifacts(summary.run_id, "gate")}
     assert {"gate/gate_report.md", "gate/gate_report.json"} <= gate_files
 
 
 ADVISORY_CHECKS = {"p50_vs_float", "size_vs_float"}  # this project sets no fail_if_*_than_fp32
+
+
+def test_each_target_model_loads_in_mlflow_and_computes_what_the_host_check_measured(released):
+    """ONNX through mlflow.onnx, LiteRT through the pyfunc model around edgeship's runtime adapter: both give the
+    logits the target's own runtime gives for the file that ships."""
+    import mlflow.onnx
+    import mlflow.pyfunc
+    import onnxruntime as ort
+
+    from edgeship.device.runtimes import open_session
+
+    project, summary = released
+    client, uri = mlflow_client(project)
+    models = version_models(client.get_model_version(summary.model_name, summary.model_version).tags)
+    images = np.load(project / "data" / "prepared" / "test.npz")["x"][:4]
+    mlflow.set_tracking_uri(uri)
+    for target in summary.targets:
+        expected = open_session(target.artifact.runtime, target.artifact.path).run(images)
+        if target.artifact.runtime == "onnxruntime":
+            proto = mlflow.onnx.load_model(f"models:/{models[target.target]}")
+            logits = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+                None, {"input": images})[0]
+        else:
+            logits = mlflow.pyfunc.load_model(f"models:/{models[target.target]}").predict(images)
+        np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5, err_msg=target.target)
 
 
 def test_every_gate_verdict_agrees_with_its_measurement_and_candidate_follows_the_gates(released):
@@ -157,22 +190,25 @@ LIBRARY_NOISE = ("| WARNING |", "| INFO ", "| ERROR ", "Traceback", "Downloading
 
 def test_ship_it_and_the_fleet_loop_as_the_docs_type_them(released, tmp_path):
     """docs/shipping.md's ship-it block after the quick start, then docs/fleet-loop.md's try-it blocks, as typed:
-    the reviewer promotes v1, publish signs it, a device that nobody provisioned installs it with `update`, and
-    `serve` runs it there (same identity), answers an application, reports to `fleet collect`; `fleet rollout
-    --dry-run` and `fleet status` show it in an 80-column terminal, with no library output on it."""
+    the reviewer promotes v1, publish signs the target models the version lists, a device that nobody provisioned
+    installs one with `update`, and `serve` runs it there (same identity), answers an application, reports to
+    `fleet collect`; `fleet rollout --dry-run` and `fleet status` show it in an 80-column terminal, with no library
+    output on it."""
     import httpx
+    import mlflow.artifacts
     import onnxruntime as ort
 
     from doc_blocks import Processes, doc_block, link_venv, run_shell
     from test_webhook import free_port
     from timing import wait_until
 
+    from edgeship.config import load_params
     from edgeship.device.state import active_model, load_identity
     from edgeship.fleet.store import FleetStore
+    from edgeship.ota.repository import open_repository
     from edgeship.ota.rollout import read_channel
 
     project, summary = released
-    assert summary.passed, "the quick start's release failed a required gate here: the ship-it block's promote refuses it"
     link_venv(project)
     env, device = newcomer_env(), tmp_path / "device"
     ota_port, device_port, broker_port = free_port(), free_port(), free_port()
@@ -186,27 +222,29 @@ def test_ship_it_and_the_fleet_loop_as_the_docs_type_them(released, tmp_path):
         said = processes.log("ship-it")
         assert not [noise for noise in LIBRARY_NOISE if noise in said], said
 
-        client, _ = mlflow_client(project)
-        repository_dir = project / "ota-repo"
-        from edgeship.config import load_params
-        from edgeship.ota.repository import open_repository
-
         channel = read_channel(open_repository(load_params(project / "params.yaml").ota, project), "stable")
         int8 = next(t for t in summary.targets if t.target == "onnx-int8")
-        shipped = channel.targets["onnx-int8"].base
-        assert shipped.version == summary.model_version and shipped.sha256 == int8.artifact.sha256
-        assert shipped.golden is not None and shipped.golden.count == 8  # from the release's own host check
-        logged = Path(client.download_artifacts(summary.run_id, "compiled/onnx-int8/golden.npz", str(tmp_path / "g")))
-        assert sha256_of(logged) == shipped.golden.sha256
-        identity = load_identity(device)
+        shipped = channel.targets["onnx-int8"]
+        assert shipped.base.version == summary.model_version and shipped.allow_failed_gate is None
+        assert shipped.base.sha256 == int8.artifact.sha256
+        golden = shipped.base.golden  # from the release's own host check, in the target's model
+        assert golden is not None and golden.count == 8
+        client, uri = mlflow_client(project)
+        model_id = version_models(client.get_model_version(summary.model_name, summary.model_version).tags)["onnx-int8"]
+        model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_id}", tracking_uri=uri,
+                                                             dst_path=str(tmp_path / "model")))
+        assert sha256_of(model_dir / "extra_files" / "golden.npz") == golden.sha256
+        registered_model = model_dir / "model.onnx"  # the logged model's file is the one that shipped
+        assert sha256_of(registered_model) == int8.artifact.sha256
+
+        identity = load_identity(device)  # `update` provisioned the device with the flags it was given
         assert identity.provisioned and identity.target == "onnx-int8" and identity.channel == "stable"
-        assert (device / "root.json").read_bytes() == (repository_dir / "metadata" / "1.root.json").read_bytes()
+        assert (device / "root.json").read_bytes() == (project / "ota-repo" / "metadata" / "1.root.json").read_bytes()
         installed = active_model(device)
         assert installed.version == summary.model_version
-        registered = Path(client.download_artifacts(summary.run_id, "compiled/onnx-int8", str(tmp_path / "reg")))
         images = np.load(project / "data" / "prepared" / "test.npz")["x"][:8]
         outputs = [ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": images})[0]
-                   for path in (installed.path, next(registered.glob("*.onnx")))]
+                   for path in (installed.path, registered_model)]
         np.testing.assert_allclose(*outputs, rtol=0, atol=0)
 
         start = doc_block("docs/fleet-loop.md", "fleet-loop-start", replace={

@@ -87,9 +87,24 @@ def test_the_flow_holds_advances_completes_and_records_why(world, tmp_path, pref
     assert float(tags["fleet.devices"]) == 3.0
     run_id = client.get_model_version(MODEL, "2").run_id
     assert {a.path for a in client.list_artifacts(run_id, "fleet")} >= {f"fleet/rollout-stable-{TARGET}.png"}
+    images = _timeline_images(f"rollout-stable-{TARGET}-timeline")  # the timeline is shown in Prefect too
+    assert images and all(png.startswith(b"\x89PNG") for png in images)
     assert client.get_metric_history(run_id, "fleet.p99_ms.default")
     assert float(tags["fleet.shadow_agreement"]) == pytest.approx(0.97)  # measured while it was the shadow
     store.close()
+
+
+def _timeline_images(key: str) -> list[bytes]:
+    """The rollout timeline's Prefect image artifacts (the PNG inline: the registry here is SQLite)."""
+    import base64
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        found = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    return [base64.b64decode(a.data.split(",", 1)[1]) for a in found
+            if a.type == "image" and a.data.startswith("data:image/png;base64,")]
 
 
 def test_abort_on_probation_failures_and_hand_commands(world, tmp_path, prefect_api):

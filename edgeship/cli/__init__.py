@@ -113,13 +113,16 @@ def run(params: Path = ParamsOption, workdir: Path = WorkdirOption,
     settings = load_settings(workdir, params)  # fail on a bad config before anything starts
     import time
 
+    from edgeship.cli.startup import PrefectApiInBackground
     from edgeship.console import library_output_to
 
     log_path = workdir.resolve() / ".edgeship" / "logs" / f"release-{time.strftime('%Y%m%d-%H%M%S')}.log"
     crash = None
-    with library_output_to(log_path, console):
+    with library_output_to(log_path, console):  # first: the API's server process writes to the log too
+        api = PrefectApiInBackground()  # starts while the pipeline imports
         try:
-            result = _release_with_progress(params, workdir, None if summary == Path("-") else summary, fresh)
+            result = _release_with_progress(params, workdir, None if summary == Path("-") else summary, fresh, api,
+                                            settings)
         except EdgeshipError as error:
             crash = error
         except Exception as error:  # a bug: its traceback is in the log, the terminal gets one line
@@ -139,10 +142,16 @@ def run(params: Path = ParamsOption, workdir: Path = WorkdirOption,
     raise typer.Exit(code=ExitCode.OK if result.passed else ExitCode.REFUSED)
 
 
-def _release_with_progress(params: Path, workdir: Path, summary: Optional[Path], fresh: bool):
+def _release_with_progress(params: Path, workdir: Path, summary: Optional[Path], fresh: bool, api=None,
+                           settings=None):
     from edgeship.flows.release import release
     from edgeship.progress import RichProgress, reporting
 
+    if api is not None:  # while Prefect's API starts: open what every release needs, then wait for it
+        from edgeship.cli.startup import preload
+
+        preload(settings, workdir)
+        api.ready()
     with RichProgress(console) as display, reporting(display):
         return release(params_path=str(params), workdir=str(workdir),
                        summary_path=str(summary.resolve()) if summary else None, fresh=fresh)

@@ -30,6 +30,10 @@ class OtaParams(Section):
     keystore: Path = Path(".edgeship/keys")
     channel: str = "stable"
     s3_endpoint_url: str | None = None
+    lock: str | None = Field(default=None, description="where publishers take the writer lock: unset, the "
+                             "repository's own storage (it must honour conditional writes: a local directory, AWS "
+                             "S3); or a PostgreSQL URL (postgresql://user@host:5432/db) for an S3 endpoint that "
+                             "does not (the local stack's); EDGESHIP_OTA_LOCK overrides it")
     metadata_expiry_days: int = Field(default=30, ge=1, description="targets metadata lifetime")
     snapshot_expiry_days: float = Field(default=7, gt=0)
     timestamp_expiry_hours: float = Field(default=24, gt=0, description="the freeze window: re-sign before it")

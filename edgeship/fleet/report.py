@@ -97,10 +97,16 @@ def log_fleet_metrics(tracking_uri: str, model_name: str, stats: VersionStats, s
         client.set_model_version_tag(model_name, stats.version, key, f"{value:.4g}")
 
 
-def log_decision(tracking_uri: str, model_name: str, decision: Decision, timeline: list[dict]) -> None:
-    """The decision as a tag on the candidate's model version, and the rollout's timeline plot on its run."""
+def log_decision(tracking_uri: str, model_name: str, decision: Decision, timeline: list[dict]
+                 ) -> tuple[str, str, bytes] | None:
+    """The decision as a tag on the candidate's model version, and the rollout's timeline plot on its run.
+
+    Returns (run id, artifact path, PNG) of the plot, for the Prefect UI too; None when there is no run to log to.
+    """
     if decision.version is None:
-        return
+        return None
+    from edgeship.reports import png_bytes
+
     client = _client(tracking_uri)
     summary = {"action": decision.action, "at": decision.at.isoformat(), "fraction": decision.fraction_after,
                "reasons": decision.reasons}
@@ -109,30 +115,31 @@ def log_decision(tracking_uri: str, model_name: str, decision: Decision, timelin
                                  f"{decision.action} @ {decision.fraction_after:g}")
     version = client.get_model_version(model_name, decision.version)
     if not version.run_id:
-        return
-    figure = timeline_figure(timeline, title=f"{model_name} v{decision.version} on {decision.channel}/{decision.target}")
+        return None
+    png = png_bytes(timeline_figure(timeline, title=f"{model_name} v{decision.version} on "
+                                                    f"{decision.channel}/{decision.target}"))
+    name = f"rollout-{decision.channel}-{decision.target}"
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"rollout-{decision.channel}-{decision.target}.png"
-        figure.savefig(path, dpi=90)
-        evidence = Path(tmp) / f"rollout-{decision.channel}-{decision.target}-last-decision.json"
+        path = Path(tmp) / f"{name}.png"
+        path.write_bytes(png)
+        evidence = Path(tmp) / f"{name}-last-decision.json"
         evidence.write_text(decision.model_dump_json(indent=2))
         client.log_artifact(version.run_id, str(path), "fleet")
         client.log_artifact(version.run_id, str(evidence), "fleet")
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
+    return version.run_id, f"fleet/{name}.png", png
 
 
-def record_in_mlflow(tracking_uri: str, model_name: str, result, store) -> None:
+def record_in_mlflow(tracking_uri: str, model_name: str, result, store) -> tuple[str, str, bytes] | None:
     """One target's pass where people look in MLflow: the decision (tag, timeline plot, evidence) on the candidate's
-    model version, fleet metrics on the candidate's and the base's."""
+    model version, fleet metrics on the candidate's and the base's. Returns the plot as log_decision does."""
     decision = result.decision
     timeline = store.decisions(decision.channel, decision.target, version=decision.version, evidence=False)
-    log_decision(tracking_uri, model_name, decision, timeline)
+    plot = log_decision(tracking_uri, model_name, decision, timeline)
     for version in {decision.version, result.base_version} - {None}:
         stats = result.snapshot.version(version)
         if stats is not None:
             log_fleet_metrics(tracking_uri, model_name, stats)
+    return plot
 
 
 def timeline_figure(decisions: list[dict], title: str):

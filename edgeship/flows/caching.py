@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import json
 from dataclasses import dataclass
@@ -51,18 +52,29 @@ def digest(**parts: Any) -> str:
 
 
 def source_hash(*modules: str) -> str:
-    """sha256 over the source of each module ("pkg.mod", or an import path "pkg.mod:attr")."""
+    """sha256 over the source of each module ("pkg.mod", or an import path "pkg.mod:attr").
+
+    The source is read from the module's file, not imported: a re-run whose stages are all cached never
+    imports torch or the converters just to learn that nothing changed.
+    """
     hashes = []
     for name in modules:
         module = name.partition(":")[0]
         if module not in _SOURCES:
-            try:
-                _SOURCES[module] = hashlib.sha256(inspect.getsource(importlib.import_module(module)).encode()
-                                                  ).hexdigest()
-            except (ImportError, OSError, TypeError):  # not importable here: the stage itself reports it
-                _SOURCES[module] = f"unreadable:{module}"
+            _SOURCES[module] = _module_source_hash(module)
         hashes.append(_SOURCES[module])
     return digest(modules=list(modules), sources=hashes)
+
+
+def _module_source_hash(module: str) -> str:
+    try:
+        spec = importlib.util.find_spec(module)
+        origin = spec.origin if spec is not None else None
+        if origin is None or not origin.endswith(".py"):  # a namespace package, a compiled module: its code object
+            return hashlib.sha256(inspect.getsource(importlib.import_module(module)).encode()).hexdigest()
+        return hashlib.sha256(Path(origin).read_bytes()).hexdigest()
+    except (ImportError, OSError, TypeError, ValueError):  # not importable here: the stage itself reports it
+        return f"unreadable:{module}"
 
 
 def file_hash(path: Path | str | None) -> str | None:

@@ -32,6 +32,7 @@ def prune(params: Params, trained: TrainedModel, data: PreparedData, out_dir: Pa
     and a line saying what was pruned, for the model version's lineage."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+    from edgeship.flows.figures import show_figure
     from edgeship.registry.model_registry import log_torch_model
     from edgeship.tasks.data import load_split
     from edgeship.tasks.prune_search import pruning_figure, pruning_rows, search_pruning
@@ -62,7 +63,8 @@ def prune(params: Params, trained: TrainedModel, data: PreparedData, out_dir: Pa
     rows = pruning_rows(report)
     run.log_json(report.model_dump(mode="json", exclude={"model"}), f"{PREFIX}/report.json")
     run.log_json(rows, f"{PREFIX}/candidates.json")
-    run.log_figure(pruning_figure(report), f"{PREFIX}/pruning.png")
+    show_figure(pruning_figure(report), run, f"{PREFIX}/pruning.png", key="pruning-chart",
+                description="Accuracy, latency, size and MACs per pruning ratio")
     chosen = report.chosen
     run.log_metrics({"pruning/chosen_ratio": report.chosen_ratio, "pruning/meets_budget": float(report.meets_budget),
                      "pruning/speedup": chosen.speedup, "pruning/macs": float(chosen.macs),

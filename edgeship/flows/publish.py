@@ -30,6 +30,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from edgeship.config import Params, load_params
+from edgeship.flows.retries import DOWNLOAD_TIMEOUT_S, SERVICE_CALL
 from edgeship.ota.channel import ChannelDescriptor
 from edgeship.ota.repository import open_repository
 from edgeship.ota.rollout import describe
@@ -61,11 +62,17 @@ def _artifact(descriptor: ChannelDescriptor, action: str) -> None:
                              description="The signed channel descriptor devices will read")
 
 
-@task(name="resolve-release", cache_policy=NO_CACHE)
+@task(name="resolve-release", cache_policy=NO_CACHE, timeout_seconds=DOWNLOAD_TIMEOUT_S, **SERVICE_CALL)
 def resolve(tracking_uri: str, model_name: str, dst: Path, version: str | None, alias: str | None,
             targets: list[str] | None, allow_failed_gate: str | None) -> ResolvedRelease:
     return resolve_release(tracking_uri, model_name, dst, version=version, alias=alias, targets=targets,
                            allow_failed_gate=allow_failed_gate)
+
+
+@task(name="record-publish", cache_policy=NO_CACHE, timeout_seconds=120, **SERVICE_CALL)
+def note_publish(tracking_uri: str, model_name: str, version: str, channel: str, text: str) -> None:
+    """The published version says where and how it went out (a version tag per channel)."""
+    record_publish(tracking_uri, model_name, version, channel, text)
 
 
 def golden_vectors(params: Params, root: Path, release: ResolvedRelease, dst: Path) -> dict[str, Path]:
@@ -133,9 +140,9 @@ def publish(alias: str | None = "production", params_path: str = "params.yaml", 
                 fallbacks=fallbacks, allow_failed_gate=release.allow_failed_gate, source=release.source,
                 golden_tolerance=(params.ota.golden_atol, params.ota.golden_rtol),
                 drift_reference=drift_reference or reference)
-    record_publish(tracking_uri, release.model_name, release.version, channel,
-                   f"{release.source} at {rollout_fraction:g}" + (f"; skipped {release.skipped}" if release.skipped
-                                                                   else ""))
+    note_publish(tracking_uri, release.model_name, release.version, channel,
+                 f"{release.source} at {rollout_fraction:g}" + (f"; skipped {release.skipped}" if release.skipped
+                                                                 else ""))
     _artifact(descriptor, f"Published v{release.version} ({release.source})")
     for target, why in release.skipped.items():
         get_run_logger().warning("not publishing %s of v%s: %s", target, release.version, why)

@@ -80,6 +80,7 @@ def analyze_sensitivity(params: Params, trained: TrainedModel, data: PreparedDat
     """Per-layer sensitivity and ONNX Runtime costs: a table and a bar chart in MLflow and Prefect."""
     from prefect.artifacts import create_table_artifact
 
+    from edgeship.flows.figures import show_figure
     from edgeship.tasks.sensitivity import analyze_sensitivity as analyze
     from edgeship.tasks.sensitivity import sensitivity_figure, sensitivity_rows
 
@@ -89,7 +90,8 @@ def analyze_sensitivity(params: Params, trained: TrainedModel, data: PreparedDat
                      on_layer=lambda done, total, layer: progress().advance(stage, note=f"{done}/{total} {layer}"))
     rows = sensitivity_rows(report)
     run.log_json(report.model_dump(mode="json"), f"{PREFIX}/sensitivity.json")
-    run.log_figure(sensitivity_figure(report), f"{PREFIX}/sensitivity.png")
+    show_figure(sensitivity_figure(report), run, f"{PREFIX}/sensitivity.png", key="sensitivity-chart",
+                description="Val accuracy drop with only that layer int8, most sensitive first")
     run.log_metrics({f"{stage}/fp32_val_accuracy": report.fp32_val_accuracy,
                      f"{stage}/int8_val_accuracy": report.int8_val_accuracy,
                      f"{stage}/int8_sqnr_db": report.int8_sqnr_db,
@@ -109,6 +111,7 @@ def plan_precision(params: Params, trained: TrainedModel, data: PreparedData, re
     """The mixed-precision plan for the accuracy budget; the plan (JSON) and the Pareto plot go to MLflow."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+    from edgeship.flows.figures import show_figure
     from edgeship.tasks.precision_plan import pareto_figure, plan_rows
     from edgeship.tasks.precision_plan import plan_precision as plan_for
 
@@ -119,7 +122,8 @@ def plan_precision(params: Params, trained: TrainedModel, data: PreparedData, re
                     on_step=lambda c: progress().advance(stage, note=f"{len(c.float_layers)} float, "
                                                                      f"val {c.val_accuracy:.4f}"))
     run.log_json(plan.model_dump(mode="json"), f"{PREFIX}/precision_plan.json")
-    run.log_figure(pareto_figure(plan), f"{PREFIX}/pareto.png")
+    show_figure(pareto_figure(plan), run, f"{PREFIX}/pareto.png", key="precision-plan-pareto",
+                description="Accuracy against latency of every plan the search evaluated, and the frontier")
     run.log_metrics({"plan/float_layers": float(len(plan.float_layers)),
                      "plan/int8_layers": float(len(plan.int8_layers)),
                      "plan/predicted_val_accuracy": plan.predicted_val_accuracy,

@@ -14,6 +14,7 @@ Prefect deployment on a schedule, or from the Prefect UI with parameters.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -22,9 +23,12 @@ from prefect import flow, get_run_logger
 from edgeship.config import load_params
 from edgeship.flows import pruning_tasks, quantization_tasks, release_tasks
 from edgeship.flows.caching import ProjectCache
+from edgeship.flows.devices import DevicesStarting
 from edgeship.flows.fan_out import fan_out
+from edgeship.progress import PrefectProgress, listening, reporting
 from edgeship.records import ReleaseSummary, TargetSummary
 from edgeship.registry.tracking import ReleaseRun
+from edgeship.tasks.data_version import Reproduction
 from edgeship.tasks.gate import earns_its_place, evaluate_gate, float_sibling, release_passes
 from edgeship.tasks.kinds import get_task
 
@@ -42,17 +46,28 @@ def release(params_path: str = "params.yaml", workdir: str = ".", summary_path: 
     params = load_params(root / params_path)
     if str(root) not in sys.path:  # the project's own modules (a model factory) import as they do from a script
         sys.path.insert(0, str(root))
-    cache = ProjectCache.open(root, fresh)
-    run = ReleaseRun.start(params.registry, root, run_name=f"release-{params.project.name}",
-                           tags={"edgeship.flow": "release", **({"edgeship.reason": reason[:5000]} if reason else {})})
-    out_dir = root / ".edgeship" / "runs" / run.run_id
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run.log_params(params.model_dump(mode="json"))
-    try:
-        summary = _release(root, params, run, out_dir, cache)
-    except BaseException:
-        run.finish("FAILED")
-        raise
+    with contextlib.ExitStack() as started:
+        # Slow starts begin first and run while the cache and the MLflow run are set up: DVC (a process of its
+        # own, ~2 s even when nothing changed) and the loopback device agents (wanted only at the benchmarks).
+        preparing = Reproduction(root)
+        started.callback(preparing.cancel)  # a no-op once DVC is done
+        devices = DevicesStarting(params.devices, params.benchmark)
+        started.callback(devices.close)
+        cache = ProjectCache.open(root, fresh)
+        run = ReleaseRun.start(params.registry, root, run_name=f"release-{params.project.name}",
+                               tags={"edgeship.flow": "release",
+                                     **({"edgeship.reason": reason[:5000]} if reason else {})})
+        out_dir = root / ".edgeship" / "runs" / run.run_id
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Started where no terminal shows progress (a deployment, the Prefect UI): long stages as progress artifacts.
+        shown = contextlib.nullcontext() if listening() else reporting(PrefectProgress(prefix="release"))
+        try:
+            run.log_params(params.model_dump(mode="json"))
+            with shown:
+                summary = _release(root, params, run, out_dir, cache, preparing, devices)
+        except BaseException:
+            run.finish("FAILED")
+            raise
     run.log_json(summary.model_dump(mode="json"), "release_summary.json")
     run.finish()
     if summary_path:
@@ -82,8 +97,9 @@ def _quantize(params, trained, data, out_dir: Path, run: ReleaseRun, lineage: di
     return quantized
 
 
-def _release(root: Path, params, run: ReleaseRun, out_dir: Path, cache: ProjectCache) -> ReleaseSummary:
-    data = release_tasks.prepare_data(root, params, run)
+def _release(root: Path, params, run: ReleaseRun, out_dir: Path, cache: ProjectCache, preparing=None,
+             devices=None) -> ReleaseSummary:
+    data = release_tasks.prepare_data(root, params, run, preparing)
     lineage: dict[str, str] = {}
     if params.distillation.enabled:
         trained = cache.call(quantization_tasks.distill_model, params, data, out_dir, run,
@@ -112,7 +128,7 @@ def _release(root: Path, params, run: ReleaseRun, out_dir: Path, cache: ProjectC
                                             on_reuse=lambda result, a=a: release_tasks.log_host_check(run, a, result))
                        for a in artifacts}
 
-        benchmarks = release_tasks.benchmark_on_devices(artifacts, data, params, run, cache, runner)
+        benchmarks = release_tasks.benchmark_on_devices(artifacts, data, params, run, cache, runner, devices)
 
     summaries = []
     for target in params.targets:
@@ -131,7 +147,7 @@ def _release(root: Path, params, run: ReleaseRun, out_dir: Path, cache: ProjectC
     gates = [s.gate for s in summaries]
     release_tasks.publish_reports(gates, summaries, trained.test_accuracy, run)
 
-    version = release_tasks.register(params, trained, artifacts, gates, run, lineage=lineage)
+    version = release_tasks.register(params, trained, summaries, run, lineage=lineage)
     passed = release_passes(gates)
     return ReleaseSummary(model_name=params.project.name, model_version=version, run_id=run.run_id,
                           fp32_test_accuracy=trained.test_accuracy, data_hash=data.dvc_hash, targets=summaries,

@@ -7,6 +7,7 @@ return small records and paths, never tensors.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -15,9 +16,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from edgeship.config import Params
+from edgeship.flows.retries import SERVICE_CALL
 from edgeship.progress import progress
 from edgeship.records import (BenchmarkResult, CompileOutcome, CompiledArtifact, GateReport, HostCheck, PreparedData,
-                              QuantizedModel, TrainedModel)
+                              QuantizedModel, TargetSummary, TrainedModel)
 from edgeship.registry.tracking import ReleaseRun
 from edgeship.targets import KNOWN_TARGETS
 
@@ -35,13 +37,14 @@ def epoch_logger(run: ReleaseRun, stage: str, total: int):
 
 
 @task(name="prepare-data", cache_policy=NO_CACHE)
-def prepare_data(workdir: Path, params: Params, run: ReleaseRun) -> PreparedData:
-    """Reproduce the DVC `prepare` stage when stale; record the data hash as lineage."""
+def prepare_data(workdir: Path, params: Params, run: ReleaseRun, preparing=None) -> PreparedData:
+    """Reproduce the DVC `prepare` stage when stale (`preparing`: the reproduction the flow already started,
+    edgeship.tasks.data_version.Reproduction); record the data hash as lineage."""
     from edgeship.tasks import data_version
     from edgeship.tasks.data import read_prepared
 
     progress().start("data", total=1)
-    data_hash = data_version.reproduce(workdir)
+    data_hash = (preparing or data_version.Reproduction(workdir)).result()
     data = read_prepared(workdir / params.data.prepared_dir).model_copy(update={"dvc_hash": data_hash})
     if data.task != params.task:
         from edgeship.errors import DataError
@@ -85,7 +88,6 @@ def compile_target(target: str, trained: TrainedModel, quantized: QuantizedModel
     Any exception: a converter is third-party code that raises what it likes (TypeError on an
     unsupported op, ImportError for a missing backend); it fails this target's gate, not the release.
     """
-    from edgeship.registry.model_registry import log_compiled
     from edgeship.tasks.compile import CompileInputs, get_target
 
     progress().start(f"compile {target}", total=1)
@@ -96,8 +98,7 @@ def compile_target(target: str, trained: TrainedModel, quantized: QuantizedModel
     except Exception as error:  # noqa: BLE001 - see the docstring: one target never stops the others
         run.set_tags({f"edgeship.compile.{target}": f"failed: {str(error)[:4000]}"})
         outcome = CompileOutcome(target=target, error=f"{type(error).__name__}: {error}")
-    else:
-        log_compiled(run, artifact)
+    else:  # the file becomes a logged model at registration, with its measurements and verdict
         run.log_metrics({f"{target}/bytes": float(artifact.bytes)})
         outcome = CompileOutcome(target=target, artifact=artifact)
     progress().finish(f"compile {target}", note=compile_note(outcome))
@@ -148,7 +149,8 @@ def check_on_host(artifact: CompiledArtifact, data: PreparedData, reference: Pat
     """Load the artifact in its own runtime here and measure accuracy and agreement with fp32.
 
     Also keeps `golden_count` test images and this runtime's outputs for them as the release's
-    golden vectors (compiled/<target>/golden.npz): what a device must reproduce before it installs the file.
+    golden vectors (golden.npz beside the file, logged with the target's model at registration): what a device
+    must reproduce before it installs the file.
     """
     from edgeship.tasks.data import load_split
     from edgeship.tasks.host_check import host_check
@@ -164,13 +166,7 @@ def check_on_host(artifact: CompiledArtifact, data: PreparedData, reference: Pat
 
 
 def log_host_check(run: ReleaseRun, artifact: CompiledArtifact, result: HostCheck) -> None:
-    """The host check's metrics, and the golden vectors beside the artifact (a reused check logs them again:
-    publishing reads them from the version's own run)."""
-    from edgeship.registry.model_registry import compiled_artifact_dir
-
-    golden = artifact.path.parent / "golden.npz"
-    if golden.is_file():
-        run.log_artifact(golden, compiled_artifact_dir(artifact.target))
+    """The host check's metrics (a reused check logs them again, into this run)."""
     target = artifact.target
     run.log_metrics({f"{target}/host_accuracy": result.accuracy, f"{target}/top1_agreement": result.top1_agreement,
                      f"{target}/max_abs_logit_diff": result.max_abs_logit_diff,
@@ -210,6 +206,7 @@ def log_benchmark(run: ReleaseRun, result: BenchmarkResult, figures: bool = True
     Figures: the latency histogram, and latency per window over the run with the device's sensors
     (a measurement reused from the cache has its figures in the run that measured it).
     """
+    from edgeship.flows.figures import artifact_key, show_figure
     from edgeship.reports import FIGURE_LOCK, latency_histogram_figure, timeline_figure
 
     base = f"benchmarks/{result.target}/{result.device}"
@@ -228,31 +225,35 @@ def log_benchmark(run: ReleaseRun, result: BenchmarkResult, figures: bool = True
             f"{prefix}/energy_per_inference_mj": sensors.energy_per_inference_mj if sensors else None,
             f"{prefix}/throttled": float(sensors.throttled) if sensors and sensors.throttled is not None else None,
         })
-        for name, draw in (("latency_histogram", latency_histogram_figure), ("timeline", timeline_figure)
-                           ) if figures else ():
+        for name, draw, what in (("latency_histogram", latency_histogram_figure, "latency histogram"),
+                                 ("timeline", timeline_figure, "latency and sensors over the sustained run")
+                                 ) if figures else ():
             with FIGURE_LOCK:
                 figure = draw(result)
                 if figure is not None:
-                    run.log_figure(figure, f"{base}/{name}.png")
+                    show_figure(figure, run, f"{base}/{name}.png", artifact_key(name, result.target, result.device),
+                                f"{result.target} on {result.device}: {what}")
     if result.engine_path:  # a TensorRT engine built on the device: an artifact like any other
         run.log_artifact(Path(result.engine_path), base)
     run.log_json(result.model_dump(mode="json"), f"{base}.json")
 
 
 def benchmark_on_devices(artifacts: list[CompiledArtifact], data: PreparedData, params: Params, run: ReleaseRun,
-                         cache=None, runner=None) -> dict[str, list[BenchmarkResult]]:
+                         cache=None, runner=None, devices=None) -> dict[str, list[BenchmarkResult]]:
     """Every artifact on every device that serves it: one Prefect task per (artifact, device), all submitted
     at once (to `runner`, edgeship.flows.fan_out; None: the flow's own); the pool of benchmark devices keeps
     each device to one job at a time (the agent queues jobs from other processes too). On-device accuracy on
     the test split. With a `cache` (edgeship.flows.caching.ProjectCache), a measurement of the same artifact
-    on the same device with the same benchmark params is reused."""
+    on the same device with the same benchmark params is reused. `devices` (edgeship.flows.devices.DevicesStarting):
+    the devices the flow started connecting earlier; None: connected here."""
     import tempfile
 
     from edgeship.flows.fan_out import remote, submit
     from edgeship.tasks.benchmark import BenchmarkDevices, collect_results, connected_devices, validation_batch
 
-    with tempfile.TemporaryDirectory(prefix="edgeship-batch-") as scratch, \
-            connected_devices(params.devices, params.benchmark) as devices:
+    with tempfile.TemporaryDirectory(prefix="edgeship-batch-") as scratch, contextlib.ExitStack() as stack:
+        devices = devices.endpoints() if devices is not None else stack.enter_context(
+            connected_devices(params.devices, params.benchmark))
         batch = validation_batch(data, Path(scratch), params.benchmark) if params.benchmark.evaluate else None
         pool = BenchmarkDevices(devices, params.benchmark)
         pool.probe()
@@ -306,11 +307,8 @@ def reused_model(run: ReleaseRun, trained: TrainedModel, stage: str = "train") -
 
 
 def reused_compile(run: ReleaseRun, outcome: CompileOutcome) -> None:
-    """A reused artifact is logged into this run too: publishing downloads it from the version's own run."""
-    from edgeship.registry.model_registry import log_compiled
-
+    """A reused artifact's size goes into this run too (registration logs its file as this run's model)."""
     if outcome.artifact:
-        log_compiled(run, outcome.artifact)
         run.log_metrics({f"{outcome.target}/bytes": float(outcome.artifact.bytes)})
     reused(f"compile {outcome.target}", run, compile_note(outcome))
 
@@ -325,30 +323,32 @@ def needs_quantized_model(targets: list[str]) -> bool:
     return any(KNOWN_TARGETS[t].precision in ("int8", "mixed") for t in targets)
 
 
-@task(name="publish-reports", cache_policy=NO_CACHE)
+@task(name="publish-reports", cache_policy=NO_CACHE, **SERVICE_CALL)
 def publish_reports(gates: list[GateReport], summaries, fp32_accuracy: float, run: ReleaseRun) -> str:
     """The gate table and accuracy/latency plot, as Prefect artifacts and MLflow artifacts."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+    from edgeship.flows.figures import show_figure
     from edgeship.reports import accuracy_latency_figure, target_rows
     from edgeship.tasks.gate import render_markdown
 
     markdown = render_markdown(gates)
     run.log_text(markdown, "gate/gate_report.md")
     run.log_json([g.model_dump(mode="json") for g in gates], "gate/gate_report.json")
-    figure = accuracy_latency_figure(summaries, fp32_accuracy)
-    run.log_figure(figure, "reports/accuracy_vs_latency.png")
     create_markdown_artifact(markdown, key="gate-report", description="Gate verdict per target and check")
     create_table_artifact(target_rows(summaries), key="release-targets",
                           description="Per target and device: size, accuracy, latency")
+    show_figure(accuracy_latency_figure(summaries, fp32_accuracy), run, "reports/accuracy_vs_latency.png",
+                key="accuracy-vs-latency", description="Accuracy on each target's runtime against its worst-device "
+                                                       "p99 latency (green: gate passed)")
     return markdown
 
 
-@task(name="register", cache_policy=NO_CACHE)
-def register(params: Params, trained: TrainedModel, artifacts: list[CompiledArtifact], gates: list[GateReport],
-             run: ReleaseRun, lineage: dict[str, str] | None = None) -> str:
-    """Register the model version with its artifacts, verdicts and lineage (the stages its model went through,
-    in order); alias it `candidate` when the gates pass."""
+@task(name="register", cache_policy=NO_CACHE, **SERVICE_CALL)
+def register(params: Params, trained: TrainedModel, summaries: list[TargetSummary], run: ReleaseRun,
+             lineage: dict[str, str] | None = None) -> str:
+    """Register the model version with its verdicts and lineage (the stages its model went through, in order),
+    each compiled target as a model of the run with its measurements; alias it `candidate` when the gates pass."""
     from edgeship.registry.model_registry import register_release
     from edgeship.tasks.kinds import get_task
 
@@ -357,7 +357,8 @@ def register(params: Params, trained: TrainedModel, artifacts: list[CompiledArti
         tags = {"edgeship.lineage": " -> ".join(k for k in lineage if "." not in k),
                 **{f"edgeship.lineage.{stage}": detail for stage, detail in lineage.items()}}
     metric = get_task(params.task).metric
-    version = register_release(run, params.project.name, trained.model_uri, artifacts, gates,
+    progress().start("register")
+    version = register_release(run, params.project.name, trained.model_uri, summaries,
                                alias=params.registry.candidate_alias,
                                metrics={f"fp32_test_{metric}": trained.test_accuracy,
                                         **{f"fp32_test_{k}": v for k, v in trained.metrics.items()}}, tags=tags)

@@ -27,6 +27,7 @@ from edgeship.fleet.drift import drift_checks
 from edgeship.fleet.policy import open_store
 from edgeship.fleet.report import decision_markdown, record_in_mlflow, status_rows
 from edgeship.fleet.rollout import TargetResult, control_channel
+from edgeship.flows.figures import show_png
 from edgeship.fleet.store import FleetStore
 from edgeship.registry.tracking import tracking_uri_for
 
@@ -48,7 +49,11 @@ def record_decision(result: TargetResult, store: FleetStore, tracking_uri: str, 
     if not in_mlflow:
         return
     try:
-        record_in_mlflow(tracking_uri, model_name, result, store)
+        plot = record_in_mlflow(tracking_uri, model_name, result, store)
+        if plot is not None:  # the timeline in Prefect too
+            run_id, artifact_file, png = plot
+            show_png(png, tracking_uri, run_id, artifact_file, key=f"{key}-timeline",
+                     description=f"Rollout of {decision.channel}/{decision.target}: fraction and decisions over time")
     except Exception as error:  # the registry may not know the version (a channel published elsewhere)
         logger.warning("could not record the decision on %s v%s in MLflow: %s", model_name, decision.version, error)
 

@@ -82,6 +82,8 @@ class OtaRepository(Repository):
         timestamp_expiry_hours: Lifetime of timestamp metadata (the freeze window).
         snapshot_expiry_days: Lifetime of snapshot metadata.
         root_keys, root_threshold: For a new repository only: how many root keys, and how many must sign.
+        lock: Where writers take the writer lease (edgeship.ota.lock): a SQL URL (postgresql://...), or None for
+            EDGESHIP_OTA_LOCK, else the storage itself.
 
     Raises:
         KeystoreMismatch: The repository exists and was signed with other keys.
@@ -91,8 +93,9 @@ class OtaRepository(Repository):
 
     def __init__(self, storage: Storage, keystore: Keystore, expiry_days: int = 30,
                  timestamp_expiry_hours: float = 24, snapshot_expiry_days: float = 7,
-                 root_keys: int = 1, root_threshold: int = 1):
+                 root_keys: int = 1, root_threshold: int = 1, lock: str | None = None):
         self.storage = storage
+        self.lock = lock
         self.keystore = keystore
         self.expiry = {Root.type: ROOT_EXPIRY, Targets.type: timedelta(days=expiry_days),
                        Snapshot.type: timedelta(days=min(snapshot_expiry_days, expiry_days)),
@@ -100,29 +103,31 @@ class OtaRepository(Repository):
         self._metadata: dict[str, Metadata] = {}
         self._staged: dict[str, TargetFile] = {}
         self._writing = False
+        self._lease = None
         if self._is_empty():
-            with writer_lock(storage, "create the repository"):
+            with writer_lock(storage, "create the repository", lock_url=lock):
                 if self._is_empty():
                     self._initialise(root_keys, root_threshold)
                     return
         self._load()
 
     @contextlib.contextmanager
-    def writing(self, purpose: str, wait_s: float = 60.0) -> Iterator[None]:
-        """Hold the storage's writer lock and work on the metadata as it is under the lock.
+    def writing(self, purpose: str, wait_s: float = 60.0, on_busy=None) -> Iterator[None]:
+        """Hold the repository's writer lease and work on the metadata as it is under it.
 
-        Nested calls (a publish that rolls out) share the outer lock.
+        Nested calls (a publish that rolls out) share the outer lease. `on_busy(holder)` is called once when
+        another writer holds it (see edgeship.ota.lock.writer_lock).
         """
         if self._writing:
             yield
             return
-        with writer_lock(self.storage, purpose, wait_s=wait_s):
+        with writer_lock(self.storage, purpose, wait_s=wait_s, lock_url=self.lock, on_busy=on_busy) as lease:
             self._load()
-            self._writing = True
+            self._writing, self._lease = True, lease
             try:
                 yield
             finally:
-                self._writing = False
+                self._writing, self._lease = False, None
                 self._staged.clear()
 
     def refresh(self) -> None:
@@ -257,6 +262,8 @@ class OtaRepository(Repository):
             names = [f"{version}.root.json", "root.json"]
         else:
             names = [f"{version}.{role}.json"]
+        if self._lease is not None:
+            self._lease.check()  # a writer that lost its lease (stalled past it) writes no metadata
         for name in names:
             self.storage.put(f"metadata/{name}", data)
         self._metadata[role] = md
@@ -394,4 +401,4 @@ def open_repository(settings: OtaParams, root: Path) -> OtaRepository:
     return OtaRepository(open_storage(location, settings.s3_endpoint_url), Keystore(root / settings.keystore),
                          expiry_days=settings.metadata_expiry_days,
                          timestamp_expiry_hours=settings.timestamp_expiry_hours,
-                         snapshot_expiry_days=settings.snapshot_expiry_days)
+                         snapshot_expiry_days=settings.snapshot_expiry_days, lock=settings.lock)

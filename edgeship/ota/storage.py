@@ -1,9 +1,13 @@
 """Where the OTA repository's files live: a local directory or an S3 bucket.
 
 The repository is a set of static files (signed metadata and hash-named model
-files) that devices fetch over plain HTTP, so storage needs only three calls:
+files) that devices fetch over plain HTTP, so storage needs only a few calls:
 `put`, `get` and `exists`, on slash-separated paths relative to the repository
-root ("metadata/timestamp.json", "targets/models/...").
+root ("metadata/timestamp.json", "targets/models/..."), plus the conditional
+writes the writer lock takes (edgeship.ota.lock): create only if absent, replace
+or delete only if unchanged since read. An S3 endpoint that ignores conditional
+requests (`rclone serve s3`) says so (`conditional_writes()`), and the lock then
+refuses to rely on it.
 
     >>> storage = open_storage("s3://ota-bucket/edgeship", s3_endpoint_url="http://127.0.0.1:9000")
     >>> storage.put("metadata/timestamp.json", data)
@@ -16,8 +20,12 @@ fetches `<url>/metadata/...` and `<url>/targets/...`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
 import posixpath
+import uuid
 from pathlib import Path
 from typing import Protocol
 
@@ -41,14 +49,28 @@ class Storage(Protocol):
     def exists(self, path: str) -> bool:
         """Whether a file exists at that path."""
 
-    def create(self, path: str, data: bytes) -> bool:
-        """Write a file only if none exists at that path, atomically; False when one exists (a lock's step)."""
+    def create(self, path: str, data: bytes) -> str | None:
+        """Write a file only if none exists at that path, atomically: its tag (see read_tagged), or None when one
+        exists (a lock's step)."""
 
     def delete(self, path: str) -> None:
         """Remove a file; no error when there is none."""
 
     def list(self, prefix: str) -> list[str]:
         """Paths of the files under a directory prefix ("metadata/")."""
+
+    def read_tagged(self, path: str) -> tuple[bytes, str] | None:
+        """A file and a tag that changes whenever the file is rewritten (S3's ETag); None when there is none."""
+
+    def replace_if(self, path: str, data: bytes, tag: str) -> str | None:
+        """Rewrite a file only if it still has `tag` (compare-and-swap): its new tag, or None when it changed or
+        is gone."""
+
+    def delete_if(self, path: str, tag: str) -> bool:
+        """Remove a file only if it still has `tag` (compare-and-delete); False when it changed or is gone."""
+
+    def conditional_writes(self) -> str | None:
+        """None when `create`, `replace_if` and `delete_if` are atomic here; otherwise why they are not."""
 
 
 def _check(path: str) -> str:
@@ -81,20 +103,56 @@ class LocalDirectory:
     def exists(self, path: str) -> bool:
         return (self.root / _check(path)).is_file()
 
-    def create(self, path: str, data: bytes) -> bool:
+    def create(self, path: str, data: bytes) -> str | None:
         target = self.root / _check(path)
+        staged = target.parent / f".{target.name}.{uuid.uuid4().hex}"
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            # O_EXCL: the filesystem decides which of two writers creates the file.
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            staged.write_bytes(data)
+            os.link(staged, target)  # the filesystem decides which of two writers creates it, whole, never torn
         except FileExistsError:
-            return False
+            return None
         except OSError as error:
             raise StorageError(f"cannot create {target}: {error.strerror or error}; "
                                f"check that ota.repository points at a writable directory") from None
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        return True
+        finally:
+            staged.unlink(missing_ok=True)
+        return hashlib.sha256(data).hexdigest()
+
+    def read_tagged(self, path: str) -> tuple[bytes, str] | None:
+        data = self.get(path)
+        return None if data is None else (data, hashlib.sha256(data).hexdigest())
+
+    def replace_if(self, path: str, data: bytes, tag: str) -> str | None:
+        with self._guard(path):
+            current = self.read_tagged(path)
+            if current is None or current[1] != tag:
+                return None
+            write_atomic(self.root / path, data)
+            return hashlib.sha256(data).hexdigest()
+
+    def delete_if(self, path: str, tag: str) -> bool:
+        with self._guard(path):
+            current = self.read_tagged(path)
+            if current is None or current[1] != tag:
+                return False
+            (self.root / path).unlink()
+            return True
+
+    def conditional_writes(self) -> str | None:
+        return None  # link() and an flock-guarded compare on one machine's filesystem
+
+    @contextlib.contextmanager
+    def _guard(self, path: str):
+        """An exclusive flock beside the file: compare-then-write is one step for every process on this host."""
+        target = self.root / _check(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.parent / f".{target.name}.guard", "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(guard, fcntl.LOCK_UN)
 
     def delete(self, path: str) -> None:
         (self.root / _check(path)).unlink(missing_ok=True)
@@ -134,6 +192,7 @@ class S3Storage:
         # Standard retries (3 attempts, jittered backoff): a blip is retried, a dead endpoint fails in seconds.
         config = Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=10, read_timeout=60)
         self._client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+        self._conditional: tuple[str | None] | None = None  # the probe's answer, once asked
 
     def _key(self, path: str) -> str:
         _check(path)
@@ -152,17 +211,58 @@ class S3Storage:
     def exists(self, path: str) -> bool:
         return self._call("check", path, self._client.head_object, Bucket=self.bucket, Key=self._key(path)) is not None
 
-    def create(self, path: str, data: bytes) -> bool:
+    def create(self, path: str, data: bytes) -> str | None:
+        # S3 conditional write: exactly one of two concurrent creators succeeds
+        response = self._conditional_call("create", path, self._client.put_object, Body=data, IfNoneMatch="*")
+        return None if response is None else response["ETag"]
+
+    def read_tagged(self, path: str) -> tuple[bytes, str] | None:
+        response = self._call("read", path, self._client.get_object, Bucket=self.bucket, Key=self._key(path))
+        return None if response is None else (response["Body"].read(), response["ETag"])
+
+    def replace_if(self, path: str, data: bytes, tag: str) -> str | None:
+        response = self._conditional_call("replace", path, self._client.put_object, Body=data, IfMatch=tag)
+        return None if response is None else response["ETag"]
+
+    def delete_if(self, path: str, tag: str) -> bool:
+        return self._conditional_call("delete", path, self._client.delete_object, IfMatch=tag) is not None
+
+    def conditional_writes(self) -> str | None:
+        """Asks the endpoint once: create twice, replace and delete with a wrong ETag, on a probe object.
+
+        AWS S3 and moto honour all three; `rclone serve s3` (the local stack's) ignores them.
+        """
+        if self._conditional is None:
+            probe = f"locks/.probe-{uuid.uuid4().hex}"
+            try:
+                wrong = '"00000000000000000000000000000000"'
+                if not self.create(probe, b"1"):
+                    reason = "it refused to create a new object"
+                elif self.create(probe, b"2"):
+                    reason = "it overwrote an object despite If-None-Match: *"
+                elif self.replace_if(probe, b"3", wrong):
+                    reason = "it overwrote an object whose ETag did not match If-Match"
+                elif self.delete_if(probe, wrong) or not self.exists(probe):
+                    reason = "it deleted an object whose ETag did not match If-Match"
+                else:
+                    reason = None
+            finally:
+                self.delete(probe)
+            self._conditional = (reason,)
+        return self._conditional[0]
+
+    def _conditional_call(self, verb: str, path: str, method, **kwargs) -> dict | None:
+        """A conditional request: its response when it took effect, None when its precondition failed."""
         from botocore.exceptions import ClientError
 
-        try:  # S3 conditional write: exactly one of two concurrent creators succeeds
-            self._client.put_object(Bucket=self.bucket, Key=self._key(path), Body=data, IfNoneMatch="*")
+        try:
+            return method(Bucket=self.bucket, Key=self._key(path), **kwargs)
         except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412",
-                                                                "ConditionalRequestConflict"):
-                return False
-            return self._call("create", path, self._raise, error=error)
-        return True
+            if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict",
+                                                                "NoSuchKey", "404"):
+                return None
+            self._call(verb, path, self._raise, error=error)
+            return None
 
     def delete(self, path: str) -> None:
         self._call("delete", path, self._client.delete_object, Bucket=self.bucket, Key=self._key(path))

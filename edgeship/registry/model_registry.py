@@ -1,12 +1,13 @@
 """The MLflow model registry side of a release: register a version, set aliases, resolve them.
 
 A registered version holds the fp32 PyTorch model (`mlflow.pytorch`, with
-signature and input example) and points at the compiled artifacts logged in the
-same run (`compiled/<target>/...`). Version tags record each artifact's sha256
+signature and input example) and names, per target, the compiled model that will
+ship: a logged model of the same run with its own metrics and gate verdict
+(edgeship.registry.target_models). Version tags record each artifact's sha256
 and each gate verdict, so a reviewer sees in the MLflow UI what they promote,
 and the publisher refuses a file whose hash differs from what was gated.
 
-    >>> version = register_release(run, "digits", model, example, artifacts, gates, alias="candidate")
+    >>> version = register_release(run, "digits", model_uri, summaries, alias="candidate")
     >>> release = resolve_release(tracking_uri, "digits", dst, alias="production")   # or version="7"
     >>> promote(tracking_uri, "digits", "7", "production")
 
@@ -27,7 +28,8 @@ import numpy as np
 
 from edgeship.errors import GateFailed, RegistryError, SignatureError
 from edgeship.files import sha256_of
-from edgeship.records import CompiledArtifact, GateReport
+from edgeship.records import CompiledArtifact, TargetSummary
+from edgeship.registry.target_models import MODEL_TAG, download_target, log_target_models, version_models
 from edgeship.registry.tracking import ReleaseRun
 from edgeship.tasks.gate import release_passes
 
@@ -38,16 +40,9 @@ OVERRIDE_TAG = "edgeship.allow_failed_gate"
 
 
 def compiled_artifact_dir(target: str) -> str:
-    """Where a target's files live among the run's artifacts."""
+    """Where versions registered before targets became logged models kept a target's files among the run's
+    artifacts (still read, so those versions publish as they did)."""
     return f"compiled/{target}"
-
-
-def log_compiled(run: ReleaseRun, artifact: CompiledArtifact) -> None:
-    """Log a compiled file and its record (artifact.json) under compiled/<target>/."""
-    directory = compiled_artifact_dir(artifact.target)
-    run.log_artifact(artifact.path, directory)
-    record = artifact.model_copy(update={"path": Path(artifact.path.name)})
-    run.log_text(record.model_dump_json(indent=2), f"{directory}/artifact.json")
 
 
 def log_torch_model(run: ReleaseRun, model, example: np.ndarray) -> str:
@@ -71,11 +66,11 @@ def log_torch_model(run: ReleaseRun, model, example: np.ndarray) -> str:
     return info.model_uri
 
 
-def register_release(run: ReleaseRun, model_name: str, model_uri: str, artifacts: list[CompiledArtifact],
-                     gates: list[GateReport], alias: str, metrics: dict[str, float] | None = None,
-                     tags: dict[str, str] | None = None) -> str:
-    """Register a model version for this run (with `tags`, e.g. its lineage); set `alias` only when every
-    required gate passed.
+def register_release(run: ReleaseRun, model_name: str, model_uri: str, targets: list[TargetSummary],
+                     alias: str, metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None) -> str:
+    """Register a model version for this run (with `tags`, e.g. its lineage), log each compiled target as a
+    model of the run linked to it, and set `alias` only when every required gate passed (last, so whoever
+    the alias wakes finds the models).
 
     Returns the new version number (as a string, as MLflow does).
     """
@@ -83,19 +78,28 @@ def register_release(run: ReleaseRun, model_name: str, model_uri: str, artifacts
     try:
         client.get_registered_model(model_name)
     except Exception:  # MlflowException RESOURCE_DOES_NOT_EXIST
-        client.create_registered_model(model_name, description="Released by edgeship: see version tags for "
-                                                              "artifact hashes and gate verdicts.")
+        client.create_registered_model(model_name, description="Released by edgeship: per target, the compiled "
+                                                              "model that ships is a logged model named by the "
+                                                              "version's edgeship.model.<target> tag.")
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
-    version = client.create_model_version(model_name, source=model_uri, run_id=run.run_id, model_id=model_id)
+    # One version per release run: a retried registration (a server blip after the version was created) takes
+    # that version up again instead of registering a second one.
+    earlier = client.search_model_versions(f"name='{model_name}' and run_id='{run.run_id}'")
+    version = earlier[0] if earlier else client.create_model_version(model_name, source=model_uri, run_id=run.run_id,
+                                                                     model_id=model_id)
+    gates = [t.gate for t in targets]
     tags = dict(tags or {})
-    for artifact in artifacts:
-        tags[ARTIFACT_TAG.format(target=artifact.target)] = artifact.sha256
+    for target in targets:
+        if target.artifact:
+            tags[ARTIFACT_TAG.format(target=target.target)] = target.artifact.sha256
     for gate in gates:
         tags[GATE_TAG.format(target=gate.target)] = "pass" if gate.passed else "fail"
     passed = release_passes(gates)
     tags["edgeship.gate"] = "pass" if passed else "fail"
     tags[REQUIRED_TAG] = ",".join(g.target for g in gates if g.required)
-    tags["edgeship.targets"] = ",".join(a.target for a in artifacts)
+    tags["edgeship.targets"] = ",".join(t.target for t in targets if t.artifact)
+    for target, logged in log_target_models(run, model_name, str(version.version), targets).items():
+        tags[MODEL_TAG.format(target=target)] = logged
     for key, value in {**tags, **{f"metric.{k}": f"{v:.6g}" for k, v in (metrics or {}).items()}}.items():
         client.set_model_version_tag(model_name, version.version, key, value)
     if passed:
@@ -134,7 +138,7 @@ class GateVerdict:
     @classmethod
     def from_tags(cls, tags: dict[str, str]) -> "GateVerdict":
         per_target = {key.split(".", 2)[2]: value for key, value in tags.items()
-                      if key.startswith("edgeship.gate.") and key != REQUIRED_TAG}
+                      if key.startswith(GATE_TAG.removesuffix("{target}")) and key != REQUIRED_TAG}
         required = [t for t in tags.get(REQUIRED_TAG, "").split(",") if t]
         return cls(tags.get("edgeship.gate") == "pass", per_target, required)
 
@@ -199,8 +203,6 @@ def resolve_release(tracking_uri: str, model_name: str, dst: Path, *, version: s
         GateFailed: A required gate failed (and no override reason), or no asked-for target passed.
         SignatureError: A downloaded file's sha256 differs from the one recorded at registration.
     """
-    import mlflow.artifacts
-
     client = _client(tracking_uri)
     found = _find_version(client, model_name, version, alias)
     verdict = GateVerdict.from_tags(found.tags)
@@ -222,23 +224,35 @@ def resolve_release(tracking_uri: str, model_name: str, dst: Path, *, version: s
     if not shipping:
         raise GateFailed(f"no target of {model_name} v{found.version} that was asked for passed its gate "
                          f"({', '.join(wanted)}); nothing to publish")
+    models = version_models(found.tags)
     artifacts, golden = [], {}
     for target in shipping:
-        local = Path(mlflow.artifacts.download_artifacts(
-            run_id=found.run_id, artifact_path=compiled_artifact_dir(target), dst_path=str(dst / target),
-            tracking_uri=tracking_uri))
-        record = CompiledArtifact.model_validate(json.loads((local / "artifact.json").read_text()))
-        path = local / record.path.name
-        digest = sha256_of(path)
-        if digest != recorded[target]:
-            raise SignatureError(f"{target} of '{model_name}' v{found.version}: downloaded file has sha256 "
-                                 f"{digest}, the registry recorded {recorded[target]}; the artifact store was "
-                                 f"changed after gating: do not publish, re-run the release")
-        artifacts.append(record.model_copy(update={"path": path}))
-        if (local / "golden.npz").is_file():
-            golden[target] = local / "golden.npz"
+        if target in models:  # the target's logged model, found by id and checked by the recorded sha256
+            record, vectors = download_target(tracking_uri, models[target], recorded[target], dst / target)
+        else:  # a version registered before targets were logged as models
+            record, vectors = _download_run_artifact(tracking_uri, found, target, recorded[target], dst / target)
+        artifacts.append(record)
+        if vectors is not None:
+            golden[target] = vectors
     return ResolvedRelease(model_name, str(found.version), found.run_id, artifacts, alias=alias, skipped=skipped,
                            allow_failed_gate=allow_failed_gate, golden=golden)
+
+
+def _download_run_artifact(tracking_uri: str, found, target: str, sha256: str, dst: Path
+                           ) -> tuple[CompiledArtifact, Path | None]:
+    """A target's files among the run's artifacts (compiled/<target>/), as older versions kept them."""
+    import mlflow.artifacts
+
+    local = Path(mlflow.artifacts.download_artifacts(run_id=found.run_id, artifact_path=compiled_artifact_dir(target),
+                                                     dst_path=str(dst), tracking_uri=tracking_uri))
+    record = CompiledArtifact.model_validate(json.loads((local / "artifact.json").read_text()))
+    path = local / record.path.name
+    digest = sha256_of(path)
+    if digest != sha256:
+        raise SignatureError(f"{target} of '{found.name}' v{found.version}: downloaded file has sha256 {digest}, "
+                             f"the registry recorded {sha256}; the artifact store was changed after gating: do not "
+                             f"publish, re-run the release")
+    return record.model_copy(update={"path": path}), (local / "golden.npz" if (local / "golden.npz").is_file() else None)
 
 
 def resolve_alias(tracking_uri: str, model_name: str, alias: str, dst: Path, targets: list[str] | None = None

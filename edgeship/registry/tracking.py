@@ -151,8 +151,13 @@ class ReleaseRun:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
-    def log_figure(self, figure, artifact_file: str) -> None:
-        self.client.log_figure(self.run_id, figure, artifact_file)
+    def log_bytes(self, data: bytes, artifact_file: str) -> None:
+        """A file's content (e.g. a rendered PNG) as the run artifact `artifact_file` ("reports/plot.png")."""
+        directory, _, name = artifact_file.rpartition("/")
+        with tempfile.TemporaryDirectory(prefix="edgeship-") as scratch:
+            path = Path(scratch) / name
+            path.write_bytes(data)
+            self.client.log_artifact(self.run_id, str(path), directory or None)
 
     def log_json(self, data: Any, artifact_file: str) -> None:
         self.client.log_text(self.run_id, json.dumps(data, indent=2, default=str), artifact_file)
