@@ -109,6 +109,18 @@ class OtaWorld:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.processes: list[subprocess.Popen] = []
 
+    def write_params(self, **sections) -> Path:
+        """params.yaml of a project around this world (its repository and keys, MLflow on SQLite, a fleet store),
+        with `sections` added (e.g. rollout=...), for the CLI and the flows to read."""
+        import yaml
+
+        path = self.tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump({
+            "project": {"name": MODEL}, "ota": {"repository": "ota-repo", "keystore": "keys"},
+            "registry": {"tracking_uri": "sqlite:///mlflow.db", "artifact_location": "mlartifacts"},
+            "fleet": {"store": "sqlite:///fleet.db"}, **sections}))
+        return path
+
     def close(self) -> None:
         for process in self.processes:
             if process.poll() is None:

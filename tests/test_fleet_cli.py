@@ -8,7 +8,6 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from edgeship.cli import app
@@ -17,22 +16,18 @@ from edgeship.fleet.store import FleetStore
 from edgeship.ota.rollout import read_channel
 
 from fleet_records import record
-from ota_world import MODEL, TARGET, OtaWorld
+from ota_world import TARGET, OtaWorld
+
+from test_rollout_flow import POLICY
 
 OTHER = "tflite-int8"   # published once, never rolled out: a target without a candidate
-POLICY = {"default": {"stages": [0.5, 1.0], "min_reporting_devices": 3, "soak_s": 0,
-                      "abort_criteria": [{"failure_type": "probation", "min_executed_devices": 2,
-                                          "threshold_percentage": 50}]}}
 
 
 @pytest.fixture
 def world(tmp_path):
     """v1 on every device of two targets; v2 of onnx-int8 rolling out to 5%; devices reporting both."""
     world = OtaWorld(tmp_path)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
-        "project": {"name": MODEL}, "ota": {"repository": "ota-repo", "keystore": "keys"},
-        "registry": {"tracking_uri": "sqlite:///mlflow.db", "artifact_location": "mlartifacts"},
-        "fleet": {"store": "sqlite:///fleet.db"}, "rollout": POLICY}))
+    world.write_params(rollout=POLICY)
     world.publish("1", targets=(TARGET, OTHER))
     world.publish("2", rollout_fraction=0.05)
     store = FleetStore(f"sqlite:///{tmp_path}/fleet.db")
