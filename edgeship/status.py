@@ -19,6 +19,7 @@ from edgeship.config import Params
 from edgeship.errors import RegistryError
 
 GATE_PREFIX = "edgeship.gate."
+REQUIRED_TAG = "edgeship.gate.required"  # edgeship.registry.model_registry's: which targets' gates are required
 
 
 class VersionStatus(BaseModel):
@@ -80,7 +81,7 @@ def registered_versions(tracking_uri: str, model_name: str) -> list[VersionStatu
         version=str(v.version), created=datetime.fromtimestamp(v.creation_timestamp / 1000, tz=timezone.utc),
         gate=v.tags.get("edgeship.gate", "unknown"), run_id=v.run_id, aliases=sorted(by_version.get(str(v.version), [])),
         target_gates={k.removeprefix(GATE_PREFIX): value for k, value in sorted(v.tags.items())
-                      if k.startswith(GATE_PREFIX)}) for v in versions]
+                      if k.startswith(GATE_PREFIX) and k != REQUIRED_TAG}) for v in versions]
     return sorted(rows, key=lambda row: int(row.version) if row.version.isdigit() else 0, reverse=True)
 
 
@@ -124,29 +125,23 @@ def project_status(params: Params, root: Path) -> ProjectStatus:
 
 
 def render(status: ProjectStatus, console) -> None:
-    """Two tables on a rich console: registered versions, then channels."""
-    from rich.table import Table
+    """Two tables on a rich console: registered versions, then channels (readable at 80 columns)."""
+    from edgeship.console import print_table
 
-    versions = Table(title=f"{status.model_name}: registered versions ({status.tracking_uri})")
-    for column in ("version", "created (UTC)", "gate", "per target", "aliases"):
-        versions.add_column(column)
+    versions = []
     for row in status.versions:
         verdict = {"pass": "[green]pass", "fail": "[red]fail"}.get(row.gate, row.gate)
         targets = ", ".join(f"{t} {'ok' if g == 'pass' else 'FAIL'}" for t, g in row.target_gates.items())
-        versions.add_row(row.version, row.created.strftime("%Y-%m-%d %H:%M"), verdict, targets,
-                         ", ".join(row.aliases) or "—")
-    if not status.versions:
-        versions.caption = "no version registered yet (`edgeship run`)"
-    console.print(versions)
-
-    channels = Table(title=f"OTA channels ({status.repository})")
-    for column in ("channel", "target", "version", "candidate", "rollout", "previous", "released (UTC)"):
-        channels.add_column(column)
+        versions.append([row.version, row.created.strftime("%Y-%m-%d %H:%M"), verdict, targets,
+                         ", ".join(row.aliases) or "—"])
+    print_table(console, ["version", "created (UTC)", "gate", "per target", "aliases"], versions,
+                f"{status.model_name}: registered versions ({status.tracking_uri})",
+                caption=None if status.versions else "no version registered yet (`edgeship run`)")
+    channels = []
     for channel in status.channels:
         for target in channel.targets:
             rollout = f"{100 * target.fraction:.0f}% {target.rollout_state}" if target.candidate else "—"
-            channels.add_row(channel.channel, target.target, target.version or "—", target.candidate or "—", rollout,
-                             target.previous or "—", channel.released_at.strftime("%Y-%m-%d %H:%M"))
-    if status.repository_note:
-        channels.caption = status.repository_note
-    console.print(channels)
+            channels.append([channel.channel, target.target, target.version or "—", target.candidate or "—", rollout,
+                             target.previous or "—", channel.released_at.strftime("%Y-%m-%d %H:%M")])
+    print_table(console, ["channel", "target", "version", "candidate", "rollout", "previous", "released (UTC)"],
+                channels, f"OTA channels ({status.repository})", caption=status.repository_note, key_columns=2)

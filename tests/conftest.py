@@ -2,7 +2,8 @@
 
 Prefect runs in its ephemeral mode with a throw-away PREFECT_HOME, MLflow never
 falls back to a server named in the environment, and threads are capped so the
-suite behaves the same on a 2-core CI machine.
+suite behaves the same on a 2-core CI machine. Timing thresholds scale with
+$EDGESHIP_TEST_TIME_SCALE for slow or emulated machines (tests/timing.py).
 """
 
 import functools
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+import timing  # EDGESHIP_TEST_TIME_SCALE, read (and refused when it is not a factor >= 1) before any test runs
+
 _HOME = tempfile.mkdtemp(prefix="edgeship-test-home-")
 os.environ["PREFECT_HOME"] = os.path.join(_HOME, "prefect")
 os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
@@ -27,6 +30,10 @@ os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
 for variable in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "EDGESHIP_TRACKING_URI", "MLFLOW_REGISTRY_URI", "EDGESHIP_AGENT_TOKEN"):
     os.environ.pop(variable, None)
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def pytest_report_header(config):
+    return f"timing thresholds scaled by {timing.TIME_SCALE:g} (${timing.VARIABLE}; tests/timing.py)"
 
 
 def pytest_unconfigure(config):

@@ -40,6 +40,7 @@ from edgeship.ota.channel import cohort_position
 
 from onnx_models import IR_VERSION, OPSET
 from ota_world import MODEL, ROOT_DIR, TARGET, OtaWorld
+from timing import scaled
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:
@@ -285,6 +286,7 @@ class FleetSimulator:
         return Scenario(version, outcome, started, ended, stages, decisions)
 
     def wait_for(self, condition, timeout_s: float, what: str, fail: bool = True) -> bool:
+        timeout_s = scaled(timeout_s)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if condition():

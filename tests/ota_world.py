@@ -35,6 +35,7 @@ from edgeship.ota.repository import OtaRepository
 from edgeship.ota.storage import open_storage
 from edgeship.records import CompiledArtifact, TensorSpec
 from onnx_models import tiny_classifier
+from timing import scaled
 
 MODEL = "tiny"
 TARGET = "onnx-int8"
@@ -108,6 +109,18 @@ class OtaWorld:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.processes: list[subprocess.Popen] = []
 
+    def write_params(self, **sections) -> Path:
+        """params.yaml of a project around this world (its repository and keys, MLflow on SQLite, a fleet store),
+        with `sections` added (e.g. rollout=...), for the CLI and the flows to read."""
+        import yaml
+
+        path = self.tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump({
+            "project": {"name": MODEL}, "ota": {"repository": "ota-repo", "keystore": "keys"},
+            "registry": {"tracking_uri": "sqlite:///mlflow.db", "artifact_location": "mlartifacts"},
+            "fleet": {"store": "sqlite:///fleet.db"}, **sections}))
+        return path
+
     def close(self) -> None:
         for process in self.processes:
             if process.poll() is None:
@@ -180,7 +193,7 @@ class OtaWorld:
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + scaled(timeout_s)
     while not path.exists():
         if process.poll() is not None:
             raise AssertionError(f"process ended ({process.returncode}) before {path.name}: {process.stderr.read()}")

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 
 import httpx
@@ -23,15 +22,8 @@ from edgeship.fleet.store import FleetStore
 from edgeship.device.runtimes import open_session
 
 from ota_world import ROOT_DIR, TARGET, OtaWorld
+from timing import wait_until
 
-
-def wait_until(condition, timeout_s=60.0, what="condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_serve_hands_over_between_requests_and_shadows_off_the_answer_path(tmp_path):

@@ -25,6 +25,7 @@ from edgeship.tasks.benchmark import (NO_DEVICE, BenchmarkDevices, BenchmarkJob,
 from edgeship.tasks.gate import evaluate_gate
 
 from onnx_models import write_tiny_classifier
+from timing import scaled
 
 QUICK = BenchmarkParams(warmup=2, iterations=30, warmup_until_stable=False, sustained_s=None, retries=1,
                         retry_backoff_s=0.05, timeout_s=30, sensor_interval_s=0.2, probe_timeout_s=5)
@@ -266,7 +267,7 @@ def test_a_device_that_stops_answering_mid_job_times_out_and_is_lost(raw_server,
     assert "hangs" in fleet.info
     started = time.monotonic()
     result = fleet.run(BenchmarkJob(artifacts[0], "hangs"))
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < scaled(10)
     assert result.status == "not_measured" and "in time" in result.error and "hangs" in fleet.lost
 
 

@@ -71,3 +71,37 @@ def test_a_release_carries_its_test_split_distributions_as_drift_reference(tmp_p
     assert sum(reference.class_distribution) == pytest.approx(1.0)
     assert sum(reference.confidence_histogram) == pytest.approx(1.0)
     assert release_drift_reference(tmp_path / "missing.npz", [artifact], "5") is None
+
+
+def test_the_cooldown_holds_across_controller_passes_from_the_stored_retrain_decision(tmp_path):
+    """Each pass of the controller checks drift afresh: the last `retrain` decision in the fleet store is what
+    keeps a second start out of the cooldown, and once it has passed, drift that persists starts another."""
+    from datetime import datetime, timezone
+
+    from edgeship.fleet.drift import drift_checks
+    from edgeship.fleet.store import FleetStore
+
+    from ota_world import TARGET, OtaWorld
+
+    world = OtaWorld(tmp_path)
+    world.publish("7", drift_reference=REFERENCE.model_dump())
+    store = FleetStore(f"sqlite:///{tmp_path}/fleet.db")
+    now = datetime.now(timezone.utc)
+    store.add_batch([record(f"d{i}", "7", at=now, target=TARGET, classes=[110, 58] + [4] * 8) for i in range(5)])
+    policy = POLICY.model_copy(update={"window_s": 3 * 3600})       # the same records count in every pass below
+    started: list[str] = []
+
+    def passes_at(seconds: float) -> list[str]:
+        at = now + timedelta(seconds=seconds)
+        return [run for _, _, run in drift_checks(world.repository, store, "stable", policy, at,
+                                                  start=lambda deployment, reason: started.append(reason)
+                                                  or f"run-{len(started)}")]
+
+    assert passes_at(0) == ["run-1"] and "fleet drift on production v7" in started[0]
+    assert passes_at(60) == [] and passes_at(3599) == []                    # within cooldown_s (3600) of the start
+    assert passes_at(3601) == ["run-2"]                                     # past it, the drift that persists
+    assert passes_at(3700) == []                                            # counts from the second start now
+    retrains = store.decisions("stable", TARGET, action="retrain", evidence=True)
+    assert [d["evidence"]["flow_run_id"] for d in retrains] == ["run-1", "run-2"]
+    store.close()
+    world.close()

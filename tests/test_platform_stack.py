@@ -16,7 +16,6 @@ The commands a user types are read from docs/real-services.md and docs/past-one-
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -24,10 +23,9 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 import yaml
-from doc_blocks import doc_block, link_venv, run_shell
+from doc_blocks import Processes, doc_block, link_venv, run_shell
 from test_release_e2e import make_project
 from test_webhook import free_port, wait_healthy
 
@@ -35,67 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 POOL = "edgeship"  # prefect.yaml's work pool
 WORKERS = ("edgeship-worker-1", "edgeship-worker-2")
 pytestmark = pytest.mark.e2e
-
-
-class Processes:
-    """Long-running CLI processes of the test, each in a session of its own, stopped in reverse order.
-
-    A doc block's background jobs (`... &`) outlive its bash: they are found by the session they share."""
-
-    def __init__(self, logs: Path):
-        self.logs, self.running = logs, []
-
-    def start(self, name: str, argv: list[str], cwd: Path, env: dict) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "w")
-        process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        self.running.append((name, process, log))
-        return process
-
-    def start_block(self, name: str, script: str, cwd: Path, env: dict) -> None:
-        """Run a doc block as a user's shell would; its foreground commands must succeed, its jobs keep running."""
-        shell = self.start(name, ["bash", "-e", "-o", "pipefail", "-c", script], cwd, env)
-        assert shell.wait(timeout=300) == 0, f"{script}\n{self.log(name)}"
-
-    def session(self, name: str) -> list[psutil.Process]:
-        """What the named command started: its session's processes and their children (a worker starts each
-        flow run in a session of its own)."""
-        leaders = [process.pid for started, process, _ in self.running if started == name]
-        members = []
-        for candidate in psutil.process_iter():
-            with contextlib.suppress(psutil.Error, ProcessLookupError):
-                if os.getsid(candidate.pid) in leaders:
-                    members.append(candidate)
-        children = []
-        for member in members:
-            with contextlib.suppress(psutil.Error):
-                children += member.children(recursive=True)
-        return members + [child for child in children if child not in members]
-
-    def alive(self, name: str, text: str = "") -> bool:
-        """Whether a process of the named command (whose command line contains `text`) still runs."""
-        for process in self.session(name):
-            with contextlib.suppress(psutil.Error):
-                if process.status() != psutil.STATUS_ZOMBIE and text in " ".join(process.cmdline()):
-                    return True
-        return False
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text()[-3000:]
-
-    def stop(self) -> None:
-        for name, process, log in reversed(self.running):
-            everything = self.session(name)
-            for each in everything:
-                with contextlib.suppress(psutil.Error):
-                    each.terminate()
-            _, left = psutil.wait_procs(everything, timeout=20)
-            for each in left:
-                with contextlib.suppress(psutil.Error):
-                    each.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=5)
-            log.close()
 
 
 @pytest.fixture

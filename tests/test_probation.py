@@ -18,8 +18,10 @@ from edgeship.device import updater_cli
 from edgeship.device.probation import ProbationPolicy
 from edgeship.device.runtime import DeviceRuntime
 from edgeship.device.state import DeviceState, active_model, device_identity, fallback_model, read_events
+from edgeship.device.runtimes import open_session
 from ota_world import QUICK_PROBATION, TARGET, OtaWorld, golden_inputs
 from onnx_models import tiny_classifier
+from timing import scaled
 
 
 @pytest.fixture
@@ -51,6 +53,37 @@ def test_a_device_id_is_generated_once_and_kept_never_the_hostname(tmp_path, wor
     assert args.run(args) == 0
     state = DeviceState.load(tmp_path / "p")
     assert state.active.version == "1" and (tmp_path / "p" / "root.json").is_file()
+
+
+def test_update_and_serve_tell_one_identity_story(tmp_path, world, capsys):
+    """Both refuse a state directory nobody provisioned, naming the command that does; both take provision's flags,
+    which provision the directory (keeping an id generated earlier), so the other command follows them."""
+    from edgeship.device.cli import main
+    from edgeship.device.serve import add_arguments
+
+    empty = tmp_path / "empty"
+    for command in ("update", "serve"):
+        assert main([command, "--state-dir", str(empty)]) == 2                   # bad input (docs/cli.md)
+        said = capsys.readouterr().err
+        assert f"{empty} is not provisioned" in said and f"edgeship-device provision --state-dir {empty}" in said
+        assert f"give `edgeship-device {command}` the same --repo-url, --root and --target" in said
+
+    world.publish("1")
+    state_dir = tmp_path / "d"
+    generated = device_identity(state_dir).device_id                              # e.g. the Python API ran first
+    assert main(["update", "--state-dir", str(state_dir), "--repo-url", world.url, "--root", str(world.root),
+                 "--target", TARGET]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "updated"
+    identity = json.loads((state_dir / "device.json").read_text())
+    assert identity | {"root": None} == {"device_id": generated, "channel": "stable", "target": TARGET,
+                                         "repository_url": world.url, "root": None, "provisioned": True}
+    assert (state_dir / "root.json").read_bytes() == world.root.read_bytes()      # kept beside it, as provision does
+    serve = argparse.ArgumentParser()
+    add_arguments(serve)
+    args = serve.parse_args(["--state-dir", str(state_dir), "--channel", "canary"])
+    assert updater_cli.settled_identity(args, "serve").channel == "canary"       # serve's flags provision too
+    assert json.loads((state_dir / "device.json").read_text())["channel"] == "canary"
+    assert json.loads((state_dir / "device.json").read_text())["device_id"] == generated
 
 
 def test_golden_vectors_refuse_a_model_that_runs_but_computes_the_wrong_thing(world):
@@ -109,9 +142,11 @@ def test_an_unconfirmed_model_is_rolled_back_at_its_deadline_and_confirm_works_f
     world.publish("1")
     world.device(probation=QUICK_PROBATION).update()
     world.publish("2")
-    short = world.device(probation=ProbationPolicy(required=5, max_failures=1, deadline_s=0.2), self_check=False)
+    # the deadline must pass between two checks, and must not before a confirm that follows an install at once
+    short = world.device(probation=ProbationPolicy(required=5, max_failures=1, deadline_s=scaled(0.2)),
+                         self_check=False)
     assert short.update().on_probation
-    time.sleep(0.3)
+    time.sleep(scaled(0.3))
     report = short.update()  # the next check finds the deadline passed
     assert report.status == "refused" and "probation: deadline" in report.reason
     world.assert_runs("device-1", "1")
@@ -122,7 +157,7 @@ def test_an_unconfirmed_model_is_rolled_back_at_its_deadline_and_confirm_works_f
     updater_cli.wire("confirm", parser)
     args = parser.parse_args(["--state-dir", str(world.tmp_path / "device-1")])
     assert args.run(args) == 0 and json.loads(capsys.readouterr().out)["kind"] == "confirmed"
-    time.sleep(0.3)
+    time.sleep(scaled(0.3))
     assert short.update().status == "up_to_date"
     world.assert_runs("device-1", "3")
 
@@ -149,6 +184,29 @@ def test_the_runtime_switches_to_the_fallback_when_the_primary_is_slow_and_back_
         "active")
     slots = [runtime.predict(batch).slot for _ in range(8)]
     assert slots[-1] == "active", slots
+
+
+def test_the_runtime_answers_from_the_fallback_when_the_primary_raises_and_returns_when_it_answers_again(world):
+    """A model exported for single images (batch fixed at 1) passes its checks, then raises on the batch of two an
+    application sends: the fallback answers that request, the primary is tried again every `retry_every` requests,
+    and `recover_after` good tries in a row hand the answers back to it."""
+    world.publish("1", content=tiny_classifier(batch=1).SerializeToString(), fallback="9")
+    assert world.device(probation=QUICK_PROBATION).update().status == "updated"     # its own checks: one image each
+    seen = []
+    runtime = DeviceRuntime(world.tmp_path / "device-1", observers=[seen.append], retry_every=3, recover_after=2)
+    pair, single = golden_inputs(2), golden_inputs(1)
+    answer = runtime.predict(pair)
+    assert (answer.slot, answer.version, answer.outputs.shape) == ("fallback", "9", (2, 10))
+    fallback = fallback_model(world.tmp_path / "device-1").path
+    np.testing.assert_allclose(answer.outputs, open_session("onnxruntime", fallback, threads=1).run(pair), rtol=1e-6)
+    assert runtime.slot == "fallback" and runtime.reason.startswith("primary raised: ")
+    assert [(r.slot, r.version, r.ok) for r in seen] == [("active", "1", False), ("fallback", "9", True)]
+    assert "invalid dimensions" in seen[0].error.lower()                             # ONNX Runtime's own words
+    # every third request tries the primary (its answer is the primary's); the second good try in a row switches back
+    assert [runtime.predict(single).slot for _ in range(7)] == ["fallback", "fallback", "active", "fallback",
+                                                                 "fallback", "active", "active"]
+    assert (runtime.slot, runtime.reason) == ("active", "")
+    assert runtime.predict(pair).slot == "fallback"                                  # and falls back again at once
 
 
 def test_the_runtime_answers_from_the_fallback_when_the_primary_does_not_load(world):

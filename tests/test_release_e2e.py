@@ -178,46 +178,111 @@ def test_a_failing_gate_leaves_candidate_alone(released, tmp_path):
         assert str(aliases["candidate"]) == first.model_version
 
 
-def test_promote_publish_and_device_update(released, tmp_path, static_server):
-    """Reviewer sets `production`; publish signs it into the OTA repo; a device installs and runs it."""
+def newcomer_env() -> dict:
+    """A newcomer's shell: nothing of this test session's MLflow and Prefect settings but its PREFECT_HOME."""
+    left_out = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL", "PREFECT_LOGGING_LEVEL",
+                "PREFECT_SERVER_ANALYTICS_ENABLED")
+    return {k: v for k, v in os.environ.items() if k not in left_out}
+
+
+LIBRARY_NOISE = ("| WARNING |", "| INFO ", "| ERROR ", "Traceback", "Downloading artifacts", "telemetry", "Concurrency")
+
+
+def test_ship_it_and_the_fleet_loop_as_the_docs_type_them(released, tmp_path):
+    """docs/shipping.md's ship-it block after the quick start, then docs/fleet-loop.md's try-it blocks, as typed:
+    the reviewer promotes v1, publish signs the target models the version lists, a device that nobody provisioned
+    installs one with `update`, and `serve` runs it there (same identity), answers an application, reports to
+    `fleet collect`; `fleet rollout --dry-run` and `fleet status` show it in an 80-column terminal, with no library
+    output on it."""
+    import httpx
     import mlflow.artifacts
     import onnxruntime as ort
 
-    from edgeship.device.updater import DeviceUpdater, UpdaterConfig
-    from edgeship.flows.publish import publish
+    from doc_blocks import Processes, doc_block, link_venv, run_shell
+    from test_webhook import free_port
+    from timing import wait_until
+
+    from edgeship.config import load_params
+    from edgeship.device.state import active_model, load_identity
+    from edgeship.fleet.store import FleetStore
+    from edgeship.ota.repository import open_repository
+    from edgeship.ota.rollout import read_channel
 
     project, summary = released
-    client, uri = mlflow_client(project)
-    client.set_registered_model_alias(summary.model_name, "production", summary.model_version)
-    descriptor = publish(alias="production", workdir=str(project))
-    assert descriptor.targets["onnx-int8"].base.version == summary.model_version
-    assert descriptor.targets["onnx-int8"].allow_failed_gate is None
-    int8 = next(t for t in summary.targets if t.target == "onnx-int8")
-    assert descriptor.targets["onnx-int8"].base.sha256 == int8.artifact.sha256
-    golden = descriptor.targets["onnx-int8"].base.golden  # from the release's own host check, in the target's model
-    assert golden is not None and golden.count == 8
-    model_id = version_models(client.get_model_version(summary.model_name, summary.model_version).tags)["onnx-int8"]
-    model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_id}", tracking_uri=uri,
-                                                         dst_path=str(tmp_path / "model")))
-    assert sha256_of(model_dir / "extra_files" / "golden.npz") == golden.sha256
+    link_venv(project)
+    env, device = newcomer_env(), tmp_path / "device"
+    ota_port, device_port, broker_port = free_port(), free_port(), free_port()
+    # A user types one line at a time; the test waits, as they would, for the file server before the update.
+    serving = f"until (exec 3<>/dev/tcp/127.0.0.1/{ota_port}) 2>/dev/null; do sleep 0.1; done"
+    processes = Processes(tmp_path)
+    try:
+        ship = doc_block("docs/shipping.md", "ship-it", replace={
+            "8000 &": f"{ota_port} &\n{serving}", "127.0.0.1:8000": f"127.0.0.1:{ota_port}", "/tmp/device": str(device)})
+        processes.start_block("ship-it", ship, project, env)
+        said = processes.log("ship-it")
+        assert not [noise for noise in LIBRARY_NOISE if noise in said], said
 
-    repo = project / "ota-repo"
-    url = static_server(repo)
-    state = tmp_path / "device"
-    config = UpdaterConfig(repository_url=url, trusted_root=repo / "metadata" / "1.root.json", state_dir=state,
-                           channel="stable", target="onnx-int8", device_id="device-0001")
-    report = DeviceUpdater(config).update()
-    assert report.status == "updated", report
-    assert report.installed_version == summary.model_version
+        channel = read_channel(open_repository(load_params(project / "params.yaml").ota, project), "stable")
+        int8 = next(t for t in summary.targets if t.target == "onnx-int8")
+        shipped = channel.targets["onnx-int8"]
+        assert shipped.base.version == summary.model_version and shipped.allow_failed_gate is None
+        assert shipped.base.sha256 == int8.artifact.sha256
+        golden = shipped.base.golden  # from the release's own host check, in the target's model
+        assert golden is not None and golden.count == 8
+        client, uri = mlflow_client(project)
+        model_id = version_models(client.get_model_version(summary.model_name, summary.model_version).tags)["onnx-int8"]
+        model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_id}", tracking_uri=uri,
+                                                             dst_path=str(tmp_path / "model")))
+        assert sha256_of(model_dir / "extra_files" / "golden.npz") == golden.sha256
+        registered_model = model_dir / "model.onnx"  # the logged model's file is the one that shipped
+        assert sha256_of(registered_model) == int8.artifact.sha256
 
-    registered_model = model_dir / "model.onnx"  # the logged model's file is the one that shipped
-    assert sha256_of(registered_model) == int8.artifact.sha256
-    images = np.load(project / "data" / "prepared" / "test.npz")["x"][:8]
-    installed = ort.InferenceSession(str(report.model_path), providers=["CPUExecutionProvider"])
-    reference = ort.InferenceSession(str(registered_model), providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(installed.run(None, {"input": images})[0],
-                               reference.run(None, {"input": images})[0], rtol=0, atol=0)
-    assert json.loads((state / "state.json").read_text())
+        identity = load_identity(device)  # `update` provisioned the device with the flags it was given
+        assert identity.provisioned and identity.target == "onnx-int8" and identity.channel == "stable"
+        assert (device / "root.json").read_bytes() == (project / "ota-repo" / "metadata" / "1.root.json").read_bytes()
+        installed = active_model(device)
+        assert installed.version == summary.model_version
+        images = np.load(project / "data" / "prepared" / "test.npz")["x"][:8]
+        outputs = [ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": images})[0]
+                   for path in (installed.path, registered_model)]
+        np.testing.assert_allclose(*outputs, rtol=0, atol=0)
+
+        start = doc_block("docs/fleet-loop.md", "fleet-loop-start", replace={
+            "1884": str(broker_port), "/tmp/device": str(device), "8766": str(device_port)})
+        processes.start_block("fleet-loop-start", start, project, env)
+        health = f"http://127.0.0.1:{device_port}/health"
+
+        def answering():
+            try:
+                return httpx.get(health, timeout=5).json()["versions"]["active"] == summary.model_version
+            except httpx.HTTPError:
+                return False
+
+        wait_until(answering, 120, f"serve answering with v{summary.model_version}: {processes.log('fleet-loop-start')}")
+        asked = run_shell(doc_block("docs/fleet-loop.md", "fleet-loop-ask", replace={"8766": str(device_port)}),
+                          cwd=project, env=env)
+        answer = json.loads(asked.stdout)
+        assert (answer["slot"], answer["version"], len(answer["outputs"][0])) == ("active", summary.model_version, 10)
+        store = FleetStore(f"sqlite:///{project / 'fleet.db'}")
+        wait_until(lambda: store.count_records() and any(r.inferences for r in store.records()), 60,
+                   f"a telemetry window with the answer: {processes.log('fleet-loop-start')}")
+        store.close()
+
+        look = run_shell(doc_block("docs/fleet-loop.md", "fleet-loop-look"), cwd=project, env={**env, "COLUMNS": "80"})
+        lines = look.stdout.splitlines()
+        assert lines[:4] == [f"{t} (v{summary.model_version} on every device): no candidate is being rolled out"
+                             for t in sorted(t.target for t in summary.targets)]
+        table = lines[4:]
+        assert max(map(len, table)) <= 80 and "…" not in look.stdout, look.stdout
+        header = next(i for i, line in enumerate(table) if line.split()[:1] == ["version"])  # one row per metric
+        assert table[header].split() == ["version", summary.model_version], look.stdout
+        assert table[header + 1].split() == ["device", "class", "pi4"], look.stdout
+        assert next(line.split() for line in table if line.split()[:1] == ["devices"]) == ["devices", "1"]
+        assert not [noise for noise in LIBRARY_NOISE if noise in look.stderr], look.stderr
+        updates = [json.loads(line) for line in processes.log("fleet-loop-start").splitlines() if line.startswith("{")]
+        assert updates and updates[0]["status"] == "up_to_date"   # serve's updater runs as the device update set up
+    finally:
+        processes.stop()
 
 
 def test_cli_rejects_a_broken_config_before_any_work(tmp_path):

@@ -193,3 +193,93 @@ def test_a_grossly_slow_release_fails_devices_before_their_minimum_of_answers():
     cold = [record(f"c{i}", "8", device_class="pi4", p50_ms=900.0, p99_ms=900.0, classes=[1] * 3,
                    events=[("installed", "8", None)]) for i in range(3)]
     assert decide_on(cold, now=T0 + timedelta(seconds=5)).action == "hold"  # three slow first answers: not yet
+
+
+def criterion(kind: str, threshold: float = 20.0, minimum: int = 3) -> dict:
+    return {"failure_type": kind, "min_executed_devices": minimum, "threshold_percentage": threshold}
+
+
+def policy_with(abort_criteria: list[dict]) -> ChannelPolicy:
+    return POLICY.model_copy(update={"abort_criteria": ChannelPolicy.model_validate(
+        {"abort_criteria": abort_criteria}).abort_criteria})
+
+
+def refused(n: int, first: int = 0):
+    """Devices that refused the candidate at install: they keep answering with the base."""
+    return [record(f"refused-{first + i}", "7", events=[("refused", "8", "smoke test")]) for i in range(n)]
+
+
+def rolled_back(n: int):
+    return [record(f"rolled-{i}", "7", events=[("installed", "8", None), ("rolled_back", "8", "probation: errors")])
+            for i in range(n)]
+
+
+def slow(n: int):
+    return [record(f"slow-{i}", "8", device_class="pi4", p50_ms=900.0, p99_ms=900.0, classes=[10] * 10,
+                   events=[("installed", "8", None)]) for i in range(n)]
+
+
+def disagreeing(n: int):
+    return [record(f"shadow-{i}", "7", shadow=("8", 60, 100)) for i in range(n)]
+
+
+# Each failure type on 2 of 5 executed devices (40%): (kind, the fleet, executed devices, failed devices)
+ABORTS = {
+    "install": (lambda: healthy(3) + refused(2), 5, 2),
+    "probation": (lambda: healthy(3) + rolled_back(2), 5, 2),
+    "latency": (lambda: healthy(3, device_class="pi4") + slow(2), 5, 2),
+    "disagreement": (lambda: healthy(5) + [record(f"agree-{i}", "7", shadow=("8", 99, 100)) for i in range(3)]
+                     + disagreeing(2), 5, 2),
+    "fallback": (lambda: healthy(3) + [record(f"fb-{i}", "8", fallback_activations=4) for i in range(2)], 5, 2),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ABORTS))
+def test_every_abort_criterion_aborts_on_its_own_failures_and_only_past_its_threshold(kind):
+    fleet, executed, failed = ABORTS[kind]
+    decision = decide_on(fleet(), policy=policy_with([criterion(kind)]), now=T0 + timedelta(seconds=30))  # no soak
+    assert decision.action == "abort" and decision.fraction_after == 0.0, decision.reasons
+    assert decision.reasons == [f"abort: {kind} failures on {failed}/{executed} devices (40% >= 20%)"]
+    assert decision.evidence["abort_criteria"][kind]["failed_devices"] == failed
+    # the same fleet under a higher threshold, or before enough devices executed: no abort on this criterion
+    assert decide_on(fleet(), policy=policy_with([criterion(kind, threshold=50)])).action != "abort"
+    assert decide_on(fleet(), policy=policy_with([criterion(kind, minimum=6)])).action != "abort"
+    # and the other failure types do not see these failures as theirs
+    others = [criterion(other) for other in ABORTS if other != kind]
+    assert not any(kind in reason for reason in decide_on(fleet(), policy=policy_with(others)).reasons
+                   if reason.startswith("abort"))
+
+
+def test_the_all_criterion_counts_every_failure_type_together():
+    # one refusal, one rollback, one device on its fallback, among 5: 20% each, 60% together
+    fleet = healthy(2) + refused(1) + rolled_back(1) + [record("fb-0", "8", fallback_activations=2)]
+    separately = policy_with([criterion(kind, threshold=50, minimum=1) for kind in ABORTS])
+    assert decide_on(fleet, policy=separately).action != "abort"
+    together = decide_on(fleet, policy=policy_with([criterion("all", threshold=50)]))
+    assert together.action == "abort" and together.reasons == ["abort: all failures on 3/5 devices (60% >= 50%)"]
+    assert together.evidence["abort_criteria"]["all"]["failed"] == ["fb-0", "refused-0", "rolled-0"]
+
+
+NO_ABORT = policy_with([])
+# Each success criterion unmet alone, at a stage that has soaked with enough devices: (the fleet, the one reason)
+HOLDS = {
+    "install success": (lambda: healthy(5) + refused(1), "install success 0.83 < 0.95"),
+    "probation success": (lambda: healthy(5) + rolled_back(1), "probation success 0.83 < 0.95"),
+    "p99 per device class": (lambda: healthy(4) + healthy(3, device_class="pi4", p99_ms=60.0, tail_share=0.05),
+                             "p99 on pi4 "),
+    "shadow agreement": (lambda: healthy(5) + [record(f"shadow-{i}", "7", shadow=("8", 90, 100)) for i in range(4)],
+                         "shadow agreement 0.900 < 0.97"),
+    "reporting devices": (lambda: healthy(3), "3/4 devices report the candidate"),
+    "every device class": (lambda: healthy(5) + [record(f"old-pi4-{i}", "7", device_class="pi4") for i in range(2)],
+                           "no pi4 device has answered 50 times with the candidate yet"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOLDS))
+def test_every_success_criterion_holds_the_stage_on_its_own(name):
+    fleet, reason = HOLDS[name]
+    decision = decide_on(fleet(), policy=NO_ABORT)
+    assert decision.action == "hold" and decision.fraction_after == STATUS.fraction, decision.reasons
+    assert len(decision.reasons) == 1 and decision.reasons[0].startswith(f"hold: {reason}"), decision.reasons
+    healthy_stage = decide_on(healthy(5) + healthy(2, device_class="pi4"), policy=NO_ABORT)
+    assert healthy_stage.action == "advance"                   # the same stage with every criterion met advances

@@ -7,7 +7,6 @@ import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
-import yaml
 
 from edgeship.fleet.rollout import hand_command, offer_shadow
 from edgeship.fleet.store import FleetStore
@@ -25,10 +24,7 @@ POLICY = {"default": {"stages": [0.5, 1.0], "min_reporting_devices": 3, "soak_s"
 @pytest.fixture
 def world(tmp_path):
     world = OtaWorld(tmp_path)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
-        "project": {"name": MODEL}, "ota": {"repository": "ota-repo", "keystore": "keys"},
-        "registry": {"tracking_uri": "sqlite:///mlflow.db", "artifact_location": "mlartifacts"},
-        "fleet": {"store": "sqlite:///fleet.db"}, "rollout": POLICY}))
+    world.write_params(rollout=POLICY)
     yield world
     world.close()
 

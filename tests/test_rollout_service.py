@@ -18,6 +18,7 @@ from edgeship.ota.rollout import read_channel
 
 from fleet_records import record
 from ota_world import TARGET, OtaWorld
+from timing import scaled
 
 POLICY = ChannelPolicy.model_validate({"stages": [0.5, 1.0], "min_reporting_devices": 3, "soak_s": 0,
                                        "abort_criteria": [{"failure_type": "probation"}]})
@@ -78,7 +79,7 @@ def hold_until(started: datetime) -> TargetResult:
 
 def test_the_service_runs_a_pass_on_new_telemetry_a_soak_ending_and_its_heartbeat(tmp_path):
     store = FleetStore(f"sqlite:///{tmp_path}/fleet.db")
-    policy = POLICY.model_copy(update={"soak_s": 3.0})   # long enough that a loaded host is not past it too early
+    policy = POLICY.model_copy(update={"soak_s": scaled(3.0)})   # a loaded host is not past it too early
     stage_start = datetime.now(timezone.utc)
     reasons: list[str] = []
     service = ControllerService(lambda reason: reasons.append(reason) or [hold_until(stage_start)], store, "stable",
@@ -88,7 +89,7 @@ def test_the_service_runs_a_pass_on_new_telemetry_a_soak_ending_and_its_heartbea
     healthy_reports(store, "2", 1)
     assert service.step() and reasons[-1] == "new telemetry"
     assert not service.step()
-    time.sleep(max(0.0, (stage_start + timedelta(seconds=3.05) - datetime.now(timezone.utc)).total_seconds()))
+    time.sleep(max(0.0, (stage_start + timedelta(seconds=policy.soak_s + 0.05) - datetime.now(timezone.utc)).total_seconds()))
     assert service.step() and reasons[-1] == "a stage's soak ended"
     service.max_interval_s = 0.1
     time.sleep(0.2)

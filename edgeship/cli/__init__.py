@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 from typer.core import TyperGroup
 
 from edgeship.cli.base import (ParamsOption, WorkdirOption, console, fail, guarded, load_settings, print_json,
@@ -186,22 +185,21 @@ def _file_log_with_run(log_path: Path, settings, workdir: Path, run_id: str | No
 
 
 def _print_summary(summary, out) -> None:
+    from edgeship.console import print_table
+
     metric = "mAP@0.5:0.95" if summary.task == "detection" else "accuracy"
-    table = Table(title=f"{summary.model_name} v{summary.model_version}  (fp32 test {metric} "
-                        f"{summary.fp32_test_accuracy:.4f})")
-    for column in ("target", "size", metric, "device", "p50 ms", "p99 ms", "gate"):
-        table.add_column(column)
+    rows = []
     for target in summary.targets:
         size = f"{target.artifact.bytes / 1e3:.0f} kB" if target.artifact else "—"
         accuracy = target.host_check.accuracy if target.host_check else None
         for bench in target.benchmarks or [None]:
             latency = bench.latency_ms if bench else None
             failed = [f"{c.name}: {c.reason or c.measured}" for c in target.gate.checks if c.fails_gate]
-            table.add_row(target.target, size, f"{accuracy:.4f}" if accuracy is not None else "—",
-                          bench.device if bench else "—", f"{latency.p50:.3f}" if latency else "—",
-                          f"{latency.p99:.3f}" if latency else "—",
-                          _verdict(target.gate, failed))
-    out.print(table)
+            rows.append([target.target, size, f"{accuracy:.4f}" if accuracy is not None else "—",
+                         bench.device if bench else "—", f"{latency.p50:.3f}" if latency else "—",
+                         f"{latency.p99:.3f}" if latency else "—", _verdict(target.gate, failed)])
+    print_table(out, ["target", "size", metric, "device", "p50 ms", "p99 ms", "gate"], rows,
+                f"{summary.model_name} v{summary.model_version}  (fp32 test {metric} {summary.fp32_test_accuracy:.4f})")
     verdict = "[green]PASSED: alias " + ", ".join(summary.aliases) if summary.passed else "[red]FAILED the gate"
     out.print(f"release {verdict}[/]  (MLflow run {summary.run_id})")
 

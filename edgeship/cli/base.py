@@ -12,10 +12,11 @@ gate or policy). Conventions for both command lines: docs/cli.md.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import IO, Iterator, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -23,6 +24,7 @@ from rich.console import Console
 from edgeship.errors import EdgeshipError, exit_code_for
 
 console = Console(stderr=True)  # messages to people; results go to stdout
+_results: IO[str] | None = None  # the real stdout while library_noise_logged points fd 1 at a log file
 
 ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="params.yaml to read")
 WorkdirOption = typer.Option(Path("."), "--workdir", "-C", help="project directory (holds params.yaml, dvc.yaml)")
@@ -90,10 +92,59 @@ def quiet_libraries() -> None:
 def print_json(record) -> None:
     """A record (pydantic) or JSON text on stdout, plain: no colour, no wrapping, one trailing newline."""
     text = record if isinstance(record, str) else record.model_dump_json(indent=2)
-    sys.stdout.write(text.rstrip("\n") + "\n")
-    sys.stdout.flush()
+    out = _results or sys.stdout
+    out.write(text.rstrip("\n") + "\n")
+    out.flush()
 
 
 def stdout() -> Console:
-    """A rich console on stdout, for tables that are a command's result."""
-    return Console()
+    """A rich console on stdout, for tables and lines that are a command's result."""
+    return Console(file=_results) if _results is not None else Console()
+
+
+@contextlib.contextmanager
+def library_noise_logged(workdir: Path, command: str) -> Iterator[Path]:
+    """Run a command's work with the libraries' output in `.edgeship/logs/<command>-<time>.log`, not the terminal.
+
+    Prefect's ephemeral server and concurrency warnings, MLflow's download bars and native runtimes' lines go to
+    the log (edgeship.console.library_output_to); edgeship's own records at the command's log level (warnings;
+    `-v` info) and its results (`stdout()`, `print_json`) still reach the terminal. The log's path is printed
+    when anything went into it; an empty one is removed.
+    """
+    import logging
+    import time
+
+    from edgeship.console import library_output_to
+
+    global _results
+    path = workdir.resolve() / ".edgeship" / "logs" / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    own = logging.getLogger("edgeship")
+    # Where results and messages go: the terminal behind fd 1 and 2, or streams that are no file descriptor at all
+    # (a test runner's), which pointing fd 1 and 2 at the log leaves alone.
+    streams = sys.stdout, sys.stderr
+    try:
+        with library_output_to(path, console) as terminal:
+            out, err = (terminal.stdout, terminal.stderr) if _on_fds(*streams) else streams
+            console.file = err
+            to_terminal = logging.StreamHandler(err)
+            to_terminal.setLevel(own.getEffectiveLevel())
+            to_terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            own.addHandler(to_terminal)
+            _results = out
+            try:
+                yield path
+            finally:
+                _results = None
+                own.removeHandler(to_terminal)
+    finally:
+        if path.is_file() and path.stat().st_size:
+            console.print(f"[dim]log: {path}[/]", soft_wrap=True)  # a path to copy: never folded
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _on_fds(stdout, stderr) -> bool:
+    try:
+        return stdout.fileno() == 1 and stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return False

@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
-
-from edgeship.cli.base import ChannelOption, ParamsOption, WorkdirOption, console, fail, guarded, load_settings, stdout
+from edgeship.cli.base import (ChannelOption, ParamsOption, WorkdirOption, console, fail, guarded, library_noise_logged,
+                               load_settings, stdout)
 from edgeship.errors import ConfigError, EdgeshipError
 
 fleet_app = typer.Typer(no_args_is_help=True, help="The fleet loop: telemetry, status, rollout control.")
@@ -119,41 +118,39 @@ def status(params: Path = ParamsOption, workdir: Path = WorkdirOption, channel: 
            target: Optional[str] = typer.Option(None, help="one target only"),
            since_s: float = typer.Option(3600.0, "--since", help="telemetry this recent (seconds)")) -> None:
     """The fleet as a table: per version and device class, latency quantiles, shadow agreement, drift, events."""
-    from edgeship.fleet.report import STATUS_COLUMNS, status_rows
+    from edgeship.console import print_table
+    from edgeship.fleet.report import STATUS_COLUMNS, decision_line, status_rows
 
     settings = load_settings(workdir, params)
     channel = channel or settings.ota.channel
     store = _store(settings, workdir)
     since = datetime.now(timezone.utc) - timedelta(seconds=since_s)
     snapshot = store.snapshot(channel, target, since=since)   # the rollups: one row per device, not every record
-    table = Table(title=f"fleet: channel {channel}{f' / {target}' if target else ''}, {snapshot.devices} devices, "
-                        f"{snapshot.records} records in the last {since_s:g} s")
-    for column in STATUS_COLUMNS:
-        table.add_column(column)
-    for row in status_rows(snapshot):
-        table.add_row(*row.values())
-    stdout().print(table)
-    decisions = store.decisions(channel, target, evidence=False)[-5:]
-    for d in decisions:
-        stdout().print(f"{d['at']:%Y-%m-%d %H:%M:%S} {d['target']} v{d['version']}: {d['action']} "
-                        f"{d['fraction_before']:g} -> {d['fraction_after']:g}  {'; '.join(d['reasons'])}",
-                        highlight=False)
+    title = (f"fleet: channel {channel}{f' / {target}' if target else ''}, {snapshot.devices} devices, "
+             f"{snapshot.records} records in the last {since_s:g} s")
+    # 15 columns: at 80 columns (or fewer) one row per metric, one column per version and device class
+    print_table(stdout(), STATUS_COLUMNS, [list(row.values()) for row in status_rows(snapshot)], title,
+                key_columns=2)
+    for d in store.decisions(channel, target, evidence=False)[-5:]:
+        stdout().print(f"{d['at']:%Y-%m-%d %H:%M:%S} {decision_line(d)}", highlight=False, markup=False, soft_wrap=True)
     store.close()
 
 
 @fleet_app.command("rollout")
 def rollout(params: Path = ParamsOption, workdir: Path = WorkdirOption, channel: Optional[str] = ChannelOption,
             dry_run: bool = typer.Option(False, "--dry-run", help="decide and record, but change nothing")) -> None:
-    """One rollout controller pass over a channel (what the `rollout-controller` deployment runs)."""
-    from edgeship.flows.rollout import rollout_controller
+    """One rollout controller pass over a channel (what the `rollout-controller` deployment runs); a dry run
+    decides and records, but changes no channel and starts no retraining."""
+    from edgeship.fleet.report import decision_line
 
     load_settings(workdir, params)
-    decisions = guarded(rollout_controller, params_path=str(params), workdir=str(workdir), channel=channel,
-                        apply=not dry_run)
+    with library_noise_logged(workdir, "fleet-rollout"):
+        from edgeship.flows.rollout import rollout_controller
+
+        decisions = guarded(rollout_controller, params_path=str(params), workdir=str(workdir), channel=channel,
+                            apply=not dry_run)
     for d in decisions:
-        stdout().print(f"{d['target']} v{d['version']}: {d['action']} {d['fraction_before']:g} -> "
-                        f"{d['fraction_after']:g}{'' if d['applied'] else ' (not applied)'}  {'; '.join(d['reasons'])}",
-                        highlight=False)
+        stdout().print(decision_line(d), highlight=False, markup=False, soft_wrap=True)
 
 
 def _hand(command: str, params: Path, workdir: Path, channel: str | None, target: str, reason: str) -> None:
@@ -181,6 +178,7 @@ def controller(params: Path = ParamsOption, workdir: Path = WorkdirOption, chann
     import threading
 
     from edgeship.flows.publish import one_writer
+    from edgeship.fleet.report import decision_line
     from edgeship.fleet.service import ControllerService, controller_pass
     from edgeship.ota.repository import open_repository
     from edgeship.registry.tracking import tracking_uri_for
@@ -196,10 +194,8 @@ def controller(params: Path = ParamsOption, workdir: Path = WorkdirOption, chann
         results = controller_pass(repository, store, channel, settings, reason, tracking_uri, apply=not dry_run,
                                   writer=one_writer)
         for r in results:
-            d = r.decision
-            stdout().print(f"[{reason}] {d.target} v{d.version}: {d.action} {d.fraction_before:g} -> "
-                            f"{d.fraction_after:g}{'' if r.applied or d.action in ('hold', 'none') else ' (not applied)'}"
-                            f"  {'; '.join(d.reasons[:2])}", highlight=False)
+            line = decision_line(r.decision.model_dump() | {"applied": r.applied, "base_version": r.base_version}, 2)
+            stdout().print(f"[{reason}] {line}", highlight=False, markup=False, soft_wrap=True)
         return results
 
     stop = threading.Event()
@@ -209,7 +205,8 @@ def controller(params: Path = ParamsOption, workdir: Path = WorkdirOption, chann
     service = ControllerService(run_pass, store, channel, settings.rollout.policy_for(channel),
                                 min_interval_s=min_interval_s, max_interval_s=max_interval_s)
     try:
-        service.run(stop)
+        with library_noise_logged(workdir, "fleet-controller"):  # Prefect's concurrency limit, MLflow's client
+            service.run(stop)
     except KeyboardInterrupt:
         pass
     finally:

@@ -18,10 +18,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
-
-from edgeship.cli.base import (ChannelOption, ParamsOption, WorkdirOption, console, fail, guarded, load_settings,
-                               print_json, stdout)
+from edgeship.cli.base import (ChannelOption, ParamsOption, WorkdirOption, console, fail, guarded,
+                               library_noise_logged, load_settings, print_json, stdout)
 from edgeship.errors import EdgeshipError
 
 keys_app = typer.Typer(no_args_is_help=True, help="TUF keys: the only commands that need the root keys.")
@@ -42,9 +40,10 @@ def register(app: typer.Typer) -> None:
         """Publish a version (or the one an alias points to) into the signed OTA repository."""
         from edgeship.flows.publish import publish as publish_flow
 
-        descriptor = guarded(publish_flow, alias=alias, version=version, params_path=str(params),
-                             workdir=str(workdir), channel=channel, rollout_fraction=rollout, targets=target,
-                             allow_failed_gate=allow_failed_gate)
+        with library_noise_logged(workdir, "publish"):
+            descriptor = guarded(publish_flow, alias=alias, version=version, params_path=str(params),
+                                 workdir=str(workdir), channel=channel, rollout_fraction=rollout, targets=target,
+                                 allow_failed_gate=allow_failed_gate)
         _print_channel(descriptor)
 
     @app.command("promote")
@@ -68,8 +67,10 @@ def register(app: typer.Typer) -> None:
         """Roll targets back: an unfinished rollout is aborted, a finished one returns to the base before it."""
         from edgeship.flows.publish import rollback as rollback_flow
 
-        _print_channel(guarded(rollback_flow, params_path=str(params), workdir=str(workdir), channel=channel,
-                               targets=target))
+        with library_noise_logged(workdir, "rollback"):
+            descriptor = guarded(rollback_flow, params_path=str(params), workdir=str(workdir), channel=channel,
+                                 targets=target)
+        _print_channel(descriptor)
 
     @app.command("rollout")
     def rollout(channel: str = typer.Argument(..., help="the channel, e.g. stable"),
@@ -101,7 +102,9 @@ def register(app: typer.Typer) -> None:
                     return rollouts.resume(repository, channel, target, expected_version=expect_version)
                 return rollouts.abort(repository, channel, target, abort, expected_version=expect_version)
 
-        _print_channel(guarded(act))
+        with library_noise_logged(workdir, "rollout"):  # one_writer: Prefect's concurrency limit
+            descriptor = guarded(act)
+        _print_channel(descriptor)
 
     @app.command("channels")
     def channels(params: Path = ParamsOption, workdir: Path = WorkdirOption) -> None:
@@ -109,19 +112,20 @@ def register(app: typer.Typer) -> None:
         from edgeship.ota.repository import open_repository
         from edgeship.ota.rollout import read_channel
 
+        from edgeship.console import print_table
+
         settings = load_settings(workdir, params)
         repository = guarded(open_repository, settings.ota, workdir.resolve())
-        table = Table(title=f"channels of {repository.storage}")
-        for column in ("channel", "target", "base", "candidate", "fraction", "state", "fallback", "note"):
-            table.add_column(column)
+        rows = []
         for name in repository.channels():
             descriptor = read_channel(repository, name)
             for target, entry in sorted(descriptor.targets.items()):
-                table.add_row(name, target, _v(entry.base), _v(entry.candidate),
-                              f"{entry.fraction:.0%}" if entry.candidate else "—", entry.rollout_state,
-                              entry.fallback.label if entry.fallback else "—",
-                              entry.allow_failed_gate or entry.state_reason)
-        stdout().print(table)
+                rows.append([name, target, _v(entry.base), _v(entry.candidate),
+                             f"{entry.fraction:.0%}" if entry.candidate else "—", entry.rollout_state,
+                             entry.fallback.label if entry.fallback else "—",
+                             entry.allow_failed_gate or entry.state_reason])
+        print_table(stdout(), ["channel", "target", "base", "candidate", "fraction", "state", "fallback", "note"],
+                    rows, f"channels of {repository.storage}", key_columns=2)
         expires = repository.expires()
         stdout().print("expires: " + ", ".join(f"{r} {t:%Y-%m-%d %H:%M}Z" for r, t in sorted(expires.items())))
 
@@ -131,7 +135,8 @@ def register(app: typer.Typer) -> None:
         """Renew the timestamp (and snapshot/targets past half their lifetime): the scheduled `resign` job."""
         from edgeship.flows.publish import resign as resign_flow
 
-        renewed = guarded(resign_flow, params_path=str(params), workdir=str(workdir), force=force)
+        with library_noise_logged(workdir, "resign"):
+            renewed = guarded(resign_flow, params_path=str(params), workdir=str(workdir), force=force)
         console.print(f"re-signed {', '.join(renewed)}")
 
     def _keys_repository(params: Path, workdir: Path):
@@ -207,15 +212,15 @@ def register(app: typer.Typer) -> None:
     @keys_app.command("list")
     def keys_list(params: Path = ParamsOption, workdir: Path = WorkdirOption) -> None:
         """The keys root trusts per role, their threshold, and which of them this keystore holds."""
+        from edgeship.console import print_table
+
         repository = _keys_repository(params, workdir)
-        table = Table()
-        for column in ("role", "threshold", "key id", "held here"):
-            table.add_column(column)
+        rows = []
         for role, info in repository._root.roles.items():
             held = {k.keyid for k in repository.keystore.public_keys(role)}
-            for keyid in info.keyids:
-                table.add_row(role, str(info.threshold), keyid[:16], "yes" if keyid in held else "no (offline)")
-        stdout().print(table)
+            rows += [[role, str(info.threshold), keyid[:16], "yes" if keyid in held else "no (offline)"]
+                     for keyid in info.keyids]
+        print_table(stdout(), ["role", "threshold", "key id", "held here"], rows)
 
     app.add_typer(keys_app, name="keys")
 

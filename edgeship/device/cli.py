@@ -11,6 +11,7 @@
     edgeship-device update --state-dir D                 # the OTA updater (edgeship.device.updater)
     edgeship-device status|confirm|rollback --state-dir D
     edgeship-device serve --state-dir D --uds /run/edgeship.sock --broker 127.0.0.1:1883 --device-class pi4
+    (`update` and `serve` also take provision's flags, written into D first: edgeship.device.state.settle_identity)
     edgeship-device --version | -v COMMAND | --log-level debug COMMAND
     source <(edgeship-device --show-completion)          # bash completion (zsh: after bashcompinit)
 

@@ -121,7 +121,10 @@ class FieldRuntime:
 
 def add_arguments(parser) -> None:
     """The flags of `edgeship-device serve`."""
+    from edgeship.device.updater_cli import add_provisioning_arguments
+
     parser.add_argument("--state-dir", required=True, type=Path, help="the updater's state directory")
+    add_provisioning_arguments(parser)  # as `update` takes them: written into device.json first
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--port", type=int, default=8766, help="loopback port (default: %(default)s)")
     where.add_argument("--uds", default=None, metavar="PATH", help="serve on this Unix socket instead")
@@ -155,18 +158,15 @@ def _broker(args) -> MqttSettings | None:
                         username=args.username, password_env=args.password_env)
 
 
-def update_loop(state_dir: Path, every_s: float, confirm_after: int, stop: threading.Event) -> threading.Thread:
-    """The provisioned updater, checking every `every_s` on a thread; the runtime confirms probation."""
+def update_loop(state_dir: Path, identity, every_s: float, confirm_after: int,
+                stop: threading.Event) -> threading.Thread:
+    """The updater of the provisioned `identity`, checking every `every_s` on a thread; the runtime confirms
+    probation."""
     import random
 
     from edgeship.device.probation import ProbationPolicy
-    from edgeship.device.state import load_identity
     from edgeship.device.updater import DeviceUpdater, UpdaterConfig
-    from edgeship.errors import ConfigError
 
-    identity = load_identity(state_dir)
-    if identity is None or not identity.repository_url or not identity.root or not identity.target:
-        raise ConfigError(f"{state_dir} is not provisioned; run edgeship-device provision first")
     updater = DeviceUpdater(UpdaterConfig(
         repository_url=identity.repository_url, trusted_root=Path(identity.root), state_dir=state_dir,
         channel=identity.channel, target=identity.target, self_check=False,
@@ -184,9 +184,12 @@ def update_loop(state_dir: Path, every_s: float, confirm_after: int, stop: threa
 
 
 def run_serve(args) -> int:
+    from edgeship.device.updater_cli import settled_identity
+
+    identity = settled_identity(args, "serve")  # refuses a state directory nobody provisioned, naming the fix
     stop = threading.Event()
     if args.update_every > 0:
-        update_loop(args.state_dir, args.update_every, args.confirm_after, stop)
+        update_loop(args.state_dir, identity, args.update_every, args.confirm_after, stop)
     field = FieldRuntime(args.state_dir, telemetry=_broker(args), device_class=args.device_class,
                          window_s=args.window_s, shadow_sample_rate=args.shadow_sample_rate or 0.1,
                          threads=args.threads)

@@ -288,6 +288,32 @@ def provision(state_dir: str | Path, device_id: str | None = None, channel: str 
     return identity
 
 
+def settle_identity(state_dir: str | Path, command: str, *, device_id: str | None = None, channel: str | None = None,
+                    target: str | None = None, repository_url: str | None = None, root: Path | None = None
+                    ) -> DeviceIdentity:
+    """The identity `update` and `serve` run as: device.json, after writing into it the provisioning flags given
+    (as `provision` would: so every later command follows them, and a generated id is kept).
+
+    Raises:
+        ConfigError: the state directory is not provisioned (no repository, root or target), naming the command
+            that provisions it.
+    """
+    current = load_identity(state_dir)
+    given = {"device_id": device_id, "channel": channel, "target": target, "repository_url": repository_url,
+             "root": root}
+    if any(value is not None for value in given.values()):
+        kept = current.model_dump() if current is not None else {}
+        merged = {key: value if value is not None else kept.get(key) for key, value in given.items()}
+        current = provision(state_dir, merged["device_id"], merged["channel"] or "stable", merged["target"],
+                            merged["repository_url"], Path(merged["root"]) if merged["root"] else None)
+    if current is None or not current.provisioned or not (current.repository_url and current.root and current.target):
+        raise ConfigError(
+            f"{state_dir} is not provisioned (no repository, trusted root or target in device.json): run "
+            f"`edgeship-device provision --state-dir {state_dir} --repo-url URL --root root.json --target TARGET`, "
+            f"or give `edgeship-device {command}` the same --repo-url, --root and --target")
+    return current
+
+
 def load_identity(state_dir: str | Path) -> DeviceIdentity | None:
     path = Path(state_dir) / "device.json"
     return DeviceIdentity.model_validate_json(path.read_bytes()) if path.exists() else None

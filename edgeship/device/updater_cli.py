@@ -7,9 +7,10 @@
     edgeship-device confirm --state-dir /var/lib/edgeship     # the application found the new model good
     edgeship-device rollback --state-dir /var/lib/edgeship    # back to the last-known-good, mark this one bad
 
-`update` takes its repository, root, channel and target from device.json when
-provisioned; flags override. Without provisioning, an id is generated once and
-kept in the state directory (never the hostname).
+`update` and `serve` take provision's flags too: given, they are written into device.json first (as `provision`
+writes them), so every later command follows them; without them, a state directory that was never provisioned
+is refused with the command that provisions it. The id is `--device-id`, else one generated once and kept in
+device.json (never the hostname).
 """
 
 from __future__ import annotations
@@ -39,12 +40,7 @@ def wire(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", required=True, type=Path,
                         help="where installed models, metadata, state.json and device.json live")
     if command in ("provision", "update"):
-        parser.add_argument("--repo-url", help="HTTP base of the OTA repository (metadata at <url>/metadata/)")
-        parser.add_argument("--root", type=Path, help="the trusted root.json this device was provisioned with")
-        parser.add_argument("--channel", default=None, help="release channel to follow (default: stable)")
-        parser.add_argument("--target", default=None, help="compile target this device runs, e.g. onnx-int8")
-        parser.add_argument("--device-id", default=None,
-                            help="device identity for rollout cohorts (default: generated once, kept in device.json)")
+        add_provisioning_arguments(parser)
     if command == "update":
         parser.add_argument("--threads", type=int, default=1, help="runtime threads for checks (0: default)")
         parser.add_argument("--interval", type=float, default=0, metavar="SECONDS",
@@ -58,6 +54,25 @@ def wire(command: str, parser: argparse.ArgumentParser) -> None:
     if command == "rollback":
         parser.add_argument("--reason", default="rolled back by the operator")
     parser.set_defaults(run=globals()[f"run_{command}"])
+
+
+def add_provisioning_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `provision`, which `update` and `serve` take too (edgeship.device.state.settle_identity)."""
+    parser.add_argument("--repo-url", help="HTTP base of the OTA repository (metadata at <url>/metadata/)")
+    parser.add_argument("--root", type=Path, help="the repository's trusted root.json (copied into the state "
+                        "directory)")
+    parser.add_argument("--channel", default=None, help="release channel to follow (default: stable)")
+    parser.add_argument("--target", default=None, help="compile target this device runs, e.g. onnx-int8")
+    parser.add_argument("--device-id", default=None,
+                        help="device identity for rollout cohorts (default: generated once, kept in device.json)")
+
+
+def settled_identity(args: argparse.Namespace, command: str):
+    """The identity this command runs as, with its provisioning flags written into device.json first."""
+    from edgeship.device.state import settle_identity
+
+    return settle_identity(args.state_dir, command, device_id=args.device_id, channel=args.channel,
+                           target=args.target, repository_url=args.repo_url, root=args.root)
 
 
 def run_provision(args: argparse.Namespace) -> int:
@@ -79,19 +94,12 @@ def run_update(args: argparse.Namespace) -> int:
         3 refused or rolled back, 2 stale or unreachable.
     """
     from edgeship.device.probation import ProbationPolicy
-    from edgeship.device.state import load_identity
     from edgeship.device.updater import DeviceUpdater, UpdaterConfig
 
-    identity = load_identity(args.state_dir)
-    repo_url = args.repo_url or (identity.repository_url if identity else None)
-    root = args.root or (Path(identity.root) if identity and identity.root else None)
-    target = args.target or (identity.target if identity else None)
-    if not repo_url or root is None or not target:
-        raise ConfigError(f"{args.state_dir} is not provisioned: give --repo-url, --root and --target, or run "
-                          f"edgeship-device provision first")
+    identity = settled_identity(args, "update")
     updater = DeviceUpdater(UpdaterConfig(
-        repository_url=repo_url, trusted_root=root, state_dir=args.state_dir, target=target,
-        channel=args.channel or (identity.channel if identity else "stable"), device_id=args.device_id,
+        repository_url=identity.repository_url, trusted_root=Path(identity.root), state_dir=args.state_dir,
+        target=identity.target, channel=identity.channel, device_id=identity.device_id,
         threads=args.threads, self_check=not args.app_confirms,
         probation=ProbationPolicy(required=args.confirm_after, max_failures=args.max_failures,
                                   deadline_s=args.probation_s)))

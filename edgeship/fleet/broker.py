@@ -7,6 +7,7 @@ in-process one in edgeship.fleet.embedded_broker.
     >>> with LocalBroker() as broker:        # /usr/sbin/mosquitto -p <free port>, stopped on exit
     ...     settings = MqttSettings(host="127.0.0.1", port=broker.port, fleet="lab")
     ...     broker.restart(down_s=2.0)      # an outage: same port, fresh process
+    >>> LocalBroker(certfile="broker.pem", keyfile="broker.key", password_file="passwords")  # TLS, no anonymous
 """
 
 from __future__ import annotations
@@ -40,10 +41,15 @@ def mosquitto_binary() -> str:
 
 
 class LocalBroker:
-    """A Mosquitto broker on 127.0.0.1:<port> owned by this process (loopback only, anonymous)."""
+    """A Mosquitto broker on 127.0.0.1:<port> owned by this process (loopback only): anonymous, or with TLS
+    (`certfile`, `keyfile`: the broker's certificate chain and key, PEM) and users in a Mosquitto `password_file`
+    (`mosquitto_passwd`'s format)."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, certfile: str | Path | None = None, keyfile: str | Path | None = None,
+                 password_file: str | Path | None = None):
         self.port = port or free_port()
+        self.secure = (f"certfile {certfile}\nkeyfile {keyfile}\n" if certfile else "") + (
+            f"allow_anonymous false\npassword_file {password_file}\n" if password_file else "allow_anonymous true\n")
         self.process: subprocess.Popen | None = None
         self._dir = Path(tempfile.mkdtemp(prefix="edgeship-broker-"))
 
@@ -51,7 +57,7 @@ class LocalBroker:
         config = self._dir / "mosquitto.conf"
         # Run as whoever started it: as root, mosquitto would otherwise switch to user `mosquitto`, which
         # cannot write the persistence file in our directory (and sessions would not survive a restart).
-        config.write_text(f"user {getpass.getuser()}\nlistener {self.port} 127.0.0.1\nallow_anonymous true\n"
+        config.write_text(f"user {getpass.getuser()}\nlistener {self.port} 127.0.0.1\n{self.secure}"
                           "max_queued_messages 1000000\n"
                           # Mosquitto's default of 20 unacknowledged messages per client would cap the collector's
                           # batches: its Receive Maximum (edgeship.fleet.collector) asks for 1000.

@@ -45,6 +45,21 @@ def status_rows(snapshot: FleetSnapshot) -> list[dict[str, str]]:
     return rows
 
 
+def decision_line(d: dict, reasons: int | None = None) -> str:
+    """A decision (Decision.model_dump(), or a stored one) as one line for the terminal: `onnx-int8 v8: 0.05 -> 0.25
+    advance: ...` when it moves the rollout, `onnx-int8 v8 at 0.05: hold: ...` when not; a target without a
+    candidate names the version its devices run instead."""
+    why = "; ".join(d["reasons"][:reasons])
+    if d.get("version") is None:
+        base = d.get("base_version")
+        return f"{d['target']}{f' (v{base} on every device)' if base else ''}: {why}"
+    said = why if d["action"] == "none" or why.startswith(d["action"]) else f"{d['action']}: {why}"
+    if d["action"] in ("advance", "complete", "abort"):
+        return (f"{d['target']} v{d['version']}: {d['fraction_before']:g} -> {d['fraction_after']:g}"
+                f"{'' if d.get('applied', True) else ' (not applied)'}  {said}")
+    return f"{d['target']} v{d['version']} at {d['fraction_before']:g}: {said}"
+
+
 def fleet_metrics(stats: VersionStats) -> dict[str, float | None]:
     """Fleet metrics of one version: p99 per device class, shadow agreement, drift, install/probation failures."""
     metrics: dict[str, float | None] = {f"fleet.p99_ms.{c}": s.p99_ms for c, s in stats.classes.items()}

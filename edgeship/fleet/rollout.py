@@ -29,6 +29,7 @@ from edgeship.errors import ReleaseError
 from edgeship.fleet.aggregate import FleetSnapshot
 from edgeship.fleet.controller import Decision, RolloutStatus, decide
 from edgeship.fleet.policy import ChannelPolicy
+from edgeship.fleet.report import decision_line
 from edgeship.fleet.store import FleetStore
 
 logger = logging.getLogger(__name__)
@@ -169,9 +170,8 @@ def control_target(repository, store: FleetStore, channel: str, target: str, ent
         store.add_decision(channel=channel, target=target, version=decision.version, action=decision.action,
                            fraction_before=decision.fraction_before, fraction_after=decision.fraction_after,
                            reasons=decision.reasons, evidence=decision.evidence, applied=applied, at=now)
-    logger.info("rollout %s/%s v%s: %s%s (%s)", channel, target, decision.version, decision.action,
-                "" if applied or decision.action in ("hold", "none") else " (not applied)",
-                "; ".join(decision.reasons))
+    logger.info("rollout %s: %s", channel, decision_line(decision.model_dump() | {
+        "applied": applied, "base_version": planned.base_version}))
     return TargetResult(decision, planned.snapshot, applied, planned.base_version, planned.status)
 
 
@@ -209,13 +209,14 @@ def hand_command(repository, store: FleetStore, command: str, channel: str, targ
     elif command == "abort":
         repository.refresh()
         before = ota_rollout.read_channel(repository, channel)
-        version = version or (before.targets[target].candidate.version if before and target in before.targets
-                              and before.targets[target].candidate else None)
+        was = before.targets.get(target) if before else None
+        version = version or (was.candidate.version if was and was.candidate else None)
         descriptor = ota_rollout.abort(repository, channel, target, reason, expected_version=version)
     else:
         raise ValueError(f"unknown command {command!r}; use pause, resume or abort")
     entry = descriptor.targets[target]
     version = version or (entry.candidate.version if entry.candidate else None)
-    store.add_decision(channel=channel, target=target, version=version, action=command,
-                       fraction_before=entry.fraction, fraction_after=entry.fraction if command != "abort" else 0.0,
-                       reasons=[f"{command} by hand: {reason}"], evidence={}, applied=True)
+    fraction = was.fraction if command == "abort" else entry.fraction   # where the rollout stood when told
+    store.add_decision(channel=channel, target=target, version=version, action=command, fraction_before=fraction,
+                       fraction_after=entry.fraction, reasons=[f"{command} by hand: {reason}"], evidence={},
+                       applied=True)

@@ -33,8 +33,10 @@ from edgeship.registry.tracking import tracking_uri_for
 
 
 @task(name="record-decision", cache_policy=NO_CACHE)
-def record_decision(result: TargetResult, store: FleetStore, tracking_uri: str, model_name: str) -> None:
-    """Evidence where people look: MLflow (tag, plot, fleet metrics) and Prefect (artifacts)."""
+def record_decision(result: TargetResult, store: FleetStore, tracking_uri: str, model_name: str,
+                    in_mlflow: bool = True) -> None:
+    """Evidence where people look: MLflow (tag, plot, fleet metrics) and Prefect (artifacts). A dry run's decision
+    stays out of MLflow, whose tags say where the rollout stands."""
     logger = get_run_logger()
     decision = result.decision
     key = f"rollout-{decision.channel}-{decision.target}".lower()
@@ -44,6 +46,8 @@ def record_decision(result: TargetResult, store: FleetStore, tracking_uri: str, 
     if rows:
         create_table_artifact(rows, key=f"fleet-{decision.channel}-{decision.target}".lower(),
                               description="Fleet telemetry per version and device class")
+    if not in_mlflow:
+        return
     try:
         plot = record_in_mlflow(tracking_uri, model_name, result, store)
         if plot is not None:  # the timeline in Prefect too
@@ -84,9 +88,10 @@ def rollout_controller(params_path: str = "params.yaml", workdir: str = ".", cha
         results = control_channel(repository, store, channel, params.rollout.policy_for(channel), now=now,
                                   apply=apply, targets=targets, writer=one_writer)
         for result in results:
-            record_decision(result, store, tracking_uri, params.project.name)
-        if check_drift_too:
+            record_decision(result, store, tracking_uri, params.project.name, in_mlflow=apply)
+        if check_drift_too and apply:  # a dry run changes nothing: it starts no retraining either
             check_drift(repository, store, channel, params, now)
     finally:
         store.close()
-    return [r.decision.model_dump(mode="json") | {"applied": r.applied} for r in results]
+    return [r.decision.model_dump(mode="json") | {"applied": r.applied, "base_version": r.base_version}
+            for r in results]
