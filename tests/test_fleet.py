@@ -302,6 +302,8 @@ def test_benchmark_on_fleet_submits_a_task_per_job_and_logs_figures(artifacts, d
     class Run:
         """Stands in for ReleaseRun: what the tasks log, kept in memory."""
 
+        tracking_uri, run_id = "sqlite:///unused.db", "in-memory"
+
         def __init__(self):
             self.metrics, self.figures, self.json, self.lock = {}, {}, {}, threading.Lock()
 
@@ -309,13 +311,9 @@ def test_benchmark_on_fleet_submits_a_task_per_job_and_logs_figures(artifacts, d
             with self.lock:
                 self.metrics.update({k: v for k, v in metrics.items() if v is not None})
 
-        def log_figure(self, figure, name):
-            import io
-
-            buffer = io.BytesIO()
-            figure.savefig(buffer, format="png")
+        def log_bytes(self, data, name):
             with self.lock:
-                self.figures[name] = buffer.getvalue()
+                self.figures[name] = data
 
         def log_json(self, value, name):
             with self.lock:

@@ -38,8 +38,16 @@ def figure_url(tracking_uri: str, run_id: str, artifact_file: str, png: bytes) -
 
 
 def show_png(png: bytes, tracking_uri: str, run_id: str, artifact_file: str, key: str, description: str) -> None:
-    """A PNG already logged to MLflow as `artifact_file` of `run_id`, as a Prefect image artifact (or a link)."""
+    """A PNG already logged to MLflow as `artifact_file` of `run_id`, as a Prefect image artifact (or a link).
+
+    Outside a flow or task run (a stage called as a plain function) there is no run page to show it on, so
+    only the MLflow copy exists.
+    """
     from prefect.artifacts import create_image_artifact, create_link_artifact
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+        return
 
     url = figure_url(tracking_uri, run_id, artifact_file, png)
     try:
