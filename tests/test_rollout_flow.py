@@ -49,10 +49,12 @@ def register_versions(tmp_path, versions):
 
 
 def reports(store, version, devices, events=(("installed", None), ("confirmed", None)), shadow=None, start=0):
+    """Windows of `devices` on `version`; on v2 each compares 100 answers with v1, agreeing on 98."""
     at = datetime.now(timezone.utc) + timedelta(seconds=31)  # events are 30 s before the window end
     for i in range(devices):
         store.add_record(record(f"d{start + i}", version, at=at, shadow=shadow, channel="stable", target=TARGET,
-                                events=[(kind, version, reason) for kind, reason in events]))
+                                events=[(kind, version, reason) for kind, reason in events],
+                                compared=("1", 98, 100) if version == "2" else None))
 
 
 def test_the_flow_holds_advances_completes_and_records_why(world, tmp_path, prefect_api):

@@ -60,12 +60,15 @@ class FieldRuntime:
         device_class: the operator's name for this kind of device ("pi4", "orin-nano"), reported per record.
         window_s: telemetry window.
         shadow_sample_rate: share of answers the shadow model (when one is installed) also runs on.
+        compare_sample_rate: share of answers the model the active one replaced (the rollback slot, while installed)
+            also runs on, in the same idle time: the candidate's agreement with the base on every rollout.
     """
 
     def __init__(self, state_dir: str | Path, telemetry: MqttSettings | None = None, device_class: str = "default",
                  window_s: float = 60.0, shadow_sample_rate: float = 0.1, threads: int = 1, sensors=None,
-                 spool_max_records: int = 10_000):
+                 spool_max_records: int = 10_000, compare_sample_rate: float = 0.1):
         from edgeship.device.runtime import DeviceRuntime
+        from edgeship.device.state import compared_model
 
         self.state_dir = Path(state_dir)
         telemetry_dir = self.state_dir / "telemetry"
@@ -75,6 +78,8 @@ class FieldRuntime:
         self.runtime = DeviceRuntime(self.state_dir, threads=threads, observers=[self.aggregator.on_inference])
         self.shadow = ShadowRunner(self.state_dir, self.aggregator.on_shadow, sample_rate=shadow_sample_rate,
                                    threads=threads)
+        self.compare = ShadowRunner(self.state_dir, self.aggregator.on_compared, sample_rate=compare_sample_rate,
+                                    threads=threads, model=compared_model, name="edgeship-compare")
         self.reporter = None
         if telemetry is not None:
             self.reporter = TelemetryReporter(self.aggregator, Spool(telemetry_dir, max_records=spool_max_records),
@@ -85,19 +90,24 @@ class FieldRuntime:
 
     def predict(self, batch: np.ndarray):
         """The active model's (or the fallback's) answer; the shadow sees a sample of it afterwards."""
-        self.shadow.primary_started()
+        runners = (self.shadow, self.compare)
+        for runner in runners:
+            runner.primary_started()
         try:
             with self._lock:
                 prediction = self.runtime.predict(batch)
                 self.answered += 1
         finally:
-            self.shadow.primary_done()
-        self.shadow.offer(batch, prediction)
+            for runner in runners:
+                runner.primary_done()
+        for runner in runners:
+            runner.offer(batch, prediction)
         return prediction
 
     def close(self) -> None:
         """Stop the shadow, flush the last window and give the spool a few seconds to drain (the rest stays spooled)."""
         self.shadow.stop()
+        self.compare.stop()
         if self.reporter is not None:
             self.reporter.close(drain_s=5.0)
 
@@ -136,6 +146,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--window-s", type=float, default=60.0, help="telemetry window (default: %(default)s)")
     parser.add_argument("--shadow-sample-rate", type=float, default=None,
                         help="share of answers the shadow also runs on (default: the channel entry's, else 0.1)")
+    parser.add_argument("--compare-sample-rate", type=float, default=0.1,
+                        help="share of answers the model the active one replaced also runs on, in idle time "
+                             "(the rollout's agreement with the base; default: %(default)s)")
     parser.add_argument("--tls", action="store_true", help="connect to the broker over TLS")
     parser.add_argument("--ca-file", default=None)
     parser.add_argument("--cert-file", default=None)
@@ -192,7 +205,7 @@ def run_serve(args) -> int:
         update_loop(args.state_dir, identity, args.update_every, args.confirm_after, stop)
     field = FieldRuntime(args.state_dir, telemetry=_broker(args), device_class=args.device_class,
                          window_s=args.window_s, shadow_sample_rate=args.shadow_sample_rate or 0.1,
-                         threads=args.threads)
+                         threads=args.threads, compare_sample_rate=args.compare_sample_rate)
     from edgeship.device.serve_http import serve
 
     try:

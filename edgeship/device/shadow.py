@@ -17,6 +17,9 @@ and counted. What remains is a request that arrives while a shadow run is under 
     >>> shadow.offer(batch, prediction)          # returns at once
     >>> shadow.stop()
 
+The same runner compares the active model with the model it replaced (`ShadowRunner(..., model=compared_model)`:
+the rollback slot, still installed while a candidate serves): every rollout compares answers, shadowed or not.
+
 No torch, TensorFlow, MLflow or Prefect here.
 """
 
@@ -51,11 +54,16 @@ class ShadowRunner:
         queue_size: batches waiting at most; more are skipped rather than delaying anything.
         idle_gap_s: how long the primary must have been idle before a shadow run starts.
         max_wait_s: a sample that finds no idle gap this long is skipped (and counted).
+        model: which installed model runs (edgeship.device.state's shadow_model, or compared_model for the model the
+            active one replaced); None when there is none now.
+        name: the background thread's name.
     """
 
     def __init__(self, state_dir: str | Path, report: ShadowReport, sample_rate: float = 0.1, threads: int = 1,
-                 queue_size: int = 4, seed: int | None = None, idle_gap_s: float = 0.0005, max_wait_s: float = 2.0):
+                 queue_size: int = 4, seed: int | None = None, idle_gap_s: float = 0.0005, max_wait_s: float = 2.0,
+                 model: Callable[[Path], object] | None = None, name: str = "edgeship-shadow"):
         self.state_dir = Path(state_dir)
+        self._model = model
         self.report, self.sample_rate, self.threads = report, sample_rate, threads
         self.idle_gap_s, self.max_wait_s = idle_gap_s, max_wait_s
         self._answers = threading.Lock()
@@ -67,7 +75,7 @@ class ShadowRunner:
         self._session = None
         self._version: str | None = None
         self.compared = self.skipped = 0
-        self._thread = threading.Thread(target=self._loop, name="edgeship-shadow", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def primary_started(self) -> None:
@@ -113,6 +121,7 @@ class ShadowRunner:
     def _load(self):
         from edgeship.device.state import shadow_model
 
+        model = self._model or shadow_model
         try:
             generation = (self.state_dir / "state.json").stat().st_mtime_ns
         except FileNotFoundError:
@@ -120,7 +129,7 @@ class ShadowRunner:
         if generation == self._generation:
             return self._session
         self._generation = generation
-        installed = shadow_model(self.state_dir)
+        installed = model(self.state_dir)
         if installed is None:
             self._session, self._version = None, None
         elif installed.version != self._version:

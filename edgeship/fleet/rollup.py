@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from edgeship.fleet.rollup_compared import compared_answers
 from edgeship.records.histogram import ExpHistogram, merge_many
 from edgeship.records.telemetry import TelemetryRecord
 
@@ -238,7 +239,7 @@ def update_events(record: TelemetryRecord, rows: Rows) -> None:
                 sums.count(f"reason.{event.kind}: {event.reason or 'unknown'}")
 
 
-CONTRIBUTORS: list[Contributor] = [answers, shadow_comparisons, update_events]
+CONTRIBUTORS: list[Contributor] = [answers, shadow_comparisons, update_events, compared_answers]
 
 
 def bucket_of(at: datetime, bucket_s: float) -> datetime:
