@@ -4,7 +4,7 @@ A device's HTTP service must outlast clients that open connections and never fin
     - a connection must send its request head within `header_timeout_s` (also before each
       request on a kept-alive connection), else it is closed; an idle kept-alive one after `keep_alive_s`;
     - past `max_connections` open connections a new one is closed at once (the process keeps
-      file descriptors for real clients), and requests beyond it are answered 503;
+      file descriptors for real clients), and requests past as many in flight are answered 503;
     - a request head may not exceed h11's 16 KB (uvicorn's default);
     - errors of the accept loop (out of file descriptors) and uvicorn's per-connection warnings are
       logged at most once per `log_every_s` per kind, with the count of those left out.
@@ -62,7 +62,8 @@ def run_server(app, limits: ServerLimits = ServerLimits(), log_level: str = "war
     import uvicorn
 
     config = uvicorn.Config(app, http=_guarded_protocol(limits), timeout_keep_alive=max(1, round(limits.keep_alive_s)),
-                            limit_concurrency=limits.max_connections, log_level=log_level, **where)
+                            limit_concurrency=limits.max_connections + 1,  # uvicorn counts the asking one too
+                            log_level=log_level, **where)
     server = uvicorn.Server(config)
     quiet = RateLimitedLog(limits.log_every_s)
     for name in ("uvicorn.error", "asyncio"):

@@ -37,7 +37,7 @@ def create_app(field, limits: RequestLimits = RequestLimits(), body_timeout_s: f
     async def predict(request: Request):
         body = await read_body(request, limits.max_body_bytes, body_timeout_s)
         accept_npy = request.headers.get("accept", "").startswith("application/x-npy")
-        try:  # decoding, inference and encoding off the event loop: /health answers meanwhile
+        try:  # decoding, inference and encoding off the event loop: /health answers while the runtime computes
             return await run_in_threadpool(_answer, field, body, request.headers.get("content-type", ""),
                                            accept_npy, limits)
         except InputRefused as refused:  # the client's error: never counted against the model
