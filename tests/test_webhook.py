@@ -283,7 +283,8 @@ def test_concurrent_deliveries_for_one_version_publish_it_once_and_a_signed_non_
             time.sleep(0.05)
         for version in ("12", "11"):  # on to 12, then an operator moves production back to 11
             moved = alias_event(version=version)
-            answer = httpx.post(f"{base}/webhooks/mlflow", content=moved, headers=signed(moved, delivery=f"m-{version}"))
+            answer = httpx.post(f"{base}/webhooks/mlflow", content=moved,
+                                headers=signed(moved, delivery=f"m-{version}"))
             assert answer.json()["publishing"]["version"] == version
         deadline = time.monotonic() + 20
         while len(calls) < 3:

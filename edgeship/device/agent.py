@@ -88,7 +88,7 @@ class AgentSettings(BaseModel):
     fork_server: bool = True  # start jobs by forking a warm helper (Linux), not by starting Python each time
     engine_cache_dir: Path | None = None  # built TensorRT engines; None: $EDGESHIP_TRT_CACHE_DIR/engines
     engine_cache_mb: int = Field(default=4096, ge=1)  # past this, the engines used least recently are removed
-    job_memory_mb: int | None = Field(default=None, ge=64)  # address space per job (RLIMIT_AS); None: sized to the device
+    job_memory_mb: int | None = Field(default=None, ge=64)  # address space per job (RLIMIT_AS); None: the device's
     max_queued_jobs: int = Field(default=8, ge=0)  # jobs waiting for their turn; more are answered 503
 
     def job_memory_limit_mb(self) -> int:

@@ -128,6 +128,9 @@ def run_job(job: dict) -> tuple[dict, int]:
     status)."""
     runtime = "the runtime"
     memory_mb = job.get("memory_mb")
+    runtimes = (job.get("runtime"), (job.get("request") or {}).get("runtime"))
+    if job.get("kind") == "tensorrt-build" or "tensorrt" in runtimes:
+        memory_mb = None  # CUDA reserves far more address space than it uses: RLIMIT_AS would stop it starting
     try:
         limit_memory(memory_mb)
         if job.get("kind") == "evaluate":

@@ -9,10 +9,13 @@ Primary and fallback, per request:
     primary --load fails / raises / > budget on `miss_ratio` of the last `window` answers--> fallback
     fallback --every `retry_every` requests the primary is tried; `recover_after` good tries in a row--> primary
 
-While the active model is on probation, every primary answer is counted
+Every request is first checked against the declared inputs of the model that would answer
+(edgeship.device.request_checks): one that fits neither model raises InputRefused and counts
+against none. While the active model is on probation, every primary answer is counted
 (edgeship.device.probation.record_inference): the runtime confirms it, or its
-failures roll it back. The runtime holds the probation while it runs it, so if
-it is killed before confirming, the next start rolls back. Between requests
+failures roll it back. The runtime holds the probation while it runs it: `close()` hands it
+to the next start; a process killed before confirming is resumed by the next start (three such
+deaths roll it back). Between requests
 (never in the middle of one) it notices a new state.json generation and reloads.
 Observers (`on_inference(InferenceRecord)`) see every answer: telemetry and
 shadow execution plug in there.
@@ -131,14 +134,17 @@ class DeviceRuntime:
         """
         self._maybe_reload()
         for_primary = _fit(self.primary, batch, self.limits)
-        for_fallback = _fit(self.fallback, batch, self.limits)
+        for_fallback = None  # checked only when the fallback may answer
         if isinstance(for_primary, np.ndarray):
-            fallback_cannot = not isinstance(for_fallback, np.ndarray)
-            if not self._on_fallback or fallback_cannot or self._retry_due():
+            if self._on_fallback and not self._retry_due():
+                for_fallback = _fit(self.fallback, batch, self.limits)
+            if not isinstance(for_fallback, np.ndarray):  # the primary's turn, or only the primary takes it
                 prediction = self._run_primary(for_primary)
                 if prediction is not None:
                     return prediction
-        elif self.primary is not None and not isinstance(for_fallback, np.ndarray):
+        if for_fallback is None:
+            for_fallback = _fit(self.fallback, batch, self.limits)
+        if isinstance(for_primary, InputRefused) and not isinstance(for_fallback, np.ndarray):
             raise for_primary  # fits neither: the client's error, counted against no model
         if isinstance(for_fallback, InputRefused):
             raise for_fallback if self.primary is None else NoModelInstalled(

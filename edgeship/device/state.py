@@ -57,7 +57,7 @@ class DeviceIdentity(_Wire):
 
 
 class Holder(_Wire):
-    """The process running a probation: when it dies unconfirmed, the next start rolls back."""
+    """The process running a probation: when it dies unconfirmed, the next start resumes it (device.probation)."""
 
     pid: int
     boot_id: str = ""

@@ -48,7 +48,8 @@ def wire(command: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--confirm-after", type=int, default=20, metavar="N",
                             help="good inferences that confirm a new model on probation (default: 20)")
         parser.add_argument("--max-failures", type=int, default=2, help="bad inferences tolerated on probation")
-        parser.add_argument("--probation-s", type=float, default=600, help="probation deadline in seconds of time served (monotonic, kept across restarts)")
+        parser.add_argument("--probation-s", type=float, default=600,
+                            help="probation deadline in seconds of time served (monotonic, kept across restarts)")
         parser.add_argument("--check-timeout-s", type=float, default=900, metavar="SECONDS",
                             help="a check ends by then, whatever the network does, and frees the update lock "
                                  "(default: 900)")
