@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeship.device.http_server import add_server_arguments, server_limits
+from edgeship.device.request_checks import RequestLimits
 from edgeship.device.shadow import ShadowRunner
 from edgeship.device.telemetry import DRIFT_REFERENCE_FILE, WindowAggregator, sensor_reader
 from edgeship.records.telemetry import DeviceIdentity, DriftReference
@@ -64,7 +66,7 @@ class FieldRuntime:
 
     def __init__(self, state_dir: str | Path, telemetry: MqttSettings | None = None, device_class: str = "default",
                  window_s: float = 60.0, shadow_sample_rate: float = 0.1, threads: int = 1, sensors=None,
-                 spool_max_records: int = 10_000):
+                 spool_max_records: int = 10_000, limits: RequestLimits = RequestLimits()):
         from edgeship.device.runtime import DeviceRuntime
 
         self.state_dir = Path(state_dir)
@@ -72,7 +74,8 @@ class FieldRuntime:
         self.aggregator = WindowAggregator(telemetry_identity(self.state_dir, device_class), state_dir=self.state_dir,
                                            reference=_reference(self.state_dir), progress_dir=telemetry_dir,
                                            sensors=sensor_reader(sensors) if sensors else None)
-        self.runtime = DeviceRuntime(self.state_dir, threads=threads, observers=[self.aggregator.on_inference])
+        self.runtime = DeviceRuntime(self.state_dir, threads=threads, observers=[self.aggregator.on_inference],
+                                     limits=limits)
         self.shadow = ShadowRunner(self.state_dir, self.aggregator.on_shadow, sample_rate=shadow_sample_rate,
                                    threads=threads)
         self.reporter = None
@@ -98,6 +101,7 @@ class FieldRuntime:
     def close(self) -> None:
         """Stop the shadow, flush the last window and give the spool a few seconds to drain (the rest stays spooled)."""
         self.shadow.stop()
+        self.runtime.close()  # a probation this process ran is taken over by the next start, not rolled back
         if self.reporter is not None:
             self.reporter.close(drain_s=5.0)
 
@@ -114,7 +118,8 @@ class FieldRuntime:
                 "reason": self.runtime.reason, "answered": self.answered,
                 "telemetry_records": self.reporter.records if self.reporter else 0,
                 "spooled": len(self.reporter.spool) if self.reporter else 0,
-                "spool_dropped": self.reporter.spool.dropped if self.reporter else 0}
+                "spool_dropped": self.reporter.spool.dropped if self.reporter else 0,
+                "spool_quarantined": self.reporter.spool.quarantined if self.reporter else 0}
 
 
 # --- `edgeship-device serve` -------------------------------------------------------------------
@@ -130,6 +135,11 @@ def add_arguments(parser) -> None:
     where.add_argument("--uds", default=None, metavar="PATH", help="serve on this Unix socket instead")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="runtime threads per model")
+    parser.add_argument("--max-batch", type=int, default=RequestLimits.max_batch,
+                        help="largest batch one request may hold (default: %(default)s)")
+    parser.add_argument("--max-body-mb", type=float, default=RequestLimits.max_body_bytes / (1 << 20),
+                        help="largest request body, refused with 413 beyond (default: %(default)s)")
+    add_server_arguments(parser)
     parser.add_argument("--broker", default=None, metavar="HOST:PORT", help="MQTT broker for telemetry (none: off)")
     parser.add_argument("--fleet", default="default", help="telemetry topic namespace edgeship/<fleet>/...")
     parser.add_argument("--device-class", default="default", help="this kind of device, e.g. pi4 (per record)")
@@ -190,13 +200,14 @@ def run_serve(args) -> int:
     stop = threading.Event()
     if args.update_every > 0:
         update_loop(args.state_dir, identity, args.update_every, args.confirm_after, stop)
+    limits = RequestLimits(max_batch=args.max_batch, max_body_bytes=int(args.max_body_mb * (1 << 20)))
     field = FieldRuntime(args.state_dir, telemetry=_broker(args), device_class=args.device_class,
                          window_s=args.window_s, shadow_sample_rate=args.shadow_sample_rate or 0.1,
-                         threads=args.threads)
+                         threads=args.threads, limits=limits)
     from edgeship.device.serve_http import serve
 
     try:
-        serve(field, host=args.host, port=args.port, uds=args.uds)
+        serve(field, host=args.host, port=args.port, uds=args.uds, limits=limits, server=server_limits(args))
     finally:
         stop.set()
     return 0

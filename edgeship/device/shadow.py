@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeship.device.detections import frame_agreement, open_model
+from edgeship.device.request_checks import InputRefused, RequestLimits, fit_batch
 from edgeship.device.telemetry import probabilities
 
 logger = logging.getLogger(__name__)
@@ -144,6 +145,12 @@ class ShadowRunner:
                 if session is None:
                     continue
                 if not self._wait_for_idle():
+                    self.skipped += 1
+                    self.report(self._version, 0, 0, 0.0, None, skipped=1)
+                    continue
+                try:  # the request fitted the model that answered; the shadow takes it in its own dtype, or not
+                    batch = fit_batch(batch, session.inputs, (), session.dynamic_batch, RequestLimits(len(batch)))
+                except InputRefused:
                     self.skipped += 1
                     self.report(self._version, 0, 0, 0.0, None, skipped=1)
                     continue

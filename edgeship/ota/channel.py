@@ -78,6 +78,7 @@ class ReleasedModel(_Wire):
     bytes: int = Field(ge=0)
     runtime: str = Field(description="runtime that loads it, e.g. onnxruntime")
     inputs: list[TensorSpec]
+    outputs: list[TensorSpec] = Field(default_factory=list)  # what the target declares (checked before a swap)
     model_name: str = ""
     latency_budget_ms: float | None = None  # the gate's p99 budget for this target
     golden: GoldenVectors | None = None

@@ -62,7 +62,8 @@ def upload_model(repository: OtaRepository, model_name: str, version: str | int,
                                 atol=golden_tolerance[0], rtol=golden_tolerance[1], count=count,
                                 kind="detections" if artifact.postprocess else "logits")
     return ReleasedModel(version=version, target_path=target_path, sha256=artifact.sha256, bytes=artifact.bytes,
-                         runtime=artifact.runtime, inputs=artifact.inputs, model_name=model_name,
+                         runtime=artifact.runtime, inputs=artifact.inputs, outputs=artifact.outputs,
+                         model_name=model_name,
                          latency_budget_ms=latency_budget_ms, golden=vectors, postprocess=artifact.postprocess)
 
 
