@@ -91,6 +91,37 @@ def data_prepare(params: Path = ParamsOption) -> None:
     console.print(f"prepared {prepared.counts} from {len(prepared.classes)} classes into {prepared.directory}")
 
 
+@data_app.command("field")
+def data_field(params: Path = ParamsOption,
+               source: Optional[str] = typer.Option(None, help="s3://bucket/prefix (default: params.yaml's "
+                                                               "field_data.source, else the channel's upload_url)"),
+               channel: Optional[str] = typer.Option(None, help="whose field_samples.upload_url (default: ota.channel)")
+               ) -> None:
+    """Pull the field samples the devices uploaded into the field split (field_data.dir), DVC-tracked."""
+    from edgeship.config import load_params
+    from edgeship.errors import DataError
+    from edgeship.tasks.data import read_prepared
+    from edgeship.tasks.field_data import pull
+
+    try:
+        settings = load_params(params)
+        sampling = settings.rollout.policy_for(channel or settings.ota.channel).field_samples
+        source = source or settings.field_data.source or (sampling.upload_url if sampling else None)
+        if not source:
+            raise DataError("no field samples to pull: set field_data.source (s3://bucket/prefix) or the channel's "
+                            "rollout.channels.<channel>.field_samples, or pass --source")
+        endpoint = settings.field_data.endpoint_url or (sampling.endpoint_url if sampling else None) \
+            or settings.ota.s3_endpoint_url
+        prepared = read_prepared(settings.data.prepared_dir) if (settings.data.prepared_dir / "meta.json").is_file() \
+            else None
+        report = pull(source, settings.field_data.dir, endpoint, prepared.input_shape if prepared else None,
+                      len(prepared.classes) if prepared else None, settings.field_data.test_fraction, Path("."))
+    except EdgeshipError as error:
+        fail(error)
+    console.print(f"pulled {report.downloaded} new objects from {source}: field split {report.counts} from "
+                  f"{report.devices} devices into {settings.field_data.dir} ({report.dvc})")
+
+
 @app.command("check")
 def check(params: Path = ParamsOption) -> None:
     """Validate params.yaml and print the resolved config as JSON (stdout: `edgeship check > params.json`)."""

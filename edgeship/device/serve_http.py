@@ -2,6 +2,8 @@
 
     POST /predict   body: a .npy array (Content-Type application/x-npy) or JSON {"inputs": [[...]]};
                     a detector's answer adds "detections": per image [{"box", "score", "class"}, ...]
+    POST /feedback  JSON {"request_id": "<from /predict>", "label": 3}: the application's true label, at any
+                    delay (edgeship.device.feedback); 404 unknown or forgotten id, 409 already labelled
     GET  /health    versions per slot, the runtime's slot now, telemetry counters
 
 `field` is an edgeship.device.serve.FieldRuntime.
@@ -16,6 +18,7 @@ import signal
 import numpy as np
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
 
 
 
@@ -44,12 +47,20 @@ def create_app(field):
             np.save(out, prediction.outputs)
             return Response(out.getvalue(), media_type="application/x-npy",
                             headers={"x-slot": prediction.slot, "x-version": str(prediction.version),
+                                     "x-request-id": prediction.request_id or "",
                                      "x-latency-ms": f"{prediction.latency_ms:.4f}"})
         answer = {"outputs": prediction.outputs.tolist(), "slot": prediction.slot, "version": prediction.version,
-                  "latency_ms": prediction.latency_ms}
+                  "latency_ms": prediction.latency_ms, "request_id": prediction.request_id}
         if prediction.detections is not None:  # a detector: per image its objects
             answer["detections"] = prediction.detections
         return answer
+
+    @app.post("/feedback")
+    async def feedback(request: Request):
+        from edgeship.device.feedback import feedback_answer
+
+        status, answer = feedback_answer(field, await request.body())
+        return JSONResponse(answer, status_code=status)
 
     return app
 
