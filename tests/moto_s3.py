@@ -10,6 +10,8 @@ is another name.
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
 import uuid
 
@@ -17,10 +19,14 @@ import uuid
 class MotoS3:
     """moto's S3 server on a fixed loopback port, which a test may stop and start again (an outage)."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch=None):
+        """Credentials moto accepts go into the environment (through pytest's `monkeypatch`, else for good)."""
         for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
                             ("AWS_DEFAULT_REGION", "us-east-1")):
-            monkeypatch.setenv(name, value)
+            if monkeypatch is not None:
+                monkeypatch.setenv(name, value)
+            else:
+                os.environ[name] = value
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -33,6 +39,7 @@ class MotoS3:
         import boto3
         from moto.server import ThreadedMotoServer
 
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)   # else every request is a line on stderr
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.server.start()
         boto3.client("s3", endpoint_url=self.endpoint).create_bucket(Bucket=self.bucket)

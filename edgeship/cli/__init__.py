@@ -2,6 +2,7 @@
 
     edgeship data digits            # write scikit-learn's digits as an image folder (data/raw)
     edgeship data prepare           # image folder -> train/val/test/calibration splits (DVC's `prepare` stage)
+    edgeship data field             # the devices' uploaded field samples -> the field split (data/field, DVC)
     edgeship check                  # validate params.yaml only
     edgeship run --summary release.json
     edgeship status                 # registered versions, gate verdicts, aliases; what each OTA channel ships
@@ -99,26 +100,14 @@ def data_field(params: Path = ParamsOption,
                ) -> None:
     """Pull the field samples the devices uploaded into the field split (field_data.dir), DVC-tracked."""
     from edgeship.config import load_params
-    from edgeship.errors import DataError
-    from edgeship.tasks.data import read_prepared
-    from edgeship.tasks.field_data import pull
+    from edgeship.tasks.field_data import pull_configured
 
     try:
         settings = load_params(params)
-        sampling = settings.rollout.policy_for(channel or settings.ota.channel).field_samples
-        source = source or settings.field_data.source or (sampling.upload_url if sampling else None)
-        if not source:
-            raise DataError("no field samples to pull: set field_data.source (s3://bucket/prefix) or the channel's "
-                            "rollout.channels.<channel>.field_samples, or pass --source")
-        endpoint = settings.field_data.endpoint_url or (sampling.endpoint_url if sampling else None) \
-            or settings.ota.s3_endpoint_url
-        prepared = read_prepared(settings.data.prepared_dir) if (settings.data.prepared_dir / "meta.json").is_file() \
-            else None
-        report = pull(source, settings.field_data.dir, endpoint, prepared.input_shape if prepared else None,
-                      len(prepared.classes) if prepared else None, settings.field_data.test_fraction, Path("."))
+        report = pull_configured(settings, Path("."), channel, source)
     except EdgeshipError as error:
         fail(error)
-    console.print(f"pulled {report.downloaded} new objects from {source}: field split {report.counts} from "
+    console.print(f"pulled {report.downloaded} new objects from {report.source}: field split {report.counts} from "
                   f"{report.devices} devices into {settings.field_data.dir} ({report.dvc})")
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeship.files import write_atomic
+from edgeship.files import keep_json, write_atomic
 from edgeship.records.field import FieldSampling, SampleLabel, SampleMeta
 from edgeship.records.telemetry import DeviceIdentity, FieldSampleStats
 
@@ -48,13 +48,7 @@ KEPT_IDS = 50_000   # request ids of kept samples remembered for late labels
 
 def keep_field_sampling(state_dir: Path, settings: dict | None) -> None:
     """Keep the channel entry's field sampling settings beside the state (the updater calls this each check)."""
-    path = Path(state_dir) / SETTINGS_FILE
-    if settings is None:
-        path.unlink(missing_ok=True)
-        return
-    data = json.dumps(settings, sort_keys=True).encode()
-    if not path.is_file() or path.read_bytes() != data:
-        write_atomic(path, data)
+    keep_json(Path(state_dir) / SETTINGS_FILE, settings)
 
 
 def read_field_sampling(state_dir: Path) -> FieldSampling | None:
@@ -187,11 +181,8 @@ class FieldSampler:
         if settings is None:
             return 0
         x, outputs, version, answered_at, confidence = held
-        identity = self.identity
-        meta = SampleMeta(sample_id=sample_id, request_id=request_id, device_id=identity.device_id,
-                          device_class=identity.device_class, channel=identity.channel, target=identity.target,
-                          model_name=identity.model_name, version=version, answered_at=answered_at, reason=reason,
-                          confidence=confidence)
+        meta = SampleMeta(**self.identity.model_dump(), sample_id=sample_id, request_id=request_id, version=version,
+                          answered_at=answered_at, reason=reason, confidence=confidence)
         label_array = np.asarray(labels if labels is not None else [-1] * len(x), dtype=np.int64)
         buffer = io.BytesIO()
         np.savez(buffer, x=x, outputs=outputs, labels=label_array, meta=np.asarray(meta.model_dump_json()))

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from edgeship.device.telemetry_detection import DetectionWindow, summarize
-from edgeship.files import write_atomic
+from edgeship.files import keep_json, write_atomic
 from edgeship.records.histogram import DEFAULT_SCALE, ExpHistogram, bucket_index
 from edgeship.records.telemetry import (CONFIDENCE_BINS, DeviceIdentity, DriftReference, DriftScore, Histogram,
                                        ShadowStats, SlotVersions, TelemetryEvent, TelemetryRecord)
@@ -299,13 +299,7 @@ def sensor_reader(sensors: Iterable[Any]) -> Callable[[], dict[str, float]]:
 
 def keep_drift_reference(state_dir: Path, reference: dict | None) -> None:
     """Keep the channel entry's drift reference beside the state (the updater calls this each check)."""
-    path = Path(state_dir) / DRIFT_REFERENCE_FILE
-    if reference is None:
-        path.unlink(missing_ok=True)
-        return
-    data = json.dumps(reference, sort_keys=True).encode()
-    if not path.is_file() or path.read_bytes() != data:
-        write_atomic(path, data)
+    keep_json(Path(state_dir) / DRIFT_REFERENCE_FILE, reference)
 
 
 def slot_versions(state_dir: Path | None) -> SlotVersions:

@@ -102,7 +102,8 @@ def _release(root: Path, params, run: ReleaseRun, out_dir: Path, cache: ProjectC
              devices=None) -> ReleaseSummary:
     data = release_tasks.prepare_data(root, params, run, preparing)
     lineage: dict[str, str] = {}
-    if params.field_data.use and params.task == "classification":  # samples the devices uploaded, when pulled
+    if params.field_data.use and params.task == "classification":  # samples the devices uploaded
+        release_tasks.pull_field_samples(params, root, run)
         data = field_data.with_field_split(data, root / params.field_data.dir, out_dir)
         if "field_train" in data.counts:
             lineage["field"] = f"{data.counts['field_train']} train, {data.counts['field_test']} test ({data.dvc_hash})"

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from edgeship.records.base import WireRecord
+from edgeship.records.telemetry import DeviceIdentity
 
 
 class FieldSampling(WireRecord):
@@ -36,16 +37,11 @@ class FieldSampling(WireRecord):
     upload_every_s: float = Field(default=60.0, gt=0, description="how often the device uploads what it kept")
 
 
-class SampleMeta(WireRecord):
-    """What a sample says about itself (the `meta` entry of its .npz)."""
+class SampleMeta(DeviceIdentity):
+    """What a sample says about itself (the `meta` entry of its .npz): who answered, when, and why it was kept."""
 
     sample_id: str
     request_id: str
-    device_id: str
-    device_class: str = "default"
-    channel: str = "stable"
-    target: str = ""
-    model_name: str = ""
     version: str | None = None
     answered_at: float                    # seconds since the epoch
     reason: str                           # why kept: low_confidence | disagreement | feedback | sampled

@@ -82,6 +82,30 @@ def pull(source: str, out_dir: Path, endpoint_url: str | None = None, input_shap
     return report
 
 
+def source_of(params, channel: str | None = None) -> tuple[str | None, str | None]:
+    """(s3 url, endpoint) to pull from: `field_data.source`, else the channel's `field_samples.upload_url`."""
+    sampling = params.rollout.policy_for(channel or params.ota.channel).field_samples
+    source = params.field_data.source or (sampling.upload_url if sampling else None)
+    endpoint = params.field_data.endpoint_url or (sampling.endpoint_url if sampling else None) \
+        or params.ota.s3_endpoint_url
+    return source, endpoint
+
+
+def pull_configured(params, root: Path, channel: str | None = None, source: str | None = None) -> FieldPull:
+    """`pull` from where params.yaml says (or `source`), for the prepared data's input shape and classes."""
+    from edgeship.tasks.data import read_prepared
+
+    configured, endpoint = source_of(params, channel)
+    source = source or configured
+    if not source:
+        raise DataError("no field samples to pull: set field_data.source (s3://bucket/prefix) or the channel's "
+                        "rollout.channels.<channel>.field_samples, or pass --source")
+    prepared_dir = Path(root) / params.data.prepared_dir
+    prepared = read_prepared(prepared_dir) if (prepared_dir / "meta.json").is_file() else None
+    return pull(source, Path(root) / params.field_data.dir, endpoint, prepared.input_shape if prepared else None,
+                len(prepared.classes) if prepared else None, params.field_data.test_fraction, Path(root))
+
+
 def build_split(out_dir: Path, report: FieldPull, input_shape: tuple | None, classes: int | None,
                 test_fraction: float) -> None:
     """train.npz / test.npz / field.json from every sample under out_dir/objects."""
