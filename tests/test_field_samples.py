@@ -127,8 +127,12 @@ def test_edgeship_data_field_pulls_samples_into_a_split_with_late_labels(tmp_pat
     for i, request_id in enumerate(ids[:30]):         # 30 labels arrive after the upload; 10 never
         answers.label(request_id, (i + 1) % 10 if i < 5 else i % 10)
     uploader.run_once()
+    import boto3                                      # a device key may put any name under the prefix
+
+    boto3.client("s3", endpoint_url=s3.endpoint).put_object(Bucket=s3.bucket, Key="field/../../../evil.npz", Body=b"x")
     report = pull(s3.url, tmp_path / "field", s3.endpoint, input_shape=(1, 16, 16), classes=10,
                   test_fraction=0.3)
+    assert report.skipped == {"other objects": 1} and not list(tmp_path.rglob("evil.npz"))
     assert report.downloaded == 70 and report.counts["unlabelled"] == 10
     assert report.counts["train"] + report.counts["test"] == 30 and report.counts["test"] > 0
     with np.load(tmp_path / "field" / "train.npz") as train, np.load(tmp_path / "field" / "test.npz") as test:

@@ -43,6 +43,7 @@ from edgeship.records.telemetry import DeviceIdentity, FieldSampleStats
 SETTINGS_FILE = "field_sampling.json"
 SPOOL_DIR = "field-samples"
 QUEUE_SIZE = 64
+RECENT_MAX_BYTES = 16_000_000   # inputs held for late labels: at most `recent_inputs` of them and this many bytes
 KEPT_IDS = 50_000   # request ids of kept samples remembered for late labels
 
 
@@ -82,6 +83,7 @@ class FieldSampler:
         self._lock = threading.Lock()
         self._cached: tuple[tuple | None, FieldSampling | None] = (None, None)
         self._recent: OrderedDict[str, tuple] = OrderedDict()
+        self._recent_bytes = 0
         self._kept: OrderedDict[str, str] = OrderedDict()      # request id -> sample id
         self.queue: queue.Queue = queue.Queue(QUEUE_SIZE)
         ledger = self._read_ledger()
@@ -117,10 +119,11 @@ class FieldSampler:
         held = (np.array(batch, copy=True), np.asarray(prediction.outputs), str(prediction.version),
                 self._clock(), [round(float(c), 4) for c in confidence])
         with self._lock:
-            if settings.recent_inputs:
+            if settings.recent_inputs and held[0].nbytes <= RECENT_MAX_BYTES:
                 self._recent[request_id] = held
-                while len(self._recent) > settings.recent_inputs:
-                    self._recent.popitem(last=False)
+                self._recent_bytes += held[0].nbytes
+                while len(self._recent) > settings.recent_inputs or self._recent_bytes > RECENT_MAX_BYTES:
+                    self._recent_bytes -= self._recent.popitem(last=False)[1][0].nbytes
         if len(confidence) and confidence.min() < settings.low_confidence:
             self._queue(request_id, held, "low_confidence", None)
         elif self._rng.random() < settings.sample_rate:

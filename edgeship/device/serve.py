@@ -173,6 +173,8 @@ def add_arguments(parser) -> None:
                         help="also run the OTA updater in this process every SECONDS (0: a separate "
                              "`edgeship-device update --interval` does it)")
     parser.add_argument("--confirm-after", type=int, default=20, help="good answers that confirm a new model")
+    parser.add_argument("--feedback-requests", type=int, default=DEFAULT_MAX_REQUESTS, metavar="N",
+                        help="answers remembered for POST /feedback, about 320 bytes each (default: %(default)s)")
     parser.set_defaults(run=run_serve)
 
 
@@ -219,7 +221,7 @@ def run_serve(args) -> int:
         update_loop(args.state_dir, identity, args.update_every, args.confirm_after, stop)
     field = FieldRuntime(args.state_dir, telemetry=_broker(args), device_class=args.device_class,
                          window_s=args.window_s, shadow_sample_rate=args.shadow_sample_rate or 0.1,
-                         threads=args.threads)
+                         threads=args.threads, feedback_requests=args.feedback_requests)
     from edgeship.device.serve_http import serve
 
     try:

@@ -32,8 +32,8 @@ class FieldSampling(WireRecord):
                                 "disagreement with the compared model, feedback)")
     low_confidence: float = Field(default=0.5, ge=0, le=1, description="answers with top-1 confidence below "
                                   "this are always kept (within the budget)")
-    recent_inputs: int = Field(default=256, ge=0, description="inputs held in memory so that one whose label "
-                               "arrives later can still be kept")
+    recent_inputs: int = Field(default=256, ge=0, description="inputs held in memory (at most 16 MB of them) so "
+                               "that one whose label arrives later can still be kept")
     upload_every_s: float = Field(default=60.0, gt=0, description="how often the device uploads what it kept")
 
 

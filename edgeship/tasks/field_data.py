@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import posixpath
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
@@ -68,7 +69,10 @@ def pull(source: str, out_dir: Path, endpoint_url: str | None = None, input_shap
     try:
         for key in storage.list(prefix):
             name = key[len(prefix) + 1:]
-            if not name.endswith((".npz", ".label.json")) or (objects / name).is_file():
+            if not name.endswith((".npz", ".label.json")) or not _inside(name):
+                report.skipped["other objects"] = report.skipped.get("other objects", 0) + 1
+                continue
+            if (objects / name).is_file():
                 continue
             data = storage.get(key)
             if data is not None:
@@ -125,6 +129,8 @@ def build_split(out_dir: Path, report: FieldPull, input_shape: tuple | None, cla
             with np.load(path, allow_pickle=False) as arrays:
                 x, labels = arrays["x"].astype(np.float32), arrays["labels"].astype(np.int64)
                 meta = SampleMeta.model_validate_json(str(arrays["meta"]))
+            if len(labels) != len(x):
+                raise ValueError("one label per image")
         except (OSError, ValueError, KeyError):
             report.skipped["unreadable sample"] = report.skipped.get("unreadable sample", 0) + 1
             continue
@@ -151,6 +157,11 @@ def build_split(out_dir: Path, report: FieldPull, input_shape: tuple | None, cla
     report.devices = len(devices)
     lineage = {k: v for k, v in asdict(report).items() if k not in ("downloaded", "dvc")}
     write_atomic(out_dir / "field.json", (json.dumps(lineage, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _inside(name: str) -> bool:
+    # A device may put any key under the prefix: none may write outside objects/ here.
+    return not name.startswith("/") and posixpath.normpath(name) == name and not name.startswith("..")
 
 
 def _unit(sample_id: str) -> float:
