@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=3.0, help="requests per second per device")
     parser.add_argument("--feedback-share", type=float, default=0.5)
     parser.add_argument("--baseline-s", type=float, default=15.0)
-    parser.add_argument("--min-field-samples", type=int, default=300, help="labelled field samples retraining waits for")
+    parser.add_argument("--min-field-samples", type=int, default=300,
+                        help="labelled field samples retraining waits for")
     parser.add_argument("--budget", type=int, default=300_000, help="field sample bytes per device per day")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "field_shift.json")
     args = parser.parse_args(argv)
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             fleet.wait_for(enough, timeout_s=180, what=f"{args.min_field_samples} labelled field samples")
             result["shift_to_samples_s"] = round((datetime.now(timezone.utc) - shifted_at).total_seconds(), 1)
             # labels that arrived after the shift (a few answered just before it are among them)
-            result["v1_field_accuracy_shifted"], result["v1_labelled_shifted"] = since(labelled(fleet.store, "1"), clean)
+            shifted = since(labelled(fleet.store, "1"), clean)
+            result["v1_field_accuracy_shifted"], result["v1_labelled_shifted"] = shifted
             new, split = retrain(field_dir, lab_x, lab_y)
             result.update(split, field_pull=report.counts, field_reasons=report.reasons,
                           new_lab_test_accuracy=accuracy(new, x[order[1200:]], y[order[1200:]], tmp),
@@ -195,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         "drift started retraining": (True, bool(result.get("drift_reason")), bool(result.get("drift_reason"))),
         "v2 rolled out to 100% by the controller": ("completed", result["rollout"]["outcome"],
                                                      result["rollout"]["outcome"] == "completed"),
-        "bytes uploaded within the devices' budget": (args.budget * args.devices, result["samples"]["uploaded_bytes"],
-                                                      result["samples"]["uploaded_bytes"] <= args.budget * args.devices),
+        "bytes uploaded within the devices' budget": (
+            args.budget * args.devices, result["samples"]["uploaded_bytes"],
+            result["samples"]["uploaded_bytes"] <= args.budget * args.devices),
     }
     result["targets"] = {name: {"limit": limit, "measured": measured, "met": bool(met)}
                          for name, (limit, measured, met) in checks.items()}

@@ -65,7 +65,8 @@ def test_a_release_pulls_where_params_say_and_an_unreachable_bucket_fails_nothin
     from edgeship.flows.release_tasks import pull_field_samples
     from edgeship.registry.tracking import ReleaseRun
 
-    for name, value in (("AWS_ACCESS_KEY_ID", "x"), ("AWS_SECRET_ACCESS_KEY", "x"), ("AWS_DEFAULT_REGION", "us-east-1")):
+    for name, value in (("AWS_ACCESS_KEY_ID", "x"), ("AWS_SECRET_ACCESS_KEY", "x"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
         monkeypatch.setenv(name, value)
     with socket.socket() as probe:                      # a port nothing listens on: the bucket is unreachable
         probe.bind(("127.0.0.1", 0))

@@ -5,8 +5,8 @@ answer of `POST /predict`). The application reports the true label later, throug
 label)` or `POST /feedback {"request_id": ..., "label": 3}` (a batch: `"labels": [3, 1]`, one per image).
 `AnsweredRequests` keeps what it needs to score the answer: the version that answered and its top-1 classes,
 for the last `max_requests` answers (50,000 by default) and at most `max_age_s` (7 days): about 320 bytes a
-request, 16 MB at 50,000 (measured with tracemalloc, one image per request). A label for an id it never gave, or one it has forgotten (older, or pushed out by newer
-answers), is refused as unknown (HTTP 404); a second label for the same answer as a conflict (409); a label
+request, 16 MB at 50,000 (measured with tracemalloc, one image per request). A label for an id it never
+gave, or one it has forgotten (older, or pushed out by newer answers), is refused as unknown (HTTP 404); a second label for the same answer as a conflict (409); a label
 that is not a class of the answer (400). Nothing the application sends can stop the answers.
 
 Labels are counted per version that answered (not the version answering now: a label may arrive after an
@@ -158,7 +158,8 @@ class AnsweredRequests:
                     raise FeedbackRefused(f"request {request_id} answered {len(answer.predicted)} image(s): send "
                                           f"'label' (one image) or 'labels', one class index per image")
                 if not all(0 <= v < answer.classes for v in wanted):
-                    raise FeedbackRefused(f"labels {wanted} are not all classes of this model (0..{answer.classes - 1})")
+                    raise FeedbackRefused(f"labels {wanted} are not all classes of this model "
+                                          f"(0..{answer.classes - 1})")
             except FeedbackRefused:
                 self.refused += 1
                 raise

@@ -91,8 +91,8 @@ class FieldUploader:
             except FileNotFoundError:
                 continue
             try:
-                client.put_object(Bucket=bucket, Key=f"{where}/{path.name}", Body=data,
-                                  ContentType="application/json" if path.suffix == ".json" else "application/octet-stream")
+                kind = "application/json" if path.suffix == ".json" else "application/octet-stream"
+                client.put_object(Bucket=bucket, Key=f"{where}/{path.name}", Body=data, ContentType=kind)
             except Exception as error:  # endpoint down, refused, timed out: keep it, try again later
                 logger.info("field samples wait: %s", error)
                 sampler.count("upload_failures")

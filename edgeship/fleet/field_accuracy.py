@@ -9,10 +9,10 @@ The controller reads them through the policy's `field_accuracy` section:
 - success: with `min_accuracy` set, the candidate advances only once it has `min_labelled` labelled
   answers and its labelled accuracy is at least `min_accuracy`;
 - abort (`abort_on_drop`): the candidate's labelled accuracy is significantly lower than the base's on the
-  same stretch (both read from the rollout's start) by more than `max_drop`: a one-sided two-proportion
-  z-test (unpooled: the null has a margin) at `significance`, only once both sides have `min_labelled`
-  labels and there are at least 5 wrong and 5 right answers over both sides (below that the normal
-  approximation is not sound, and nothing is concluded).
+  same stretch (the labels each received since the rollout's start) by more than `max_drop`: a one-sided
+  two-proportion z-test (unpooled: the null has a margin) at `significance`, only once both sides have
+  `min_labelled` labels and there are at least 5 wrong and 5 right answers over both sides (below that the
+  normal approximation is not sound, and nothing is concluded).
 
     >>> accuracy = field_accuracy(snapshot.version("8").sums)
     >>> accuracy.accuracy, accuracy.labelled
@@ -92,7 +92,8 @@ def evidence_of(stats: VersionStats | None) -> dict:
             "by_device_class": {c: a.accuracy for c, a in by_device_class(stats).items()}}
 
 
-def abort_on_drop(stats: VersionStats, base: VersionStats | None, policy: FieldAccuracyPolicy) -> tuple[list[str], dict]:
+def abort_on_drop(stats: VersionStats, base: VersionStats | None,
+                  policy: FieldAccuracyPolicy) -> tuple[list[str], dict]:
     """(abort reasons, evidence): the candidate's labelled accuracy significantly below the base's."""
     evidence = {"candidate": evidence_of(stats), "base": evidence_of(base)}
     if not policy.abort_on_drop or base is None:

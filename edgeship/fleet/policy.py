@@ -111,7 +111,8 @@ class LatencyAnalysis(_Section):
 
 
 class FieldAccuracyPolicy(_Section):
-    """Labelled field accuracy: the applications' ground truth (`POST /feedback`), per version (edgeship.fleet.field_accuracy)."""
+    """Labelled field accuracy: the applications' ground truth (`POST /feedback`), per version
+    (edgeship.fleet.field_accuracy)."""
 
     min_accuracy: float | None = Field(default=None, ge=0, le=1, description="success: the candidate's labelled "
                                        "field accuracy is at least this (none: not required)")
