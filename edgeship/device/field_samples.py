@@ -109,7 +109,14 @@ class FieldSampler:
     # --- the answer path: decide and queue -------------------------------------------------------
 
     def offer(self, batch: np.ndarray, prediction, request_id: str) -> None:
-        """Keep this answer when the channel samples and it is preferred or drawn; else hold it a while in memory."""
+        """Keep this answer when the channel samples and it is preferred or drawn; else hold it a while in memory.
+        Never raises: sampling must not cost the application its answer."""
+        try:
+            self._offer(batch, prediction, request_id)
+        except Exception:
+            self.count("dropped")
+
+    def _offer(self, batch: np.ndarray, prediction, request_id: str) -> None:
         settings = self.settings
         if settings is None or prediction.task != "classification" or prediction.outputs is None:
             return
