@@ -48,6 +48,7 @@ class Prediction:
     version: str
     latency_ms: float
     task: str = "classification"
+    request_id: str | None = None  # FieldRuntime's id of this answer: the application's feedback names it
 
     @property
     def detections(self) -> list[list[dict]] | None:

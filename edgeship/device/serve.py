@@ -7,6 +7,8 @@ other languages:
 
     POST /predict   body: a .npy array (Content-Type application/x-npy) or JSON {"inputs": [[...]]}
                     -> {"outputs": [[...]], "slot": "active", "version": "7", "latency_ms": 0.41}
+    POST /feedback  body: JSON {"request_id": "<from /predict>", "label": 3} (a batch: "labels": [3, 1])
+                    -> {"request_id", "version", "correct": [true]}; 404 unknown or forgotten id, 409 labelled
     GET  /health    -> versions per slot, the runtime's slot now, telemetry counters
 
 Requests are answered one at a time (the runtime is not re-entrant); a model the updater installed
@@ -20,11 +22,15 @@ No torch, TensorFlow, MLflow or Prefect here.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
 import numpy as np
 
+from edgeship.device.feedback import DEFAULT_MAX_REQUESTS, AnsweredRequests, Feedback
+from edgeship.device.field_samples import FieldSampler
+from edgeship.device.field_upload import FieldUploader
 from edgeship.device.http_server import add_server_arguments, server_limits
 from edgeship.device.request_checks import RequestLimits
 from edgeship.device.shadow import ShadowRunner
@@ -62,11 +68,16 @@ class FieldRuntime:
         device_class: the operator's name for this kind of device ("pi4", "orin-nano"), reported per record.
         window_s: telemetry window.
         shadow_sample_rate: share of answers the shadow model (when one is installed) also runs on.
+        feedback_requests: answers remembered for the application's late labels (`feedback`).
+
+    Where the channel asks for field samples (its entry's `field_sampling`), `samples` keeps some inputs and
+    a thread uploads them (edgeship.device.field_samples, edgeship.device.field_upload).
     """
 
     def __init__(self, state_dir: str | Path, telemetry: MqttSettings | None = None, device_class: str = "default",
                  window_s: float = 60.0, shadow_sample_rate: float = 0.1, threads: int = 1, sensors=None,
-                 spool_max_records: int = 10_000, limits: RequestLimits = RequestLimits()):
+                 spool_max_records: int = 10_000, limits: RequestLimits = RequestLimits(),
+                 feedback_requests: int = DEFAULT_MAX_REQUESTS):
         from edgeship.device.runtime import DeviceRuntime
 
         self.state_dir = Path(state_dir)
@@ -78,6 +89,11 @@ class FieldRuntime:
                                      limits=limits)
         self.shadow = ShadowRunner(self.state_dir, self.aggregator.on_shadow, sample_rate=shadow_sample_rate,
                                    threads=threads)
+        self.answers = AnsweredRequests(max_requests=feedback_requests)
+        self.samples = FieldSampler(self.state_dir, self.aggregator.identity)
+        self.answers.listeners.append(self.samples.on_feedback)
+        self.aggregator.window_parts += [self.answers.window_fields, self.samples.window_fields]
+        self.uploader = FieldUploader(self.samples).start()
         self.reporter = None
         if telemetry is not None:
             self.reporter = TelemetryReporter(self.aggregator, Spool(telemetry_dir, max_records=spool_max_records),
@@ -95,12 +111,21 @@ class FieldRuntime:
                 self.answered += 1
         finally:
             self.shadow.primary_done()
+        prediction = dataclasses.replace(prediction, request_id=self.answers.remember(
+            prediction.version, prediction.outputs, prediction.task))
+        self.samples.offer(batch, prediction, prediction.request_id)
         self.shadow.offer(batch, prediction)
         return prediction
+
+    def feedback(self, request_id: str, label: int | list[int]) -> Feedback:
+        """The application's true label (one per image of the request) for an answer `predict` gave, at any
+        delay; raises edgeship.device.feedback.FeedbackRefused (UnknownRequest, AlreadyLabelled) saying why not."""
+        return self.answers.label(request_id, label)
 
     def close(self) -> None:
         """Stop the shadow, flush the last window and give the spool a few seconds to drain (the rest stays spooled)."""
         self.shadow.stop()
+        self.uploader.stop()
         self.runtime.close()  # a probation this process ran is taken over by the next start, not rolled back
         if self.reporter is not None:
             self.reporter.close(drain_s=5.0)
@@ -119,7 +144,10 @@ class FieldRuntime:
                 "telemetry_records": self.reporter.records if self.reporter else 0,
                 "spooled": len(self.reporter.spool) if self.reporter else 0,
                 "spool_dropped": self.reporter.spool.dropped if self.reporter else 0,
-                "spool_quarantined": self.reporter.spool.quarantined if self.reporter else 0}
+                "spool_quarantined": self.reporter.spool.quarantined if self.reporter else 0,
+                "feedback": {"remembered": len(self.answers), "refused": self.answers.refused,
+                             "forgotten": self.answers.forgotten},
+                "field_samples": self.samples.totals}
 
 
 # --- `edgeship-device serve` -------------------------------------------------------------------
@@ -156,6 +184,8 @@ def add_arguments(parser) -> None:
                         help="also run the OTA updater in this process every SECONDS (0: a separate "
                              "`edgeship-device update --interval` does it)")
     parser.add_argument("--confirm-after", type=int, default=20, help="good answers that confirm a new model")
+    parser.add_argument("--feedback-requests", type=int, default=DEFAULT_MAX_REQUESTS, metavar="N",
+                        help="answers remembered for POST /feedback, about 320 bytes each (default: %(default)s)")
     parser.set_defaults(run=run_serve)
 
 
@@ -203,7 +233,7 @@ def run_serve(args) -> int:
     limits = RequestLimits(max_batch=args.max_batch, max_body_bytes=int(args.max_body_mb * (1 << 20)))
     field = FieldRuntime(args.state_dir, telemetry=_broker(args), device_class=args.device_class,
                          window_s=args.window_s, shadow_sample_rate=args.shadow_sample_rate or 0.1,
-                         threads=args.threads, limits=limits)
+                         threads=args.threads, limits=limits, feedback_requests=args.feedback_requests)
     from edgeship.device.serve_http import serve
 
     try:

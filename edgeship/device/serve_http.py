@@ -3,6 +3,8 @@
     POST /predict   body: a .npy array (Content-Type application/x-npy) or JSON {"inputs": [[...]]};
                     a detector's answer adds "detections": per image [{"box", "score", "class"}, ...];
                     400 with the reason for a request that does not fit the model, 413 for a body over the limit
+    POST /feedback  JSON {"request_id": "<from /predict>", "label": 3}: the application's true label, at any
+                    delay (edgeship.device.feedback); 404 unknown or forgotten id, 409 already labelled
     GET  /health    versions per slot, the runtime's slot now, telemetry counters
 
 `field` is an edgeship.device.serve.FieldRuntime.
@@ -24,6 +26,9 @@ from edgeship.device.request_checks import InputRefused, RequestLimits, decode_b
 
 
 
+FEEDBACK_BODY_BYTES = 64 << 10  # a request id and a label (or a detector's boxes) fit many times over
+
+
 def create_app(field, limits: RequestLimits = RequestLimits(), body_timeout_s: float = 30.0):
     """The FastAPI app of the local inference service; bodies over `limits.max_body_bytes` are refused (413) as
     they stream in, and a body must arrive within `body_timeout_s` (408)."""
@@ -42,6 +47,13 @@ def create_app(field, limits: RequestLimits = RequestLimits(), body_timeout_s: f
                                            accept_npy, limits)
         except InputRefused as refused:  # the client's error: never counted against the model
             raise HTTPException(refused.status, str(refused)) from None
+
+    @app.post("/feedback")
+    async def feedback(request: Request):
+        from edgeship.device.feedback import feedback_answer
+
+        status, answer = feedback_answer(field, await read_body(request, FEEDBACK_BODY_BYTES, body_timeout_s))
+        return JSONResponse(answer, status_code=status)
 
     return app
 
@@ -73,9 +85,10 @@ def _answer(field, body: bytes, content_type: str, accept_npy: bool, limits: Req
         np.save(out, prediction.outputs)
         return Response(out.getvalue(), media_type="application/x-npy",
                         headers={"x-slot": prediction.slot, "x-version": str(prediction.version),
+                                 "x-request-id": prediction.request_id or "",
                                  "x-latency-ms": f"{prediction.latency_ms:.4f}"})
     answer = {"outputs": prediction.outputs.tolist(), "slot": prediction.slot, "version": prediction.version,
-              "latency_ms": prediction.latency_ms}
+              "latency_ms": prediction.latency_ms, "request_id": prediction.request_id}
     if prediction.detections is not None:  # a detector: per image its objects
         answer["detections"] = prediction.detections
     return JSONResponse(answer)

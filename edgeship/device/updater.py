@@ -50,6 +50,7 @@ from edgeship.device.detections import open_model
 from edgeship.device.download import BoundedFetcher
 from edgeship.device.state import (BadRelease, DeviceState, UpdateReport, changing_state, device_identity,
                                    installed_model, is_intact, log_event, slot_path)
+from edgeship.device.field_samples import keep_field_sampling
 from edgeship.device.telemetry import keep_drift_reference
 from edgeship.errors import NothingToRollBack, SignatureError, SmokeTestFailed
 from edgeship.files import sha256_of
@@ -125,6 +126,7 @@ class DeviceUpdater:
                 entry = self._entry(tuf)
                 self._ensure_side_models(tuf, entry)
                 keep_drift_reference(self.state_dir, entry.drift_reference)  # the device's own drift score
+                keep_field_sampling(self.state_dir, entry.field_sampling)    # what the channel asks to sample
                 wanted, in_cohort = entry.choose(self.device_id, self._model_name)
                 if wanted is None:
                     raise _Outcome("not_in_cohort", "outside the candidate's cohort and the channel names no base; "

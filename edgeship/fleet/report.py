@@ -15,6 +15,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from edgeship.fleet import field_accuracy
 from edgeship.fleet.aggregate import FleetSnapshot, VersionStats
 from edgeship.fleet.controller import Decision
 
@@ -71,6 +72,7 @@ def fleet_metrics(stats: VersionStats) -> dict[str, float | None]:
         "fleet.install_failures": float(len(stats.events.refused)),
         "fleet.probation_failures": float(len(stats.events.rolled_back)),
     })
+    metrics.update(field_accuracy.metrics(stats))   # labelled accuracy from the applications' feedback
     return metrics
 
 

@@ -108,6 +108,7 @@ class ChannelEntry(_Wire):
     shadow_sample_rate: float = Field(default=0.1, ge=0.0, le=1.0)
     fallback: ReleasedModel | None = None
     drift_reference: dict | None = None
+    field_sampling: dict | None = None  # edgeship.records.field.FieldSampling: the channel asks for field samples
     allow_failed_gate: str | None = None  # the override reason when published with --allow-failed-gate
 
     @model_serializer(mode="wrap")
