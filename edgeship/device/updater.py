@@ -40,8 +40,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 from tuf.api.exceptions import DownloadHTTPError, DownloadLengthMismatchError, ExpiredMetadataError, RepositoryError
-from tuf.ngclient import Updater as TufUpdater
-from tuf.ngclient import UpdaterConfig as TufUpdaterConfig
+from tuf.ngclient import Updater as TufUpdater, UpdaterConfig as TufUpdaterConfig
 
 from edgeship.device import probation
 from edgeship.device.install import Golden, clear_downloads, pause_point, place, prune, random_batch, smoke_test
