@@ -32,3 +32,16 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def keep_json(path: str | Path, value) -> None:
+    """Keep `value` as JSON at `path` (rewritten only when it changed); None removes the file."""
+    import json
+
+    path = Path(path)
+    if value is None:
+        path.unlink(missing_ok=True)
+        return
+    data = json.dumps(value, sort_keys=True).encode()
+    if not path.is_file() or path.read_bytes() != data:
+        write_atomic(path, data)

@@ -137,7 +137,8 @@ class FleetSimulator:
 
     def __init__(self, tmp_path: Path, devices: int = 40, window_s: float = 1.0, update_s: float = 1.0,
                  rate_hz: float = 5.0, device_classes: tuple[str, ...] = ("fast", "small"),
-                 policy: dict | None = None, stratify_for: str | None = "3", compare_sample_rate: float = 0.5):
+                 policy: dict | None = None, stratify_for: str | None = "3", publish_options: dict | None = None,
+                 compare_sample_rate: float = 0.5):
         self.tmp_path, self.count, self.window_s, self.update_s, self.rate_hz = tmp_path, devices, window_s, update_s, rate_hz
         self.compare_sample_rate = compare_sample_rate
         self.device_classes = device_classes
@@ -150,6 +151,9 @@ class FleetSimulator:
         self.fleet = f"sim{uuid.uuid4().hex[:6]}"
         self.models, self.images, self.labels = digits_models()
         self.logs: dict[str, DeviceLog] = {}
+        self.publish_options = publish_options or {}   # e.g. field_sampling, drift_reference: every publish carries them
+        self.shift = None              # images -> images: what the field does to the inputs (lighting, sensor noise)
+        self.feedback_share = 0.0      # share of answers whose true label the application reports, a few answers late
         self.processes: dict[str, subprocess.Popen] = {}
         self._stop = threading.Event()
         self._feeders: list[threading.Thread] = []
@@ -163,7 +167,7 @@ class FleetSimulator:
                                    client_id=f"collector-{self.fleet}").start()
         self.collector.connected.wait(10)
         self.world = OtaWorld(self.tmp_path)
-        self.world.publish("1", content=self.models["good-1"])
+        self.world.publish("1", content=self.models["good-1"], **self.publish_options)
         time.sleep(1.1)  # the broker's autosave has the collector's persistent session before any restart
         for device, device_class in sorted(self.class_of.items()):
             self._start_device(device, device_class)
@@ -242,9 +246,11 @@ class FleetSimulator:
         """The application: real test images at `rate_hz`, one request at a time."""
         rng = np.random.default_rng(abs(hash(device)) % 2**32)
         log = self.logs[device]
+        labels: list[tuple[str, int]] = []   # (request id, true label) the application reports later
         with httpx.Client(transport=httpx.HTTPTransport(uds=self._socket(device)), timeout=10) as client:
             while not self._stop.wait(rng.uniform(0.5, 1.5) / self.rate_hz):
-                image = self.images[rng.integers(len(self.images))][None]
+                index = rng.integers(len(self.images))
+                image = self.images[index][None] if self.shift is None else self.shift(self.images[index][None])
                 buffer = __import__("io").BytesIO()
                 np.save(buffer, image)
                 try:
@@ -259,6 +265,15 @@ class FleetSimulator:
                 log.served[version] = log.served.get(version, 0) + 1
                 log.first_served.setdefault(version, datetime.now(timezone.utc))
                 log.latencies_ms.append(float(answer.headers["x-latency-ms"]))
+                if rng.random() < self.feedback_share:
+                    labels.append((answer.headers["x-request-id"], int(self.labels[index])))
+                if len(labels) >= 3:                 # late and out of order: the newest first
+                    for request_id, label in reversed(labels):
+                        try:
+                            client.post("http://device/feedback", json={"request_id": request_id, "label": label})
+                        except (httpx.HTTPError, OSError):
+                            log.failures += 1
+                    labels.clear()
 
     # --- rollouts -------------------------------------------------------------------------
 
@@ -267,10 +282,11 @@ class FleetSimulator:
         """Publish `version` (as a shadow first when `shadow_fraction`), then run the controller until it completes or aborts."""
         started = datetime.now(timezone.utc)
         if shadow_fraction:
-            self.world.publish(version, content=content, rollout_fraction=0.0)
+            self.world.publish(version, content=content, rollout_fraction=0.0, **self.publish_options)
             offer_shadow(self.world.repository, "stable", TARGET, shadow_fraction=shadow_fraction, sample_rate=0.5)
         else:
-            self.world.publish(version, content=content, rollout_fraction=self.policy.first_stage)
+            self.world.publish(version, content=content, rollout_fraction=self.policy.first_stage,
+                               **self.publish_options)
         restart_at = time.monotonic() + restart_broker_after_s if restart_broker_after_s is not None else None
         deadline = time.monotonic() + timeout_s
         outcome, ended, stages = "timeout", None, []

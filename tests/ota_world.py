@@ -7,6 +7,7 @@ on purpose, released model versions per target, and devices (in-process updaters
     >>> world.publish("1", targets=("onnx-int8", "tflite-int8"))
     >>> world.device("dev-1").update().installed_version
     >>> world.faults["models/"] = "drop"          # the server cuts model downloads in half
+    >>> world.faults["timestamp.json"] = "drip"   # ...or sends them a byte every DRIP_S seconds
 """
 
 from __future__ import annotations
@@ -43,16 +44,25 @@ ROOT_DIR = Path(__file__).parent.parent
 
 
 def make_artifact(directory: Path, version: str, content: bytes | None = None, target: str = TARGET,
-                  seed: int | None = None) -> CompiledArtifact:
-    """A compiled-artifact record for a tiny classifier whose weights differ per version."""
+                  seed: int | None = None, outputs: tuple[int, ...] | None = None) -> CompiledArtifact:
+    """A compiled-artifact record for a tiny classifier whose weights differ per version; its declared outputs are
+    the file's own unless `outputs` says otherwise (a record that lies)."""
+    import onnx
+
     path = directory / f"build-{version}-{target}" / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content if content is not None
                      else tiny_classifier(seed=int(seed if seed is not None else version)).SerializeToString())
+    if outputs is None:
+        try:
+            dims = onnx.load(str(path)).graph.output[0].type.tensor_type.shape.dim
+            outputs = tuple(d.dim_value or 1 for d in dims)
+        except Exception:  # not a model at all (a test of what the updater refuses)
+            outputs = (1, 10)
     return CompiledArtifact(target=target, path=path, sha256=sha256_of(path), bytes=path.stat().st_size,
                             precision="fp32", runtime="onnxruntime",
                             inputs=[TensorSpec(name="input", shape=(1, 1, 8, 8))],
-                            outputs=[TensorSpec(name="logits", shape=(1, 10))])
+                            outputs=[TensorSpec(name="logits", shape=outputs)])
 
 
 def golden_inputs(count: int = 4) -> np.ndarray:
@@ -62,6 +72,9 @@ def golden_inputs(count: int = 4) -> np.ndarray:
 def predict(path: Path) -> np.ndarray:
     batch = np.random.default_rng(1).standard_normal((4, 1, 8, 8)).astype(np.float32)
     return open_session("onnxruntime", path, threads=1).run(batch)
+
+
+DRIP_S = 0.5  # a "drip" fault sends one byte this often
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -83,6 +96,20 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             self.wfile.write(data[:len(data) // 2])
             self.wfile.flush()
             self.close_connection = True
+            return
+        if fault == "drip":  # promise the whole file, then send it a byte at a time for as long as anyone waits
+            path = Path(self.translate_path(self.path))
+            data = path.read_bytes() if path.is_file() else b""
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            for index in range(len(data)):
+                try:
+                    self.wfile.write(data[index:index + 1])
+                    self.wfile.flush()
+                except OSError:  # the client gave up
+                    return
+                time.sleep(DRIP_S)
             return
         super().do_GET()
 
@@ -134,11 +161,12 @@ class OtaWorld:
 
     def publish(self, version: str, content: bytes | None = None, targets: tuple[str, ...] = (TARGET,),
                 golden: bool = False, golden_from: str | None = None, budget_ms: float | None = None,
-                fallback: str | None = None, **kwargs):
-        """Publish a version for some targets; golden vectors computed from `golden_from`'s file (default: itself)."""
+                fallback: str | None = None, outputs: tuple[int, ...] | None = None, **kwargs):
+        """Publish a version for some targets; golden vectors computed from `golden_from`'s file (default: itself);
+        `outputs`: the output shape its records declare (default: the file's)."""
         artifacts = []
         for target in targets:
-            artifact = make_artifact(self.tmp_path, version, content, target)
+            artifact = make_artifact(self.tmp_path, version, content, target, outputs=outputs)
             self.artifacts[(version, target)] = artifact
             artifacts.append(artifact)
         vectors = {}

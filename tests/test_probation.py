@@ -20,7 +20,7 @@ from edgeship.device.runtime import DeviceRuntime
 from edgeship.device.state import DeviceState, active_model, device_identity, fallback_model, read_events
 from edgeship.device.runtimes import open_session
 from ota_world import QUICK_PROBATION, TARGET, OtaWorld, golden_inputs
-from onnx_models import tiny_classifier
+from onnx_models import single_image_classifier, tiny_classifier
 from timing import scaled
 
 
@@ -187,10 +187,10 @@ def test_the_runtime_switches_to_the_fallback_when_the_primary_is_slow_and_back_
 
 
 def test_the_runtime_answers_from_the_fallback_when_the_primary_raises_and_returns_when_it_answers_again(world):
-    """A model exported for single images (batch fixed at 1) passes its checks, then raises on the batch of two an
-    application sends: the fallback answers that request, the primary is tried again every `retry_every` requests,
-    and `recover_after` good tries in a row hand the answers back to it."""
-    world.publish("1", content=tiny_classifier(batch=1).SerializeToString(), fallback="9")
+    """A model whose file says it takes any batch but whose graph reshapes to one image passes its checks, then
+    raises on the batch of two an application sends: the fallback answers that request, the primary is tried again
+    every `retry_every` requests, and `recover_after` good tries in a row hand the answers back to it."""
+    world.publish("1", content=single_image_classifier().SerializeToString(), fallback="9")
     assert world.device(probation=QUICK_PROBATION).update().status == "updated"     # its own checks: one image each
     seen = []
     runtime = DeviceRuntime(world.tmp_path / "device-1", observers=[seen.append], retry_every=3, recover_after=2)
@@ -201,12 +201,24 @@ def test_the_runtime_answers_from_the_fallback_when_the_primary_raises_and_retur
     np.testing.assert_allclose(answer.outputs, open_session("onnxruntime", fallback, threads=1).run(pair), rtol=1e-6)
     assert runtime.slot == "fallback" and runtime.reason.startswith("primary raised: ")
     assert [(r.slot, r.version, r.ok) for r in seen] == [("active", "1", False), ("fallback", "9", True)]
-    assert "invalid dimensions" in seen[0].error.lower()                             # ONNX Runtime's own words
+    assert "reshape" in seen[0].error.lower()                                       # ONNX Runtime's own words
     # every third request tries the primary (its answer is the primary's); the second good try in a row switches back
     assert [runtime.predict(single).slot for _ in range(7)] == ["fallback", "fallback", "active", "fallback",
                                                                  "fallback", "active", "active"]
     assert (runtime.slot, runtime.reason) == ("active", "")
     assert runtime.predict(pair).slot == "fallback"                                  # and falls back again at once
+
+
+def test_a_batch_the_primary_does_not_declare_goes_to_the_fallback_without_counting_against_the_primary(world):
+    """A model exported for single images (its file declares batch 1): a pair is the client's mismatch, not the
+    model's failure. The fallback, which takes any batch, answers it; the primary stays in charge."""
+    world.publish("1", content=tiny_classifier(batch=1).SerializeToString(), fallback="9")
+    assert world.device(probation=QUICK_PROBATION).update().status == "updated"
+    seen = []
+    runtime = DeviceRuntime(world.tmp_path / "device-1", observers=[seen.append])
+    assert runtime.predict(golden_inputs(2)).slot == "fallback"
+    assert (runtime.slot, [(r.slot, r.ok) for r in seen]) == ("active", [("fallback", True)])
+    assert runtime.predict(golden_inputs(1)).slot == "active"
 
 
 def test_the_runtime_answers_from_the_fallback_when_the_primary_does_not_load(world):

@@ -126,6 +126,23 @@ def test_publish_refuses_a_logged_model_changed_after_gating(project, tmp_path):
         stored.write_bytes(original)
 
 
+def test_resolve_reads_the_named_store_whatever_store_the_process_last_used(project, tmp_path):
+    """In one process (a test session, a Prefect worker) another store may be the process-wide MLflow URI; a
+    release is still resolved from the store it was named with."""
+    import mlflow
+
+    from edgeship.registry.model_registry import resolve_release
+
+    root, tracking = project
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'another.db'}")
+    try:
+        release = resolve_release(tracking, MODEL, tmp_path / "dl", version="1", targets=["onnx-int8"])
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert [artifact.target for artifact in release.artifacts] == ["onnx-int8"]
+
+
 def test_publish_ships_only_targets_that_passed_and_records_how_the_version_was_chosen(project):
     root, tracking = project
     promote(tracking, MODEL, "1", "production")

@@ -253,7 +253,7 @@ class _StandInTensorRT:
         self.builds = 0
         self.runtimes_seen: list[str] = []
 
-    def build(self, onnx_path, engine_path, options, timeout_s):
+    def build(self, onnx_path, engine_path, options, timeout_s, memory_mb=None):
         self.builds += 1
         model = onnx.load(str(onnx_path))
         model.producer_name = f"stand-in engine ({options.precision})"
@@ -263,16 +263,16 @@ class _StandInTensorRT:
                 "precision": options.precision, "tensorrt_version": "10.0-stand-in", "device": "Stand-in GPU",
                 "build_s": 0.01, "timing_cache": None, "log": [f"[I] line {i}" for i in range(100)]}
 
-    def benchmark(self, path, runtime, job, timeout_s, sensors=None):
+    def benchmark(self, path, runtime, job, timeout_s, sensors=None, memory_mb=None):
         self.runtimes_seen.append(runtime)
         fields = self._real_benchmark(path, "onnxruntime", job.model_copy(update={"runtime": "onnxruntime"}),
-                                      timeout_s, sensors)
+                                      timeout_s, sensors, memory_mb)
         return {**fields, "runtime": runtime}
 
-    def evaluate(self, path, batch, job, timeout_s, max_batch_bytes):
+    def evaluate(self, path, batch, job, timeout_s, max_batch_bytes, memory_mb=None):
         self.runtimes_seen.append(job.runtime)
         answer = self._real_evaluate(path, batch, job.model_copy(update={"runtime": "onnxruntime"}), timeout_s,
-                                     max_batch_bytes)
+                                     max_batch_bytes, memory_mb)
         return {**answer, "runtime": job.runtime}
 
     _real_benchmark = staticmethod(agent_module.run_benchmark_job)

@@ -250,3 +250,51 @@ def test_a_version_refused_by_its_gate_is_not_retried(tmp_path):
     answer = httpx.get(f"{base}/deliveries/d-9").json()
     assert answer["state"] == "refused" and "failed its required gate" in answer["error"] and calls == ["9"]
     stop(server, thread)
+
+
+def test_concurrent_deliveries_for_one_version_publish_it_once_and_a_signed_non_json_body_is_400(tmp_path):
+    """MLflow retrying with new delivery ids, or an alias set twice, sends several deliveries for one version at
+    once: exactly one publishes it. Moving the alias on and back publishes again; a signed body that is not an
+    MLflow event is a 400, not a 500."""
+    import concurrent.futures
+
+    from edgeship.flows.webhook import DeliveryStore
+
+    calls: list[str] = []
+    watched = WatchedAlias("digits-classifier", "production", SECRET)
+    base, server, thread = serve(create_app(watched, lambda name, version: calls.append(version),
+                                            DeliveryStore(tmp_path / "d.sqlite"), retry_s=0.05))
+    try:
+        body = alias_event(version="11")
+
+        def deliver(delivery: str) -> dict:
+            return httpx.post(f"{base}/webhooks/mlflow", content=body, headers=signed(body, delivery=delivery),
+                              timeout=30).json()
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(deliver, [f"d-11-{i}" for i in range(8)]))
+        publishing = [a for a in answers if "publishing" in a]
+        assert len(publishing) == 1 and all("names version 11 already" in a["ignored"] for a in answers
+                                            if a not in publishing), answers
+        accepted = next(f"d-11-{i}" for i, a in enumerate(answers) if "publishing" in a)
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{base}/deliveries/{accepted}").json()["state"] != "done":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for version in ("12", "11"):  # on to 12, then an operator moves production back to 11
+            moved = alias_event(version=version)
+            answer = httpx.post(f"{base}/webhooks/mlflow", content=moved,
+                                headers=signed(moved, delivery=f"m-{version}"))
+            assert answer.json()["publishing"]["version"] == version
+        deadline = time.monotonic() + 20
+        while len(calls) < 3:
+            assert time.monotonic() < deadline, calls
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert calls == ["11", "12", "11"]
+
+        for junk in (b"not json at all", b"[1, 2, 3]", b'{"entity": "model_version_alias", "data": "x"}'):
+            answer = httpx.post(f"{base}/webhooks/mlflow", content=junk, headers=signed(junk, delivery="j"))
+            assert answer.status_code == 400 and answer.json()["detail"], answer.text
+    finally:
+        stop(server, thread)

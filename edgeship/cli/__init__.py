@@ -2,6 +2,7 @@
 
     edgeship data digits            # write scikit-learn's digits as an image folder (data/raw)
     edgeship data prepare           # image folder -> train/val/test/calibration splits (DVC's `prepare` stage)
+    edgeship data field             # the devices' uploaded field samples -> the field split (data/field, DVC)
     edgeship check                  # validate params.yaml only
     edgeship run --summary release.json
     edgeship status                 # registered versions, gate verdicts, aliases; what each OTA channel ships
@@ -89,6 +90,25 @@ def data_prepare(params: Path = ParamsOption) -> None:
     except EdgeshipError as error:
         fail(error)
     console.print(f"prepared {prepared.counts} from {len(prepared.classes)} classes into {prepared.directory}")
+
+
+@data_app.command("field")
+def data_field(params: Path = ParamsOption,
+               source: Optional[str] = typer.Option(None, help="s3://bucket/prefix (default: params.yaml's "
+                                                               "field_data.source, else the channel's upload_url)"),
+               channel: Optional[str] = typer.Option(None, help="whose field_samples.upload_url (default: ota.channel)")
+               ) -> None:
+    """Pull the field samples the devices uploaded into the field split (field_data.dir), DVC-tracked."""
+    from edgeship.config import load_params
+    from edgeship.tasks.field_data import pull_configured
+
+    try:
+        settings = load_params(params)
+        report = pull_configured(settings, Path("."), channel, source)
+    except EdgeshipError as error:
+        fail(error)
+    console.print(f"pulled {report.downloaded} new objects from {report.source}: field split {report.counts} from "
+                  f"{report.devices} devices into {settings.field_data.dir} ({report.dvc})")
 
 
 @app.command("check")

@@ -22,7 +22,7 @@ from edgeship.config.quantization import CompileOptions, PrecisionParams, PtqPar
 from edgeship.config.section import Section
 from edgeship.config.task import DetectionParams, TaskName
 from edgeship.config.shipping import FallbackParams, OtaParams, RegistryParams
-from edgeship.config.training import (DataParams, DistillationParams, ModelParams, ProjectParams, PruningParams,
+from edgeship.config.training import (DataParams, FieldDataParams, DistillationParams, ModelParams, ProjectParams, PruningParams,
                                       TrainParams)
 from edgeship.errors import ConfigError
 from edgeship.fleet.policy import FleetParams, RolloutParams
@@ -43,6 +43,7 @@ class Params(Section):
     task: TaskName = "classification"          # what the model predicts (edgeship.tasks.kinds)
     detection: DetectionParams = DetectionParams()  # task: detection: the outputs' layout and the NMS
     data: DataParams = DataParams()
+    field_data: FieldDataParams = FieldDataParams()   # the field split (edgeship.tasks.field_data)
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     qat: QatParams = QatParams()

@@ -30,6 +30,18 @@ class DataParams(Section):
     seed: int = 0
 
 
+class FieldDataParams(Section):
+    """The field split: samples the devices uploaded, pulled by `edgeship data field` (edgeship.tasks.field_data)."""
+
+    dir: Path = Field(default=Path("data/field"), description="where `edgeship data field` writes the split (DVC-tracked)")
+    source: str | None = Field(default=None, description="s3://bucket/prefix to pull from; none: the upload_url of "
+                               "the OTA channel's field_samples")
+    endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint; none: ota.s3_endpoint_url")
+    test_fraction: float = Field(default=0.3, gt=0, lt=1, description="share of samples in the field test split")
+    use: bool = Field(default=True, description="releases train on lab train + field train and report field test "
+                      "accuracy, when the split exists")
+
+
 class ModelParams(Section):
     factory: str = Field(default="edgeship.models.zoo:mobilenet_v2",
                          description="import path 'package.module:function' returning a torch.nn.Module")

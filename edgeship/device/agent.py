@@ -18,7 +18,9 @@ A pipeline talks to it through `edgeship.device.client.AgentClient`:
    (with `request.runtime` "tensorrt"), and `GET /engines/{engine_sha256}` returns the engine's bytes.
 
 Jobs queue: one runs at a time, and the next upload is not even read while one is measured, so
-nothing a second client does disturbs the timing. Every endpoint but /health wants
+nothing a second client does disturbs the timing; past `max_queued_jobs` waiting, a job is answered 503.
+Each job's process runs under a memory limit (`job_memory_mb`, RLIMIT_AS; by default three quarters of the
+device's memory): a model that allocates more fails its job (422), not the device. Every endpoint but /health wants
 `Authorization: Bearer <token>` when the agent has a token. Start it with the CLI
 (`edgeship-device agent --name pi4`, `--tls-cert/--tls-key` for HTTPS), or in-process:
 
@@ -86,6 +88,14 @@ class AgentSettings(BaseModel):
     fork_server: bool = True  # start jobs by forking a warm helper (Linux), not by starting Python each time
     engine_cache_dir: Path | None = None  # built TensorRT engines; None: $EDGESHIP_TRT_CACHE_DIR/engines
     engine_cache_mb: int = Field(default=4096, ge=1)  # past this, the engines used least recently are removed
+    job_memory_mb: int | None = Field(default=None, ge=64)  # address space per job (RLIMIT_AS); None: the device's
+    max_queued_jobs: int = Field(default=8, ge=0)  # jobs waiting for their turn; more are answered 503
+
+    def job_memory_limit_mb(self) -> int:
+        """The memory a job may use: the setting, else three quarters of this device's memory (at least 1 GB)."""
+        if self.job_memory_mb is not None:
+            return self.job_memory_mb
+        return max(1024, int(psutil.virtual_memory().total * 0.75) >> 20)
 
 
 def create_app(settings: AgentSettings, sensors: list[Sensor] | None = None) -> FastAPI:
@@ -218,6 +228,10 @@ class _JobQueue:
         client cannot hold the queue.
         """
         check_headers(request, settings.max_upload_mb)  # refused at once, without queueing
+        if self.waiting >= settings.max_queued_jobs and self.lock.locked():
+            raise HTTPException(503, headers={"Retry-After": "30"},
+                                detail=f"{self.waiting} jobs are already waiting on this device (its limit, "
+                                       f"--max-queued-jobs); send this one again later or to another device")
         self.waiting += 1
         try:
             await self.lock.acquire()
@@ -226,7 +240,7 @@ class _JobQueue:
         job_dir = Path(tempfile.mkdtemp(prefix="edgeship-job-", dir=settings.work_dir))
         try:
             async with asyncio.timeout(settings.upload_timeout_s) as deadline:
-                yield _Turn(self, job_dir, deadline)
+                yield _Turn(self, job_dir, deadline, settings.job_memory_limit_mb())
         except TimeoutError:
             raise HTTPException(408, detail=f"the job's upload did not arrive within {settings.upload_timeout_s:g} s; "
                                             "send it again (a slow link: raise the agent's --upload-timeout-s)"
@@ -243,13 +257,15 @@ class _Turn:
     queue: _JobQueue
     directory: Path
     deadline: asyncio.Timeout
+    memory_mb: int
 
     async def run(self, job, *args):
-        """Run a blocking job function in a thread (no upload deadline now); its failure is a 422 with its words."""
+        """Run a blocking job function in a thread (no upload deadline now), its process under the job memory
+        limit; its failure is a 422 with its words."""
         self.deadline.reschedule(None)
         self.queue.started += 1
         try:
-            return await asyncio.to_thread(job, *args)
+            return await asyncio.to_thread(job, *args, memory_mb=self.memory_mb)
         except DeviceJobFailed as error:
             self.queue.failed += 1
             raise HTTPException(422, detail=str(error)) from None

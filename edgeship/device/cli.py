@@ -102,6 +102,13 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     agent.add_argument("--no-sensors", action="store_true", help="do not sample sensors during jobs")
     agent.add_argument("--no-fork-server", action="store_true",
                        help="start a fresh Python for every job instead of forking a warm helper (Linux)")
+    agent.add_argument("--job-memory-mb", type=int, default=None,
+                       help="memory (address space) each job may use (default: three quarters of this device's)")
+    agent.add_argument("--max-queued-jobs", type=int, default=8,
+                       help="jobs that may wait for their turn; more are answered 503 (default: 8)")
+    from edgeship.device.http_server import add_server_arguments
+
+    add_server_arguments(agent)
     agent.add_argument("--sysfs-root", type=Path, default=Path("/"), help=argparse.SUPPRESS)  # tests: a fake /sys
     agent.set_defaults(run=_run_agent)
 
@@ -218,20 +225,20 @@ def _run_agent(args: argparse.Namespace) -> int:
             print(f"edgeship-device: cannot pin to CPUs {args.cpus}: {error}", file=sys.stderr)
             return 2
 
-    import uvicorn  # here, not at the top: `update` and `benchmark` need no web server
-
     from edgeship.device.agent import AgentSettings, create_app
+    from edgeship.device.http_server import run_server, server_limits
 
     settings = AgentSettings(name=args.name, token=token, max_upload_mb=args.max_upload_mb,
                              job_timeout_s=args.job_timeout_s, work_dir=args.work_dir, emulated=args.emulated,
                              cpus=args.cpus, threads=args.threads, upload_timeout_s=args.upload_timeout_s,
                              sensors=not args.no_sensors, sysfs_root=args.sysfs_root,
                              power_meter_command=_meter_command(args.power_meter_cmd),
-                             tls=args.tls_cert is not None, fork_server=not args.no_fork_server)
+                             tls=args.tls_cert is not None, fork_server=not args.no_fork_server,
+                             job_memory_mb=args.job_memory_mb, max_queued_jobs=args.max_queued_jobs)
     tls = {"ssl_certfile": str(args.tls_cert), "ssl_keyfile": str(args.tls_key)} if args.tls_cert else {}
     # On SIGTERM, requests still running after 3 s are cancelled, so the app's shutdown can end their jobs.
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info",
-                timeout_graceful_shutdown=3, **tls)
+    run_server(create_app(settings), server_limits(args), log_level="info", host=args.host, port=args.port,
+               timeout_graceful_shutdown=3, **tls)
     return 0
 
 

@@ -7,7 +7,8 @@ does it, step by step, in an order that a crash at any point cannot break:
   2. `smoke_test` loads it on its runtime and runs the release's golden vectors
      (real inputs and the outputs the pipeline's host check got) and requires the
      same outputs within tolerance; without golden vectors, one seeded random
-     batch must give finite outputs of the right batch size;
+     batch must give finite outputs of the right batch size, and the file's inputs and
+     output shape must be what the release declares for its target (`spec_mismatch`);
   3. `place` moves it into its slot (versions/<version>/...): still not active;
   4. the swap is one atomic write of state.json naming it active, on probation;
   5. `prune` deletes files no slot names any more.
@@ -117,6 +118,26 @@ def smoke_test(model: ReleasedModel, path: Path, golden: Golden | None = None, t
         raise SmokeTestFailed(f"version {model.version} returned shape {output.shape} for a batch of {batch.shape[0]}")
     if output.dtype.kind == "f" and not np.all(np.isfinite(output)):
         raise SmokeTestFailed(f"version {model.version} returned NaN or infinite values")
+    why = spec_mismatch(model, session, output)
+    if why:
+        raise SmokeTestFailed(f"model spec: version {model.version} {why}; the release declares "
+                              f"inputs {[tuple(i.shape) for i in model.inputs]}, outputs "
+                              f"{[tuple(o.shape) for o in model.outputs]}")
+
+
+def spec_mismatch(model: ReleasedModel, session, output: np.ndarray) -> str | None:
+    """How the model file's inputs, or its first output on a batch, differ from what the release declares for its
+    target (rank, every dimension but the batch; adapters convert dtypes); None when they agree or the release
+    declares nothing."""
+    for declared, found in zip(model.inputs[:1], session.inputs[:1]):
+        dims = zip(found.shape[1:], declared.shape[1:])
+        if len(found.shape) != len(declared.shape) or any(f != d and f != 1 and d > 0 for f, d in dims):  # 1: symbolic
+            return f"takes inputs of shape {tuple(found.shape)}"
+    if model.outputs and model.postprocess is None:  # a detector's answer is packed by the runtime, not the file
+        declared = tuple(model.outputs[0].shape)
+        if output.ndim != len(declared) or any(d > 0 and f != d for f, d in zip(output.shape[1:], declared[1:])):
+            return f"answers shape {output.shape} for a batch of {output.shape[0]}"
+    return None
 
 
 def random_batch(model: ReleasedModel, session=None) -> np.ndarray:

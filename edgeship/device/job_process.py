@@ -124,9 +124,15 @@ def _main() -> int:
 
 
 def run_job(job: dict) -> tuple[dict, int]:
-    """Run one job; return ({"result": ...} or {"error": ...}, exit status)."""
+    """Run one job (under its memory limit, when it names one); return ({"result": ...} or {"error": ...}, exit
+    status)."""
     runtime = "the runtime"
+    memory_mb = job.get("memory_mb")
+    runtimes = (job.get("runtime"), (job.get("request") or {}).get("runtime"))
+    if job.get("kind") == "tensorrt-build" or "tensorrt" in runtimes:
+        memory_mb = None  # CUDA reserves far more address space than it uses: RLIMIT_AS would stop it starting
     try:
+        limit_memory(memory_mb)
         if job.get("kind") == "evaluate":
             request = EvaluationRequest.model_validate(job["request"])
             runtime = request.runtime
@@ -146,10 +152,26 @@ def run_job(job: dict) -> tuple[dict, int]:
             measured = measure(job["path"], runtime, BenchmarkRequest.model_validate(job["request"]))
             answer = {"result": measured.fields, "window": [measured.timed_start, measured.timed_end]}
         return answer, 0
-    except EdgeshipError as error:
-        return {"error": str(error)}, 1
-    except Exception as error:  # a runtime's own exception type while running the model
-        return {"error": f"{runtime} failed on this model: {type(error).__name__}: {error}"}, 1
+    except Exception as error:  # EdgeshipError says it all; else a runtime's own exception type
+        text = str(error) if isinstance(error, EdgeshipError) else \
+            f"{runtime} failed on this model: {type(error).__name__}: {error}"
+        if memory_mb and (isinstance(error, MemoryError) or "alloc" in str(error).lower()):
+            text += (f" (the job's memory limit is {memory_mb} MB: the agent's --job-memory-mb; a model that needs "
+                     f"more does not fit this device)")
+        return {"error": text}, 1
+
+
+def limit_memory(memory_mb: int | None) -> None:
+    """Cap this process's address space (RLIMIT_AS) at `memory_mb`; nothing where the OS has no such limit."""
+    if not memory_mb:
+        return
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    limit = int(memory_mb) << 20
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    resource.setrlimit(resource.RLIMIT_AS, (limit if hard < 0 else min(limit, hard),) * 2)
 
 
 if __name__ == "__main__":

@@ -37,19 +37,20 @@ from edgeship.records import BenchmarkRequest, EvaluationRequest, TensorRTBuildO
 
 
 def run_benchmark_job(path: str | Path, runtime: str, request: BenchmarkRequest, timeout_s: float,
-                      sensors: Sequence | None = None) -> dict:
+                      sensors: Sequence | None = None, memory_mb: int | None = None) -> dict:
     """Measure a model in a fresh child process and return BenchmarkResult fields.
 
     Given `sensors` (from `edgeship.device.sensors.discover_sensors`) and a request that wants
     them, they are sampled from this process while the child runs and summarised over its timed run.
-    The child is killed (with anything it started) when it runs past `timeout_s`.
+    The child is killed (with anything it started) when it runs past `timeout_s`; given `memory_mb`, it runs
+    under that address-space limit (RLIMIT_AS), so a model that allocates more fails its job, not the device.
 
     Raises:
         DeviceJobFailed: the runtime could not load or run the model, the child crashed,
             or the job ran past its timeout.
     """
     job = {"kind": "benchmark", "path": str(Path(path).resolve()), "runtime": runtime,
-           "request": request.model_dump()}
+           "request": request.model_dump(), "memory_mb": memory_mb}
     sampler = None
     if sensors and request.sensors:
         from edgeship.device.sensors import SensorSampler
@@ -68,19 +69,19 @@ def run_benchmark_job(path: str | Path, runtime: str, request: BenchmarkRequest,
 
 
 def run_evaluation_job(path: str | Path, batch_path: str | Path, request: EvaluationRequest, timeout_s: float,
-                       max_batch_bytes: int) -> dict:
+                       max_batch_bytes: int, memory_mb: int | None = None) -> dict:
     """Run a validation batch through a model in a fresh child process; return EvaluationResult fields.
 
     Raises:
         DeviceJobFailed: the batch or the model is unusable, the child crashed, or it ran past `timeout_s`.
     """
     job = {"kind": "evaluate", "path": str(Path(path).resolve()), "batch": str(Path(batch_path).resolve()),
-           "request": request.model_dump(), "max_batch_bytes": max_batch_bytes}
+           "request": request.model_dump(), "max_batch_bytes": max_batch_bytes, "memory_mb": memory_mb}
     return _run_child(job, timeout_s, f"evaluation of {Path(path).name}")["result"]
 
 
 def run_tensorrt_build_job(onnx_path: str | Path, engine_path: str | Path, options: TensorRTBuildOptions,
-                           timeout_s: float) -> dict:
+                           timeout_s: float, memory_mb: int | None = None) -> dict:
     """Build a TensorRT engine from an ONNX file in a fresh child process; return `build_engine`'s answer.
 
     Raises:
@@ -88,7 +89,7 @@ def run_tensorrt_build_job(onnx_path: str | Path, engine_path: str | Path, optio
             the builder crashed, or it ran past `timeout_s`.
     """
     job = {"kind": "tensorrt-build", "path": str(Path(onnx_path).resolve()),
-           "engine": str(Path(engine_path).resolve()), "options": options.model_dump()}
+           "engine": str(Path(engine_path).resolve()), "options": options.model_dump(), "memory_mb": memory_mb}
     return _run_child(job, timeout_s, f"TensorRT engine build of {Path(onnx_path).name}",
                       hint="raise the agent's --job-timeout-s (a first build on a Jetson takes minutes)")["result"]
 

@@ -5,8 +5,15 @@ After the swap the new model is active but on probation (state.json `probation`)
     installed --N good inferences within the latency budget before the deadline--> confirmed
     installed --more than max_failures bad ones (error, wrong output, over budget)--> rolled_back
     installed --deadline passes unconfirmed--> rolled_back ("probation: deadline")
-    installed --the process running it dies unconfirmed--> rolled_back on the next start ("probation: interrupted")
+    installed --the process running it stops cleanly (SIGTERM)--> installed (the next start takes it over)
+    installed --the process running it dies unconfirmed--> installed again on the next start, counts kept
+    installed --it died MAX_RESTARTS times--> rolled_back ("probation: interrupted")
     any time --confirm() by the application or `edgeship-device confirm`--> confirmed
+
+The deadline counts time served on the device's monotonic clock, kept across restarts and reboots
+(a wall clock stepped forward does not end a probation). Only what was observed decides: inferences
+the runtime ran (a client's request refused by edgeship.device.request_checks never counts), the
+deadline, or a process that keeps dying while it runs the model.
 
 Rolling back makes the last-known-good active again and marks the version bad on
 this device: the updater will not install that file again; a newer version is a
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -30,6 +38,8 @@ from edgeship.device.state import (BadRelease, DeviceState, Holder, Probation, U
 from edgeship.ota.channel import ReleasedModel
 
 logger = logging.getLogger(__name__)
+
+MAX_RESTARTS = 3  # deaths of the process running a probation before it rolls back
 
 
 @dataclass(frozen=True)
@@ -44,8 +54,28 @@ class ProbationPolicy:
 def begin(model: ReleasedModel, policy: ProbationPolicy, holder: Holder | None) -> Probation:
     now = datetime.now(timezone.utc)
     return Probation(version=model.version, sha256=model.sha256, started_at=now,
-                     deadline=now + timedelta(seconds=policy.deadline_s), required=policy.required,
+                     deadline=now + timedelta(seconds=policy.deadline_s), deadline_s=policy.deadline_s,
+                     clock_at=time.monotonic(), clock_boot=_boot_id(), required=policy.required,
                      max_failures=policy.max_failures, latency_budget_ms=model.latency_budget_ms, holder=holder)
+
+
+def served(probation: Probation) -> float:
+    """Seconds of the device's monotonic clock the probation has run (across restarts and reboots)."""
+    if probation.clock_at is None or probation.clock_boot != _boot_id():
+        return probation.served_s  # after a reboot: counted again from the first process that takes it up
+    return probation.served_s + max(0.0, time.monotonic() - probation.clock_at)
+
+
+def _ticked(probation: Probation, **update) -> Probation:
+    """The probation with its time served brought up to date (to save)."""
+    return probation.model_copy(update={"served_s": served(probation), "clock_at": time.monotonic(),
+                                        "clock_boot": _boot_id(), **update})
+
+
+def _past_deadline(probation: Probation) -> bool:
+    if probation.deadline_s is None:  # a probation begun before time served was kept
+        return datetime.now(timezone.utc) > probation.deadline
+    return served(probation) > probation.deadline_s
 
 
 def record_inference(state_dir: str | Path, latency_ms: float, ok: bool) -> UpdateEvent | None:
@@ -64,7 +94,7 @@ def record_inference(state_dir: str | Path, latency_ms: float, ok: bool) -> Upda
         update = {"successes": probation.successes + (ok and within),
                   "failures": probation.failures + (not (ok and within)),
                   "slow": probation.slow + (ok and not within)}
-        probation = probation.model_copy(update=update)
+        probation = _ticked(probation, **update)
         if probation.failures > probation.max_failures:
             why = "latency" if probation.slow * 2 >= probation.failures else "errors"
             return _roll_back(state_dir, state, f"probation: {why}",
@@ -96,19 +126,28 @@ def fail(state_dir: str | Path, reason: str, detail: str = "") -> UpdateEvent | 
 
 
 def expire(state_dir: str | Path) -> UpdateEvent | None:
-    """Roll back a probation whose deadline passed, or whose holder process died; else None."""
+    """Roll back a probation whose deadline passed (in time served), or whose holder died MAX_RESTARTS times;
+    resume one whose holder died fewer times. None unless it rolled back."""
     state_dir = Path(state_dir)
     with changing_state(state_dir) as state:
         probation = state.probation
         if probation is None:
             return None
-        if datetime.now(timezone.utc) > probation.deadline:
+        if _past_deadline(probation):
             return _roll_back(state_dir, state, "probation: deadline",
-                              f"{probation.successes} of {probation.required} good inferences by "
-                              f"{probation.deadline.isoformat()}")
+                              f"{probation.successes} of {probation.required} good inferences in "
+                              f"{probation.deadline_s or 0:g} s served")
         if probation.holder is not None and not _alive(probation.holder):
-            return _roll_back(state_dir, state, "probation: interrupted",
-                              f"process {probation.holder.pid} died before confirming")
+            if probation.restarts + 1 >= MAX_RESTARTS:
+                return _roll_back(state_dir, state, "probation: interrupted",
+                                  f"the process running it died {probation.restarts + 1} times before confirming")
+            logger.warning("process %d died while running the probation of version %s; resuming it (%d of %d good)",
+                           probation.holder.pid, probation.version, probation.successes, probation.required)
+            state.probation = _ticked(probation, holder=None, restarts=probation.restarts + 1)
+            state.save(state_dir)
+        elif probation.clock_boot != _boot_id() and probation.clock_at is not None:
+            state.probation = _ticked(probation)  # the first look after a reboot: time served counts on again
+            state.save(state_dir)
     return None
 
 
@@ -120,7 +159,7 @@ def hold(state_dir: str | Path) -> bool:
         holder = state.probation.holder
         if holder is not None and (holder.pid == os.getpid() or _alive(holder)):
             return True  # this process already holds it, or another live one does (the updater's own check)
-        state.probation = state.probation.model_copy(update={"holder": this_process()})
+        state.probation = _ticked(state.probation, holder=this_process())
         state.save(Path(state_dir))
     return True
 
@@ -130,7 +169,7 @@ def release_hold(state_dir: str | Path) -> None:
     with changing_state(state_dir) as state:
         if state.probation is not None and state.probation.holder is not None \
                 and state.probation.holder.pid == os.getpid():
-            state.probation = state.probation.model_copy(update={"holder": None})
+            state.probation = _ticked(state.probation, holder=None)
             state.save(Path(state_dir))
 
 

@@ -9,10 +9,13 @@ Primary and fallback, per request:
     primary --load fails / raises / > budget on `miss_ratio` of the last `window` answers--> fallback
     fallback --every `retry_every` requests the primary is tried; `recover_after` good tries in a row--> primary
 
-While the active model is on probation, every primary answer is counted
+Every request is first checked against the declared inputs of the model that would answer
+(edgeship.device.request_checks): one that fits neither model raises InputRefused and counts
+against none. While the active model is on probation, every primary answer is counted
 (edgeship.device.probation.record_inference): the runtime confirms it, or its
-failures roll it back. The runtime holds the probation while it runs it, so if
-it is killed before confirming, the next start rolls back. Between requests
+failures roll it back. The runtime holds the probation while it runs it: `close()` hands it
+to the next start; a process killed before confirming is resumed by the next start (three such
+deaths roll it back). Between requests
 (never in the middle of one) it notices a new state.json generation and reloads.
 Observers (`on_inference(InferenceRecord)`) see every answer: telemetry and
 shadow execution plug in there.
@@ -31,6 +34,7 @@ import numpy as np
 
 from edgeship.device import probation
 from edgeship.device.detections import open_model
+from edgeship.device.request_checks import InputRefused, RequestLimits, fit_batch
 from edgeship.device.state import InstalledModel, active_model, fallback_model
 from edgeship.errors import NoModelInstalled
 
@@ -44,6 +48,7 @@ class Prediction:
     version: str
     latency_ms: float
     task: str = "classification"
+    request_id: str | None = None  # FieldRuntime's id of this answer: the application's feedback names it
 
     @property
     def detections(self) -> list[list[dict]] | None:
@@ -91,11 +96,14 @@ class DeviceRuntime:
         miss_ratio: Share of the window over budget that switches to the fallback.
         retry_every: While on the fallback, try the primary on every n-th request.
         recover_after: Good primary tries in a row that switch back.
+        limits: The largest batch a request may hold.
     """
 
     def __init__(self, state_dir: str | Path, threads: int = 1, observers: Sequence[Observer] = (),
-                 window: int = 20, miss_ratio: float = 0.5, retry_every: int = 10, recover_after: int = 3):
+                 window: int = 20, miss_ratio: float = 0.5, retry_every: int = 10, recover_after: int = 3,
+                 limits: RequestLimits = RequestLimits()):
         self.state_dir = Path(state_dir)
+        self.limits = limits
         self.threads = threads
         self.observers = list(observers)
         self.window, self.miss_ratio = window, miss_ratio
@@ -116,14 +124,34 @@ class DeviceRuntime:
         return "fallback" if self._on_fallback else "active"
 
     def predict(self, batch: np.ndarray) -> Prediction:
-        """Answer one request; raises NoModelInstalled only when no model at all can answer."""
+        """Answer one request.
+
+        The batch is checked against the declared inputs of the model that would answer first
+        (edgeship.device.request_checks); one that fits neither model is refused and counts against none.
+
+        Raises:
+            InputRefused: the request does not fit the models' declared inputs (the client's error).
+            NoModelInstalled: no model at all can answer.
+        """
         self._maybe_reload()
-        use_primary = self.primary is not None and (not self._on_fallback or self._retry_due())
-        if use_primary:
-            prediction = self._run_primary(batch)
-            if prediction is not None:
-                return prediction
-        return self._run_fallback(batch)
+        for_primary = _fit(self.primary, batch, self.limits)
+        for_fallback = None  # checked only when the fallback may answer
+        if isinstance(for_primary, np.ndarray):
+            if self._on_fallback and not self._retry_due():
+                for_fallback = _fit(self.fallback, batch, self.limits)
+            if not isinstance(for_fallback, np.ndarray):  # the primary's turn, or only the primary takes it
+                prediction = self._run_primary(for_primary)
+                if prediction is not None:
+                    return prediction
+        if for_fallback is None:
+            for_fallback = _fit(self.fallback, batch, self.limits)
+        if isinstance(for_primary, InputRefused) and not isinstance(for_fallback, np.ndarray):
+            raise for_primary  # fits neither: the client's error, counted against no model
+        if isinstance(for_fallback, InputRefused):
+            raise for_fallback if self.primary is None else NoModelInstalled(
+                f"the primary v{self.primary.installed.version} failed ({self.reason}) and the fallback cannot take "
+                f"this request: {for_fallback}")
+        return self._run_fallback(for_fallback)
 
     # --- the two slots ------------------------------------------------------------------
 
@@ -160,8 +188,8 @@ class DeviceRuntime:
             return None
         return Prediction(outputs, "active", loaded.installed.version, latency_ms, loaded.task)
 
-    def _run_fallback(self, batch: np.ndarray) -> Prediction:
-        if self.fallback is None:
+    def _run_fallback(self, batch: np.ndarray | None) -> Prediction:
+        if self.fallback is None or batch is None:
             raise NoModelInstalled(f"no model in {self.state_dir} can answer ({self.reason or 'none installed'}); "
                                    f"run edgeship-device update, and publish a fallback model for this target")
         start = time.perf_counter()
@@ -226,9 +254,25 @@ class DeviceRuntime:
                 probation.fail(self.state_dir, "probation: errors", self.reason)
             return None
 
+    def close(self) -> None:
+        """Stop running the probation cleanly: a restart takes it over, without counting an interruption."""
+        probation.release_hold(self.state_dir)
+
     def _notify(self, record: InferenceRecord) -> None:
         for observer in self.observers:
             try:
                 observer(record)
             except Exception:  # an observer must never take the answer down
                 logger.exception("runtime observer failed")
+
+
+def _fit(loaded: _Loaded | None, batch: np.ndarray, limits: RequestLimits) -> np.ndarray | InputRefused | None:
+    """The batch as `loaded` takes it, or why it does not fit (None: no such model)."""
+    if loaded is None:
+        return None
+    session = loaded.session
+    try:
+        return fit_batch(batch, session.inputs, loaded.installed.model.inputs,
+                         session.dynamic_batch or loaded.task == "detection", limits)  # a detector splits batches
+    except InputRefused as refused:
+        return refused

@@ -7,6 +7,8 @@ other languages:
 
     POST /predict   body: a .npy array (Content-Type application/x-npy) or JSON {"inputs": [[...]]}
                     -> {"outputs": [[...]], "slot": "active", "version": "7", "latency_ms": 0.41}
+    POST /feedback  body: JSON {"request_id": "<from /predict>", "label": 3} (a batch: "labels": [3, 1])
+                    -> {"request_id", "version", "correct": [true]}; 404 unknown or forgotten id, 409 labelled
     GET  /health    -> versions per slot, the runtime's slot now, telemetry counters
 
 Requests are answered one at a time (the runtime is not re-entrant); a model the updater installed
@@ -20,11 +22,17 @@ No torch, TensorFlow, MLflow or Prefect here.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
 import numpy as np
 
+from edgeship.device.feedback import DEFAULT_MAX_REQUESTS, AnsweredRequests, Feedback
+from edgeship.device.field_samples import FieldSampler
+from edgeship.device.field_upload import FieldUploader
+from edgeship.device.http_server import add_server_arguments, server_limits
+from edgeship.device.request_checks import RequestLimits
 from edgeship.device.shadow import ShadowRunner
 from edgeship.device.telemetry import DRIFT_REFERENCE_FILE, WindowAggregator, sensor_reader
 from edgeship.records.telemetry import DeviceIdentity, DriftReference
@@ -62,11 +70,16 @@ class FieldRuntime:
         shadow_sample_rate: share of answers the shadow model (when one is installed) also runs on.
         compare_sample_rate: share of answers the model the active one replaced (the rollback slot, while installed)
             also runs on, in the same idle time: the candidate's agreement with the base on every rollout.
+        feedback_requests: answers remembered for the application's late labels (`feedback`).
+
+    Where the channel asks for field samples (its entry's `field_sampling`), `samples` keeps some inputs and
+    a thread uploads them (edgeship.device.field_samples, edgeship.device.field_upload).
     """
 
     def __init__(self, state_dir: str | Path, telemetry: MqttSettings | None = None, device_class: str = "default",
                  window_s: float = 60.0, shadow_sample_rate: float = 0.1, threads: int = 1, sensors=None,
-                 spool_max_records: int = 10_000, compare_sample_rate: float = 0.1):
+                 spool_max_records: int = 10_000, limits: RequestLimits = RequestLimits(),
+                 feedback_requests: int = DEFAULT_MAX_REQUESTS, compare_sample_rate: float = 0.1):
         from edgeship.device.runtime import DeviceRuntime
         from edgeship.device.state import compared_model
 
@@ -75,11 +88,18 @@ class FieldRuntime:
         self.aggregator = WindowAggregator(telemetry_identity(self.state_dir, device_class), state_dir=self.state_dir,
                                            reference=_reference(self.state_dir), progress_dir=telemetry_dir,
                                            sensors=sensor_reader(sensors) if sensors else None)
-        self.runtime = DeviceRuntime(self.state_dir, threads=threads, observers=[self.aggregator.on_inference])
+        self.runtime = DeviceRuntime(self.state_dir, threads=threads, observers=[self.aggregator.on_inference],
+                                     limits=limits)
         self.shadow = ShadowRunner(self.state_dir, self.aggregator.on_shadow, sample_rate=shadow_sample_rate,
                                    threads=threads)
+        self.answers = AnsweredRequests(max_requests=feedback_requests)
+        self.samples = FieldSampler(self.state_dir, self.aggregator.identity)
         self.compare = ShadowRunner(self.state_dir, self.aggregator.on_compared, sample_rate=compare_sample_rate,
-                                    threads=threads, model=compared_model, name="edgeship-compare")
+                                    threads=threads, model=compared_model, name="edgeship-compare",
+                                    disagreed=self.samples.prefer)
+        self.answers.listeners.append(self.samples.on_feedback)
+        self.aggregator.window_parts += [self.answers.window_fields, self.samples.window_fields]
+        self.uploader = FieldUploader(self.samples).start()
         self.reporter = None
         if telemetry is not None:
             self.reporter = TelemetryReporter(self.aggregator, Spool(telemetry_dir, max_records=spool_max_records),
@@ -100,14 +120,24 @@ class FieldRuntime:
         finally:
             for runner in runners:
                 runner.primary_done()
+        prediction = dataclasses.replace(prediction, request_id=self.answers.remember(
+            prediction.version, prediction.outputs, prediction.task))
+        self.samples.offer(batch, prediction, prediction.request_id)
         for runner in runners:
             runner.offer(batch, prediction)
         return prediction
+
+    def feedback(self, request_id: str, label: int | list[int]) -> Feedback:
+        """The application's true label (one per image of the request) for an answer `predict` gave, at any
+        delay; raises edgeship.device.feedback.FeedbackRefused (UnknownRequest, AlreadyLabelled) saying why not."""
+        return self.answers.label(request_id, label)
 
     def close(self) -> None:
         """Stop the shadow, flush the last window and give the spool a few seconds to drain (the rest stays spooled)."""
         self.shadow.stop()
         self.compare.stop()
+        self.uploader.stop()
+        self.runtime.close()  # a probation this process ran is taken over by the next start, not rolled back
         if self.reporter is not None:
             self.reporter.close(drain_s=5.0)
 
@@ -124,7 +154,11 @@ class FieldRuntime:
                 "reason": self.runtime.reason, "answered": self.answered,
                 "telemetry_records": self.reporter.records if self.reporter else 0,
                 "spooled": len(self.reporter.spool) if self.reporter else 0,
-                "spool_dropped": self.reporter.spool.dropped if self.reporter else 0}
+                "spool_dropped": self.reporter.spool.dropped if self.reporter else 0,
+                "spool_quarantined": self.reporter.spool.quarantined if self.reporter else 0,
+                "feedback": {"remembered": len(self.answers), "refused": self.answers.refused,
+                             "forgotten": self.answers.forgotten},
+                "field_samples": self.samples.totals}
 
 
 # --- `edgeship-device serve` -------------------------------------------------------------------
@@ -140,6 +174,11 @@ def add_arguments(parser) -> None:
     where.add_argument("--uds", default=None, metavar="PATH", help="serve on this Unix socket instead")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="runtime threads per model")
+    parser.add_argument("--max-batch", type=int, default=RequestLimits.max_batch,
+                        help="largest batch one request may hold (default: %(default)s)")
+    parser.add_argument("--max-body-mb", type=float, default=RequestLimits.max_body_bytes / (1 << 20),
+                        help="largest request body, refused with 413 beyond (default: %(default)s)")
+    add_server_arguments(parser)
     parser.add_argument("--broker", default=None, metavar="HOST:PORT", help="MQTT broker for telemetry (none: off)")
     parser.add_argument("--fleet", default="default", help="telemetry topic namespace edgeship/<fleet>/...")
     parser.add_argument("--device-class", default="default", help="this kind of device, e.g. pi4 (per record)")
@@ -159,6 +198,8 @@ def add_arguments(parser) -> None:
                         help="also run the OTA updater in this process every SECONDS (0: a separate "
                              "`edgeship-device update --interval` does it)")
     parser.add_argument("--confirm-after", type=int, default=20, help="good answers that confirm a new model")
+    parser.add_argument("--feedback-requests", type=int, default=DEFAULT_MAX_REQUESTS, metavar="N",
+                        help="answers remembered for POST /feedback, about 320 bytes each (default: %(default)s)")
     parser.set_defaults(run=run_serve)
 
 
@@ -203,13 +244,15 @@ def run_serve(args) -> int:
     stop = threading.Event()
     if args.update_every > 0:
         update_loop(args.state_dir, identity, args.update_every, args.confirm_after, stop)
+    limits = RequestLimits(max_batch=args.max_batch, max_body_bytes=int(args.max_body_mb * (1 << 20)))
     field = FieldRuntime(args.state_dir, telemetry=_broker(args), device_class=args.device_class,
                          window_s=args.window_s, shadow_sample_rate=args.shadow_sample_rate or 0.1,
-                         threads=args.threads, compare_sample_rate=args.compare_sample_rate)
+                         threads=args.threads, limits=limits, feedback_requests=args.feedback_requests,
+                         compare_sample_rate=args.compare_sample_rate)
     from edgeship.device.serve_http import serve
 
     try:
-        serve(field, host=args.host, port=args.port, uds=args.uds)
+        serve(field, host=args.host, port=args.port, uds=args.uds, limits=limits, server=server_limits(args))
     finally:
         stop.set()
     return 0

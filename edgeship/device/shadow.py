@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeship.device.detections import frame_agreement, open_model
+from edgeship.device.request_checks import InputRefused, RequestLimits, fit_batch
 from edgeship.device.telemetry import probabilities
 
 logger = logging.getLogger(__name__)
@@ -57,13 +58,16 @@ class ShadowRunner:
         model: which installed model runs (edgeship.device.state's shadow_model, or compared_model for the model the
             active one replaced); None when there is none now.
         name: the background thread's name.
+        disagreed: called with the request id of an answer the model run here disagreed with (the field sampler
+            keeps such inputs: `FieldSampler.prefer`); an answer without an id is not reported.
     """
 
     def __init__(self, state_dir: str | Path, report: ShadowReport, sample_rate: float = 0.1, threads: int = 1,
                  queue_size: int = 4, seed: int | None = None, idle_gap_s: float = 0.0005, max_wait_s: float = 2.0,
-                 model: Callable[[Path], object] | None = None, name: str = "edgeship-shadow"):
+                 model: Callable[[Path], object] | None = None, name: str = "edgeship-shadow",
+                 disagreed: Callable[[str], object] | None = None):
         self.state_dir = Path(state_dir)
-        self._model = model
+        self._model, self._disagreed = model, disagreed
         self.report, self.sample_rate, self.threads = report, sample_rate, threads
         self.idle_gap_s, self.max_wait_s = idle_gap_s, max_wait_s
         self._answers = threading.Lock()
@@ -107,7 +111,7 @@ class ShadowRunner:
         if getattr(prediction, "slot", "active") != "active" or self._random.random() >= self.sample_rate:
             return False
         try:
-            self._queue.put_nowait((batch, prediction.outputs))
+            self._queue.put_nowait((batch, prediction.outputs, getattr(prediction, "request_id", None)))
             return True
         except queue.Full:
             self.skipped += 1
@@ -147,12 +151,18 @@ class ShadowRunner:
             item = self._queue.get()
             if item is None:
                 return
-            batch, active_outputs = item
+            batch, active_outputs, request_id = item
             try:
                 session = self._load()
                 if session is None:
                     continue
                 if not self._wait_for_idle():
+                    self.skipped += 1
+                    self.report(self._version, 0, 0, 0.0, None, skipped=1)
+                    continue
+                try:  # the request fitted the model that answered; the shadow takes it in its own dtype, or not
+                    batch = fit_batch(batch, session.inputs, (), session.dynamic_batch, RequestLimits(len(batch)))
+                except InputRefused:
                     self.skipped += 1
                     self.report(self._version, 0, 0, 0.0, None, skipped=1)
                     continue
@@ -163,6 +173,8 @@ class ShadowRunner:
                                                     getattr(session, "task", "classification"))
                 self.compared += 1
                 self.report(self._version, agreements, samples, diff, latency_ms)
+                if agreements < samples and request_id and self._disagreed is not None:
+                    self._disagreed(request_id)
             except Exception as error:  # a failing shadow is telemetry, never an outage
                 logger.warning("shadow run failed: %s", error)
                 self.report(self._version, 0, 0, 0.0, None, error=True)

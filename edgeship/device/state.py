@@ -57,7 +57,7 @@ class DeviceIdentity(_Wire):
 
 
 class Holder(_Wire):
-    """The process running a probation: when it dies unconfirmed, the next start rolls back."""
+    """The process running a probation: when it dies unconfirmed, the next start resumes it (device.probation)."""
 
     pid: int
     boot_id: str = ""
@@ -65,12 +65,21 @@ class Holder(_Wire):
 
 
 class Probation(_Wire):
-    """The new active model must earn its place: `required` good inferences before `deadline`."""
+    """The new active model must earn its place: `required` good inferences within `deadline_s` of time served.
+
+    Time served runs on the device's monotonic clock (`served_s` up to `clock_at` on boot `clock_boot`), so a
+    wall clock stepped forward cannot end a probation; `deadline` is the wall-clock estimate, for people.
+    """
 
     version: str
     sha256: str
     started_at: datetime
     deadline: datetime
+    deadline_s: float | None = None  # None: a record from before time served (the wall-clock deadline holds)
+    served_s: float = 0.0
+    clock_at: float | None = None  # CLOCK_MONOTONIC when served_s was brought up to date
+    clock_boot: str = ""
+    restarts: int = 0  # times the process running it died before deciding (each one resumes it)
     required: int = Field(ge=1)
     max_failures: int = Field(ge=0)
     latency_budget_ms: float | None = None

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from edgeship.device.telemetry_detection import DetectionWindow, summarize
-from edgeship.files import write_atomic
+from edgeship.files import keep_json, write_atomic
 from edgeship.records.histogram import DEFAULT_SCALE, ExpHistogram, bucket_index
 from edgeship.records.telemetry import (CONFIDENCE_BINS, DeviceIdentity, DriftReference, DriftScore, Histogram,
                                        ShadowStats, SlotVersions, TelemetryEvent, TelemetryRecord)
@@ -144,6 +144,8 @@ class WindowAggregator:
         self._sequence = int(saved.get("sequence", 0))
         self._events_offset = int(saved.get("events_offset", 0))
         self._last_slot = "active"
+        # Other parts of the window (ground truth, field samples): each returns record fields when the window ends.
+        self.window_parts: list[Callable[[], dict[str, Any]]] = []
         self._reset(self._clock())
 
     def _reset(self, start: datetime) -> None:
@@ -238,6 +240,7 @@ class WindowAggregator:
             events, offset = read_events(self.state_dir / "events.jsonl", self._events_offset)
         versions = self._versions()
         sensors = self._read_sensors()
+        parts = {name: value for part in self.window_parts for name, value in part().items()}
         with self._lock:
             classes, confidence, detections = self._classes.tolist(), self._confidence.tolist(), self._detections
             shadow = _comparison(self._shadow, self._shadow_latency)
@@ -255,7 +258,7 @@ class WindowAggregator:
                 confidence_histogram=Histogram.from_sketch(self._confidence_exp),
                 drift=drift_score(self.reference, classes, confidence, detections) if self.reference else None,
                 shadow=shadow, compared=compared, events=events, sensors=sensors, spool_dropped=spool_dropped,
-                **(detections.as_record_fields() if detections is not None else {}))
+                **(detections.as_record_fields() if detections is not None else {}), **parts)
             self._events_offset = offset
             self._reset(end)
             sequence = self._sequence
@@ -313,13 +316,7 @@ def sensor_reader(sensors: Iterable[Any]) -> Callable[[], dict[str, float]]:
 
 def keep_drift_reference(state_dir: Path, reference: dict | None) -> None:
     """Keep the channel entry's drift reference beside the state (the updater calls this each check)."""
-    path = Path(state_dir) / DRIFT_REFERENCE_FILE
-    if reference is None:
-        path.unlink(missing_ok=True)
-        return
-    data = json.dumps(reference, sort_keys=True).encode()
-    if not path.is_file() or path.read_bytes() != data:
-        write_atomic(path, data)
+    keep_json(Path(state_dir) / DRIFT_REFERENCE_FILE, reference)
 
 
 def slot_versions(state_dir: Path | None) -> SlotVersions:

@@ -40,15 +40,16 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 from tuf.api.exceptions import DownloadHTTPError, DownloadLengthMismatchError, ExpiredMetadataError, RepositoryError
-from tuf.ngclient import Updater as TufUpdater
-from tuf.ngclient import UpdaterConfig as TufUpdaterConfig
+from tuf.ngclient import Updater as TufUpdater, UpdaterConfig as TufUpdaterConfig
 
 from edgeship.device import probation
 from edgeship.device.install import Golden, clear_downloads, pause_point, place, prune, random_batch, smoke_test
 from edgeship.device.probation import ProbationPolicy
 from edgeship.device.detections import open_model
+from edgeship.device.download import BoundedFetcher
 from edgeship.device.state import (BadRelease, DeviceState, UpdateReport, changing_state, device_identity,
                                    installed_model, is_intact, log_event, slot_path)
+from edgeship.device.field_samples import keep_field_sampling
 from edgeship.device.telemetry import keep_drift_reference
 from edgeship.errors import NothingToRollBack, SignatureError, SmokeTestFailed
 from edgeship.files import sha256_of
@@ -76,6 +77,9 @@ class UpdaterConfig:
         threads: Threads for the smoke test's runtime session (0: the runtime's default).
         probation: How many good inferences confirm a new model, how many bad ones roll it back, by when.
         self_check: The updater runs the probation itself on the golden inputs right after the swap.
+        check_timeout_s: A check ends (and frees the device's update lock) by this time, whatever the network does.
+        min_download_bytes_per_s, download_grace_s: A download slower than this over `download_grace_s`, or past
+            `download_grace_s` plus its signed length at this rate, fails (edgeship.device.download).
     """
 
     repository_url: str
@@ -87,6 +91,9 @@ class UpdaterConfig:
     threads: int = 1
     probation: ProbationPolicy = field(default_factory=ProbationPolicy)
     self_check: bool = True
+    check_timeout_s: float = 900.0
+    min_download_bytes_per_s: float = 4096.0
+    download_grace_s: float = 30.0
 
 
 class _Outcome(Exception):
@@ -109,6 +116,7 @@ class DeviceUpdater:
         """Run one check. Never raises for repository, network or model problems: the report says what happened."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         offered = None
+        self._check_deadline = time.monotonic() + self.config.check_timeout_s
         try:
             with _locked(self.state_dir):
                 clear_downloads(self.state_dir)
@@ -117,6 +125,7 @@ class DeviceUpdater:
                 entry = self._entry(tuf)
                 self._ensure_side_models(tuf, entry)
                 keep_drift_reference(self.state_dir, entry.drift_reference)  # the device's own drift score
+                keep_field_sampling(self.state_dir, entry.field_sampling)    # what the channel asks to sample
                 wanted, in_cohort = entry.choose(self.device_id, self._model_name)
                 if wanted is None:
                     raise _Outcome("not_in_cohort", "outside the candidate's cohort and the channel names no base; "
@@ -175,7 +184,9 @@ class DeviceUpdater:
         metadata_dir.mkdir(parents=True, exist_ok=True)
         return TufUpdater(metadata_dir=str(metadata_dir), metadata_base_url=f"{base}/metadata/",
                           target_dir=str(self.state_dir / "downloads"), target_base_url=f"{base}/targets/",
-                          config=TufUpdaterConfig(app_user_agent="edgeship-updater"), bootstrap=root)
+                          config=TufUpdaterConfig(app_user_agent="edgeship-updater"), bootstrap=root,
+                          fetcher=BoundedFetcher(self.config.min_download_bytes_per_s, self.config.download_grace_s,
+                                                 self._check_deadline, app_user_agent="edgeship-updater"))
 
     def _entry(self, tuf: TufUpdater) -> ChannelEntry:
         """Download and verify the channel descriptor; this target's entry."""
@@ -203,6 +214,13 @@ class DeviceUpdater:
             raise _Outcome("refused", f"version {wanted.version} was marked bad on this device ({bad.reason}); "
                                       f"waiting for a newer release")
         if state.active is not None and state.active.sha256 == wanted.sha256 and is_intact(self.state_dir, wanted):
+            if state.probation is not None and state.probation.holder is None and self.config.self_check \
+                    and probation.hold(self.state_dir):  # its check was cut short (power, SIGKILL): run it again
+                event = self._self_check(wanted, self._golden(tuf, wanted))
+                rolled_back = event is not None and event.kind == "rolled_back"
+                self._why = event.reason if rolled_back else f"resumed the probation of version {wanted.version}" + (
+                    "; confirmed" if event is not None else "")
+                return "rolled_back" if rolled_back else "updated"
             return "up_to_date" if in_cohort else "not_in_cohort"
         good = state.last_known_good
         if good is not None and good.sha256 == wanted.sha256 and is_intact(self.state_dir, good):
@@ -226,8 +244,8 @@ class DeviceUpdater:
             smoke_test(wanted, downloaded, golden, threads=self.config.threads)
         except SmokeTestFailed as error:
             downloaded.unlink(missing_ok=True)
-            if golden is not None:  # the file verified and computes wrong answers: never try it again
-                self._mark_bad(wanted, "golden vectors")
+            if golden is not None or str(error).startswith("model spec"):  # verified and wrong: never again
+                self._mark_bad(wanted, "golden vectors" if golden is not None else "model spec")
             raise error
         place(self.state_dir, wanted, downloaded)
         pause_point(self.state_dir, "swap")
@@ -256,7 +274,8 @@ class DeviceUpdater:
 
     def _self_check(self, model: ReleasedModel, golden: Golden | None):
         """Probation run by the updater: the golden inputs, one at a time, timed against the budget."""
-        policy = self.config.probation
+        kept = DeviceState.load(self.state_dir).probation  # a resumed one needs what it still lacks
+        rounds = (kept.required - kept.successes + kept.max_failures - kept.failures + 1) if kept else 1
         path = slot_path(self.state_dir, model)
         try:
             session = open_model(model.runtime, path, threads=self.config.threads, postprocess=model.postprocess)
@@ -264,7 +283,7 @@ class DeviceUpdater:
             session.run(inputs[0])  # warm-up: the first run pays for allocation, not the model
         except Exception as error:
             return probation.fail(self.state_dir, "probation: errors", f"does not load after the swap: {error}")
-        for i in range(policy.required + policy.max_failures + 1):
+        for i in range(rounds):
             index = i % len(inputs)
             ok = True
             start = time.perf_counter()
@@ -278,6 +297,7 @@ class DeviceUpdater:
             event = probation.record_inference(self.state_dir, latency_ms, ok)
             if event is not None:
                 return event
+        probation.release_hold(self.state_dir)  # undecided: the application's answers go on counting
         return None
 
     def _ensure_side_models(self, tuf: TufUpdater, entry: ChannelEntry) -> None:

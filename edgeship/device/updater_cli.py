@@ -48,7 +48,13 @@ def wire(command: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--confirm-after", type=int, default=20, metavar="N",
                             help="good inferences that confirm a new model on probation (default: 20)")
         parser.add_argument("--max-failures", type=int, default=2, help="bad inferences tolerated on probation")
-        parser.add_argument("--probation-s", type=float, default=600, help="probation deadline in seconds")
+        parser.add_argument("--probation-s", type=float, default=600,
+                            help="probation deadline in seconds of time served (monotonic, kept across restarts)")
+        parser.add_argument("--check-timeout-s", type=float, default=900, metavar="SECONDS",
+                            help="a check ends by then, whatever the network does, and frees the update lock "
+                                 "(default: 900)")
+        parser.add_argument("--min-download-rate", type=float, default=4096, metavar="BYTES_PER_S",
+                            help="a download slower than this over 30 s fails (default: 4096)")
         parser.add_argument("--app-confirms", action="store_true",
                             help="leave probation to the application (runtime or `confirm`) instead of checking here")
     if command == "rollback":
@@ -100,7 +106,8 @@ def run_update(args: argparse.Namespace) -> int:
     updater = DeviceUpdater(UpdaterConfig(
         repository_url=identity.repository_url, trusted_root=Path(identity.root), state_dir=args.state_dir,
         target=identity.target, channel=identity.channel, device_id=identity.device_id,
-        threads=args.threads, self_check=not args.app_confirms,
+        threads=args.threads, self_check=not args.app_confirms, check_timeout_s=args.check_timeout_s,
+        min_download_bytes_per_s=args.min_download_rate,
         probation=ProbationPolicy(required=args.confirm_after, max_failures=args.max_failures,
                                   deadline_s=args.probation_s)))
     while True:

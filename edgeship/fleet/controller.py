@@ -29,6 +29,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from edgeship.fleet import field_accuracy
 from edgeship.fleet.aggregate import FleetSnapshot, VersionStats
 from edgeship.fleet.agreement import comparison_of, failed_on_agreement
 from edgeship.fleet.cohort import cohort_verdicts
@@ -284,13 +285,15 @@ def decide(snapshot: FleetSnapshot, status: RolloutStatus, policy: ChannelPolicy
     if stats is not None:
         reasons, criteria = _abort_reasons(stats, policy, status, base)
         evidence["abort_criteria"] = criteria
+        dropped, evidence["field_accuracy"] = field_accuracy.abort_on_drop(stats, base, policy.field_accuracy)
+        reasons += dropped
         if reasons:
             return decision("abort", 0.0, reasons, evidence)
     if status.fraction <= 0 and status.shadow_version != status.candidate_version:
         return decision("advance", policy.first_stage, [f"start: first stage {policy.first_stage:g}"], evidence)
     # Stage 0 of a shadowed candidate: the shadow cohort's comparison must pass before any device answers with it.
     unmet = (_unmet_shadow(stats, policy, status) if status.fraction <= 0
-             else _unmet_success(stats, policy, status, base))
+             else _unmet_success(stats, policy, status, base) + field_accuracy.unmet(stats, policy.field_accuracy))
     if status.stage_started_at is not None:
         soaked = (now - status.stage_started_at).total_seconds()
         if soaked < policy.soak_s:

@@ -25,6 +25,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from edgeship.records.field import FieldSampling
+
 FailureType = Literal["install", "probation", "latency", "disagreement", "fallback", "all"]
 
 
@@ -144,6 +146,26 @@ class CohortPolicy(_Section):
                                    "above which a mix differs")
 
 
+class FieldAccuracyPolicy(_Section):
+    """Labelled field accuracy: the applications' ground truth (`POST /feedback`), per version
+    (edgeship.fleet.field_accuracy)."""
+
+    min_accuracy: float | None = Field(default=None, ge=0, le=1, description="success: the candidate's labelled "
+                                       "field accuracy is at least this (none: not required)")
+    min_labelled: int = Field(default=200, ge=1, description="labelled answers a version needs before its accuracy "
+                              "counts (the candidate's for min_accuracy; both sides' for the drop test)")
+    abort_on_drop: bool = Field(default=True, description="abort when the candidate's labelled accuracy is "
+                                "significantly below the base's on the same stretch")
+    max_drop: float = Field(default=0.02, ge=0, le=1, description="the drop against the base that is tolerated")
+    significance: float = Field(default=0.01, gt=0, lt=0.5, description="level of the one-sided two-proportion test")
+
+
+class FieldSamplesParams(FieldSampling):
+    """A channel's field samples (off unless given): signed into its entries at publish."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
 class AbortCriterion(_Section):
     failure_type: FailureType
     min_executed_devices: int = Field(default=3, ge=1)
@@ -161,6 +183,9 @@ class ChannelPolicy(_Section):
     success: SuccessCriteria = Field(default_factory=SuccessCriteria)
     agreement: AgreementPolicy = Field(default_factory=AgreementPolicy)
     cohort: CohortPolicy = Field(default_factory=CohortPolicy)
+    field_accuracy: FieldAccuracyPolicy = Field(default_factory=FieldAccuracyPolicy)
+    field_samples: FieldSamplesParams | None = Field(default=None, description="devices keep and upload a share "
+                                                     "of their inputs (opt-in; none: off)")
     abort_criteria: list[AbortCriterion] = Field(default_factory=lambda: [
         AbortCriterion(failure_type="install"), AbortCriterion(failure_type="probation"),
         AbortCriterion(failure_type="latency"), AbortCriterion(failure_type="disagreement")])

@@ -15,6 +15,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from edgeship.fleet import field_accuracy
 from edgeship.fleet.aggregate import FleetSnapshot, VersionStats
 from edgeship.fleet.controller import Decision
 
@@ -75,10 +76,11 @@ def fleet_metrics(stats: VersionStats, compared_with: str | None = None) -> dict
         "fleet.drift_psi": stats.drift.score if stats.drift else None,
         "fleet.install_failures": float(len(stats.events.refused)),
         "fleet.probation_failures": float(len(stats.events.rolled_back)),
-        # Accuracy in the field: estimated from confidence (no labels needed, edgeship.fleet.estimate) here;
-        # labelled field accuracy from the application's feedback goes beside it.
+        # Accuracy in the field estimated from confidence (no labels needed, edgeship.fleet.estimate); the labelled
+        # field accuracy from the applications' feedback is added beside it (field_accuracy.metrics, below).
         "fleet.estimated_accuracy": stats.estimated_accuracy.accuracy if stats.estimated_accuracy else None,
     })
+    metrics.update(field_accuracy.metrics(stats))   # labelled accuracy from the applications' feedback
     if compared_with:
         compared = comparison_of(stats, compared_with)
         metrics["fleet.agreement_with_base"] = compared.agreement

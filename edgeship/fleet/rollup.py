@@ -239,7 +239,10 @@ def update_events(record: TelemetryRecord, rows: Rows) -> None:
                 sums.count(f"reason.{event.kind}: {event.reason or 'unknown'}")
 
 
-CONTRIBUTORS: list[Contributor] = [answers, shadow_comparisons, update_events, compared_answers]
+from edgeship.fleet import rollup_field  # noqa: E402 - the field's truth: labels and field samples
+
+CONTRIBUTORS: list[Contributor] = [answers, shadow_comparisons, update_events, compared_answers,
+                                   rollup_field.labelled_answers, rollup_field.field_samples]
 
 
 def bucket_of(at: datetime, bucket_s: float) -> datetime:

@@ -108,6 +108,12 @@ def _fallbacks(params: Params, tracking_uri: str, dst: Path, targets: list[str])
     return {a.target: (resolved.model_name, resolved.version, a) for a in resolved.artifacts if a.target in targets}
 
 
+def _field_sampling(params, channel: str) -> dict | None:
+    """The channel's field sampling settings as its entries carry them (None: the channel does not sample)."""
+    sampling = params.rollout.policy_for(channel).field_samples
+    return sampling.model_dump(mode="json") if sampling is not None else None
+
+
 @flow(name="publish", log_prints=True)
 def publish(alias: str | None = "production", params_path: str = "params.yaml", workdir: str = ".",
             channel: str | None = None, rollout_fraction: float = 1.0, targets: list[str] | None = None,
@@ -139,7 +145,7 @@ def publish(alias: str | None = "production", params_path: str = "params.yaml", 
                 channel=channel, rollout_fraction=rollout_fraction, latency_budgets=budgets, golden=golden,
                 fallbacks=fallbacks, allow_failed_gate=release.allow_failed_gate, source=release.source,
                 golden_tolerance=(params.ota.golden_atol, params.ota.golden_rtol),
-                drift_reference=drift_reference or reference)
+                drift_reference=drift_reference or reference, field_sampling=_field_sampling(params, channel))
     note_publish(tracking_uri, release.model_name, release.version, channel,
                  f"{release.source} at {rollout_fraction:g}" + (f"; skipped {release.skipped}" if release.skipped
                                                                  else ""))

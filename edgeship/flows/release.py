@@ -30,6 +30,7 @@ from edgeship.records import ReleaseSummary, TargetSummary
 from edgeship.registry.tracking import ReleaseRun
 from edgeship.tasks.data_version import Reproduction
 from edgeship.tasks.gate import earns_its_place, evaluate_gate, float_sibling, release_passes
+from edgeship.tasks import field_data
 from edgeship.tasks.kinds import get_task
 
 
@@ -101,6 +102,11 @@ def _release(root: Path, params, run: ReleaseRun, out_dir: Path, cache: ProjectC
              devices=None) -> ReleaseSummary:
     data = release_tasks.prepare_data(root, params, run, preparing)
     lineage: dict[str, str] = {}
+    if params.field_data.use and params.task == "classification":  # samples the devices uploaded
+        release_tasks.pull_field_samples(params, root, run)
+        data = field_data.with_field_split(data, root / params.field_data.dir, out_dir)
+        if "field_train" in data.counts:
+            lineage["field"] = f"{data.counts['field_train']} train, {data.counts['field_test']} test ({data.dvc_hash})"
     if params.distillation.enabled:
         trained = cache.call(quantization_tasks.distill_model, params, data, out_dir, run,
                              on_reuse=lambda model: release_tasks.reused_model(run, model, "student"))
@@ -114,6 +120,9 @@ def _release(root: Path, params, run: ReleaseRun, out_dir: Path, cache: ProjectC
         trained, lineage["prune"] = pruning_tasks.prune(params, trained, data, out_dir, run)
         if trained.checkpoint != unpruned.checkpoint:
             lineage["prune.from"] = unpruned.model_uri or str(unpruned.checkpoint)
+    field_accuracy = field_data.field_test_accuracy(trained, data)
+    if field_accuracy is not None:  # lab test and field test, reported apart
+        run.log_metrics({"field_test_accuracy": field_accuracy})
     quantized = None
     if release_tasks.needs_quantized_model(params.targets):
         quantized = _quantize(params, trained, data, out_dir, run, lineage, cache)
@@ -152,4 +161,4 @@ def _release(root: Path, params, run: ReleaseRun, out_dir: Path, cache: ProjectC
     return ReleaseSummary(model_name=params.project.name, model_version=version, run_id=run.run_id,
                           fp32_test_accuracy=trained.test_accuracy, data_hash=data.dvc_hash, targets=summaries,
                           passed=passed, aliases=[params.registry.candidate_alias] if passed else [],
-                          task=params.task, fp32_metrics=trained.metrics)
+                          task=params.task, fp32_metrics=trained.metrics, fp32_field_test_accuracy=field_accuracy)

@@ -63,6 +63,25 @@ def prepare_data(workdir: Path, params: Params, run: ReleaseRun, preparing=None)
     return data
 
 
+def pull_field_samples(params: Params, root: Path, run: ReleaseRun) -> None:
+    """Pull the devices' newest field samples where params.yaml names a source (`edgeship data field`); an
+    unreachable bucket leaves the field split as last pulled, said in a tag and a warning, not a failed release."""
+    from edgeship.errors import DataError
+    from edgeship.tasks.field_data import pull_configured, source_of
+
+    if source_of(params)[0] is None:
+        return
+    progress().start("field samples", total=1)
+    try:
+        report = pull_configured(params, root)
+    except DataError as error:
+        progress().finish("field samples", note=f"not pulled ({error}); training on the split as last pulled")
+        run.set_tags({"edgeship.field_pull": f"failed: {str(error)[:400]}"})
+        return
+    run.set_tags({"edgeship.field_pull": f"{report.downloaded} new objects, split {report.counts}"})
+    progress().finish("field samples", note=f"{report.downloaded} new, split {report.counts}")
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def train_model(params: Params, data: PreparedData, out_dir: Path, run: ReleaseRun) -> TrainedModel:
     """Train the fp32 model; log per-epoch metrics and the model itself (with signature) to MLflow."""

@@ -12,7 +12,10 @@ a SQLite file (`DeliveryStore`) before the answer, a worker publishes it, and it
 counts as done only once the publish succeeded; a failed publish is retried with
 backoff, and deliveries still pending when the receiver stops are taken up when
 it starts again. The same file remembers delivery ids across restarts, so a
-redelivered event is ignored.
+redelivered event is ignored, and which version each watched alias last named: deliveries
+for the version it names already (MLflow retries, an alias set twice, concurrent deliveries
+with different ids) publish it once. An alias moved back to an older version publishes that
+version again.
 
     >>> app = create_app(WatchedAlias("digits-classifier", "production", secret),
     ...                  publish_in_process(".", "params.yaml"), store=DeliveryStore(".edgeship/webhook.sqlite"))
@@ -90,15 +93,31 @@ class DeliveryStore:
         self._db.execute("CREATE TABLE IF NOT EXISTS deliveries (id TEXT PRIMARY KEY, model TEXT, version TEXT, "
                          "state TEXT, attempts INTEGER DEFAULT 0, next_at REAL DEFAULT 0, error TEXT, "
                          "received_at REAL, done_at REAL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS aliases (model TEXT, alias TEXT, version TEXT, delivery_id TEXT, "
+                         "PRIMARY KEY (model, alias))")
 
-    def accept(self, delivery_id: str, model: str, version: str) -> bool:
-        """Record a new delivery as pending; False when this id was seen before (pending or done)."""
+    def accept(self, delivery_id: str, model: str, version: str, alias: str = "") -> bool:
+        """Record a new delivery as pending; False when this id was seen before, or the alias names this version
+        already (one transaction: of concurrent deliveries for one version, exactly one is accepted)."""
         with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")  # also serialises receivers in other processes sharing the file
             try:
+                named = self._db.execute("SELECT version FROM aliases WHERE model = ? AND alias = ?",
+                                         (model, alias)).fetchone()
+                if named is not None and named[0] == version:
+                    self._db.execute("ROLLBACK")
+                    return False
                 self._db.execute("INSERT INTO deliveries (id, model, version, state, received_at) "
                                  "VALUES (?, ?, ?, 'pending', ?)", (delivery_id, model, version, time.time()))
+                self._db.execute("INSERT OR REPLACE INTO aliases (model, alias, version, delivery_id) "
+                                 "VALUES (?, ?, ?, ?)", (model, alias, version, delivery_id))
+                self._db.execute("COMMIT")
             except sqlite3.IntegrityError:
+                self._db.execute("ROLLBACK")
                 return False
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
         return True
 
     def due(self) -> list[tuple[str, str, str, int]]:
@@ -203,15 +222,20 @@ def create_app(watched: WatchedAlias, on_promotion: Promotion, store: DeliverySt
             payload = verify_delivery(watched.secret, request.headers, body)
         except SignatureError as error:
             raise HTTPException(status_code=401, detail=str(error)) from None
-        data = payload.get("data", {})
+        except ValueError as error:  # signed, but not JSON
+            raise HTTPException(status_code=400, detail=f"the delivery's body is not JSON: {error}") from None
+        data = payload.get("data") if isinstance(payload, dict) else None
+        if not isinstance(data, dict):
+            raise HTTPException(status_code=400, detail='the delivery is not an MLflow event (a JSON object with '
+                                                        '"entity", "action" and "data")')
         event = f"{payload.get('entity')}.{payload.get('action')}"
         if event != "model_version_alias.created":
             return {"ignored": f"event {event}"}
         if data.get("name") != watched.model_name or data.get("alias") != watched.alias:
             return {"ignored": f"{data.get('name')}@{data.get('alias')} is not {watched.model_name}@{watched.alias}"}
         version = str(data.get("version"))
-        if not store.accept(request.headers["x-mlflow-delivery-id"], watched.model_name, version):
-            return {"ignored": "delivery already handled"}
+        if not store.accept(request.headers["x-mlflow-delivery-id"], watched.model_name, version, watched.alias):
+            return {"ignored": f"delivery already handled, or {watched.alias} names version {version} already"}
         # Publishing takes seconds to minutes; MLflow's delivery times out long before. Answer now, durably queued.
         publisher.wake.set()
         return {"publishing": {"model": watched.model_name, "version": version}}

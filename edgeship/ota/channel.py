@@ -78,6 +78,7 @@ class ReleasedModel(_Wire):
     bytes: int = Field(ge=0)
     runtime: str = Field(description="runtime that loads it, e.g. onnxruntime")
     inputs: list[TensorSpec]
+    outputs: list[TensorSpec] = Field(default_factory=list)  # what the target declares (checked before a swap)
     model_name: str = ""
     latency_budget_ms: float | None = None  # the gate's p99 budget for this target
     golden: GoldenVectors | None = None
@@ -107,6 +108,7 @@ class ChannelEntry(_Wire):
     shadow_sample_rate: float = Field(default=0.1, ge=0.0, le=1.0)
     fallback: ReleasedModel | None = None
     drift_reference: dict | None = None
+    field_sampling: dict | None = None  # edgeship.records.field.FieldSampling: the channel asks for field samples
     allow_failed_gate: str | None = None  # the override reason when published with --allow-failed-gate
 
     @model_serializer(mode="wrap")

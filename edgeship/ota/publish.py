@@ -62,7 +62,8 @@ def upload_model(repository: OtaRepository, model_name: str, version: str | int,
                                 atol=golden_tolerance[0], rtol=golden_tolerance[1], count=count,
                                 kind="detections" if artifact.postprocess else "logits")
     return ReleasedModel(version=version, target_path=target_path, sha256=artifact.sha256, bytes=artifact.bytes,
-                         runtime=artifact.runtime, inputs=artifact.inputs, model_name=model_name,
+                         runtime=artifact.runtime, inputs=artifact.inputs, outputs=artifact.outputs,
+                         model_name=model_name,
                          latency_budget_ms=latency_budget_ms, golden=vectors, postprocess=artifact.postprocess)
 
 
@@ -79,6 +80,7 @@ def publish_release(
     fallbacks: dict[str, tuple[str, str, CompiledArtifact]] | None = None,
     allow_failed_gate: str | None = None,
     drift_reference: dict | None = None,
+    field_sampling: dict | None = None,
     source: str = "",
     golden_tolerance: tuple[float, float] = (0.05, 0.05),
 ) -> ChannelDescriptor:
@@ -102,6 +104,8 @@ def publish_release(
         fallbacks: Per target (model name, version, artifact) of the small fallback model.
         allow_failed_gate: The reason this version is published although a required gate failed.
         drift_reference: Carried into every entry for the fleet's drift check.
+        field_sampling: The channel's field sampling settings (edgeship.records.field.FieldSampling), carried into
+            every entry it publishes; None leaves devices sampling nothing.
         source: How the version was chosen ("alias production -> v7"), recorded in the descriptor.
 
     Returns:
@@ -133,6 +137,7 @@ def publish_release(
                                    vectors.get(artifact.target), golden_tolerance)
             entry = stage(entries.get(artifact.target), release, rollout_fraction, allow_failed_gate)
             extra = {"drift_reference": drift_reference} if drift_reference is not None else {}
+            extra["field_sampling"] = field_sampling
             if fallbacks and artifact.target in fallbacks:
                 name, fallback_version, fallback = fallbacks[artifact.target]
                 extra["fallback"] = upload_model(repository, name, fallback_version, fallback,

@@ -191,7 +191,10 @@ class S3Storage:
         self.endpoint_url = endpoint_url
         # Standard retries (3 attempts, jittered backoff): a blip is retried, a dead endpoint fails in seconds.
         config = Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=10, read_timeout=60)
-        self._client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+        # A session of its own: boto3's default session keeps the credentials it resolved first for the life of
+        # the process, so a process that opens storages under changing credentials (a worker, a test session)
+        # would sign with stale ones.
+        self._client = boto3.Session().client("s3", endpoint_url=endpoint_url, config=config)
         self._conditional: tuple[str | None] | None = None  # the probe's answer, once asked
 
     def _key(self, path: str) -> str:

@@ -165,3 +165,4 @@ class ReleaseSummary(Record):
     aliases: list[str] = Field(default_factory=list)
     task: str = "classification"
     fp32_metrics: dict[str, float] = Field(default_factory=dict)  # the task's other test metrics (map50, ...)
+    fp32_field_test_accuracy: float | None = None  # on the field test split (edgeship.tasks.field_data), if any

@@ -121,6 +121,30 @@ class ShadowStats(WireRecord):
         return self.agreements / self.samples if self.samples else None
 
 
+class LabelledAnswers(WireRecord):
+    """The application's ground truth this window for answers one version gave (whenever it gave them):
+    edgeship.device.feedback counts them, edgeship.fleet.field_accuracy rolls them up."""
+
+    version: str
+    labelled: int = 0
+    correct: int = 0                      # the answer's top-1 class was the true label
+    by_class: list[int] = Field(default_factory=list)          # labelled answers per true class
+    correct_by_class: list[int] = Field(default_factory=list)  # correct answers per true class
+    delay_s_sum: float = 0.0              # sum over labels of (label received - answer given), seconds
+
+
+class FieldSampleStats(WireRecord):
+    """The device's field samples (edgeship.device.field_samples) this window; `pending*` as the window ends."""
+
+    kept: int = 0                         # samples written to the device's sample spool
+    uploaded: int = 0
+    uploaded_bytes: int = 0
+    dropped: int = 0                      # samples not kept or deleted unsent: over the day's byte budget
+    upload_failures: int = 0
+    pending: int = 0                      # waiting in the spool (bucket unreachable, or not yet sent)
+    pending_bytes: int = 0
+
+
 class TelemetryEvent(WireRecord):
     """An update event as the state directory's events.jsonl holds it (issue-9's UpdateEvent)."""
 
@@ -185,6 +209,8 @@ class TelemetryRecord(WireRecord):
     sums: dict[str, float] = Field(default_factory=dict)
     histograms: dict[str, Histogram] = Field(default_factory=dict)
     spool_dropped: int = 0                # records this device's spool ever had to drop (budget exceeded)
+    labels: list[LabelledAnswers] = Field(default_factory=list)   # ground truth the application sent this window
+    field_samples: FieldSampleStats | None = None
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()

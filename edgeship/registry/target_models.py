@@ -174,9 +174,11 @@ def download_target(tracking_uri: str, model_id: str, sha256: str, dst: Path) ->
         SignatureError: No file in the model has the recorded sha256 (the store changed after gating).
     """
     import mlflow.artifacts
+    from mlflow import MlflowClient
 
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_id}", dst_path=str(dst),
+    try:  # not `models:/<id>`: MLflow resolves that through the process-wide registry URI, not `tracking_uri`
+        location = MlflowClient(tracking_uri=tracking_uri).get_logged_model(model_id).artifact_location
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dst),
                                                          tracking_uri=tracking_uri))
     except Exception as error:  # MlflowException, or the artifact store's own errors
         raise RegistryError(f"cannot download logged model {model_id}: {error}") from None
