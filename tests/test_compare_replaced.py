@@ -9,9 +9,11 @@ import time
 
 import numpy as np
 
+from edgeship.device.field_samples import keep_field_sampling
 from edgeship.device.serve import FieldRuntime
 from edgeship.device.state import compared_model, provision
 from edgeship.device.updater import DeviceUpdater, UpdaterConfig
+from edgeship.records.field import FieldSampling, SampleMeta
 
 from fleet_simulator import digits_models
 from ota_world import TARGET, OtaWorld
@@ -57,10 +59,22 @@ def test_the_active_model_is_compared_with_the_one_it_replaced(tmp_path):
             world.publish("3", content=models["silent"])                       # v2 confirmed: v3 replaces it
             updater.update()
             assert compared_model(state_dir).version == "2"
+            # the channel samples field inputs, none at random: only what the replaced model disagreed with is kept
+            keep_field_sampling(state_dir, FieldSampling(
+                upload_url="s3://field/samples", endpoint_url="http://127.0.0.1:9", sample_rate=0.0,
+                low_confidence=0.0, upload_every_s=3600).model_dump())
             assert set(answer(field, images[:100])) == {"3"}
             silent = field.aggregator.close_window()
             assert silent.compared.version == "2" and silent.compared.samples >= 75
             assert silent.compared.agreement < 0.05, silent.compared           # rotated classes: almost never
+            field.samples.write_queued()
+            kept = [SampleMeta.model_validate_json(str(np.load(p)["meta"])) for p in field.samples.pending()
+                    if p.suffix == ".npz"]
+            disagreed = silent.compared.samples - silent.compared.agreements
+            # each disagreement reached the sampler: kept, or counted dropped past its queue (64 between two writes)
+            assert len(kept) + field.samples.totals["dropped"] == disagreed and len(kept) >= 50
+            assert {m.reason for m in kept} == {"disagreement"}
+            assert {m.version for m in kept} == {"3"}
 
             world.publish("2", content=models["good-2"])    # the base again: back to v2, nothing to compare with
             updater.update()

@@ -14,7 +14,7 @@ from edgeship.fleet.agreement import comparison_of, failed_on_agreement, wilson_
 from edgeship.fleet.cohort import chi2_homogeneity, chi2_sf, compare_cohorts, jensen_shannon_distance
 from edgeship.fleet.controller import RolloutStatus, decide
 from edgeship.fleet.estimate import confidence_accuracy, estimated_accuracy
-from edgeship.fleet.policy import ChannelPolicy, CohortPolicy
+from edgeship.fleet.policy import AgreementPolicy, ChannelPolicy, CohortPolicy
 from edgeship.fleet.rollup import Rollups
 from edgeship.fleet.store import FleetStore
 from edgeship.records.telemetry import DriftReference
@@ -84,10 +84,10 @@ def test_a_silent_failure_is_aborted_on_disagreement_without_a_shadow_stage():
 
 
 def test_a_device_fails_before_its_minimum_of_comparisons_only_when_the_bound_proves_it():
-    early = candidate(3, 0, 4)                  # 0 of 4 agree: upper bound 0.57 < 0.8, under 50 comparisons
+    early = candidate(3, 0, 8)                  # 0 of 8 agree: upper bound 0.40 < 0.5, under 50 comparisons
     decision, _ = decide_on(BASE + early)
     assert decision.action == "abort" and "disagreement failures on 3/3 devices" in decision.reasons[0]
-    unsure = candidate(3, 3, 4)                 # 3 of 4: no evidence yet, and too few comparisons to count
+    unsure = candidate(3, 1, 4)                 # 1 of 4: no evidence yet, and too few comparisons to count
     decision, _ = decide_on(BASE + unsure)
     assert decision.action == "hold" and decision.evidence["abort_criteria"]["disagreement"]["executed"] == 0
 
@@ -102,8 +102,11 @@ def test_a_good_candidate_agreeing_96_percent_advances():
 def test_a_candidate_compared_on_too_few_answers_or_agreeing_too_little_holds():
     decision, _ = decide_on(BASE + candidate(4, 10, 10))
     assert decision.action == "hold" and decision.reasons == ["hold: compared with v7 on 40/200 answers"]
-    decision, _ = decide_on(BASE + candidate(4, 85, 100))   # not proof of a failure, but below min_agreement
-    assert decision.action == "hold" and decision.reasons == ["hold: agreement with v7 0.850 < 0.9"]
+    decision, _ = decide_on(BASE + candidate(4, 45, 100))   # not proof of a failure, but below min_agreement
+    assert decision.action == "hold" and decision.reasons == ["hold: agreement with v7 0.450 < 0.5"]
+    like_the_base = POLICY.model_copy(update={"agreement": AgreementPolicy(min_agreement=0.95)})  # a re-quantization
+    decision, _ = decide_on(BASE + candidate(4, 90, 100), policy=like_the_base)
+    assert decision.action == "hold" and decision.reasons == ["hold: agreement with v7 0.900 < 0.95"]
     first = STATUS.model_copy(update={"base_version": None})          # a first release replaces nothing
     decision, _ = decide_on(candidate(4, 0, 0), status=first)
     assert decision.action == "advance", decision.reasons

@@ -147,7 +147,7 @@ def test_a_truly_slow_candidate_aborts_on_the_same_loaded_host():
 
 
 def test_abort_when_the_shadow_disagrees_with_the_active_model():
-    shadows = [record(f"s{i}", "7", shadow=("8", 60 if i < 2 else 99, 100)) for i in range(4)]
+    shadows = [record(f"s{i}", "7", shadow=("8", 30 if i < 2 else 99, 100)) for i in range(4)]   # 30%: a failure
     # shadow cohort only: the candidate answers nowhere yet
     status = STATUS.model_copy(update={"fraction": 0.0, "shadow_version": "8"})
     decision = decide_on(shadows, status=status)
@@ -224,7 +224,7 @@ def slow(n: int):
 
 
 def disagreeing(n: int):
-    return [record(f"shadow-{i}", "7", shadow=("8", 60, 100)) for i in range(n)]
+    return [record(f"shadow-{i}", "7", shadow=("8", 30, 100)) for i in range(n)]
 
 
 # Each failure type on 2 of 5 executed devices (40%): (kind, the fleet, executed devices, failed devices)

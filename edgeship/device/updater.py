@@ -253,8 +253,7 @@ class DeviceUpdater:
         with changing_state(self.state_dir) as state:
             if state.probation is None and is_intact(self.state_dir, state.active):
                 state.last_known_good = state.active  # a confirmed model: what a failed probation returns to
-            state.active = wanted
-            state.replaced = state.last_known_good.sha256 if state.last_known_good else None
+            state.active, state.replaced = wanted, state.last_known_good.sha256 if state.last_known_good else None
             state.probation = probation.begin(wanted, self.config.probation, holder)
             state.save(self.state_dir)
             prune(self.state_dir, state)

@@ -6,7 +6,8 @@ a sampled share of inputs (`compared@<base>.*` sums, edgeship.fleet.rollup_compa
 answers is no evidence either way, so a device is judged on a one-sided Wilson score bound of its agreement:
 
 * Abort (irreversible): a device fails `disagreement` when even the upper bound of its agreement is below
-  `policy.agreement.abort_below` at `significance` (3 disagreements of 3 are enough; 9 of 10 agreeing never are).
+  `policy.agreement.abort_below` at `significance` (at the default 0.5: 6 disagreements of 6 are enough; 4
+  agreements of 10 are not).
   It counts as executed once it has `min_samples_per_device` comparisons, or earlier when it already failed.
 * Advance (cheap to delay): the candidate's comparisons over all its devices must number `min_compared` and their
   agreement reach `min_agreement`.

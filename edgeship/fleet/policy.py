@@ -12,7 +12,7 @@ familiar to an operator:
         latency: {significance: 0.01, max_ratio_to_base: 2}   # a p99 over budget must be the candidate's doing
         success: {min_install_success: 0.95, min_probation_success: 0.95, min_shadow_agreement: 0.97,
                   max_drift_psi: 0.25, p99_budget_ms: {pi4: 40}}   # default budget: the gate's, per target
-        agreement: {min_compared: 200, min_agreement: 0.9, abort_below: 0.8}   # against the model it replaces
+        agreement: {min_compared: 200, min_agreement: 0.5, abort_below: 0.5}   # against the model it replaces
         cohort: {enabled: true, abort: false}   # class and confidence mix, candidate cohort vs base cohort
         abort_criteria:
           - {failure_type: probation, min_executed_devices: 3, threshold_percentage: 20}
@@ -118,11 +118,13 @@ class AgreementPolicy(_Section):
 
     min_compared: int = Field(default=200, ge=0, description="compared answers (all the candidate's devices "
                               "together) before a stage can advance; 0: not required (devices too old to compare)")
-    min_agreement: float = Field(default=0.9, ge=0, le=1, description="a stage advances only when the candidate "
-                                 "gives the base's answer at least this often (a retrained model disagrees where the "
-                                 "base was wrong)")
-    abort_below: float = Field(default=0.8, ge=0, le=1, description="the `disagreement` abort criterion: a device "
-                               "fails when its agreement is significantly below this (one-sided Wilson bound)")
+    min_agreement: float = Field(default=0.5, ge=0, le=1, description="a stage advances only when the candidate "
+                                 "gives the base's answer at least this often; low by default, since a release "
+                                 "retrained after a shift rightly disagrees wherever the base was wrong (raise it, e.g. "
+                                 "0.95, for releases that should answer like the base: a re-quantization)")
+    abort_below: float = Field(default=0.5, ge=0, le=1, description="the `disagreement` abort criterion: a device "
+                               "fails when its agreement is significantly below this (one-sided Wilson bound): a "
+                               "candidate that gives another answer on most inputs")
     significance: float = Field(default=0.01, gt=0, lt=0.5, description="level of that bound")
 
 
