@@ -2,13 +2,17 @@
 
 A FleetSimulator (tests/fleet_simulator.py) runs `--devices` real `edgeship-device serve` processes (each
 its own updater, runtime, shadow and telemetry over real MQTT to a Mosquitto of its own), fed with real
-digits test images, half of them in an emulated device class `small` with a tight p99 budget. Two
+digits test images, half of them in an emulated device class `small` with a tight p99 budget. Three
 scenarios in one run:
   (a) good: v2 (another logistic regression, ~96% agreement with v1) is shadowed on half the fleet,
       then rolled out stage by stage to 100% by the controller;
-  (b) bad: v3 (v1's classes rotated, in a model ~2000x slower: ~20 ms an answer) starts at the first
+  (b) bad: v3 (v2's answers in a model ~2000x slower: ~20 ms an answer) starts at the first
       stage, misses the `small` class's p99 budget (10 ms), and is aborted; devices go back to v2. The
       broker is killed and restarted (SIGKILL, 2 s down) in the middle.
+  (c) silent failure: v4 (v2 with its classes rotated: as fast, the same class mix and confidences, installs
+      and passes probation, gives another answer on nearly every input) is published straight to the first
+      stage, no shadow; the devices serving it compare it with v2 (the model it replaced) in their idle time,
+      and the controller aborts it on disagreement; devices go back to v2.
 Then, with the applications and devices stopped (the host quiet again), the shadow's overhead on the primary's
 answer path is measured in-process (p50 with the shadow sampling on vs off, alternating blocks, same
 device state).
@@ -54,6 +58,7 @@ def policy(devices: int, window_s: float, first: float = 0.25) -> dict:
             "min_samples_per_device": 40, "soak_s": 2 * window_s,
             "latency": {"significance": 0.01, "max_ratio_to_base": 2.0},
             "success": {"min_shadow_agreement": 0.9, "p99_budget_ms": {"small": 10.0, "fast": 2000.0}},
+            "agreement": {"min_compared": 100},   # candidate vs the model it replaced, before a stage advances
             # Half the (stratified) first stage is the `small` class: a failure share of 40% over at least a
             # third of the first stage's devices (3 of 10 at 40 devices) is the bad release, not one device.
             "abort_criteria": [{"failure_type": t, "min_executed_devices": max(2, math.floor(devices * first / 3)),
@@ -137,6 +142,13 @@ def shadow_overhead(fleet: FleetSimulator, blocks: int = 192, per_block: int = 5
     return {**paced, "sample_rate": rate, "back_to_back": back_to_back}
 
 
+def _compared_line(compared: dict | None) -> str:
+    if not compared or not compared.get("samples"):
+        return "-"
+    return (f"agreement {compared['agreement']:.3f} over {compared['samples']} answers on {compared['devices']} "
+            f"devices")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=40)
@@ -159,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
             on_good = fleet.wait_all_on("2", timeout_s=30 + 2 * args.update_s) if good.outcome == "completed" else False
             bad = fleet.roll_out("3", fleet.models["bad"], restart_broker_after_s=0.5)
             rolled_back = fleet.wait_all_on("2", timeout_s=30 + 2 * args.update_s)
+            silent = fleet.roll_out("4", fleet.models["silent"])
+            silent_rolled_back = fleet.wait_all_on("2", timeout_s=30 + 2 * args.update_s)
+            silent_blast = fleet.blast_radius("4")
+            silent_first = fleet.nth_first_answer("4", 1)
             fleet.stop_feeding()
             blast = fleet.blast_radius("3")
             without_model = fleet.devices_without_working_model()
@@ -183,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
                  "every_device_on_it": on_good, "last_reasons": good.decisions[-1]["reasons"] if good.decisions else []},
         "bad": {"outcome": bad.outcome, "stages": bad.stages, "abort_reasons": bad.decisions[-1]["reasons"]
                 if bad.decisions else [], "every_device_back_on_base": rolled_back, "timeline": timeline(bad)},
+        "silent": {"outcome": silent.outcome, "stages": silent.stages, "blast_radius": silent_blast,
+                   "abort_reasons": silent.decisions[-1]["reasons"] if silent.decisions else [],
+                   "compared": (silent.decisions[-1]["evidence"].get("compared") if silent.decisions else None),
+                   "every_device_back_on_base": silent_rolled_back, "abort_after_s": silent.duration_s,
+                   "abort_after_first_answer_s": (silent.ended_at - silent_first).total_seconds()
+                   if silent.ended_at and silent_first else None, "timeline": timeline(silent)},
+        "good_compared": good.decisions[-1]["evidence"].get("compared") if good.decisions else None,
         "blast_radius": blast, "devices_without_working_model": without_model, "telemetry_records_lost": lost,
         "telemetry_records": records, "telemetry_records_unsent_at_exit": unsent, "answers": answers, "abort_after_s": abort_after_s,
         "abort_after_minimum_met_s": abort_after_minimum_s, "abort_after_devices_answered_s": abort_after_answers_s,
@@ -193,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
             "bad_release_aborted": {"limit": "aborted", "measured": bad.outcome, "met": bad.outcome == "aborted"},
             "blast_radius": {"limit": round(first + slack, 4), "measured": blast, "met": blast <= first + slack},
             "devices_without_working_model": {"limit": 0, "measured": without_model, "met": without_model == 0},
+            "silent_failure_aborted": {"limit": "aborted", "measured": silent.outcome,
+                                       "met": silent.outcome == "aborted"},
+            "silent_failure_blast_radius": {"limit": round(first + slack, 4), "measured": silent_blast,
+                                            "met": silent_blast <= first + slack},
             "telemetry_records_lost": {"limit": 0, "measured": lost, "met": lost == 0},
             "abort_within_two_windows_of_minimum": {"limit": 2 * args.window_s, "measured": abort_after_minimum_s,
                                                     "met": abort_after_minimum_s is not None
@@ -204,7 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=2, default=str))
     rows = [("devices", args.devices), ("good release", f"{good.outcome}, stages {good.stages}"),
             ("bad release", f"{bad.outcome}, stages {bad.stages}"), ("first stage fraction", first),
-            ("blast radius", f"{blast:.3f}"), ("devices without a working model", without_model),
+            ("blast radius", f"{blast:.3f}"),
+            ("silent failure (no shadow)", f"{silent.outcome}, stages {silent.stages}, blast radius "
+                                           f"{silent_blast:.3f} (limit {first + slack:.3f})"),
+            ("silent failure: compared with v2", _compared_line(result["silent"]["compared"])),
+            ("good release: compared with v1", _compared_line(result["good_compared"])),
+            ("silent failure: start -> abort", f"{silent.duration_s:.1f} s" if silent.duration_s else "-"),
+            ("devices without a working model", without_model),
             ("telemetry records lost / stored", f"{lost} / {records} ({unsent} still spooled at exit)"),
             ("bad release: start -> abort", f"{abort_after_s:.1f} s" if abort_after_s else "-"),
             ("abort after first-stage minimum met", f"{abort_after_minimum_s:.1f} s" if abort_after_minimum_s is not None else "-"),

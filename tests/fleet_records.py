@@ -31,9 +31,10 @@ def latency(p50_ms: float, p99_ms: float, count: int = 200, tail_share: float = 
 def record(device: str, version: str, *, sequence: int = 1, device_class: str = "default", p50_ms: float = 2.0,
            p99_ms: float = 4.0, tail_share: float = 0.02, classes: list[int] | None = None, shadow: tuple[str, int, int] | None = None,
            events: list[tuple[str, str, str | None]] = (), fallback_activations: int = 0,
-           at: datetime = T0 + timedelta(seconds=60), channel: str = "stable", target: str = "onnx-int8"
-           ) -> TelemetryRecord:
-    """One window of one device; shadow=(version, agreements, samples); events=[(kind, version, reason)]."""
+           at: datetime = T0 + timedelta(seconds=60), channel: str = "stable", target: str = "onnx-int8",
+           compared: tuple[str, int, int] | None = None, confidence: list[int] | None = None) -> TelemetryRecord:
+    """One window of one device; shadow=(version, agreements, samples); compared=(replaced version, agreements,
+    samples); events=[(kind, version, reason)]; confidence: top-1 counts per tenth (default: all above 0.8)."""
     classes = classes if classes is not None else [20] * 10
     return TelemetryRecord(
         record_id=f"{device}/{sequence}", device_id=device, sequence=sequence, channel=channel, target=target,
@@ -41,9 +42,12 @@ def record(device: str, version: str, *, sequence: int = 1, device_class: str = 
         versions=SlotVersions(active=version, shadow=shadow[0] if shadow else None, fallback="1"),
         inferences=sum(classes), latency=latency(p50_ms, p99_ms, sum(classes), tail_share),
         schema_version=2 if HISTOGRAMS["format"] == "exponential" else 1,
-        confidence=[0] * 8 + [sum(classes) // 2, sum(classes) - sum(classes) // 2], classes=classes,
+        confidence=confidence if confidence is not None else [0] * 8 + [sum(classes) // 2,
+                                                                        sum(classes) - sum(classes) // 2],
+        classes=classes,
         fallback_activations=fallback_activations,
         shadow=ShadowStats(version=shadow[0], agreements=shadow[1], samples=shadow[2]) if shadow else None,
+        compared=ShadowStats(version=compared[0], agreements=compared[1], samples=compared[2]) if compared else None,
         events=[TelemetryEvent(at=at - timedelta(seconds=30), kind=k, version=v, target=target, slot="active",
                                reason=r, sequence=i + 1) for i, (k, v, r) in enumerate(events)])
 

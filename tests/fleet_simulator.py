@@ -90,7 +90,9 @@ BAD_SLOW_STEPS = 10_000  # ~20 ms per answer on this machine (2 us a step): twic
 
 def digits_models() -> tuple[dict[str, bytes], np.ndarray, np.ndarray]:
     """Two good releases (logistic regressions on disjoint halves of the training split: they agree on ~96% of
-    test images) and a bad one (the first with its classes rotated, inside a slow model), plus the test split."""
+    test images), a bad one (the second's answers inside a slow model: only its latency is wrong) and a silent
+    failure (the second with its classes rotated, as fast as it: the same class mix and confidences, nearly every
+    answer different), plus the test split."""
     from sklearn.linear_model import LogisticRegression
 
     x, y = digits()
@@ -99,9 +101,10 @@ def digits_models() -> tuple[dict[str, bytes], np.ndarray, np.ndarray]:
     flat = x.reshape(len(x), -1)
     one = LogisticRegression(max_iter=500).fit(flat[train[:600]], y[train[:600]])
     two = LogisticRegression(max_iter=500, C=0.5).fit(flat[train[600:]], y[train[600:]])
-    rotated = np.roll(one.coef_, 1, axis=0), np.roll(one.intercept_, 1)
+    silent = np.roll(two.coef_, 1, axis=0), np.roll(two.intercept_, 1)
     return ({"good-1": classifier_onnx(one.coef_, one.intercept_), "good-2": classifier_onnx(two.coef_, two.intercept_),
-             "bad": classifier_onnx(*rotated, slow_steps=BAD_SLOW_STEPS)}, x[test], y[test])
+             "bad": classifier_onnx(two.coef_, two.intercept_, slow_steps=BAD_SLOW_STEPS),
+             "silent": classifier_onnx(*silent)}, x[test], y[test])
 
 
 @dataclass
@@ -134,8 +137,10 @@ class FleetSimulator:
 
     def __init__(self, tmp_path: Path, devices: int = 40, window_s: float = 1.0, update_s: float = 1.0,
                  rate_hz: float = 5.0, device_classes: tuple[str, ...] = ("fast", "small"),
-                 policy: dict | None = None, stratify_for: str | None = "3", publish_options: dict | None = None):
+                 policy: dict | None = None, stratify_for: str | None = "3", publish_options: dict | None = None,
+                 compare_sample_rate: float = 0.5):
         self.tmp_path, self.count, self.window_s, self.update_s, self.rate_hz = tmp_path, devices, window_s, update_s, rate_hz
+        self.compare_sample_rate = compare_sample_rate
         self.device_classes = device_classes
         # Classes alternate along the cohort order of release `stratify_for`, so every stage of its rollout
         # holds devices of each class (stratified, as a canary group should be), whatever the hash gives.
@@ -172,6 +177,9 @@ class FleetSimulator:
             thread = threading.Thread(target=self._feed, args=(device,), daemon=True)
             thread.start()
             self._feeders.append(thread)
+        # v1 confirmed everywhere: what a release installs over is then its devices' rollback model, compared with it
+        self.wait_for(lambda: all(self.health(d).get("versions", {}).get("on_probation") is False
+                                  for d in self.processes), timeout_s=30 + self.count, what="v1 confirmed")
         return self
 
     def stop_feeding(self) -> None:
@@ -220,7 +228,8 @@ class FleetSimulator:
         command = [sys.executable, "-m", "edgeship.device.cli", "serve", "--state-dir", str(state_dir),
                    "--uds", self._socket(device), "--broker", f"127.0.0.1:{self.broker.port}", "--fleet", self.fleet,
                    "--device-class", device_class, "--window-s", str(self.window_s),
-                   "--update-every", str(self.update_s), "--confirm-after", "5"]
+                   "--update-every", str(self.update_s), "--confirm-after", "5",
+                   "--compare-sample-rate", str(self.compare_sample_rate)]
         self.processes[device] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                                   cwd=ROOT_DIR, env={**os.environ, "PYTHONPATH": str(ROOT_DIR),
                                                                      "OMP_NUM_THREADS": "1"})

@@ -90,7 +90,8 @@ def labelled(version: str, right: int, wrong: int, device_class: str = "default"
             answered = truth if i < right else (truth + 1) % classes
             answers.label(answers.remember(version, logits([answered])), truth)
         base = record(f"{device_class}-{version}-{d}", version, device_class=device_class, sequence=sequence,
-                      events=[("installed", version, None), ("confirmed", version, None)])
+                      events=[("installed", version, None), ("confirmed", version, None)],
+                      compared=("7", 98, 100) if version == "8" else None)   # v8's answers against v7's it replaced
         records.append(base.model_copy(update=answers.window_fields()))
     return records
 

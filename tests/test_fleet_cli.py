@@ -33,7 +33,8 @@ def world(tmp_path):
     store = FleetStore(f"sqlite:///{tmp_path}/fleet.db")
     at = datetime.now(timezone.utc) + timedelta(hours=1)   # after the rollout's first pass, however slow the machine
     store.add_batch([record(f"{version}-{device_class}-{i}", version, at=at, device_class=device_class,
-                            events=[("installed", version, None), ("confirmed", version, None)])
+                            events=[("installed", version, None), ("confirmed", version, None)],
+                            compared=("1", 98, 100) if version == "2" else None)
                      for version, devices in (("1", 4), ("2", 3)) for device_class in ("pi4", "orin-nano")
                      for i in range(devices)])
     store.close()

@@ -70,6 +70,12 @@ def test_a_release_carries_its_test_split_distributions_as_drift_reference(tmp_p
     assert reference.samples == 40 and reference.version == "5" and reference.classes == 10
     assert sum(reference.class_distribution) == pytest.approx(1.0)
     assert sum(reference.confidence_histogram) == pytest.approx(1.0)
+    # the label-free estimate's calibration: accuracy per confidence tenth; weighted by the tenths' shares it is the
+    # split's accuracy (every label 0 here: the share answered 0); a tenth no answer fell in has none
+    per_bin = reference.confidence_accuracy
+    assert [a is None for a in per_bin] == [share == 0 for share in reference.confidence_histogram]
+    assert sum(share * (a or 0.0) for share, a in zip(reference.confidence_histogram, per_bin)) == \
+        pytest.approx(reference.class_distribution[0], abs=1e-5)
     assert release_drift_reference(tmp_path / "missing.npz", [artifact], "5") is None
 
 

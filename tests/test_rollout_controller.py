@@ -30,6 +30,7 @@ NOW = T0 + timedelta(seconds=700)
 
 
 def healthy(n=5, version="8", device_class="default", **kwargs):
+    kwargs.setdefault("compared", ("7", 196, 200) if version != "7" else None)   # ~98% agreement with the base
     return [record(f"{device_class}-{i}", version, device_class=device_class,
                    events=[("installed", version, None), ("confirmed", version, None)], **kwargs) for i in range(n)]
 
@@ -43,6 +44,8 @@ def histograms(request, monkeypatch):
 
 def decide_on(records, status=STATUS, policy=POLICY, now=NOW, reference=None):
     """The decision on these records as the controller reads them: stored, then read back from the rollups."""
+    if not any(r.versions.active == status.base_version for r in records):   # the base cohort reports too
+        records = records + [record(f"base-{i}", status.base_version) for i in range(5)]
     store = FleetStore("sqlite://")
     try:
         store.add_batch(records)
@@ -104,6 +107,7 @@ SMALL = POLICY.model_copy(update={"success": POLICY.success.model_copy(update={"
 
 def loaded_host(version: str, n: int, tail_share: float = 0.03, first: int = 0, **kwargs):
     """`small` devices on a loaded 2-core host: answers in ~1 ms, but `tail_share` of them preempted to 80 ms."""
+    kwargs.setdefault("compared", ("7", 98, 100) if version != "7" else None)
     return [record(f"{version}-small-{first + i}", version, device_class="small", p50_ms=1.0, p99_ms=80.0,
                    tail_share=tail_share, classes=[10] * 10, events=[("installed", version, None),
                                                                       ("confirmed", version, None)], **kwargs)
@@ -143,7 +147,7 @@ def test_a_truly_slow_candidate_aborts_on_the_same_loaded_host():
 
 
 def test_abort_when_the_shadow_disagrees_with_the_active_model():
-    shadows = [record(f"s{i}", "7", shadow=("8", 60 if i < 2 else 99, 100)) for i in range(4)]
+    shadows = [record(f"s{i}", "7", shadow=("8", 30 if i < 2 else 99, 100)) for i in range(4)]   # 30%: a failure
     # shadow cohort only: the candidate answers nowhere yet
     status = STATUS.model_copy(update={"fraction": 0.0, "shadow_version": "8"})
     decision = decide_on(shadows, status=status)
@@ -220,7 +224,7 @@ def slow(n: int):
 
 
 def disagreeing(n: int):
-    return [record(f"shadow-{i}", "7", shadow=("8", 60, 100)) for i in range(n)]
+    return [record(f"shadow-{i}", "7", shadow=("8", 30, 100)) for i in range(n)]
 
 
 # Each failure type on 2 of 5 executed devices (40%): (kind, the fleet, executed devices, failed devices)
@@ -228,7 +232,8 @@ ABORTS = {
     "install": (lambda: healthy(3) + refused(2), 5, 2),
     "probation": (lambda: healthy(3) + rolled_back(2), 5, 2),
     "latency": (lambda: healthy(3, device_class="pi4") + slow(2), 5, 2),
-    "disagreement": (lambda: healthy(5) + [record(f"agree-{i}", "7", shadow=("8", 99, 100)) for i in range(3)]
+    "disagreement": (lambda: healthy(5, compared=None) + [record(f"agree-{i}", "7", shadow=("8", 99, 100))
+                                                          for i in range(3)]
                      + disagreeing(2), 5, 2),
     "fallback": (lambda: healthy(3) + [record(f"fb-{i}", "8", fallback_activations=4) for i in range(2)], 5, 2),
 }

@@ -49,10 +49,12 @@ def register_versions(tmp_path, versions):
 
 
 def reports(store, version, devices, events=(("installed", None), ("confirmed", None)), shadow=None, start=0):
+    """Windows of `devices` on `version`; on v2 each compares 100 answers with v1, agreeing on 98."""
     at = datetime.now(timezone.utc) + timedelta(seconds=31)  # events are 30 s before the window end
     for i in range(devices):
         store.add_record(record(f"d{start + i}", version, at=at, shadow=shadow, channel="stable", target=TARGET,
-                                events=[(kind, version, reason) for kind, reason in events]))
+                                events=[(kind, version, reason) for kind, reason in events],
+                                compared=("1", 98, 100) if version == "2" else None))
 
 
 def test_the_flow_holds_advances_completes_and_records_why(world, tmp_path, prefect_api):
@@ -81,6 +83,11 @@ def test_the_flow_holds_advances_completes_and_records_why(world, tmp_path, pref
     tags = client.get_model_version(MODEL, "2").tags
     assert json.loads(tags["rollout.decision"])["action"] == "advance"
     assert float(tags["fleet.devices"]) == 3.0
+    # the candidate's agreement with the base it replaces, and its accuracy estimated without labels (no calibration
+    # in this channel entry: the mean top-1 confidence, half the answers in each of the two top tenths)
+    assert float(tags["fleet.agreement_with_base"]) == pytest.approx(0.98)
+    assert float(tags["fleet.compared_answers"]) == 300.0
+    assert float(tags["fleet.estimated_accuracy"]) == pytest.approx(0.9)
     run_id = client.get_model_version(MODEL, "2").run_id
     assert {a.path for a in client.list_artifacts(run_id, "fleet")} >= {f"fleet/rollout-stable-{TARGET}.png"}
     images = _timeline_images(f"rollout-stable-{TARGET}-timeline")  # the timeline is shown in Prefect too

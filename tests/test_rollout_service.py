@@ -34,10 +34,13 @@ def world(tmp_path):
 
 
 def healthy_reports(store: FleetStore, version: str, devices: int) -> None:
+    """`devices` serving `version` (installed, confirmed, agreeing with v1 on 98% of 100 compared answers) and
+    three devices still on the base v1."""
     at = datetime.now(timezone.utc) + timedelta(seconds=31)
     store.add_batch([record(f"d{i}", version, at=at, target=TARGET, events=[("installed", version, None),
-                                                                             ("confirmed", version, None)])
-                     for i in range(devices)])
+                                                                             ("confirmed", version, None)],
+                            compared=("1", 98, 100)) for i in range(devices)]
+                    + [record(f"base-{i}", "1", at=at, target=TARGET) for i in range(3)])
 
 
 def test_the_pass_reads_without_the_lock_and_applies_only_what_it_decided_on(world, tmp_path, monkeypatch):

@@ -203,7 +203,7 @@ def _roll_back(state_dir: Path, state: DeviceState, reason: str, detail: str) ->
         state.bad.append(BadRelease(sha256=bad.sha256, version=bad.version, reason=reason,
                                     at=datetime.now(timezone.utc)))
     state.active = good if good is not None and (bad is None or good.sha256 != bad.sha256) else None
-    state.probation = None
+    state.probation, state.replaced = None, None
     state.save(state_dir)
     logger.warning("rolled back version %s -> %s: %s %s", bad.version if bad else None,
                    state.active.version if state.active else "nothing", reason, detail)

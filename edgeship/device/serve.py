@@ -68,6 +68,8 @@ class FieldRuntime:
         device_class: the operator's name for this kind of device ("pi4", "orin-nano"), reported per record.
         window_s: telemetry window.
         shadow_sample_rate: share of answers the shadow model (when one is installed) also runs on.
+        compare_sample_rate: share of answers the model the active one replaced (the rollback slot, while installed)
+            also runs on, in the same idle time: the candidate's agreement with the base on every rollout.
         feedback_requests: answers remembered for the application's late labels (`feedback`).
 
     Where the channel asks for field samples (its entry's `field_sampling`), `samples` keeps some inputs and
@@ -77,8 +79,9 @@ class FieldRuntime:
     def __init__(self, state_dir: str | Path, telemetry: MqttSettings | None = None, device_class: str = "default",
                  window_s: float = 60.0, shadow_sample_rate: float = 0.1, threads: int = 1, sensors=None,
                  spool_max_records: int = 10_000, limits: RequestLimits = RequestLimits(),
-                 feedback_requests: int = DEFAULT_MAX_REQUESTS):
+                 feedback_requests: int = DEFAULT_MAX_REQUESTS, compare_sample_rate: float = 0.1):
         from edgeship.device.runtime import DeviceRuntime
+        from edgeship.device.state import compared_model
 
         self.state_dir = Path(state_dir)
         telemetry_dir = self.state_dir / "telemetry"
@@ -91,6 +94,9 @@ class FieldRuntime:
                                    threads=threads)
         self.answers = AnsweredRequests(max_requests=feedback_requests)
         self.samples = FieldSampler(self.state_dir, self.aggregator.identity)
+        self.compare = ShadowRunner(self.state_dir, self.aggregator.on_compared, sample_rate=compare_sample_rate,
+                                    threads=threads, model=compared_model, name="edgeship-compare",
+                                    disagreed=self.samples.prefer)
         self.answers.listeners.append(self.samples.on_feedback)
         self.aggregator.window_parts += [self.answers.window_fields, self.samples.window_fields]
         self.uploader = FieldUploader(self.samples).start()
@@ -104,17 +110,21 @@ class FieldRuntime:
 
     def predict(self, batch: np.ndarray):
         """The active model's (or the fallback's) answer; the shadow sees a sample of it afterwards."""
-        self.shadow.primary_started()
+        runners = (self.shadow, self.compare)
+        for runner in runners:
+            runner.primary_started()
         try:
             with self._lock:
                 prediction = self.runtime.predict(batch)
                 self.answered += 1
         finally:
-            self.shadow.primary_done()
+            for runner in runners:
+                runner.primary_done()
         prediction = dataclasses.replace(prediction, request_id=self.answers.remember(
             prediction.version, prediction.outputs, prediction.task))
         self.samples.offer(batch, prediction, prediction.request_id)
-        self.shadow.offer(batch, prediction)
+        for runner in runners:
+            runner.offer(batch, prediction)
         return prediction
 
     def feedback(self, request_id: str, label: int | list[int]) -> Feedback:
@@ -125,6 +135,7 @@ class FieldRuntime:
     def close(self) -> None:
         """Stop the shadow, flush the last window and give the spool a few seconds to drain (the rest stays spooled)."""
         self.shadow.stop()
+        self.compare.stop()
         self.uploader.stop()
         self.runtime.close()  # a probation this process ran is taken over by the next start, not rolled back
         if self.reporter is not None:
@@ -174,6 +185,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--window-s", type=float, default=60.0, help="telemetry window (default: %(default)s)")
     parser.add_argument("--shadow-sample-rate", type=float, default=None,
                         help="share of answers the shadow also runs on (default: the channel entry's, else 0.1)")
+    parser.add_argument("--compare-sample-rate", type=float, default=0.1,
+                        help="share of answers the model the active one replaced also runs on, in idle time "
+                             "(the rollout's agreement with the base; default: %(default)s)")
     parser.add_argument("--tls", action="store_true", help="connect to the broker over TLS")
     parser.add_argument("--ca-file", default=None)
     parser.add_argument("--cert-file", default=None)
@@ -233,7 +247,8 @@ def run_serve(args) -> int:
     limits = RequestLimits(max_batch=args.max_batch, max_body_bytes=int(args.max_body_mb * (1 << 20)))
     field = FieldRuntime(args.state_dir, telemetry=_broker(args), device_class=args.device_class,
                          window_s=args.window_s, shadow_sample_rate=args.shadow_sample_rate or 0.1,
-                         threads=args.threads, limits=limits, feedback_requests=args.feedback_requests)
+                         threads=args.threads, limits=limits, feedback_requests=args.feedback_requests,
+                         compare_sample_rate=args.compare_sample_rate)
     from edgeship.device.serve_http import serve
 
     try:

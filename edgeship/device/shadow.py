@@ -17,6 +17,9 @@ and counted. What remains is a request that arrives while a shadow run is under 
     >>> shadow.offer(batch, prediction)          # returns at once
     >>> shadow.stop()
 
+The same runner compares the active model with the model it replaced (`ShadowRunner(..., model=compared_model)`:
+the rollback slot, still installed while a candidate serves): every rollout compares answers, shadowed or not.
+
 No torch, TensorFlow, MLflow or Prefect here.
 """
 
@@ -52,11 +55,19 @@ class ShadowRunner:
         queue_size: batches waiting at most; more are skipped rather than delaying anything.
         idle_gap_s: how long the primary must have been idle before a shadow run starts.
         max_wait_s: a sample that finds no idle gap this long is skipped (and counted).
+        model: which installed model runs (edgeship.device.state's shadow_model, or compared_model for the model the
+            active one replaced); None when there is none now.
+        name: the background thread's name.
+        disagreed: called with the request id of an answer the model run here disagreed with (the field sampler
+            keeps such inputs: `FieldSampler.prefer`); an answer without an id is not reported.
     """
 
     def __init__(self, state_dir: str | Path, report: ShadowReport, sample_rate: float = 0.1, threads: int = 1,
-                 queue_size: int = 4, seed: int | None = None, idle_gap_s: float = 0.0005, max_wait_s: float = 2.0):
+                 queue_size: int = 4, seed: int | None = None, idle_gap_s: float = 0.0005, max_wait_s: float = 2.0,
+                 model: Callable[[Path], object] | None = None, name: str = "edgeship-shadow",
+                 disagreed: Callable[[str], object] | None = None):
         self.state_dir = Path(state_dir)
+        self._model, self._disagreed = model, disagreed
         self.report, self.sample_rate, self.threads = report, sample_rate, threads
         self.idle_gap_s, self.max_wait_s = idle_gap_s, max_wait_s
         self._answers = threading.Lock()
@@ -68,7 +79,7 @@ class ShadowRunner:
         self._session = None
         self._version: str | None = None
         self.compared = self.skipped = 0
-        self._thread = threading.Thread(target=self._loop, name="edgeship-shadow", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def primary_started(self) -> None:
@@ -100,7 +111,7 @@ class ShadowRunner:
         if getattr(prediction, "slot", "active") != "active" or self._random.random() >= self.sample_rate:
             return False
         try:
-            self._queue.put_nowait((batch, prediction.outputs))
+            self._queue.put_nowait((batch, prediction.outputs, getattr(prediction, "request_id", None)))
             return True
         except queue.Full:
             self.skipped += 1
@@ -114,6 +125,7 @@ class ShadowRunner:
     def _load(self):
         from edgeship.device.state import shadow_model
 
+        model = self._model or shadow_model
         try:
             generation = (self.state_dir / "state.json").stat().st_mtime_ns
         except FileNotFoundError:
@@ -121,7 +133,7 @@ class ShadowRunner:
         if generation == self._generation:
             return self._session
         self._generation = generation
-        installed = shadow_model(self.state_dir)
+        installed = model(self.state_dir)
         if installed is None:
             self._session, self._version = None, None
         elif installed.version != self._version:
@@ -139,7 +151,7 @@ class ShadowRunner:
             item = self._queue.get()
             if item is None:
                 return
-            batch, active_outputs = item
+            batch, active_outputs, request_id = item
             try:
                 session = self._load()
                 if session is None:
@@ -161,6 +173,8 @@ class ShadowRunner:
                                                     getattr(session, "task", "classification"))
                 self.compared += 1
                 self.report(self._version, agreements, samples, diff, latency_ms)
+                if agreements < samples and request_id and self._disagreed is not None:
+                    self._disagreed(request_id)
             except Exception as error:  # a failing shadow is telemetry, never an outage
                 logger.warning("shadow run failed: %s", error)
                 self.report(self._version, 0, 0, 0.0, None, error=True)

@@ -106,6 +106,9 @@ class DeviceState(_Wire):
     probation: Probation | None = None
     bad: list[BadRelease] = Field(default_factory=list)
     stale: str | None = None  # why the repository is considered stale (expired metadata), if it is
+    # sha256 of the model the active one replaced when it was installed (the last known good then): the runtime
+    # compares the active model's answers with it. None after a return to the base or a rollback: nothing to compare.
+    replaced: str | None = None
     generation: int = 0
     updated_at: datetime | None = None
 
@@ -191,6 +194,16 @@ def fallback_model(state_dir: str | Path) -> InstalledModel | None:
 def shadow_model(state_dir: str | Path) -> InstalledModel | None:
     state = DeviceState.load(Path(state_dir))
     return _installed(Path(state_dir), state.shadow, "shadow")
+
+
+def compared_model(state_dir: str | Path) -> InstalledModel | None:
+    """The model the active one replaced (the last known good: what a rollback returns to), while it is installed
+    and differs from the active model; the runtime compares answers with it (edgeship.device.shadow)."""
+    state = DeviceState.load(Path(state_dir))
+    good = state.last_known_good
+    if good is None or state.active is None or good.sha256 == state.active.sha256 or state.replaced != good.sha256:
+        return None
+    return _installed(Path(state_dir), state.last_known_good, "active")
 
 
 def installed_model(state_dir: str | Path) -> Path | None:

@@ -1,7 +1,7 @@
 """Telemetry: one compact record per device per window, describing how the model behaves in the field.
 
-A `WindowAggregator` is an observer on the on-device runtime (`on_inference`), and of the shadow runner
-(`on_shadow`). Every window (60 s in the field, about 1 s in tests) `close_window()` returns one
+A `WindowAggregator` is an observer on the on-device runtime (`on_inference`), of the shadow runner
+(`on_shadow`) and of the runner comparing the active model with the one it replaced (`on_compared`). Every window (60 s in the field, about 1 s in tests) `close_window()` returns one
 `TelemetryRecord`: versions per slot, the update events written since the last window (the state
 directory's events.jsonl, read from the last offset), latency and top-1 confidence as exponential
 histograms (edgeship.records.histogram: p50/p95/p99 within 2%, mergeable across windows and devices),
@@ -159,6 +159,8 @@ class WindowAggregator:
         self._classes = np.zeros(0, dtype=np.int64)
         self._shadow: dict[str, Any] = {}
         self._shadow_latency: dict[int, int] = {}
+        self._compared: dict[str, Any] = {}
+        self._compared_latency: dict[int, int] = {}
         self._detections: DetectionWindow | None = None
 
     def on_inference(self, record: Any) -> None:
@@ -206,18 +208,29 @@ class WindowAggregator:
     def on_shadow(self, version: str | None, agreements: int, samples: int, confidence_diff_sum: float,
                   latency_ms: float | None, error: bool = False, skipped: int = 0) -> None:
         """Shadow runner observer: one comparison of the shadow with the active model's answer."""
+        self._add_comparison(self._shadow, self._shadow_latency, version, agreements, samples, confidence_diff_sum,
+                             latency_ms, error, skipped)
+
+    def on_compared(self, version: str | None, agreements: int, samples: int, confidence_diff_sum: float,
+                    latency_ms: float | None, error: bool = False, skipped: int = 0) -> None:
+        """Observer of the runner comparing the active model with the one it replaced (`version`: the replaced one)."""
+        self._add_comparison(self._compared, self._compared_latency, version, agreements, samples,
+                             confidence_diff_sum, latency_ms, error, skipped)
+
+    def _add_comparison(self, into: dict[str, Any], latency: dict[int, int], version: str | None, agreements: int,
+                        samples: int, confidence_diff_sum: float, latency_ms: float | None, error: bool,
+                        skipped: int) -> None:
         with self._lock:
-            shadow = self._shadow
-            if version is not None or "version" not in shadow:
-                shadow["version"] = version
-            shadow["samples"] = shadow.get("samples", 0) + samples
-            shadow["agreements"] = shadow.get("agreements", 0) + agreements
-            shadow["confidence_diff_sum"] = shadow.get("confidence_diff_sum", 0.0) + confidence_diff_sum
-            shadow["errors"] = shadow.get("errors", 0) + int(error)
-            shadow["skipped"] = shadow.get("skipped", 0) + skipped
+            if version is not None or "version" not in into:
+                into["version"] = version
+            into["samples"] = into.get("samples", 0) + samples
+            into["agreements"] = into.get("agreements", 0) + agreements
+            into["confidence_diff_sum"] = into.get("confidence_diff_sum", 0.0) + confidence_diff_sum
+            into["errors"] = into.get("errors", 0) + int(error)
+            into["skipped"] = into.get("skipped", 0) + skipped
             if latency_ms is not None and latency_ms > 0:
                 bucket = bucket_index(latency_ms)
-                self._shadow_latency[bucket] = self._shadow_latency.get(bucket, 0) + 1
+                latency[bucket] = latency.get(bucket, 0) + 1
 
     def close_window(self, spool_dropped: int = 0) -> TelemetryRecord:
         """End the window: the record of everything since the last call, and start the next one."""
@@ -230,10 +243,8 @@ class WindowAggregator:
         parts = {name: value for part in self.window_parts for name, value in part().items()}
         with self._lock:
             classes, confidence, detections = self._classes.tolist(), self._confidence.tolist(), self._detections
-            shadow = None
-            if self._shadow:
-                shadow = ShadowStats(**self._shadow,
-                                     latency=Histogram.from_sketch(ExpHistogram.from_counts(self._shadow_latency)))
+            shadow = _comparison(self._shadow, self._shadow_latency)
+            compared = _comparison(self._compared, self._compared_latency)
             self._sequence += 1
             record = TelemetryRecord(
                 record_id=f"{self.identity.device_id}/{self._sequence}", device_id=self.identity.device_id,
@@ -246,7 +257,7 @@ class WindowAggregator:
                 confidence=confidence, classes=classes,
                 confidence_histogram=Histogram.from_sketch(self._confidence_exp),
                 drift=drift_score(self.reference, classes, confidence, detections) if self.reference else None,
-                shadow=shadow, events=events, sensors=sensors, spool_dropped=spool_dropped,
+                shadow=shadow, compared=compared, events=events, sensors=sensors, spool_dropped=spool_dropped,
                 **(detections.as_record_fields() if detections is not None else {}), **parts)
             self._events_offset = offset
             self._reset(end)
@@ -262,6 +273,12 @@ class WindowAggregator:
             return {key: float(value) for key, value in self._sensors().items()}
         except Exception:  # a sensor that fails now must not cost the window
             return {}
+
+
+def _comparison(sums: dict[str, Any], latency: dict[int, int]) -> ShadowStats | None:
+    if not sums:
+        return None
+    return ShadowStats(**sums, latency=Histogram.from_sketch(ExpHistogram.from_counts(latency)))
 
 
 def _exp_of(values: np.ndarray) -> ExpHistogram:

@@ -228,7 +228,7 @@ class DeviceUpdater:
                 left = state.active
                 if state.probation is None and is_intact(self.state_dir, left):
                     state.last_known_good = left  # confirmed here, only withdrawn: keep it as the other version
-                state.active, state.probation = good, None
+                state.active, state.probation, state.replaced = good, None, None
                 state.save(self.state_dir)
             log_event(self.state_dir, "installed", good.version, self.config.target,
                       f"back to the base from v{left.version if left else '?'}")
@@ -253,7 +253,7 @@ class DeviceUpdater:
         with changing_state(self.state_dir) as state:
             if state.probation is None and is_intact(self.state_dir, state.active):
                 state.last_known_good = state.active  # a confirmed model: what a failed probation returns to
-            state.active = wanted
+            state.active, state.replaced = wanted, state.last_known_good.sha256 if state.last_known_good else None
             state.probation = probation.begin(wanted, self.config.probation, holder)
             state.save(self.state_dir)
             prune(self.state_dir, state)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from edgeship.device.telemetry import drift_score
+from edgeship.fleet.estimate import AccuracyEstimate, estimated_accuracy
 from edgeship.fleet.rollup import DEVICE_EVENTS, ClassKey, DeviceKey, DeviceSums, Rollups, Sums
 from edgeship.records.histogram import ExpHistogram
 from edgeship.records.telemetry import DriftReference, DriftScore, TelemetryRecord
@@ -100,6 +101,8 @@ class VersionStats:
     device_samples: dict[str, int] = field(default_factory=dict)    # device -> answers timed on this version
     device_latency: dict[str, ExpHistogram] = field(default_factory=dict)
     sums: Sums = field(default_factory=Sums)   # the version's class rows summed, by name
+    device_sums: dict[str, Sums] = field(default_factory=dict)     # device -> its row's sums on this version
+    estimated_accuracy: AccuracyEstimate | None = None   # label-free (CBPE, edgeship.fleet.estimate)
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,8 @@ def _version_stats(version: str, classes: dict[str, Sums], devices: dict[str, De
         device_samples={d: row.sums.histograms["latency"].total if "latency" in row.sums.histograms else 0
                         for d, row in answering.items()},
         device_latency={d: row.sums.histograms.get("latency") or ExpHistogram() for d, row in answering.items()},
-        sums=total)
+        sums=total, device_sums={d: row.sums for d, row in devices.items()},
+        estimated_accuracy=estimated_accuracy(total, reference))
 
 
 def _shadow_summary(total: Sums, devices: dict[str, DeviceSums]) -> ShadowSummary:

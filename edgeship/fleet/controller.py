@@ -31,6 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgeship.fleet import field_accuracy
 from edgeship.fleet.aggregate import FleetSnapshot, VersionStats
+from edgeship.fleet.agreement import comparison_of, failed_on_agreement
+from edgeship.fleet.cohort import cohort_verdicts
 from edgeship.fleet.latency import allowed_tail, class_over_budget, judge_device
 from edgeship.fleet.policy import AbortCriterion, ChannelPolicy
 
@@ -115,12 +117,21 @@ def _failures(criterion: AbortCriterion, stats: VersionStats, policy: ChannelPol
                 if verdict.over_budget:
                     detail[device] = verdict.model_dump()
         elif kind == "disagreement":
-            for device, agreement in stats.shadow.by_device.items():
-                if stats.shadow.samples_by_device.get(device, 0) < policy.min_samples_per_device:
+            # Shadow devices (the candidate beside the base) and devices serving it (the base beside the candidate):
+            # a device fails when its agreement is significantly below `abort_below`, and counts once it has its
+            # minimum of comparisons or has already failed.
+            shadowed = {d: (round(share * stats.shadow.samples_by_device.get(d, 0)),
+                            stats.shadow.samples_by_device.get(d, 0)) for d, share in stats.shadow.by_device.items()}
+            compared = comparison_of(stats, status.base_version).by_device
+            for device, (agreements, samples) in [*shadowed.items(), *compared.items()]:
+                bad = failed_on_agreement(agreements, samples, policy.agreement.abort_below,
+                                          policy.agreement.significance)
+                if samples < policy.min_samples_per_device and not bad:
                     continue
                 executed.add(device)
-                if agreement < policy.success.min_shadow_agreement:
+                if bad:
                     failed.add(device)
+                    detail[device] = {"agreements": agreements, "samples": samples}
         elif kind == "fallback":
             executed |= set(stats.devices)
             failed |= {d for d, n in stats.device_fallbacks.items() if n > 0}
@@ -130,14 +141,22 @@ def _failures(criterion: AbortCriterion, stats: VersionStats, policy: ChannelPol
 def _abort_reasons(stats: VersionStats, policy: ChannelPolicy, status: RolloutStatus,
                    base: VersionStats | None = None) -> tuple[list[str], dict]:
     reasons, evidence = [], {}
+    if policy.cohort.abort and base is not None and status.fraction > 0:
+        for verdict in cohort_verdicts(stats.sums, base.sums, policy.cohort):
+            if verdict.differs:
+                reasons.append(f"abort: {_cohort_line(verdict)}")
     for criterion in policy.abort_criteria:
         executed, failed, detail = _failures(criterion, stats, policy, status, base)
         share = 100.0 * len(failed) / len(executed) if executed else 0.0
         evidence[criterion.failure_type] = {"executed": len(executed), "failed": sorted(failed)[:EVIDENCE_DEVICES],
                                             "failed_devices": len(failed), "failure_percentage": round(share, 2)}
-        if detail:
-            worst = sorted(detail, key=lambda d: detail[d]["p_value"])[:EVIDENCE_DEVICES]
+        if detail and criterion.failure_type in ("latency", "all"):
+            worst = sorted((d for d in detail if "p_value" in detail[d]),
+                           key=lambda d: detail[d]["p_value"])[:EVIDENCE_DEVICES]
             evidence[criterion.failure_type]["over_budget"] = {d: detail[d] for d in sorted(worst)}
+        if detail and criterion.failure_type in ("disagreement", "all"):
+            disagreeing = [d for d in sorted(detail) if "agreements" in detail[d]][:EVIDENCE_DEVICES]
+            evidence[criterion.failure_type]["disagreeing"] = {d: detail[d] for d in disagreeing}
         if len(executed) >= criterion.min_executed_devices and share >= criterion.threshold_percentage:
             reasons.append(f"abort: {criterion.failure_type} failures on {len(failed)}/{len(executed)} devices "
                            f"({share:.0f}% >= {criterion.threshold_percentage:g}%)")
@@ -181,9 +200,41 @@ def _unmet_success(stats: VersionStats | None, policy: ChannelPolicy, status: Ro
                          f"{allowed:.1%} allowed)")
     if stats.shadow.agreement is not None and stats.shadow.agreement < success.min_shadow_agreement:
         unmet.append(f"shadow agreement {stats.shadow.agreement:.3f} < {success.min_shadow_agreement}")
+    unmet += _unmet_comparison(stats, policy, status, base)
     if stats.drift is not None and stats.drift.score > success.max_drift_psi:
         unmet.append(f"drift PSI {stats.drift.score:.3f} > {success.max_drift_psi}")
     return unmet
+
+
+def _unmet_comparison(stats: VersionStats, policy: ChannelPolicy, status: RolloutStatus,
+                      base: VersionStats | None) -> list[str]:
+    """The candidate's answers against the base's: compared often enough and agreeing; its cohort's class and
+    confidence mix not different from the base cohort's."""
+    if not status.base_version:
+        return []      # a first release replaces nothing
+    unmet = []
+    wanted = policy.agreement
+    compared = comparison_of(stats, status.base_version)
+    if compared.samples < wanted.min_compared:
+        unmet.append(f"compared with v{status.base_version} on {compared.samples}/{wanted.min_compared} answers")
+    elif compared.agreement is not None and compared.agreement < wanted.min_agreement:
+        unmet.append(f"agreement with v{status.base_version} {compared.agreement:.3f} < {wanted.min_agreement}")
+    if policy.cohort.enabled:
+        for verdict in cohort_verdicts(stats.sums, base.sums if base is not None else stats.sums.__class__(),
+                                       policy.cohort):
+            if not verdict.enough:
+                unmet.append(f"{verdict.name} mix: {verdict.candidate_answers} candidate and {verdict.base_answers} "
+                             f"base answers, {policy.cohort.min_answers} each needed")
+            elif verdict.differs:
+                unmet.append(_cohort_line(verdict))
+    return unmet
+
+
+def _cohort_line(verdict) -> str:
+    how = (f"chi-squared p={verdict.p_value:.2g}" if verdict.test == "chi2"
+           else f"Jensen-Shannon distance {verdict.distance:.3f}")
+    return (f"the candidate cohort's {verdict.name} mix differs from the base cohort's ({how}; "
+            f"{verdict.candidate_answers} vs {verdict.base_answers} answers)")
 
 
 def _unmet_shadow(stats: VersionStats | None, policy: ChannelPolicy, status: RolloutStatus) -> list[str]:
@@ -204,6 +255,7 @@ def evidence_of(stats: VersionStats | None) -> dict:
             "p99_ms_by_device_class": {c: s.p99_ms for c, s in stats.classes.items()},
             "shadow_agreement": stats.shadow.agreement, "shadow_samples": stats.shadow.samples,
             "drift_psi": stats.drift.score if stats.drift else None,
+            "estimated_accuracy": stats.estimated_accuracy.accuracy if stats.estimated_accuracy else None,
             "installed": len(stats.events.installed), "refused": len(stats.events.refused),
             "confirmed": len(stats.events.confirmed), "rolled_back": len(stats.events.rolled_back),
             "failure_reasons": stats.events.reasons}
@@ -223,6 +275,13 @@ def decide(snapshot: FleetSnapshot, status: RolloutStatus, policy: ChannelPolicy
     stats = snapshot.version(status.candidate_version)
     base = snapshot.version(status.base_version)
     evidence = {"candidate": evidence_of(stats), "base": evidence_of(base)}
+    if stats is not None and status.base_version:
+        compared = comparison_of(stats, status.base_version)
+        evidence["compared"] = {"with": status.base_version, "samples": compared.samples,
+                                "agreement": compared.agreement, "devices": compared.devices,
+                                "confidence_diff": compared.confidence_diff, "p99_ms": compared.p99_ms}
+        if base is not None:
+            evidence["cohort"] = [v.model_dump() for v in cohort_verdicts(stats.sums, base.sums, policy.cohort)]
     if stats is not None:
         reasons, criteria = _abort_reasons(stats, policy, status, base)
         evidence["abort_criteria"] = criteria

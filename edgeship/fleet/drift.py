@@ -91,12 +91,14 @@ def release_drift_reference(test_split: Path, artifacts, version: str, limit: in
     from edgeship.device.detections import open_model
     from edgeship.device.telemetry import drift_reference
     from edgeship.device.telemetry_detection import detection_drift_reference
+    from edgeship.fleet.estimate import confidence_accuracy
     from edgeship.tasks.data import images_of
 
     if not Path(test_split).is_file():
         return None
     with np.load(test_split) as arrays:
         inputs = images_of(arrays, limit).astype(np.float32, copy=False)
+        labels = arrays["y"][:limit] if "y" in arrays.files else None
     for artifact in artifacts:
         try:
             session = open_model(artifact.runtime, artifact.path, threads=1, postprocess=artifact.postprocess)
@@ -106,5 +108,9 @@ def release_drift_reference(test_split: Path, artifacts, version: str, limit: in
         if artifact.postprocess is not None:
             return detection_drift_reference(np.concatenate(outputs), artifact.postprocess.num_classes,
                                              version=str(version))
-        return drift_reference(np.concatenate([o.reshape(1, -1) for o in outputs]), version=str(version)).model_dump()
+        flat = np.concatenate([o.reshape(1, -1) for o in outputs])
+        reference = drift_reference(flat, version=str(version))
+        if labels is not None and np.ndim(labels) == 1:   # the calibration of the label-free accuracy estimate
+            reference = reference.model_copy(update={"confidence_accuracy": confidence_accuracy(flat, labels)})
+        return reference.model_dump()
     return None

@@ -12,6 +12,8 @@ familiar to an operator:
         latency: {significance: 0.01, max_ratio_to_base: 2}   # a p99 over budget must be the candidate's doing
         success: {min_install_success: 0.95, min_probation_success: 0.95, min_shadow_agreement: 0.97,
                   max_drift_psi: 0.25, p99_budget_ms: {pi4: 40}}   # default budget: the gate's, per target
+        agreement: {min_compared: 200, min_agreement: 0.5, abort_below: 0.5}   # against the model it replaces
+        cohort: {enabled: true, abort: false}   # class and confidence mix, candidate cohort vs base cohort
         abort_criteria:
           - {failure_type: probation, min_executed_devices: 3, threshold_percentage: 20}
       channels: {canary: {...}}            # a channel's own policy; others use `default`
@@ -110,6 +112,42 @@ class LatencyAnalysis(_Section):
                                      "base's over-budget share on the same device class over the same time")
 
 
+class AgreementPolicy(_Section):
+    """The candidate's answers against the model it replaced, compared on the devices serving it on every rollout
+    (edgeship.fleet.agreement)."""
+
+    min_compared: int = Field(default=200, ge=0, description="compared answers (all the candidate's devices "
+                              "together) before a stage can advance; 0: not required (devices too old to compare)")
+    min_agreement: float = Field(default=0.5, ge=0, le=1, description="a stage advances only when the candidate "
+                                 "gives the base's answer at least this often; low by default, since a release "
+                                 "retrained after a shift rightly disagrees wherever the base was wrong (raise it, e.g. "
+                                 "0.95, for releases that should answer like the base: a re-quantization)")
+    abort_below: float = Field(default=0.5, ge=0, le=1, description="the `disagreement` abort criterion: a device "
+                               "fails when its agreement is significantly below this (one-sided Wilson bound): a "
+                               "candidate that gives another answer on most inputs")
+    significance: float = Field(default=0.01, gt=0, lt=0.5, description="level of that bound")
+
+
+class CohortPolicy(_Section):
+    """The candidate cohort's predicted-class mix and confidence distribution against the base cohort's
+    (edgeship.fleet.cohort): chi-squared up to `max_chi2_answers`, Jensen-Shannon distance above."""
+
+    enabled: bool = Field(default=True, description="a success criterion: a stage advances only when neither mix "
+                          "differs (and each cohort gave `min_answers`)")
+    abort: bool = Field(default=False, description="also abort when a mix differs (off: a different input mix on a "
+                        "small cohort is more often chance than the model)")
+    confidence: bool = Field(default=False, description="compare the confidence distributions too (off: two models' "
+                             "confidences differ by design, e.g. a retrain calibrated otherwise; on for a candidate "
+                             "that should answer like the base, e.g. the same model quantized another way)")
+    min_answers: int = Field(default=200, ge=1, description="answers of each cohort before the test says anything")
+    max_chi2_answers: int = Field(default=1000, ge=1, description="up to this many answers in the smaller cohort: "
+                                  "chi-squared test of homogeneity; above: Jensen-Shannon distance")
+    significance: float = Field(default=0.01, gt=0, lt=0.5, description="chi-squared: a mix differs below this "
+                                "p-value")
+    max_js_distance: float = Field(default=0.1, gt=0, le=1, description="Jensen-Shannon distance (natural log) "
+                                   "above which a mix differs")
+
+
 class FieldAccuracyPolicy(_Section):
     """Labelled field accuracy: the applications' ground truth (`POST /feedback`), per version
     (edgeship.fleet.field_accuracy)."""
@@ -140,11 +178,13 @@ class ChannelPolicy(_Section):
     stages: list[float] | None = Field(default_factory=lambda: [0.01, 0.05, 0.25, 1.0])
     exponential_rate: ExponentialRate | None = None
     min_reporting_devices: int = Field(default=5, ge=1)
-    min_samples_per_device: int = Field(default=50, ge=1, description="answers (or shadow comparisons) before a "
+    min_samples_per_device: int = Field(default=50, ge=1, description="answers (or comparisons with the base) before a "
                                         "device's own p99 or agreement counts toward an abort")
     soak_s: float = Field(default=600.0, ge=0)
     latency: LatencyAnalysis = Field(default_factory=LatencyAnalysis)
     success: SuccessCriteria = Field(default_factory=SuccessCriteria)
+    agreement: AgreementPolicy = Field(default_factory=AgreementPolicy)
+    cohort: CohortPolicy = Field(default_factory=CohortPolicy)
     field_accuracy: FieldAccuracyPolicy = Field(default_factory=FieldAccuracyPolicy)
     field_samples: FieldSamplesParams | None = Field(default=None, description="devices keep and upload a share "
                                                      "of their inputs (opt-in; none: off)")

@@ -20,7 +20,7 @@ from edgeship.fleet.aggregate import FleetSnapshot, VersionStats
 from edgeship.fleet.controller import Decision
 
 STATUS_COLUMNS = ["version", "device class", "devices", "inferences", "p50 ms", "p95 ms", "p99 ms", "errors",
-                  "fallbacks", "shadow agreement", "drift PSI", "installed", "refused", "confirmed", "rolled back"]
+                  "fallbacks", "shadow agreement", "drift PSI", "est. accuracy", "installed", "refused", "confirmed", "rolled back"]
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -40,7 +40,9 @@ def status_rows(snapshot: FleetSnapshot) -> list[dict[str, str]]:
                 _fmt(cls.p50_ms if cls else None), _fmt(cls.p95_ms if cls else None),
                 _fmt(cls.p99_ms if cls else None), _fmt(cls.errors if cls else 0),
                 _fmt(cls.fallback_activations if cls else 0), _fmt(stats.shadow.agreement, 3),
-                _fmt(stats.drift.score if stats.drift else None, 3), str(len(stats.events.installed)),
+                _fmt(stats.drift.score if stats.drift else None, 3),
+                _fmt(stats.estimated_accuracy.accuracy if stats.estimated_accuracy else None, 3),
+                str(len(stats.events.installed)),
                 str(len(stats.events.refused)), str(len(stats.events.confirmed)),
                 str(len(stats.events.rolled_back))])))
     return rows
@@ -61,8 +63,11 @@ def decision_line(d: dict, reasons: int | None = None) -> str:
     return f"{d['target']} v{d['version']} at {d['fraction_before']:g}: {said}"
 
 
-def fleet_metrics(stats: VersionStats) -> dict[str, float | None]:
-    """Fleet metrics of one version: p99 per device class, shadow agreement, drift, install/probation failures."""
+def fleet_metrics(stats: VersionStats, compared_with: str | None = None) -> dict[str, float | None]:
+    """Fleet metrics of one version: p99 per device class, shadow agreement, drift, install/probation failures,
+    accuracy estimated without labels (CBPE), and its answers' agreement with `compared_with` (its base)."""
+    from edgeship.fleet.agreement import comparison_of
+
     metrics: dict[str, float | None] = {f"fleet.p99_ms.{c}": s.p99_ms for c, s in stats.classes.items()}
     metrics.update({
         "fleet.devices": float(len(stats.devices)), "fleet.inferences": float(stats.inferences),
@@ -71,8 +76,15 @@ def fleet_metrics(stats: VersionStats) -> dict[str, float | None]:
         "fleet.drift_psi": stats.drift.score if stats.drift else None,
         "fleet.install_failures": float(len(stats.events.refused)),
         "fleet.probation_failures": float(len(stats.events.rolled_back)),
+        # Accuracy in the field estimated from confidence (no labels needed, edgeship.fleet.estimate); the labelled
+        # field accuracy from the applications' feedback is added beside it (field_accuracy.metrics, below).
+        "fleet.estimated_accuracy": stats.estimated_accuracy.accuracy if stats.estimated_accuracy else None,
     })
     metrics.update(field_accuracy.metrics(stats))   # labelled accuracy from the applications' feedback
+    if compared_with:
+        compared = comparison_of(stats, compared_with)
+        metrics["fleet.agreement_with_base"] = compared.agreement
+        metrics["fleet.compared_answers"] = float(compared.samples)
     return metrics
 
 
@@ -82,7 +94,8 @@ def _client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
-def log_fleet_metrics(tracking_uri: str, model_name: str, stats: VersionStats, step: int | None = None) -> None:
+def log_fleet_metrics(tracking_uri: str, model_name: str, stats: VersionStats, step: int | None = None,
+                      compared_with: str | None = None) -> None:
     """Fleet metrics on the version's source run (a time series) and as tags on the model version."""
     import time
 
@@ -90,7 +103,7 @@ def log_fleet_metrics(tracking_uri: str, model_name: str, stats: VersionStats, s
 
     client = _client(tracking_uri)
     version = client.get_model_version(model_name, stats.version)
-    metrics = {k: v for k, v in fleet_metrics(stats).items() if v is not None}
+    metrics = {k: v for k, v in fleet_metrics(stats, compared_with).items() if v is not None}
     now = int(time.time())
     step = now if step is None else step
     if version.run_id:
@@ -140,7 +153,8 @@ def record_in_mlflow(tracking_uri: str, model_name: str, result, store) -> tuple
     for version in {decision.version, result.base_version} - {None}:
         stats = result.snapshot.version(version)
         if stats is not None:
-            log_fleet_metrics(tracking_uri, model_name, stats)
+            log_fleet_metrics(tracking_uri, model_name, stats,
+                              compared_with=result.base_version if version == decision.version else None)
     return plot
 
 

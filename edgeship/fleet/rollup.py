@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from edgeship.fleet.rollup_compared import compared_answers
 from edgeship.records.histogram import ExpHistogram, merge_many
 from edgeship.records.telemetry import TelemetryRecord
 
@@ -240,7 +241,7 @@ def update_events(record: TelemetryRecord, rows: Rows) -> None:
 
 from edgeship.fleet import rollup_field  # noqa: E402 - the field's truth: labels and field samples
 
-CONTRIBUTORS: list[Contributor] = [answers, shadow_comparisons, update_events,
+CONTRIBUTORS: list[Contributor] = [answers, shadow_comparisons, update_events, compared_answers,
                                    rollup_field.labelled_answers, rollup_field.field_samples]
 
 

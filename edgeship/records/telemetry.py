@@ -89,6 +89,9 @@ class DriftReference(WireRecord):
     task: str = "classification"
     per_frame_histogram: list[float] | None = None  # detection: share of frames per detection count
     box_size_histogram: list[float] | None = None   # detection: share of detections per box size bin
+    # Share of test inputs answered right per top-1 confidence bin (None where a bin is empty): the calibration the
+    # label-free accuracy estimate reads (edgeship.fleet.estimate); absent in references before it.
+    confidence_accuracy: list[float | None] | None = None
 
 
 class DriftScore(WireRecord):
@@ -196,6 +199,9 @@ class TelemetryRecord(WireRecord):
     classes: list[int] = Field(default_factory=list)        # predicted-class counts
     drift: DriftScore | None = None
     shadow: ShadowStats | None = None
+    # The active model's answers against the model it replaced (the rollback slot), on a sampled share of inputs
+    # (edgeship.device.shadow, as the shadow runs); `version` is the replaced model's.
+    compared: ShadowStats | None = None
     events: list[TelemetryEvent] = Field(default_factory=list)
     sensors: dict[str, float] = Field(default_factory=dict)
     # Task telemetry (e.g. a detector's detections per frame, score and box-size distributions): named sums and
