@@ -19,7 +19,7 @@ rollups (the applications' feedback), samples and bytes uploaded, drops, time fr
 trigger and to v2 at 100%. Prints a table, writes benchmarks/results/field_shift.json (with `targets`); exits 1
 when a target is missed.
 
-    .venv/bin/python benchmarks/field_shift.py                    # 12 devices, about 4 minutes
+    .venv/bin/python benchmarks/field_shift.py                    # 12 devices, 3 to 5 minutes
 """
 
 from __future__ import annotations
