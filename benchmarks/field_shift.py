@@ -19,7 +19,11 @@ rollups (the applications' feedback), samples and bytes uploaded, drops, time fr
 trigger and to v2 at 100%. Prints a table, writes benchmarks/results/field_shift.json (with `targets`); exits 1
 when a target is missed.
 
-    .venv/bin/python benchmarks/field_shift.py                    # 12 devices, about 4 minutes
+    .venv/bin/python benchmarks/field_shift.py                    # 12 devices, 3 to 5 minutes
+
+Size it at 12 devices or more: a 6-device run's rollout did not reach 100% within its 240 s (its first stage, a
+quarter, holds one or two devices, and the controller wants every device class the base runs on to have tried
+the candidate), and with 120 labelled field samples (83 in field train) v2 beat v1 by 7.7 points, not 10.
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ def reference(content: bytes, images: np.ndarray, version: str, tmp: Path) -> di
 
 
 def policy(devices: int, window_s: float) -> dict:
-    return {"stages": [0.25, 0.5, 1.0], "min_reporting_devices": max(2, devices // 8), "min_samples_per_device": 20,
+    return {"stages": [0.25, 0.5, 1.0], "min_reporting_devices": max(1, round(devices * 0.25 / 2)),
+            "min_samples_per_device": 20,
             "soak_s": 3 * window_s, "success": {"min_shadow_agreement": 0.0, "max_drift_psi": 10.0},
             "field_accuracy": {"min_labelled": 60},
             "abort_criteria": [{"failure_type": t, "min_executed_devices": 2, "threshold_percentage": 40}

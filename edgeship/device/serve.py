@@ -117,12 +117,13 @@ class FieldRuntime:
             with self._lock:
                 prediction = self.runtime.predict(batch)
                 self.answered += 1
+            # The answer's id and the sampler's look are the primary's time too: the shadow waits for both.
+            prediction = dataclasses.replace(prediction, request_id=self.answers.remember(
+                prediction.version, prediction.outputs, prediction.task))
+            self.samples.offer(batch, prediction, prediction.request_id)
         finally:
             for runner in runners:
                 runner.primary_done()
-        prediction = dataclasses.replace(prediction, request_id=self.answers.remember(
-            prediction.version, prediction.outputs, prediction.task))
-        self.samples.offer(batch, prediction, prediction.request_id)
         for runner in runners:
             runner.offer(batch, prediction)
         return prediction
