@@ -176,6 +176,19 @@ def test_a_collapsed_cohort_holds_the_stage_and_aborts_when_asked():
     assert decide_on(BASE + collapsed, policy=off)[0].action == "advance"
 
 
+def test_a_base_that_moved_off_the_releases_mix_does_not_hold_a_candidate_that_did_not():
+    # After a field shift the base answers class 0 far too often; the retrained candidate answers as its test split
+    # did (the reference signed into the channel entry): the mixes differ, and it is the base's doing.
+    reference = DriftReference(classes=10, class_distribution=[0.1] * 10, confidence_histogram=[0.0] * 8 + [0.5, 0.5])
+    shifted_base = [record(f"base-{i}", "7", classes=[110] + [10] * 9) for i in range(12)]
+    decision, _ = decide_on(shifted_base + candidate(4, 70, 100), reference=reference)
+    assert decision.action == "advance", decision.reasons
+    assert [v["differs"] for v in decision.evidence["cohort"]] == [True]       # the test still says they differ
+    collapsed = candidate(4, 70, 100, classes=[110] + [10] * 9)               # the other way round: held
+    decision, _ = decide_on(BASE + collapsed, reference=reference)
+    assert decision.action == "hold" and "classes mix differs" in decision.reasons[0]
+
+
 def test_too_few_answers_in_a_cohort_hold_the_stage():
     decision, _ = decide_on(BASE[:1] + candidate(4, 96, 100))    # one base device: 200 answers, 200 needed: enough
     assert decision.action == "advance", decision.reasons

@@ -78,6 +78,7 @@ class ShadowRunner:
         self._generation = object()
         self._session = None
         self._version: str | None = None
+        self._active_version: str | None = None
         self.compared = self.skipped = 0
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -111,7 +112,8 @@ class ShadowRunner:
         if getattr(prediction, "slot", "active") != "active" or self._random.random() >= self.sample_rate:
             return False
         try:
-            self._queue.put_nowait((batch, prediction.outputs, getattr(prediction, "request_id", None)))
+            self._queue.put_nowait((batch, prediction.outputs, getattr(prediction, "request_id", None),
+                                    getattr(prediction, "version", None)))
             return True
         except queue.Full:
             self.skipped += 1
@@ -123,7 +125,7 @@ class ShadowRunner:
         self._thread.join(timeout_s)
 
     def _load(self):
-        from edgeship.device.state import shadow_model
+        from edgeship.device.state import active_model, shadow_model
 
         model = self._model or shadow_model
         try:
@@ -133,6 +135,8 @@ class ShadowRunner:
         if generation == self._generation:
             return self._session
         self._generation = generation
+        active = active_model(self.state_dir)
+        self._active_version = active.version if active is not None else None
         installed = model(self.state_dir)
         if installed is None:
             self._session, self._version = None, None
@@ -151,10 +155,16 @@ class ShadowRunner:
             item = self._queue.get()
             if item is None:
                 return
-            batch, active_outputs, request_id = item
+            batch, active_outputs, request_id, answered_by = item
             try:
                 session = self._load()
                 if session is None:
+                    continue
+                if answered_by is not None and answered_by != self._active_version:
+                    # answered just before a hand-over: comparing it with the new state's model would count it
+                    # for the wrong pair of versions
+                    self.skipped += 1
+                    self.report(self._version, 0, 0, 0.0, None, skipped=1)
                     continue
                 if not self._wait_for_idle():
                     self.skipped += 1

@@ -221,6 +221,9 @@ class WindowAggregator:
                         samples: int, confidence_diff_sum: float, latency_ms: float | None, error: bool,
                         skipped: int) -> None:
         with self._lock:
+            if version is not None and into.get("version") not in (None, version):
+                into.clear()      # another model now (an install mid-window): never mix two pairs' counts
+                latency.clear()
             if version is not None or "version" not in into:
                 into["version"] = version
             into["samples"] = into.get("samples", 0) + samples

@@ -14,7 +14,9 @@ Which test, as Evidently's default drift algorithm chooses it (NannyML offers th
   0 equal, 0.83 disjoint) against `max_js_distance`. At tens of thousands of answers chi-squared rejects any
   difference, however small; what matters there is how large the difference is, which a distance says.
 
-Fewer than `min_answers` in either cohort: no verdict (`enough` is False), and the stage waits.
+Fewer than `min_answers` in either cohort: no verdict (`enough` is False), and the stage waits. The controller holds
+a candidate for a difference only where its mix is further from the release's reference than the base's
+(edgeship.fleet.controller): after a field shift it is the base that moved.
 
 The confidence distributions are compared only when `policy.confidence` is on: two models answer the same inputs
 with different confidences by design (another training run is calibrated otherwise: the fleet simulator's two good

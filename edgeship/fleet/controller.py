@@ -143,7 +143,7 @@ def _abort_reasons(stats: VersionStats, policy: ChannelPolicy, status: RolloutSt
     reasons, evidence = [], {}
     if policy.cohort.abort and base is not None and status.fraction > 0:
         for verdict in cohort_verdicts(stats.sums, base.sums, policy.cohort):
-            if verdict.differs:
+            if verdict.differs and not _base_moved(verdict.name, stats, base):
                 reasons.append(f"abort: {_cohort_line(verdict)}")
     for criterion in policy.abort_criteria:
         executed, failed, detail = _failures(criterion, stats, policy, status, base)
@@ -225,9 +225,20 @@ def _unmet_comparison(stats: VersionStats, policy: ChannelPolicy, status: Rollou
             if not verdict.enough:
                 unmet.append(f"{verdict.name} mix: {verdict.candidate_answers} candidate and {verdict.base_answers} "
                              f"base answers, {policy.cohort.min_answers} each needed")
-            elif verdict.differs:
+            elif verdict.differs and not _base_moved(verdict.name, stats, base):
                 unmet.append(_cohort_line(verdict))
     return unmet
+
+
+def _base_moved(name: str, stats: VersionStats, base: VersionStats | None) -> bool:
+    """Is the base cohort's mix further from the release's reference (its test split) than the candidate's? Then a
+    difference is the base's: after a field shift, the retrained candidate answers as the test split expects
+    where the base no longer does."""
+    mine, theirs = stats.drift, base.drift if base is not None else None
+    if mine is None or theirs is None:
+        return False
+    field = "class_psi" if name == "classes" else "confidence_psi"
+    return getattr(mine, field) < getattr(theirs, field)
 
 
 def _cohort_line(verdict) -> str:
