@@ -3,6 +3,8 @@
     POST /predict   body: a .npy array (Content-Type application/x-npy) or JSON {"inputs": [[...]]};
                     a detector's answer adds "detections": per image [{"box", "score", "class"}, ...]
     GET  /health    versions per slot, the runtime's slot now, telemetry counters
+    GET  /metrics   Prometheus text: requests, inference latency, fallbacks, probation, versions, spool
+                    (edgeship.device.metrics)
 
 `field` is an edgeship.device.serve.FieldRuntime.
 """
@@ -17,11 +19,15 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request, Response
 
+from edgeship.device.metrics import install_serve_metrics
+from edgeship.device.service import supervise
 
 
 def create_app(field):
     """The FastAPI app of the local inference service."""
     app = FastAPI(title="edgeship-device serve")
+    install_serve_metrics(app, field)
+    supervise(app)  # READY=1 and watchdog pings under systemd
 
     @app.get("/health")
     def health() -> dict:
@@ -64,9 +70,9 @@ def serve(field, host: str = "127.0.0.1", port: int = 8766, uds: str | None = No
     signal.signal(signal.SIGTERM, stop)
     try:
         if uds:
-            uvicorn.run(create_app(field), uds=uds, log_level="warning")
+            uvicorn.run(create_app(field), uds=uds, log_level="warning", log_config=None)
         else:
-            uvicorn.run(create_app(field), host=host, port=port, log_level="warning")
+            uvicorn.run(create_app(field), host=host, port=port, log_level="warning", log_config=None)
     except (SystemExit, KeyboardInterrupt):
         pass
     finally:
