@@ -16,6 +16,7 @@ A pipeline talks to it through `edgeship.device.client.AgentClient`:
    TensorRT or an NVIDIA GPU is missing (its /info lists no `tensorrt` then).
    A benchmark or evaluate job then sends the field `engine_sha256` in place of the file `artifact`
    (with `request.runtime` "tensorrt"), and `GET /engines/{engine_sha256}` returns the engine's bytes.
+6. `GET /metrics`: Prometheus text (requests, their latency, the job queue; edgeship.device.metrics).
 
 Jobs queue: one runs at a time, and the next upload is not even read while one is measured, so
 nothing a second client does disturbs the timing; past `max_queued_jobs` waiting, a job is answered 503.
@@ -52,6 +53,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgeship.device.fork_server import start_fork_server, stop_fork_server
+from edgeship.device.metrics import install_agent_metrics
+from edgeship.device.service import supervise
 from edgeship.device.jobs import run_benchmark_job, run_evaluation_job, run_tensorrt_build_job, stop_running_jobs
 from edgeship.device.runtimes import RuntimeOptionError, available_runtimes, check_runtime_options, unavailable_reason
 from edgeship.device.sensors import Sensor, discover_sensors
@@ -120,6 +123,8 @@ def create_app(settings: AgentSettings, sensors: list[Sensor] | None = None) -> 
     jobs = _JobQueue()
     authorized = Depends(_bearer_check(settings.token))
     engines = EngineCache(settings.engine_cache_dir or cache_root() / "engines", settings.engine_cache_mb << 20)
+    install_agent_metrics(app, jobs, [authorized])  # GET /metrics (token): requests, latency, the job queue
+    supervise(app)  # READY=1 and watchdog pings under systemd
 
     @app.get("/health")
     async def health() -> dict:

@@ -12,7 +12,7 @@
     edgeship-device status|confirm|rollback --state-dir D
     edgeship-device serve --state-dir D --uds /run/edgeship.sock --broker 127.0.0.1:1883 --device-class pi4
     (`update` and `serve` also take provision's flags, written into D first: edgeship.device.state.settle_identity)
-    edgeship-device --version | -v COMMAND | --log-level debug COMMAND
+    edgeship-device --version | -v COMMAND | --log-level debug COMMAND | --log-format json COMMAND
     source <(edgeship-device --show-completion)          # bash completion (zsh: after bashcompinit)
 
 Also runnable as `python -m edgeship.device.cli`. Exit codes as `edgeship`'s (edgeship.errors.ExitCode):
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import logging
 import os
 import socket
 import sys
@@ -45,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     if command is not None and not _wire_updater(command, updater_parsers[command]):
         return ExitCode.BAD_INPUT
     args = parser.parse_args(argv)
-    configure_logging(log_level_for(args.verbose, args.log_level))
+    level = log_level_for(args.verbose, args.log_level)
+    if not args.verbose and args.log_level is None and _runs_until_stopped(args):
+        level = logging.INFO  # a daemon's log is all there is of what it did: its INFO records too
+    configure_logging(level, args.log_format)
     try:
         return args.run(args)
     except EdgeshipError as error:
@@ -53,11 +57,16 @@ def main(argv: list[str] | None = None) -> int:
         return exit_code_for(error)
 
 
+def _runs_until_stopped(args: argparse.Namespace) -> bool:
+    """The agent, `serve` and `update --interval`: the commands a service manager keeps running."""
+    return args.command in ("agent", "serve") or (args.command == "update" and getattr(args, "interval", 0) > 0)
+
+
 def _command_in(argv: list[str], commands) -> str | None:
     """The command word of `argv` if it is one of `commands`, past the options that come before it."""
     words = iter(argv)
     for word in words:
-        if word == "--log-level":
+        if word in ("--log-level", "--log-format"):
             next(words, None)
         elif not word.startswith("-"):
             return word if word in commands else None
@@ -72,6 +81,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                         help="more log detail on stderr: -v info, -vv debug")
     parser.add_argument("--log-level", type=str.lower, choices=[level.lower() for level in LOG_LEVELS],
                         default=None, help="log level (overrides -v)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="log lines on stderr: text (time, level, logger, message) or json (one object a line, "
+                             "for journald or a log shipper; default: %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     agent = commands.add_parser("agent", help="serve benchmark jobs over HTTP",
@@ -211,7 +223,8 @@ def _run_agent(args: argparse.Namespace) -> int:
               "'import secrets; print(secrets.token_urlsafe(32))')`) or listen on 127.0.0.1", file=sys.stderr)
         return 2
     if token is None:
-        print(f"edgeship-device: no token in ${args.token_env}; any local user can run jobs", file=sys.stderr)
+        logging.getLogger("edgeship.device.agent").warning("no token in $%s; any local user can run jobs",
+                                                           args.token_env)
     if (args.tls_cert is None) != (args.tls_key is None):
         print("edgeship-device: give both --tls-cert and --tls-key, or neither", file=sys.stderr)
         return 2

@@ -48,10 +48,12 @@ class ForkServer:
         self._messages: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._current: int | None = None
+        self._ready = False
 
     def start(self) -> None:
         """Start the helper (and have it import what children need)."""
         self._messages = queue.Queue()
+        self._ready = False  # until the helper says it has imported what children need
         self._process = subprocess.Popen([sys.executable, "-m", "edgeship.device.fork_server", "--fork-server"],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                          env=child_env(), text=True, bufsize=1)
@@ -110,8 +112,10 @@ class ForkServer:
         except OSError:
             self._abandon()
             raise ForkServerUnavailable from None
-        try:
-            started = self._next(lambda m: "returncode" not in m, 10.0)
+        try:  # a helper still importing (a slow or emulated CPU: 10 s and more) is waited for, within the job's time
+            ready = self._ready or self._next(lambda m: m.get("ready"), timeout_s)
+            self._ready = bool(ready)
+            started = ready and self._next(lambda m: "returncode" not in m, 10.0)
         except queue.Empty:
             started = None
         if not started:
@@ -189,6 +193,8 @@ def _serve_forks() -> int:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
     reply = sys.stdout
+    reply.write(json.dumps({"ready": True}) + "\n")
+    reply.flush()
     for line in sys.stdin:
         request = json.loads(line)
         pid = os.fork()

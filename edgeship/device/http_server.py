@@ -63,7 +63,8 @@ def run_server(app, limits: ServerLimits = ServerLimits(), log_level: str = "war
 
     config = uvicorn.Config(app, http=_guarded_protocol(limits), timeout_keep_alive=max(1, round(limits.keep_alive_s)),
                             limit_concurrency=limits.max_connections + 1,  # uvicorn counts the asking one too
-                            log_level=log_level, **where)
+                            log_level=log_level, log_config=None,  # uvicorn's lines in this process's format
+                            **where)
     server = uvicorn.Server(config)
     quiet = RateLimitedLog(limits.log_every_s)
     for name in ("uvicorn.error", "asyncio"):

@@ -261,8 +261,8 @@ def _boot_id() -> str:
 
 
 def _start_ticks(pid: int) -> int:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+    try:  # the main thread's entry: the same as /proc/PID/stat on Linux, and QEMU user-mode passes it through
+        stat = Path(f"/proc/{pid}/task/{pid}/stat").read_text()  # (its own /proc/self/stat differs per thread)
         return int(stat.rpartition(")")[2].split()[19])
     except (OSError, ValueError, IndexError):
         return 0

@@ -6,6 +6,8 @@
     POST /feedback  JSON {"request_id": "<from /predict>", "label": 3}: the application's true label, at any
                     delay (edgeship.device.feedback); 404 unknown or forgotten id, 409 already labelled
     GET  /health    versions per slot, the runtime's slot now, telemetry counters
+    GET  /metrics   Prometheus text: requests, inference latency, fallbacks, probation, versions, spool
+                    (edgeship.device.metrics)
 
 `field` is an edgeship.device.serve.FieldRuntime.
 """
@@ -22,8 +24,9 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from edgeship.device.http_server import ServerLimits, run_server
+from edgeship.device.metrics import install_serve_metrics
 from edgeship.device.request_checks import InputRefused, RequestLimits, decode_batch
-
+from edgeship.device.service import supervise
 
 
 FEEDBACK_BODY_BYTES = 64 << 10  # a request id and a label (or a detector's boxes) fit many times over
@@ -33,6 +36,8 @@ def create_app(field, limits: RequestLimits = RequestLimits(), body_timeout_s: f
     """The FastAPI app of the local inference service; bodies over `limits.max_body_bytes` are refused (413) as
     they stream in, and a body must arrive within `body_timeout_s` (408)."""
     app = FastAPI(title="edgeship-device serve")
+    install_serve_metrics(app, field)
+    supervise(app)  # READY=1 and watchdog pings under systemd
 
     @app.get("/health")
     def health() -> dict:
