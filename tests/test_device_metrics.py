@@ -172,7 +172,7 @@ def test_agent_metrics_need_its_token_and_count_jobs(tmp_path):
         assert value(samples, "edgeship_http_request_duration_seconds_count", route="/jobs/benchmark") == 1
         assert value(samples, "edgeship_http_requests_total", route="/health", code="200") >= 2
         assert value(samples, "edgeship_http_requests_total", route="/metrics", code="401") == 1
-        assert notify.received().count("WATCHDOG=1") >= 2
+        wait_until(lambda: notify.received().count("WATCHDOG=1") >= 2, scaled(10.0), "two watchdog pings")
     finally:
         stderr = stop(process)
     assert "STOPPING=1" in notify.received()
